@@ -1,0 +1,147 @@
+"""The ``runoff`` command line: ``runoff ingest|info|synth ...``.
+
+Every option is spelled with underscores (``--data_dir``) and with hyphens
+(``--data-dir``). Errors a user can cause print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import RunoffError, RunoffWarning
+
+
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add ``--name_with_underscores`` and its ``--hyphenated-twin``."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def _read_options(args: argparse.Namespace):
+    from .rasters import ReadOptions
+
+    return ReadOptions(band=args.band, png_scale=args.png_scale, crs=args.crs, like=args.like)
+
+
+def _storage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunoffError(f"--storage_options: not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise RunoffError("--storage_options: expected a JSON object such as '{\"anon\": true}'")
+    return value
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from .cube import describe_cube
+    from .ingest import ingest, parse_chunks
+
+    report = ingest(args.input_dir, args.store, date_format=args.date_format, options=_read_options(args),
+                    chunks=parse_chunks(args.chunks), overwrite=args.overwrite, units=args.units,
+                    long_name=args.long_name, progress=sys.stderr.isatty(),
+                    storage_options=_storage_options(args.storage_options))
+    print(f"{report.store}: wrote {report.written} day(s), {report.skipped} already present; "
+          f"{report.start} .. {report.end}, {len(report.missing_dates)} missing; variables {', '.join(report.variables)}")
+    if args.info:
+        print(describe_cube(args.store, _storage_options(args.storage_options)))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .cube import describe_cube
+
+    print(describe_cube(args.store, _storage_options(args.storage_options)))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from .synth import write_series
+
+    covariates = [c.strip() for c in args.covariates.split(",") if c.strip()] if args.covariates else []
+    paths = write_series(args.out_dir, days=args.days, height=args.height, width=args.width, crs=args.crs,
+                         seed=args.seed, start=args.start, fmt=args.format, covariates=covariates,
+                         png_scale=args.png_scale, progress=sys.stderr.isatty())
+    print(f"{args.out_dir}: wrote {len(paths)} daily QS {args.format.upper()} file(s), "
+          f"{paths[0].name} .. {paths[-1].name}")
+    if args.format == "png":
+        print(f"ingest them with: runoff ingest {args.out_dir} STORE --crs {args.crs} --png_scale {args.png_scale:g}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runoff", description="Forecast gridded surface runoff (QS) "
+                                     "from daily GeoTIFF/PNG maps with a ConvLSTM.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", help="daily rasters -> georeferenced Zarr cube (create, append, resume)")
+    p.add_argument("input_dir", help="folder of daily rasters, or of one sub-folder per variable (Qs/, Rainf/...)")
+    p.add_argument("store", help="Zarr cube to create or extend (path or fsspec URL)")
+    _option(p, "date_format", help="strptime format of the date in file names, e.g. %%d.%%m.%%Y")
+    _option(p, "band", type=int, help="band to read from multi-band files (1-based)")
+    _option(p, "png_scale", type=float, help="physical value of the largest PNG code (value = code/max*scale)")
+    _option(p, "crs", help="CRS for rasters without one, e.g. EPSG:4326 (PNG with a world file)")
+    _option(p, "like", help="reference GeoTIFF giving CRS and transform to PNGs without a world file")
+    _option(p, "chunks", help="chunk sizes, e.g. time=16,y=256,x=256")
+    _option(p, "units", help="units of qs when the files do not say (default: from tags, else kg m-2)")
+    _option(p, "long_name", help="long_name of qs")
+    _option(p, "overwrite", action="store_true", help="replace days whose values changed")
+    _option(p, "storage_options", help="JSON options for fsspec URLs, e.g. '{\"anon\": false}'")
+    _option(p, "info", action="store_true", help="print the cube summary afterwards")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("info", help="summary of a cube: dims, dates, missing days, CRS, chunks, size, statistics")
+    p.add_argument("store")
+    _option(p, "storage_options", help="JSON options for fsspec URLs")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("synth", help="write a synthetic but physically plausible daily QS series")
+    p.add_argument("out_dir")
+    _option(p, "days", type=int, default=730)
+    _option(p, "height", type=int, default=128)
+    _option(p, "width", type=int, default=160)
+    _option(p, "crs", default="EPSG:2154")
+    _option(p, "seed", type=int, default=0)
+    _option(p, "start", default="2019-01-01", help="first day, YYYY-MM-DD")
+    _option(p, "format", choices=("tif", "png"), default="tif")
+    _option(p, "covariates", help="also write driving variables: rainf,soilm")
+    _option(p, "png_scale", type=float, default=200.0, help="value of the largest PNG code")
+    p.set_defaults(func=cmd_synth)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"runoff: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``runoff`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
+    warnings.simplefilter("always", RunoffWarning)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except RunoffError as exc:
+        print(f"runoff: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # permissions, full disk, vanished files: the user's environment
+        where = exc.filename or ""
+        print(f"runoff: error: {where}{': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("runoff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Open and validate a runoff cube; its grid, its records, a summary for ``runoff info``.
+
+The cube (see DESIGN.md) is a Zarr v3 group with ``qs(time, y, x)`` float32, a daily
+``time`` axis, cell-centre ``x``/``y`` and a ``spatial_ref`` coordinate (rioxarray
+convention), so that ``xr.open_zarr(store, decode_coords="all").rio.crs`` and
+``.rio.transform()`` equal the source rasters'.
+
+Example
+-------
+>>> ds = open_cube("stores/qs.zarr")                     # doctest: +SKIP
+>>> ds.qs.rio.crs, ds.qs.rio.transform()                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+import zarr
+from rasterio.transform import Affine
+
+from .errors import RunoffError
+from .rasters import Grid
+
+TARGET = "qs"
+CUBE_FORMAT = 1  # group attribute ``runoff_cube_format``, written last when a cube is created
+_EPOCH = dt.date(1970, 1, 1)
+_DESCRIPTIVE_ATTRS = ("units", "long_name", "standard_name")
+
+
+def is_url(store: str | Path) -> bool:
+    """True for fsspec URLs such as ``s3://bucket/qs.zarr``."""
+    return "://" in str(store)
+
+
+@dataclass(frozen=True)
+class Records:
+    """Per-variable provenance: source file and content digest of each written day."""
+
+    files: dict[str, str]
+    digest: dict[str, str]
+
+
+@dataclass(frozen=True)
+class CubeInfo:
+    """What a writer needs to know about an existing cube, read with zarr alone."""
+
+    grid: Grid
+    start: dt.date
+    end: dt.date
+    variables: list[str]
+    records: dict[str, Records] = field(default_factory=dict)
+    attrs: dict[str, dict] = field(default_factory=dict)
+    format_version: int | None = None  # CUBE_FORMAT once the writer finished creating it
+
+
+def _open_group(store: str, storage_options: dict | None) -> zarr.Group:
+    if not is_url(store) and not Path(store).exists():
+        raise RunoffError(f"{store}: no such cube")
+    try:
+        return zarr.open_group(store, mode="r", use_consolidated=False, storage_options=storage_options)
+    except Exception:
+        raise RunoffError(f"{store}: exists but is not a Zarr cube (no zarr.json group); "
+                          f"choose another STORE path") from None
+
+
+def grid_from_spatial_ref(attrs: dict, shape: tuple[int, int], where: str) -> Grid:
+    """Rebuild the exact :class:`Grid` from a ``spatial_ref`` variable's attributes."""
+    wkt = attrs.get("crs_wkt") or attrs.get("spatial_ref")
+    geo = attrs.get("GeoTransform")
+    if not wkt or not geo:
+        raise RunoffError(f"{where}: spatial_ref has no CRS WKT or GeoTransform; not a runoff cube")
+    transform = Affine.from_gdal(*(float(v) for v in str(geo).split()))
+    return Grid(wkt, tuple(transform)[:6], int(shape[0]), int(shape[1]))
+
+
+def read_cube_info(store: str | Path, storage_options: dict | None = None) -> CubeInfo:
+    """Grid, time range, variables and records of a cube, with zarr alone.
+
+    Tolerates the state a killed writer can leave (time-indexed arrays longer than
+    the time axis); raises :class:`RunoffError` when ``store`` is not a runoff cube.
+    """
+    store = str(store)
+    group = _open_group(store, storage_options)
+    names = set(group.array_keys())
+    if not {TARGET, "time", "spatial_ref"} <= names:
+        raise RunoffError(f"{store}: a Zarr group, but not a runoff cube (needs arrays {TARGET}, time, "
+                          f"spatial_ref; has {', '.join(sorted(names)) or 'none'})")
+    time_arr = group["time"]
+    if not str(time_arr.attrs.get("units", "")).startswith("days since 1970-01-01"):
+        raise RunoffError(f"{store}: time is not encoded as 'days since 1970-01-01'; not a runoff cube")
+    days = time_arr[:]
+    if days.size == 0:
+        raise RunoffError(f"{store}: the cube has an empty time axis")
+    # a killed extension can leave unwritten (fill) values after the valid daily run
+    valid = int(np.argmin(np.append(days == days[0] + np.arange(days.size), False)))
+    start = _EPOCH + dt.timedelta(days=int(days[0]))
+    variables = sorted(n for n in names if tuple(group[n].metadata.dimension_names or ()) == ("time", "y", "x"))
+    grid = grid_from_spatial_ref(dict(group["spatial_ref"].attrs), group[TARGET].shape[1:], store)
+    records, attrs = {}, {}
+    for name in variables:
+        a = dict(group[name].attrs)
+        records[name] = Records(dict(a.get("source_files", {})), dict(a.get("source_digest", {})))
+        attrs[name] = {k: a[k] for k in _DESCRIPTIVE_ATTRS if k in a}
+    return CubeInfo(grid, start, start + dt.timedelta(days=valid - 1), variables, records, attrs,
+                    group.attrs.get("runoff_cube_format"))
+
+
+def open_cube(store: str | Path, storage_options: dict | None = None) -> xr.Dataset:
+    """Open a cube lazily (Dask) with its CRS decoded: ``ds.rio.crs`` works at once."""
+    store = str(store)
+    if not is_url(store) and not Path(store).exists():
+        raise RunoffError(f"{store}: no such cube")
+    read_cube_info(store, storage_options)  # clear errors for non-cubes before xarray's own
+    return xr.open_zarr(store, decode_coords="all", consolidated=True, storage_options=storage_options)
+
+
+def cube_grid(ds: xr.Dataset) -> Grid:
+    """The exact grid of an opened cube."""
+    return grid_from_spatial_ref(dict(ds["spatial_ref"].attrs), ds[TARGET].shape[1:], "cube")
+
+
+def _size_on_disk(store: str) -> int | None:
+    if is_url(store):
+        return None
+    return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
+
+
+def describe_cube(store: str | Path, storage_options: dict | None = None) -> str:
+    """A human summary: dims, dates, missing days, CRS, resolution, chunks, size, statistics."""
+    import dask
+
+    store = str(store)
+    ds = open_cube(store, storage_options)
+    grid = cube_grid(ds)
+    qs = ds[TARGET]
+    missing = list(ds.attrs.get("missing_dates", []))
+    valid = qs.notnull()
+    stats = dask.compute(qs.min(), qs.max(), qs.mean(), (qs > 0).sum() / valid.sum(),
+                         valid.mean(), qs.quantile(0.99, skipna=True) if qs.size < 5e7 else qs.max())
+    vmin, vmax, vmean, wet, valid_frac, p99 = (float(s) for s in stats)
+    size = _size_on_disk(store)
+    lines = [
+        f"cube        {store}",
+        f"variables   {', '.join(f'{v} {ds[v].dtype} {ds[v].dims}' for v in ds.data_vars)}",
+        f"dims        time={ds.sizes['time']}, y={ds.sizes['y']}, x={ds.sizes['x']}",
+        f"dates       {str(ds.time.values[0])[:10]} .. {str(ds.time.values[-1])[:10]} (daily)",
+        f"missing     {len(missing)} day(s)" + (f": {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
+                                                 if missing else ""),
+        f"crs         {grid.describe()}",
+        f"resolution  {abs(grid.transform[0]):g} x {abs(grid.transform[4]):g} {_unit_name(ds)}",
+        f"chunks      {dict(zip(qs.dims, qs.encoding.get('chunks', ())))}",
+        f"on disk     {size / 1e6:.1f} MB" if size is not None else "on disk     (remote store)",
+        f"{TARGET} [{qs.attrs.get('units', '?')}]  min {vmin:.3g}  mean {vmean:.3g}  p99 {p99:.3g}  "
+        f"max {vmax:.3g}  wet {wet:.1%} of valid  valid {valid_frac:.1%} of cells",
+    ]
+    return "\n".join(lines)
+
+
+def _unit_name(ds: xr.Dataset) -> str:
+    crs = ds.rio.crs
+    if crs is None:
+        return ""
+    return "degrees" if crs.is_geographic else (crs.linear_units or "")

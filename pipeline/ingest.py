@@ -1,0 +1,497 @@
+"""Daily rasters -> one chunked, compressed, georeferenced Zarr v3 cube.
+
+The cube gets its whole daily time axis up front and days are written into their
+slots (never ``to_zarr(append_dim=...)``, which duplicates days when run twice).
+Each data variable records, in its attributes, which file gave each day
+(``source_files``) and a digest of the values (``source_digest``). Those records
+are what make an ingest idempotent and resumable:
+
+* a day already recorded with the same digest is skipped; a different digest is
+  an error unless ``overwrite``;
+* records are committed only after the day's chunks are on disk, and Zarr writes
+  each chunk and metadata document atomically, so after a kill at any moment the
+  same command writes exactly the days that are not recorded yet;
+* a new cube (and a cube that must grow before its first day) is built under
+  ``STORE.partial`` and renamed into place when complete.
+
+An exclusive ``flock`` on ``.STORE.lock`` beside the store stops two ingests from
+writing one cube; the kernel releases it when a process dies, even by SIGKILL.
+
+Example
+-------
+>>> report = ingest("data/input", "stores/qs.zarr")      # doctest: +SKIP
+>>> report.written, report.skipped                        # doctest: +SKIP
+(730, 0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+import zarr
+from dask.callbacks import Callback
+from zarr.codecs import BloscCodec
+
+from . import __version__
+from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, is_url, read_cube_info
+from .errors import RunoffError, RunoffWarning
+from .rasters import DayFile, Grid, ReadOptions, check_grids, find_rasters, list_days, read_raster
+
+DEFAULT_CHUNKS = {"time": 16, "y": 256, "x": 256}
+TIME_UNITS = "days since 1970-01-01"
+_EPOCH = dt.date(1970, 1, 1)
+_COMMIT_EVERY_S = 0.5
+
+
+@dataclass
+class IngestReport:
+    """What one ingest did."""
+
+    store: str
+    variables: list[str]
+    start: dt.date
+    end: dt.date
+    written: int = 0
+    skipped: int = 0
+    missing_dates: list[str] = field(default_factory=list)
+    all_nan: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Days of one variable inside one time chunk, to be written together."""
+
+    variable: str
+    slots: tuple[int, ...]
+    reads: tuple[Callable[[], tuple[np.ndarray, str]], ...]
+    dates: tuple[str, ...]
+
+
+def parse_chunks(text: str | None) -> dict[str, int]:
+    """``"time=16,y=256,x=256"`` -> dict, defaults for the dimensions not named.
+
+    >>> parse_chunks("time=8")
+    {'time': 8, 'y': 256, 'x': 256}
+    """
+    chunks = dict(DEFAULT_CHUNKS)
+    if not text:
+        return chunks
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in chunks or not value.strip().isdigit() or int(value) < 1:
+            raise RunoffError(f"--chunks {text!r}: expected time=N,y=N,x=N with positive integers")
+        chunks[key] = int(value)
+    return chunks
+
+
+def digest(values: np.ndarray) -> str:
+    """Short content digest of one day's float32 values (NaN included)."""
+    return hashlib.blake2b(np.ascontiguousarray(values, np.float32).tobytes(), digest_size=8).hexdigest()
+
+
+def find_variables(input_dir: str | Path, date_format: str | None = None) -> dict[str, list[DayFile]]:
+    """Rasters per variable: files directly in ``input_dir`` are ``qs``; otherwise one
+    sub-folder per variable (``Qs/``, ``Rainf/``...), named by its lower-cased name."""
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise RunoffError(f"{folder}: no such folder")
+    if find_rasters(folder):
+        return {TARGET: list_days(folder, date_format)}
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and find_rasters(p))
+    if not subdirs:
+        raise RunoffError(f"{folder}: no *.tif, *.tiff or *.png files here or in its sub-folders")
+    variables = {p.name.lower(): list_days(p, date_format) for p in subdirs}
+    if TARGET not in variables:
+        raise RunoffError(f"{folder}: sub-folders {', '.join(p.name for p in subdirs)} hold no Qs/ folder "
+                          f"(the forecast target)")
+    return variables
+
+
+@contextlib.contextmanager
+def store_lock(store: str) -> Iterator[None]:
+    """Hold an exclusive lock on a local store for the duration of a write."""
+    if is_url(store):
+        yield  # object stores have no advisory locks; one writer at a time is the user's rule there
+        return
+    path = Path(store)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.parent / f".{path.name}.lock"
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunoffError(f"{store}: another ingest is writing this cube right now "
+                              f"(lock {lock_path}); wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _recover_local(store: Path) -> None:
+    """Finish or undo a swap that a killed ingest left half done; drop stray temp files."""
+    replaced = store.with_name(store.name + ".replaced")
+    if replaced.exists():
+        if store.exists():
+            shutil.rmtree(replaced)
+        else:
+            os.rename(replaced, store)
+    if store.exists():
+        for stray in store.rglob("*.partial"):
+            stray.unlink(missing_ok=True)
+
+
+def _date_axis(start: dt.date, end: dt.date) -> list[dt.date]:
+    return [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+
+
+def _variable_attrs(name: str, files: list[DayFile], options: ReadOptions, units: str | None,
+                    long_name: str | None) -> dict:
+    _, _, attrs = read_raster(files[0].path, options)
+    if name == TARGET:
+        attrs["units"] = units or attrs.get("units", "kg m-2")
+        attrs["long_name"] = long_name or attrs.get("long_name", "storm surface runoff")
+    else:
+        attrs.setdefault("long_name", name)
+    return attrs
+
+
+def _create_cube(path: str, grid: Grid, axis: list[dt.date], variables: Mapping[str, dict],
+                 chunks: dict[str, int], storage_options: dict | None) -> None:
+    """Write the cube's metadata and coordinates; data chunks stay unwritten (NaN)."""
+    n, (h, w) = len(axis), grid.shape
+    block = (min(chunks["time"], n), min(chunks["y"], h), min(chunks["x"], w))
+    data_vars = {
+        name: (("time", "y", "x"), da.full((n, h, w), np.nan, dtype=np.float32, chunks=block),
+               {**attrs, "source_files": {}, "source_digest": {}})
+        for name, attrs in variables.items()
+    }
+    coords = {"time": pd.DatetimeIndex(axis), "y": grid.y_coords(), "x": grid.x_coords()}
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds = ds.rio.write_crs(grid.crs_wkt).rio.write_transform(grid.affine).rio.write_coordinate_system()
+    ds.time.attrs.update(standard_name="time", long_name="day of the map")
+    ds.attrs.update(Conventions="CF-1.8", title="Daily surface runoff cube",
+                    source=f"runoff-forecast {__version__} ingest", missing_dates=[])
+    codec = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    # rioxarray keeps grid_mapping in .encoding (rioxarray #815): merge, do not replace
+    encoding = {name: {**ds[name].encoding, "chunks": block, "compressors": (codec,), "_FillValue": np.nan}
+                for name in variables}
+    encoding["time"] = {"units": TIME_UNITS, "calendar": "proleptic_gregorian", "dtype": "int64",
+                        "chunks": (4096,)}
+    ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding,
+               storage_options=storage_options)
+    # last: marks the creation as complete (a kill before this leaves a partial to discard)
+    zarr.open_group(path, mode="r+", storage_options=storage_options).update_attributes(
+        {"runoff_cube_format": CUBE_FORMAT})
+
+
+def _resize_time(group: zarr.Group, variables: list[str], axis: list[dt.date]) -> None:
+    """Grow (or trim back after a killed run) every time-indexed array to ``axis``."""
+    n = len(axis)
+    for name in variables:
+        arr = group[name]
+        if arr.shape[0] != n:
+            arr.resize((n, *arr.shape[1:]))
+    time_arr = group["time"]
+    old = time_arr.shape[0]
+    if old != n:
+        time_arr.resize((n,))
+    values = np.array([(d - _EPOCH).days for d in axis], dtype=np.int64)
+    time_arr[:] = values
+
+
+def _add_variable(group: zarr.Group, name: str, attrs: dict, like: zarr.Array) -> None:
+    arr = group.create_array(name, shape=like.shape, chunks=like.chunks, dtype="float32",
+                             fill_value=np.nan, compressors=like.compressors,
+                             dimension_names=("time", "y", "x"))
+    arr.update_attributes({**attrs, "grid_mapping": "spatial_ref", "coordinates": "spatial_ref",
+                           "source_files": {}, "source_digest": {}})
+
+
+def _file_reader(path: Path, options: ReadOptions) -> Callable[[], tuple[np.ndarray, str]]:
+    def read() -> tuple[np.ndarray, str]:
+        return read_raster(path, options)[0], path.name
+    return read
+
+
+def _cube_reader(arr: zarr.Array, slot: int, name: str) -> Callable[[], tuple[np.ndarray, str]]:
+    def read() -> tuple[np.ndarray, str]:
+        return arr[slot], name
+    return read
+
+
+def _write_task(arr: zarr.Array, task: _Task) -> list[tuple[str, str, str, bool]]:
+    """Read a task's days, write them into their slots; return (date, file, digest, all_nan)."""
+    block = np.empty((len(task.slots), *arr.shape[1:]), np.float32)
+    names = []
+    for i, read in enumerate(task.reads):
+        block[i], name = read()
+        names.append(name)
+    start = 0
+    for k in range(1, len(task.slots) + 1):  # contiguous runs of slots -> one slice write each
+        if k == len(task.slots) or task.slots[k] != task.slots[k - 1] + 1:
+            arr[task.slots[start]:task.slots[k - 1] + 1] = block[start:k]
+            start = k
+    return [(d, n, digest(block[i]), bool(np.isnan(block[i]).all()))
+            for i, (d, n) in enumerate(zip(task.dates, names))]
+
+
+def _plan_tasks(variable: str, writes: dict[dt.date, Callable], axis_index: dict[dt.date, int],
+                time_chunk: int) -> list[_Task]:
+    by_chunk: dict[int, list[dt.date]] = {}
+    for date in sorted(writes):
+        by_chunk.setdefault(axis_index[date] // time_chunk, []).append(date)
+    return [_Task(variable, tuple(axis_index[d] for d in dates), tuple(writes[d] for d in dates),
+                  tuple(d.isoformat() for d in dates))
+            for _, dates in sorted(by_chunk.items())]
+
+
+def _changed_days(present: list[tuple[str, DayFile]], info: CubeInfo | None, options: ReadOptions,
+                  overwrite: bool) -> set[tuple[str, dt.date]]:
+    """Compare files with the days ``info`` already records; return the (variable, date) to rewrite.
+
+    A differing day is an error naming the file unless ``overwrite``.
+    """
+    if not present:
+        return set()
+
+    def check(item: tuple[str, DayFile]) -> tuple[str, DayFile, bool]:
+        name, day = item
+        values = read_raster(day.path, options)[0]
+        return name, day, digest(values) == info.records[name].digest[day.date.isoformat()]
+
+    rewrite = set()
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for name, day, same in pool.map(check, present):
+            if same:
+                continue
+            if not overwrite:
+                old = info.records[name].files[day.date.isoformat()]
+                raise RunoffError(f"{day.path}: its values differ from {day.date.isoformat()} already in the "
+                                  f"cube (from {old}); pass --overwrite to replace that day")
+            rewrite.add((name, day.date))
+    return rewrite
+
+
+def _plan_writes(group: zarr.Group, all_vars: list[str], variables: Mapping[str, list[DayFile]],
+                 axis: list[dt.date], info: CubeInfo | None, done: CubeInfo | None,
+                 old_group: zarr.Group | None, rewrite: set[tuple[str, dt.date]],
+                 options: ReadOptions) -> tuple[list[_Task], int, int]:
+    """Tasks for every day the target cube lacks; returns (tasks, days from files, files skipped).
+
+    ``done`` records what the target already holds; when rebuilding (``old_group``), the
+    old cube's days are carried over from it rather than re-read from files.
+    """
+    axis_index = {d: i for i, d in enumerate(axis)}
+    tasks: list[_Task] = []
+    written = skipped = 0
+    for name in all_vars:
+        recorded = done.records[name].digest if done and name in done.records else {}
+        in_old = info.records[name].digest if info and name in info.records else {}
+        writes: dict[dt.date, Callable] = {}
+        if old_group is not None:
+            for iso, source in info.records.get(name, Records({}, {})).files.items():
+                if iso not in recorded:
+                    day = dt.date.fromisoformat(iso)
+                    writes[day] = _cube_reader(old_group[name], (day - info.start).days, source)
+        for day in variables.get(name, []):
+            iso = day.date.isoformat()
+            if (name, day.date) not in rewrite and (iso in recorded or iso in in_old):
+                skipped += 1
+                continue
+            writes[day.date] = _file_reader(day.path, options)
+            written += 1
+        tasks += _plan_tasks(name, writes, axis_index, group[name].chunks[0])
+    return tasks, written, skipped
+
+
+class _Committer(Callback):
+    """Records finished days in the cube's attributes, at most every half second."""
+
+    def __init__(self, group: zarr.Group, tasks: Mapping[str, _Task], info: CubeInfo | None,
+                 variables: list[str], bar) -> None:
+        super().__init__()
+        self.group, self.tasks, self.bar = group, tasks, bar
+        self.files = {v: dict(info.records[v].files) if info and v in info.records else {} for v in variables}
+        self.digests = {v: dict(info.records[v].digest) if info and v in info.records else {} for v in variables}
+        self.dirty: set[str] = set()
+        self.last = time.monotonic()
+        self.all_nan: list[str] = []
+
+    def _posttask(self, key, result, dsk, state, worker_id) -> None:
+        task = self.tasks.get(key)
+        if task is None:
+            return
+        for date, name, dig, all_nan in result:
+            self.files[task.variable][date] = name
+            self.digests[task.variable][date] = dig
+            if all_nan:
+                self.all_nan.append(f"{task.variable} {date} ({name})")
+        self.dirty.add(task.variable)
+        self.bar.update(len(result))
+        if time.monotonic() - self.last > _COMMIT_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        for name in sorted(self.dirty):
+            self.group[name].update_attributes({
+                "source_files": dict(sorted(self.files[name].items())),
+                "source_digest": dict(sorted(self.digests[name].items())),
+            })
+        self.dirty.clear()
+        self.last = time.monotonic()
+
+
+def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None = None,
+           options: ReadOptions = ReadOptions(), chunks: dict[str, int] | None = None,
+           overwrite: bool = False, units: str | None = None, long_name: str | None = None,
+           progress: bool = False, storage_options: dict | None = None,
+           num_workers: int | None = None) -> IngestReport:
+    """Ingest the rasters of ``input_dir`` into the cube ``store`` (created, extended or filled).
+
+    Raises :class:`RunoffError` for bad input, before anything is written.
+    """
+    store = str(store)
+    chunks = chunks or dict(DEFAULT_CHUNKS)
+    variables = find_variables(input_dir, date_format)
+    with store_lock(store):
+        if not is_url(store):
+            _recover_local(Path(store))
+        info = read_cube_info(store, storage_options) if _exists(store, storage_options) else None
+        if info is not None:
+            grid = check_grids((d.path for files in variables.values() for d in files), info.grid, options,
+                               expected_from=f"the cube {store}")
+        else:
+            grid = check_grids((d.path for files in variables.values() for d in files), None, options)
+        dates = {d.date for files in variables.values() for d in files}
+        if info is not None:
+            dates |= {info.start, info.end}
+        axis = _date_axis(min(dates), max(dates))
+
+        # Compare with what is already there before writing anything.
+        present = [(name, day) for name, files in variables.items() for day in files
+                   if info is not None and name in info.records and day.date.isoformat() in info.records[name].digest]
+        rewrite = _changed_days(present, info, options, overwrite)
+
+        rebuild = info is None or axis[0] < info.start
+        if rebuild and is_url(store) and info is not None:
+            raise RunoffError(f"{store}: new days before the cube's first day ({info.start}) need a rebuild, "
+                              f"which is supported on local stores only; ingest into a new store")
+        target = store if (info is not None and not rebuild) or is_url(store) else store + ".partial"
+        all_vars = sorted(set(variables) | (set(info.variables) if info else set()))
+        attrs = {name: _variable_attrs(name, files, options, units, long_name) for name, files in variables.items()}
+        if info is not None:
+            attrs.update({name: info.attrs[name] for name in info.variables})
+
+        partial = _read_partial(target, storage_options) if target != store else None
+        if target != store and (partial is None or partial.start != axis[0] or not partial.grid.matches(grid)):
+            if not is_url(target):
+                shutil.rmtree(target, ignore_errors=True)
+            _create_cube(target, grid, axis, {v: attrs[v] for v in all_vars}, chunks, storage_options)
+            partial = None
+        if partial is not None:  # a killed run's days whose files changed since are simply rewritten
+            resumed = [(n, d) for n, files in variables.items() for d in files
+                       if n in partial.records and d.date.isoformat() in partial.records[n].digest
+                       and (info is None or n not in info.records or d.date.isoformat() not in info.records[n].digest)]
+            rewrite |= _changed_days(resumed, partial, options, overwrite=True)
+        group = zarr.open_group(target, mode="r+", use_consolidated=False, storage_options=storage_options)
+        for name in all_vars:
+            if name not in group:
+                _add_variable(group, name, attrs[name], group[TARGET])
+        _resize_time(group, all_vars, axis)
+        done = partial if target != store else info
+        old_group = zarr.open_group(store, mode="r", use_consolidated=False, storage_options=storage_options) if rebuild and info else None
+        tasks, written, skipped = _plan_writes(group, all_vars, variables, axis, info, done, old_group,
+                                               rewrite, options)
+
+        arrays = {name: group[name] for name in all_vars}
+        delayed = [dask.delayed(_write_task, pure=False)(arrays[t.variable], t) for t in tasks]
+        from tqdm import tqdm
+        with tqdm(total=sum(len(t.slots) for t in tasks), unit="day", desc="ingest",
+                  disable=not progress) as bar:
+            committer = _Committer(group, {d.key: t for d, t in zip(delayed, tasks)}, done, all_vars, bar)
+            try:
+                with committer:
+                    dask.compute(*delayed, scheduler="threads", num_workers=num_workers)
+            finally:
+                committer.flush()
+
+        missing = _finish_attrs(group, all_vars, axis, committer.files)
+        with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": we know
+            warnings.simplefilter("ignore")
+            # readers get one metadata document and a consistent snapshot; writers ignore it
+            zarr.consolidate_metadata(group.store)
+        if target != store:
+            _swap_into_place(Path(target), Path(store))
+    report = IngestReport(store, all_vars, axis[0], axis[-1], written=written,
+                          skipped=skipped, missing_dates=missing, all_nan=committer.all_nan)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        warnings.warn(f"{store}: {len(missing)} day(s) without a {TARGET} file are kept as NaN: {shown}",
+                      RunoffWarning, stacklevel=2)
+    for item in committer.all_nan:
+        warnings.warn(f"{store}: day {item} holds no valid pixel (all nodata); kept as NaN",
+                      RunoffWarning, stacklevel=2)
+    return report
+
+
+def _exists(store: str, storage_options: dict | None) -> bool:
+    if not is_url(store):
+        return Path(store).exists()
+    import fsspec
+
+    fs, _, paths = fsspec.get_fs_token_paths(store, storage_options=storage_options)
+    return fs.exists(paths[0])
+
+
+def _read_partial(target: str, storage_options: dict | None) -> CubeInfo | None:
+    """A cube a killed ingest left half built, or None (also when it died while creating it)."""
+    if not _exists(target, storage_options):
+        return None
+    try:
+        info = read_cube_info(target, storage_options)
+    except RunoffError:
+        return None
+    return info if info.format_version == CUBE_FORMAT else None
+
+
+def _finish_attrs(group: zarr.Group, variables: list[str], axis: list[dt.date],
+                  files: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """Write ``missing_dates`` per variable and, for the target, on the group."""
+    missing_target: list[str] = []
+    for name in variables:
+        missing = [d.isoformat() for d in axis if d.isoformat() not in files[name]]
+        group[name].update_attributes({"missing_dates": missing})
+        if name == TARGET:
+            missing_target = missing
+    group.update_attributes({"missing_dates": missing_target})
+    return missing_target
+
+
+def _swap_into_place(built: Path, store: Path) -> None:
+    """Replace ``store`` by the finished ``built`` cube with two renames (see _recover_local)."""
+    if store.exists():
+        replaced = store.with_name(store.name + ".replaced")
+        os.rename(store, replaced)
+        os.rename(built, store)
+        shutil.rmtree(replaced)
+    else:
+        os.rename(built, store)

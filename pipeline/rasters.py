@@ -1,0 +1,337 @@
+"""Find daily rasters, parse their dates, read one day, check the grid.
+
+Every day of a series must lie on the same grid: same CRS, same affine transform,
+same shape. :class:`Grid` carries that triple between stages.
+
+Example
+-------
+>>> days = list_days("data/input")                       # doctest: +SKIP
+>>> values, grid, attrs = read_raster(days[0].path)      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
+from rasterio.transform import Affine
+
+from .errors import RunoffError
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".png")
+
+# Tried in this order on the file name; the first pattern that gives a real date wins.
+_DATE_PATTERNS = (
+    (re.compile(r"(?<!\d)(\d{4})[-_](\d{2})[-_](\d{2})(?!\d)"), "%Y%m%d"),
+    (re.compile(r"(?<!\d)(\d{8})(?!\d)"), "%Y%m%d"),
+    (re.compile(r"(?<!\d)(\d{7})(?!\d)"), "%Y%j"),
+)
+_STRPTIME_TOKENS = {
+    "%Y": r"\d{4}", "%y": r"\d{2}", "%m": r"\d{1,2}", "%d": r"\d{1,2}",
+    "%j": r"\d{3}", "%b": r"[A-Za-z]{3}", "%B": r"[A-Za-z]+", "%%": "%",
+}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The georeferencing every day of a cube shares.
+
+    ``transform`` is the affine (a, b, c, d, e, f) of the top-left pixel corner,
+    as rasterio gives it; ``crs_wkt`` is the CRS as WKT.
+    """
+
+    crs_wkt: str
+    transform: tuple[float, float, float, float, float, float]
+    height: int
+    width: int
+
+    @classmethod
+    def from_dataset(cls, src: rasterio.io.DatasetReader, crs: CRS | None = None,
+                     transform: Affine | None = None) -> "Grid":
+        crs = crs or src.crs
+        transform = transform or src.transform
+        return cls(crs.to_wkt(), tuple(transform)[:6], src.height, src.width)
+
+    @property
+    def crs(self) -> CRS:
+        return CRS.from_wkt(self.crs_wkt)
+
+    @property
+    def affine(self) -> Affine:
+        return Affine(*self.transform)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    def x_coords(self) -> np.ndarray:
+        """Cell-centre x coordinates (for a north-up grid)."""
+        a, _, c = self.transform[:3]
+        return c + (np.arange(self.width) + 0.5) * a
+
+    def y_coords(self) -> np.ndarray:
+        """Cell-centre y coordinates (descending for a north-up grid)."""
+        _, _, _, _, e, f = self.transform
+        return f + (np.arange(self.height) + 0.5) * e
+
+    def matches(self, other: "Grid") -> bool:
+        """Same shape, same CRS and the same transform to 1e-6 of a pixel."""
+        if self.shape != other.shape:
+            return False
+        pixel = max(abs(self.transform[0]), abs(self.transform[4]))
+        if any(abs(p - q) > 1e-6 * pixel for p, q in zip(self.transform, other.transform)):
+            return False
+        return self.crs_wkt == other.crs_wkt or self.crs == other.crs
+
+    def describe(self) -> str:
+        a, _, c, _, e, f = self.transform
+        epsg = self.crs.to_epsg()
+        crs = f"EPSG:{epsg}" if epsg else self.crs.to_string()[:40]
+        return f"{crs}, {self.height}x{self.width} px, origin ({c:g}, {f:g}), pixel ({a:g}, {e:g})"
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read rasters whose files do not say everything themselves.
+
+    ``band``: which band of a multi-band file (1-based); ``png_scale``: physical value
+    of the largest PNG code; ``crs``: CRS for files that lack one; ``like``: a
+    reference GeoTIFF whose CRS and transform apply to PNGs without a world file.
+    """
+
+    band: int | None = None
+    png_scale: float | None = None
+    crs: str | None = None
+    like: str | None = None
+    _like_grid: list = field(default_factory=list, compare=False, repr=False)
+
+    def like_grid(self) -> Grid | None:
+        if self.like is None:
+            return None
+        if not self._like_grid:
+            try:
+                with rasterio.open(self.like) as ref:
+                    if ref.crs is None:
+                        raise RunoffError(f"--like {self.like}: the reference raster has no CRS")
+                    self._like_grid.append(Grid.from_dataset(ref))
+            except RasterioError as exc:
+                raise RunoffError(f"--like {self.like}: cannot read it ({exc})") from None
+        return self._like_grid[0]
+
+    def user_crs(self) -> CRS | None:
+        if self.crs is None:
+            return None
+        try:
+            return CRS.from_user_input(self.crs)
+        except CRSError:
+            raise RunoffError(f"--crs {self.crs!r}: not a CRS that PROJ knows") from None
+
+
+@dataclass(frozen=True)
+class DayFile:
+    """One raster and the day it holds."""
+
+    date: dt.date
+    path: Path
+
+
+def find_rasters(folder: str | Path) -> list[Path]:
+    """Return the GeoTIFF and PNG files directly in ``folder`` (any case, hidden files skipped), sorted."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in RASTER_SUFFIXES)
+
+
+def _format_regex(date_format: str) -> re.Pattern:
+    parts, i = [], 0
+    while i < len(date_format):
+        token = date_format[i:i + 2]
+        if token in _STRPTIME_TOKENS:
+            parts.append(_STRPTIME_TOKENS[token])
+            i += 2
+        else:
+            parts.append(re.escape(date_format[i]))
+            i += 1
+    return re.compile("".join(parts))
+
+
+def parse_date(name: str, date_format: str | None = None) -> dt.date | None:
+    """Date in a file name: YYYYMMDD, YYYY-MM-DD, YYYY_MM_DD or YYYYDDD, or ``date_format``.
+
+    >>> parse_date("QS_20210314.tif")
+    datetime.date(2021, 3, 14)
+    >>> parse_date("GLDAS_NOAH025_D.A2021073.tif")
+    datetime.date(2021, 3, 14)
+    >>> parse_date("qs-14.03.2021.tif", "%d.%m.%Y")
+    datetime.date(2021, 3, 14)
+    """
+    stem = Path(name).stem
+    if date_format:
+        for match in _format_regex(date_format).finditer(stem):
+            try:
+                return dt.datetime.strptime(match.group(0), date_format).date()
+            except ValueError:
+                continue
+        return None
+    for pattern, fmt in _DATE_PATTERNS:
+        for match in pattern.finditer(stem):
+            try:
+                return dt.datetime.strptime("".join(match.groups()), fmt).date()
+            except ValueError:
+                continue
+    return None
+
+
+def _tag_date(path: Path) -> dt.date | None:
+    try:
+        with rasterio.open(path) as src:
+            stamp = src.tags().get("TIFFTAG_DATETIME")
+    except RasterioError:
+        return None
+    if not stamp:
+        return None
+    try:
+        return dt.datetime.strptime(stamp.strip()[:10], "%Y:%m:%d").date()
+    except ValueError:
+        return None
+
+
+def list_days(folder: str | Path, date_format: str | None = None) -> list[DayFile]:
+    """Every raster in ``folder`` with its date, sorted by date.
+
+    Raises :class:`RunoffError` for an empty or missing folder, a file without a
+    parseable date, and two files for one date.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunoffError(f"{folder}: no such folder")
+    files = find_rasters(folder)
+    if not files:
+        raise RunoffError(f"{folder}: no *.tif, *.tiff or *.png files in this folder")
+    days: dict[dt.date, Path] = {}
+    for path in files:
+        date = parse_date(path.name, date_format) or _tag_date(path)
+        if date is None:
+            how = f"--date_format {date_format!r}" if date_format else \
+                "YYYYMMDD, YYYY-MM-DD, YYYY_MM_DD, YYYYDDD or TIFFTAG_DATETIME"
+            raise RunoffError(f"{path}: no date found in the file name ({how}); rename it or pass --date_format")
+        if date in days:
+            raise RunoffError(f"{days[date]} and {path} are both for {date.isoformat()}; keep one")
+        days[date] = path
+    return [DayFile(d, days[d]) for d in sorted(days)]
+
+
+def _open(path: Path) -> rasterio.io.DatasetReader:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioError as exc:
+        raise RunoffError(f"{path}: not a readable raster ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _grid_of(src: rasterio.io.DatasetReader, path: Path, options: ReadOptions) -> Grid:
+    is_png = src.driver == "PNG"
+    georeferenced = not src.transform.is_identity or bool(src.gcps[0])
+    like = options.like_grid() if is_png else None
+    if like is not None:
+        if (src.height, src.width) != like.shape:
+            raise RunoffError(f"{path}: {src.height}x{src.width} px, but --like {options.like} "
+                              f"is {like.height}x{like.width} px")
+        return like
+    if not georeferenced:
+        hint = "add a world file (.pgw) and --crs, or pass --like REFERENCE.tif" if is_png \
+            else "the file has no geotransform"
+        raise RunoffError(f"{path}: not georeferenced; {hint}")
+    crs = src.crs or options.user_crs()
+    if crs is None:
+        raise RunoffError(f"{path}: has no CRS; pass --crs (e.g. --crs EPSG:4326)")
+    return Grid.from_dataset(src, crs=crs)
+
+
+def _band(src: rasterio.io.DatasetReader, path: Path, options: ReadOptions) -> int:
+    if options.band is not None:
+        if not 1 <= options.band <= src.count:
+            raise RunoffError(f"{path}: --band {options.band} asked for, but the file has {src.count} band(s)")
+        return options.band
+    if src.count != 1:
+        raise RunoffError(f"{path}: has {src.count} bands; choose one with --band N")
+    return 1
+
+
+def read_grid(path: str | Path, options: ReadOptions = ReadOptions()) -> Grid:
+    """Georeferencing of one raster, from its header only."""
+    path = Path(path)
+    with _open(path) as src:
+        _band(src, path, options)
+        return _grid_of(src, path, options)
+
+
+def read_raster(path: str | Path, options: ReadOptions = ReadOptions()) -> tuple[np.ndarray, Grid, dict]:
+    """Read one day: float32 values with NaN for nodata, its :class:`Grid`, and CF attributes.
+
+    PNG codes are scaled to physical values: ``code / max_code * png_scale``.
+    """
+    path = Path(path)
+    with _open(path) as src:
+        band = _band(src, path, options)
+        grid = _grid_of(src, path, options)
+        try:
+            raw = src.read(band)
+        except RasterioError as exc:
+            raise RunoffError(f"{path}: cannot read its pixels ({_first_line(exc)})") from None
+        nodata = src.nodatavals[band - 1]
+        tags = {**src.tags(), **src.tags(band)}
+        unit = src.units[band - 1] if src.units else None
+        is_png = src.driver == "PNG"
+    values = raw.astype(np.float32)
+    invalid = np.zeros(raw.shape, bool) if nodata is None or np.isnan(nodata) else raw == nodata
+    if np.issubdtype(raw.dtype, np.floating):
+        invalid |= ~np.isfinite(raw)
+    if is_png:
+        if options.png_scale is None:
+            raise RunoffError(f"{path}: PNG codes need a physical scale; pass --png_scale "
+                              f"(the value of code {np.iinfo(raw.dtype).max})")
+        values *= np.float32(options.png_scale / np.iinfo(raw.dtype).max)
+    values[invalid] = np.nan
+    attrs = {}
+    units = tags.get("units") or tags.get("UNITS") or unit
+    if units:
+        attrs["units"] = units
+    long_name = tags.get("long_name") or tags.get("LONG_NAME")
+    if long_name:
+        attrs["long_name"] = long_name
+    return values, grid, attrs
+
+
+def check_grids(paths: Iterable[Path], expected: Grid | None, options: ReadOptions,
+                expected_from: str = "") -> Grid:
+    """Check that every raster lies on ``expected`` (or on the first file's grid).
+
+    Returns the common grid; raises :class:`RunoffError` naming the first file that differs.
+    """
+    first_path = None
+    for path in paths:
+        grid = read_grid(path, options)
+        if expected is None:
+            expected, first_path = grid, path
+            continue
+        if not grid.matches(expected):
+            source = expected_from or f"the first file {first_path}"
+            raise RunoffError(f"{path}: grid {grid.describe()} differs from {source}: {expected.describe()}")
+    if expected is None:
+        raise RunoffError("no rasters to check")
+    return expected

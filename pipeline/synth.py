@@ -1,0 +1,206 @@
+"""Synthetic but physically plausible daily surface-runoff (QS) series.
+
+The generator is a small land-surface model driven by moving rain cells:
+
+* rain cells (Gaussian blobs) are born each day at a seasonal rate, live a few days,
+  grow and decay, and drift with a prevailing wind, so rain has memory and motion;
+* a soil store whose capacity varies smoothly in space fills with infiltrated rain
+  and empties by evapotranspiration (stronger in summer) and drainage;
+* runoff is the sum of infiltration excess (rain faster than the soil can take it)
+  and saturation excess (rain on a full store).
+
+So QS is zero on most pixels of most days, heavily skewed, spatially coherent and
+persistent where soils stay wet, which is what a forecaster has to learn. Units are
+kg m-2 per day (= mm per day). A smooth coastline masks a sea area as nodata.
+
+Example
+-------
+>>> from pipeline.synth import write_series
+>>> paths = write_series("data/input", days=30, height=64, width=80)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import from_origin
+from scipy.ndimage import gaussian_filter
+
+from .errors import RunoffError
+
+NODATA = -9999.0
+PNG_NODATA = 65535
+DEFAULT_PNG_SCALE = 200.0  # kg m-2 per day represented by the largest PNG code
+COVARIATES = {"rainf": "Rainf", "soilm": "SoilM"}
+UNITS = {"qs": "kg m-2", "rainf": "kg m-2", "soilm": "kg m-2"}
+LONG_NAMES = {
+    "qs": "storm surface runoff, daily accumulation",
+    "rainf": "rainfall, daily accumulation",
+    "soilm": "soil moisture store",
+}
+
+
+@dataclass(frozen=True)
+class Day:
+    """One simulated day: runoff, rain and soil moisture, NaN over the sea."""
+
+    date: dt.date
+    qs: np.ndarray
+    rainf: np.ndarray
+    soilm: np.ndarray
+
+
+def _smooth01(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    field = gaussian_filter(rng.standard_normal(shape), sigma=scale, mode="wrap")
+    field -= field.min()
+    return field / max(field.max(), 1e-12)
+
+
+def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0,
+             start: dt.date = dt.date(2019, 1, 1), spin_up: int = 60) -> Iterator[Day]:
+    """Yield ``days`` consecutive simulated days, deterministically for ``seed``."""
+    if days < 1 or height < 8 or width < 8:
+        raise RunoffError("synth: need --days >= 1 and a grid of at least 8x8 pixels")
+    rng = np.random.default_rng(seed)
+    shape = (height, width)
+    scale = max(height, width) / 12
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    coast = xx / width + 0.35 * _smooth01(rng, shape, scale) - 0.12 * yy / height
+    sea = coast < np.quantile(coast, 0.12)  # a smooth western coastline, 12% of the grid
+    capacity = (40 + 110 * _smooth01(rng, shape, scale)).astype(np.float32)   # mm
+    infiltration = (12 + 30 * _smooth01(rng, shape, scale)).astype(np.float32)  # mm/day
+    store = 0.5 * capacity
+    wind = np.array([0.9, 4.0]) * max(height, width) / 160  # (dy, dx) pixels per day
+    cells: list[np.ndarray] = []  # y, x, radius, peak, age, lifetime, vy, vx
+    for i in range(-spin_up, days):
+        date = start + dt.timedelta(days=i)
+        season = np.cos(2 * np.pi * (date.timetuple().tm_yday - 330) / 365.25)
+        for _ in range(rng.poisson(0.8 * (1 + 0.7 * season))):
+            # born anywhere, or upwind of the domain so that weather drifts in
+            y0 = rng.uniform(-0.2, 1.0) * height
+            x0 = rng.uniform(-0.4, 1.0) * width
+            cells.append(np.array([
+                y0, x0, rng.uniform(0.04, 0.13) * max(height, width), rng.gamma(2.0, 11.0),
+                0, 1 + rng.poisson(2.5), wind[0] + rng.normal(0, 0.8), wind[1] + rng.normal(0, 1.0)]))
+        rain = np.zeros(shape, np.float32)
+        alive = []
+        for c in cells:
+            y, x, radius, peak, age, life, vy, vx = c
+            strength = peak * np.sin(np.pi * (age + 0.5) / (life + 1))
+            r = radius * (1 + 0.15 * age)
+            rain += (strength * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * r * r))).astype(np.float32)
+            c[0] += vy
+            c[1] += vx
+            c[4] += 1
+            if c[4] <= c[5]:
+                alive.append(c)
+        cells = alive
+        rain[rain < 0.5] = 0.0
+        infiltration_excess = np.maximum(rain - infiltration, 0)
+        store = store + (rain - infiltration_excess)
+        saturation_excess = np.maximum(store - capacity, 0)
+        store = store - saturation_excess
+        evap = (1.0 + 2.5 * (1 - season) / 2) * store / capacity
+        store = np.maximum(store - evap - 0.02 * store, 0)
+        runoff = infiltration_excess + saturation_excess
+        if i < 0:
+            continue
+        yield Day(date, *(np.where(sea, np.nan, a).astype(np.float32) for a in (runoff, rain, store)))
+
+
+def default_transform(crs: CRS, height: int, width: int):
+    """A plausible north-up grid: 1 km cells in France for projected CRSs, 0.01 deg otherwise."""
+    if crs.is_geographic:
+        return from_origin(-1.5, 48.5, 0.01, 0.01)
+    return from_origin(600_000.0, 6_800_000.0, 1000.0, 1000.0)
+
+
+def _write_tif(path: Path, values: np.ndarray, crs: CRS, transform, name: str, date: dt.date) -> None:
+    data = np.where(np.isnan(values), NODATA, values).astype(np.float32)
+    profile = dict(driver="GTiff", height=data.shape[0], width=data.shape[1], count=1,
+                   dtype="float32", crs=crs, transform=transform, nodata=NODATA,
+                   compress="deflate", predictor=3, tiled=True, blockxsize=256, blockysize=256)
+    if data.shape[0] < 256 or data.shape[1] < 256:
+        profile.update(tiled=False, blockysize=min(16, data.shape[0]))
+        del profile["blockxsize"]
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data, 1)
+        dst.update_tags(units=UNITS[name], long_name=LONG_NAMES[name],
+                        TIFFTAG_DATETIME=date.strftime("%Y:%m:%d 00:00:00"))
+        dst.set_band_description(1, name)
+        dst.units = (UNITS[name],)
+
+
+def _write_png(path: Path, values: np.ndarray, transform, png_scale: float) -> None:
+    codes = np.clip(np.round(values / png_scale * 65535), 0, 65534)
+    codes = np.where(np.isnan(values), PNG_NODATA, codes).astype(np.uint16)
+    with rasterio.Env(GDAL_PAM_ENABLED="NO"), warnings.catch_warnings():
+        # georeferencing goes into the world file only, so rasterio's warning is expected
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="PNG", height=codes.shape[0], width=codes.shape[1],
+                           count=1, dtype="uint16", nodata=PNG_NODATA) as dst:
+            dst.write(codes, 1)
+    a, _, c, _, e, f = tuple(transform)[:6]
+    # world file: pixel size x, rotations, pixel size y, centre of the top-left pixel
+    path.with_suffix(".pgw").write_text(f"{a!r}\n0.0\n0.0\n{e!r}\n{c + a / 2!r}\n{f + e / 2!r}\n")
+
+
+def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width: int = 160,
+                 crs: str = "EPSG:2154", seed: int = 0, start: str | dt.date = "2019-01-01",
+                 fmt: str = "tif", covariates: Sequence[str] = (),
+                 png_scale: float = DEFAULT_PNG_SCALE, progress: bool = False) -> list[Path]:
+    """Write one raster per day, ``QS_YYYYMMDD.tif`` (or ``.png`` with a ``.pgw`` world file).
+
+    With ``covariates`` (``rainf``, ``soilm``) each variable gets its own sub-folder
+    (``Qs/``, ``Rainf/``, ``SoilM/``), the layout ``runoff ingest`` reads as one
+    multi-variable cube. Returns the QS file paths.
+    """
+    try:
+        crs_obj = CRS.from_user_input(crs)
+    except Exception:
+        raise RunoffError(f"--crs {crs!r}: not a CRS that PROJ knows") from None
+    unknown = set(covariates) - set(COVARIATES)
+    if unknown:
+        raise RunoffError(f"--covariates {','.join(sorted(unknown))}: unknown; choose from {','.join(COVARIATES)}")
+    if fmt not in ("tif", "png"):
+        raise RunoffError(f"--format {fmt!r}: choose tif or png")
+    start_date = dt.date.fromisoformat(str(start))
+    out = Path(out_dir)
+    folders = {"qs": out / "Qs" if covariates else out}
+    folders.update({name: out / COVARIATES[name] for name in covariates})
+    try:
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunoffError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+    transform = default_transform(crs_obj, height, width)
+    series = simulate(days, height, width, seed, start_date)
+    if progress:
+        from tqdm import tqdm
+        series = tqdm(series, total=days, unit="day", desc="synth")
+    written = []
+    for day in series:
+        for name, folder in folders.items():
+            stem = f"{'QS' if name == 'qs' else COVARIATES[name].upper()}_{day.date:%Y%m%d}"
+            path = folder / f"{stem}.{fmt}"
+            tmp = path.with_name(f".{path.name}.partial")
+            values = getattr(day, name)
+            if fmt == "png":
+                _write_png(tmp.with_suffix(".png"), values, transform, png_scale)
+                os.replace(tmp.with_suffix(".pgw"), path.with_suffix(".pgw"))
+                os.replace(tmp.with_suffix(".png"), path)
+            else:
+                _write_tif(tmp, values, crs_obj, transform, name, day.date)
+                os.replace(tmp, path)
+            if name == "qs":
+                written.append(path)
+    return written

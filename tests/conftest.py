@@ -1,0 +1,68 @@
+"""Shared fixtures: small synthetic series written as real GeoTIFFs, and a CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.synth import write_series
+
+
+@dataclass
+class CliResult:
+    status: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``runoff ARGS`` in-process; return status, stdout and stderr."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        status = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(status, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def series_dir(tmp_path_factory) -> Path:
+    """40 synthetic days, 32x40 px, EPSG:2154 GeoTIFFs (read-only: copy before changing)."""
+    out = tmp_path_factory.mktemp("series") / "input"
+    write_series(out, days=40, height=32, width=40, seed=1)
+    return out
+
+
+@pytest.fixture
+def series_copy(series_dir, tmp_path) -> Path:
+    """A private, writable copy of ``series_dir``."""
+    dst = tmp_path / "input"
+    shutil.copytree(series_dir, dst)
+    return dst
+
+
+def tree_digest(path: Path) -> str:
+    """Digest of every file name and content under ``path`` (to prove nothing changed)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def one_error_line(err: str) -> str:
+    """Assert stderr holds exactly one line, an error line, and return it."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("runoff: error: "), err
+    assert "Traceback" not in err
+    return lines[0]

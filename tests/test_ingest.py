@@ -1,0 +1,272 @@
+"""`runoff ingest`: the cube contract, appends, resume after SIGKILL, lock, bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+
+from pipeline.cube import open_cube
+from pipeline.ingest import ingest, store_lock
+from pipeline.synth import write_series
+
+from .conftest import one_error_line, tree_digest
+
+
+def _day(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        raw = src.read(1)
+        return np.where(raw == src.nodata, np.nan, raw).astype(np.float32)
+
+
+def _assert_same_cube(a: Path, b: Path) -> None:
+    da, db = (xr.open_zarr(p, decode_coords="all", consolidated=False) for p in (a, b))
+    xr.testing.assert_identical(da.load(), db.load())
+    assert da.attrs == db.attrs
+    for name in da.variables:
+        assert da[name].attrs == db[name].attrs, name
+
+
+def test_round_trip_keeps_crs_transform_values_and_metadata(series_dir, tmp_path, run_cli):
+    store = tmp_path / "qs.zarr"
+    result = run_cli("ingest", series_dir, store)
+    assert result.status == 0, result.err
+    ds = xr.open_zarr(store, decode_coords="all")
+    with rasterio.open(series_dir / "QS_20190105.tif") as src:
+        assert ds.rio.crs == src.crs
+        assert ds.rio.transform() == src.transform  # exact, not approximately
+        assert ds.qs.rio.shape == src.shape
+    assert ds.qs.dtype == np.float32 and ds.qs.dims == ("time", "y", "x")
+    assert ds.qs.encoding["grid_mapping"] == "spatial_ref"
+    assert ds.qs.attrs["units"] == "kg m-2" and ds.qs.attrs["long_name"]
+    assert ds.qs.attrs["source_files"]["2019-01-05"] == "QS_20190105.tif"
+    assert ds.sizes["time"] == 40 and (np.diff(ds.time.values) == np.timedelta64(1, "D")).all()
+    np.testing.assert_array_equal(ds.qs.sel(time="2019-01-05").values, _day(series_dir / "QS_20190105.tif"))
+    assert ds.attrs["missing_dates"] == []
+    assert ds.qs.encoding["compressors"]  # compressed
+    assert ds.y.values[0] > ds.y.values[-1]  # north-up, not flipped
+
+
+def test_cli_spellings_chunks_and_info(series_dir, tmp_path, run_cli):
+    store = tmp_path / "qs.zarr"
+    assert run_cli("ingest", series_dir, store, "--chunks", "time=8,y=16,x=16", "--long-name", "QS").status == 0
+    ds = open_cube(store)
+    assert ds.qs.encoding["chunks"] == (8, 16, 16) and ds.qs.attrs["long_name"] == "QS"
+    info = run_cli("info", store)
+    assert info.status == 0
+    for word in ("time=40", "2019-01-01 .. 2019-02-09", "EPSG:2154", "missing     0", "chunks", "MB", "p99"):
+        assert word in info.out
+
+
+def test_missing_days_are_nan_listed_and_warned(series_copy, tmp_path, run_cli):
+    for day in ("20190110", "20190111"):
+        (series_copy / f"QS_{day}.tif").unlink()
+    result = run_cli("ingest", series_copy, tmp_path / "qs.zarr")
+    assert result.status == 0
+    assert "2 day(s) without a qs file" in result.err and "2019-01-10, 2019-01-11" in result.err
+    ds = open_cube(tmp_path / "qs.zarr")
+    assert ds.sizes["time"] == 40 and ds.attrs["missing_dates"] == ["2019-01-10", "2019-01-11"]
+    assert np.isnan(ds.qs.sel(time="2019-01-10").values).all()
+
+
+def test_append_gap_fill_prepend_and_conflicts(series_dir, tmp_path, run_cli):
+    full, part = tmp_path / "full.zarr", tmp_path / "part.zarr"
+    assert run_cli("ingest", series_dir, full).status == 0
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    files = sorted(series_dir.glob("*.tif"))
+    # middle days first, then later days with a gap, then the gap and earlier days
+    for batch in (files[10:20], files[25:40], files[:10] + files[20:25]):
+        for f in batch:
+            shutil.copy(f, staged / f.name)
+        result = run_cli("ingest", staged, part)
+        assert result.status == 0, result.err
+    assert "wrote 15 day(s), 25 already present" in result.out
+    _assert_same_cube(full, part)
+
+    again = run_cli("ingest", staged, part)
+    assert "wrote 0 day(s), 40 already present" in again.out
+
+    before = tree_digest(part)
+    changed = staged / files[5].name
+    with rasterio.open(changed, "r+") as dst:
+        data = dst.read(1)
+        data[data == 0] = 1.5
+        dst.write(data, 1)
+    conflict = run_cli("ingest", staged, part)
+    assert conflict.status == 2 and "differ" in one_error_line(conflict.err) and "--overwrite" in conflict.err
+    assert tree_digest(part) == before
+    assert run_cli("ingest", staged, part, "--overwrite").status == 0
+    np.testing.assert_array_equal(open_cube(part).qs.isel(time=5).values, _day(changed))
+
+
+def test_several_variables_from_sub_folders(tmp_path, run_cli):
+    write_series(tmp_path / "in", days=12, height=16, width=20, covariates=["rainf", "soilm"])
+    result = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr")
+    assert result.status == 0, result.err
+    ds = open_cube(tmp_path / "qs.zarr")
+    assert set(ds.data_vars) == {"qs", "rainf", "soilm"}
+    for name in ("qs", "rainf", "soilm"):
+        assert ds[name].dims == ("time", "y", "x") and ds[name].encoding["grid_mapping"] == "spatial_ref"
+    assert float(ds.rainf.max()) > float(ds.qs.max()) > 0
+
+
+def _ingest_cmd(src: Path, store: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "ingest", str(src), str(store), "--chunks", "time=2"]
+
+
+def test_sigkill_mid_ingest_then_resume_equals_uninterrupted(tmp_path):
+    src = tmp_path / "in"
+    write_series(src, days=300, height=96, width=120, seed=2)
+    reference = tmp_path / "reference.zarr"
+    assert subprocess.run(_ingest_cmd(src, reference), capture_output=True).returncode == 0
+
+    store = tmp_path / "killed.zarr"
+    start = time.monotonic()
+    subprocess.run(_ingest_cmd(src, tmp_path / "timing.zarr"), capture_output=True, check=True)
+    duration = time.monotonic() - start
+    kills = 0
+    for fraction in (0.55, 0.7, 0.85):  # kill repeatedly at different moments, resuming each time
+        proc = subprocess.Popen(_ingest_cmd(src, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(duration * fraction)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1, "ingest finished before any kill; the test did not interrupt it"
+    final = subprocess.run(_ingest_cmd(src, store), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert not list(tmp_path.glob("*.partial")) and not list(store.rglob("*.partial"))
+    _assert_same_cube(reference, store)
+
+
+def test_second_writer_is_refused_by_the_lock(series_dir, tmp_path, run_cli):
+    store = tmp_path / "qs.zarr"
+    assert run_cli("ingest", series_dir, store).status == 0
+    before = tree_digest(store)
+    with store_lock(str(store)):
+        result = run_cli("ingest", series_dir, store)
+    assert result.status == 2 and "another ingest" in one_error_line(result.err)
+    assert tree_digest(store) == before
+
+
+def test_all_nan_day_is_kept_with_a_warning(series_copy, tmp_path, run_cli):
+    path = series_copy / "QS_20190103.tif"
+    with rasterio.open(path, "r+") as dst:
+        dst.write(np.full(dst.shape, dst.nodata, np.float32), 1)
+    result = run_cli("ingest", series_copy, tmp_path / "qs.zarr")
+    assert result.status == 0 and "2019-01-03" in result.err and "no valid pixel" in result.err
+    assert np.isnan(open_cube(tmp_path / "qs.zarr").qs.sel(time="2019-01-03").values).all()
+
+
+def _profile(path: Path) -> dict:
+    with rasterio.open(path) as src:
+        return dict(src.profile), src.read(1)
+
+
+def _bad_inputs(folder: Path, reference: Path) -> dict:
+    """Each entry: a function that spoils ``folder`` and the words its error must contain."""
+    def text_file():
+        (folder / "QS_20190201.tif").write_text("not a raster")
+
+    def truncated():
+        data = reference.read_bytes()
+        (folder / "QS_20190201.tif").write_bytes(data[: len(data) // 3])
+
+    def write(name, **changes):
+        profile, data = _profile(reference)
+        profile.update(changes)
+        count = profile["count"]
+        with rasterio.open(folder / name, "w", **profile) as dst:
+            dst.write(np.stack([data[: profile["height"], : profile["width"]]] * count))
+
+    def shifted():
+        profile, _ = _profile(reference)
+        t = profile["transform"]
+        write("QS_20190201.tif", transform=rasterio.Affine(t.a, t.b, t.c + t.a / 2, t.d, t.e, t.f))
+
+    return {
+        "text file named .tif": (text_file, ["QS_20190201.tif", "not a readable raster"]),
+        "truncated TIFF": (truncated, ["QS_20190201.tif"]),
+        "multi-band": (lambda: write("QS_20190201.tif", count=3), ["3 bands", "--band"]),
+        "other CRS": (lambda: write("QS_20190201.tif", crs="EPSG:3035"), ["QS_20190201.tif", "EPSG:3035", "EPSG:2154"]),
+        "other shape": (lambda: write("QS_20190201.tif", height=20), ["QS_20190201.tif", "20x40"]),
+        "half-pixel shift": (shifted, ["QS_20190201.tif", "origin (600500"]),
+        "no date": (lambda: write("runoff.tif"), ["runoff.tif", "no date"]),  # no TIFFTAG_DATETIME either
+        "duplicate date": (lambda: shutil.copy(reference, folder / "QS_2019-01-05.tif"),
+                           ["QS_20190105.tif", "QS_2019-01-05.tif", "2019-01-05"]),
+        "PNG without georeferencing": (
+            lambda: (write_series(folder / "png", days=1, height=32, width=40, start="2019-03-01", fmt="png"),
+                     shutil.move(folder / "png" / "QS_20190301.png", folder / "QS_20190301.png"),
+                     shutil.rmtree(folder / "png")),
+            ["QS_20190301.png", "not georeferenced"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs(Path("."), Path(".")).keys()))
+def test_bad_input_is_one_line_exit_2_and_cube_unchanged(case, series_copy, tmp_path, run_cli):
+    store = tmp_path / "qs.zarr"
+    assert run_cli("ingest", series_copy, store).status == 0
+    before = tree_digest(store)
+    spoil, words = _bad_inputs(series_copy, series_copy / "QS_20190105.tif")[case]
+    spoil()
+    result = run_cli("ingest", series_copy, store, "--png_scale", "200")
+    assert result.status == 2
+    line = one_error_line(result.err)
+    for word in words:
+        assert word in line, (word, line)
+    assert tree_digest(store) == before
+
+
+def test_empty_folder_and_non_cube_store(tmp_path, series_dir, run_cli):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("ingest", tmp_path / "empty", tmp_path / "qs.zarr")
+    assert result.status == 2 and "no *.tif" in one_error_line(result.err)
+    assert not (tmp_path / "qs.zarr").exists()
+
+    not_cube = tmp_path / "notes"
+    not_cube.mkdir()
+    (not_cube / "keep.txt").write_text("mine")
+    result = run_cli("ingest", series_dir, not_cube)
+    assert result.status == 2 and "not a Zarr cube" in one_error_line(result.err)
+    assert (not_cube / "keep.txt").read_text() == "mine" and len(list(not_cube.iterdir())) == 1
+
+    result = run_cli("info", tmp_path / "nothing.zarr")
+    assert result.status == 2 and "no such cube" in one_error_line(result.err)
+
+
+def test_multi_band_with_band_option(tmp_path, series_dir, run_cli):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    profile, data = _profile(series_dir / "QS_20190105.tif")
+    profile.update(count=2)
+    with rasterio.open(folder / "QS_20190105.tif", "w", **profile) as dst:
+        dst.write(np.stack([data, data * 0 + 7]))
+    assert run_cli("ingest", folder, tmp_path / "qs.zarr", "--band", "2").status == 0
+    values = open_cube(tmp_path / "qs.zarr").qs.isel(time=0).values
+    assert np.nanmax(values) == 7
+
+
+def test_png_series_ingests_like_the_geotiffs(tmp_path, series_dir, run_cli):
+    write_series(tmp_path / "png", days=40, height=32, width=40, seed=1, fmt="png")
+    result = run_cli("ingest", tmp_path / "png", tmp_path / "png.zarr", "--crs", "EPSG:2154", "--png_scale", "200")
+    assert result.status == 0, result.err
+    assert run_cli("ingest", series_dir, tmp_path / "tif.zarr").status == 0
+    png, tif = open_cube(tmp_path / "png.zarr"), open_cube(tmp_path / "tif.zarr")
+    assert png.rio.transform() == tif.rio.transform() and png.rio.crs == tif.rio.crs
+    assert float(abs(png.qs - tif.qs).max()) <= 200.0 / 65535
+
+
+def test_python_api_returns_a_report(series_dir, tmp_path):
+    report = ingest(series_dir, tmp_path / "qs.zarr")
+    assert (report.written, report.skipped, report.variables) == (40, 0, ["qs"])
+    assert os.path.isdir(tmp_path / "qs.zarr")

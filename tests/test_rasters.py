@@ -1,0 +1,77 @@
+"""Finding rasters, parsing dates, reading GeoTIFF and PNG days."""
+
+import datetime as dt
+
+import numpy as np
+import pytest
+import rasterio
+
+from pipeline.errors import RunoffError
+from pipeline.rasters import ReadOptions, find_rasters, list_days, parse_date, read_grid, read_raster
+from pipeline.synth import write_series
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("QS_20210314.tif", dt.date(2021, 3, 14)),
+    ("qs-2021-03-14.TIFF", dt.date(2021, 3, 14)),
+    ("qs_2021_03_14.png", dt.date(2021, 3, 14)),
+    ("GLDAS_NOAH025_D.A2021073.tif", dt.date(2021, 3, 14)),
+    ("QS_20211399.tif", None),
+    ("runoff.tif", None),
+])
+def test_parse_date_patterns(name, expected):
+    assert parse_date(name) == expected
+
+
+def test_parse_date_with_format():
+    assert parse_date("qs-14.03.2021.tif", "%d.%m.%Y") == dt.date(2021, 3, 14)
+    assert parse_date("qs-14.03.2021.tif") is None
+
+
+def test_find_rasters_any_case_and_skips_others(tmp_path):
+    for name in ["a_20200101.TIF", "b_20200102.tiff", "c_20200103.PnG", "notes.txt", ".hidden_20200104.tif"]:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in find_rasters(tmp_path)] == ["a_20200101.TIF", "b_20200102.tiff", "c_20200103.PnG"]
+
+
+def test_date_from_tiff_tag_when_name_has_none(series_copy):
+    src = series_copy / "QS_20190103.tif"
+    src.rename(series_copy / "runoff_day.tif")
+    days = list_days(series_copy)
+    assert dt.date(2019, 1, 3) in [d.date for d in days]
+
+
+def test_geotiff_nodata_becomes_nan(series_dir):
+    path = series_dir / "QS_20190101.tif"
+    values, grid, attrs = read_raster(path)
+    with rasterio.open(path) as src:
+        raw = src.read(1)
+        assert grid.crs == src.crs and grid.affine == src.transform
+    assert values.dtype == np.float32
+    assert np.array_equal(np.isnan(values), raw == src.nodata)
+    assert np.isnan(values).any() and attrs["units"] == "kg m-2"
+
+
+def test_png_scaled_with_world_file_and_crs(tmp_path, series_dir):
+    write_series(tmp_path, days=2, height=32, width=40, seed=1, fmt="png", png_scale=200.0)
+    png = tmp_path / "QS_20190101.png"
+    assert png.with_suffix(".pgw").exists()
+    with pytest.raises(RunoffError, match="--png_scale"):
+        read_raster(png, ReadOptions(crs="EPSG:2154"))
+    with pytest.raises(RunoffError, match="no CRS"):
+        read_raster(png, ReadOptions(png_scale=200.0))
+    values, grid, _ = read_raster(png, ReadOptions(png_scale=200.0, crs="EPSG:2154"))
+    tif_values, tif_grid, _ = read_raster(series_dir / "QS_20190101.tif")
+    assert grid.matches(tif_grid)
+    assert np.array_equal(np.isnan(values), np.isnan(tif_values))
+    assert np.nanmax(np.abs(values - tif_values)) <= 200.0 / 65535  # one PNG code
+
+
+def test_png_without_world_file_needs_like(tmp_path, series_dir):
+    write_series(tmp_path, days=1, height=32, width=40, seed=1, fmt="png")
+    png = tmp_path / "QS_20190101.png"
+    png.with_suffix(".pgw").unlink()
+    with pytest.raises(RunoffError, match="not georeferenced"):
+        read_grid(png, ReadOptions(png_scale=200.0, crs="EPSG:2154"))
+    like = ReadOptions(png_scale=200.0, like=str(series_dir / "QS_20190101.tif"))
+    assert read_grid(png, like).matches(read_grid(series_dir / "QS_20190101.tif"))
