@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -24,6 +25,10 @@ from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 
 from .errors import RunoffError
+
+# A raster without georeferencing is reported as a RunoffError naming the file (and the
+# fix); rasterio's generic warning about it would only repeat that, less clearly.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".png")
 
@@ -229,12 +234,8 @@ def list_days(folder: str | Path, date_format: str | None = None) -> list[DayFil
 
 
 def _open(path: Path) -> rasterio.io.DatasetReader:
-    import warnings
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+        return rasterio.open(path)
     except RasterioError as exc:
         raise RunoffError(f"{path}: not a readable raster ({_first_line(exc)})") from None
 
@@ -280,33 +281,45 @@ def read_grid(path: str | Path, options: ReadOptions = ReadOptions()) -> Grid:
         return _grid_of(src, path, options)
 
 
-def read_raster(path: str | Path, options: ReadOptions = ReadOptions()) -> tuple[np.ndarray, Grid, dict]:
+def read_raster(path: str | Path, options: ReadOptions = ReadOptions(),
+                out: np.ndarray | None = None) -> tuple[np.ndarray, Grid, dict]:
     """Read one day: float32 values with NaN for nodata, its :class:`Grid`, and CF attributes.
 
-    PNG codes are scaled to physical values: ``code / max_code * png_scale``.
+    PNG codes are scaled to physical values: ``code / max_code * png_scale``. With
+    ``out`` (a float32 array of the raster's shape) the values are read into it.
     """
     path = Path(path)
     with _open(path) as src:
         band = _band(src, path, options)
         grid = _grid_of(src, path, options)
+        if out is not None and out.shape != (src.height, src.width):
+            raise RunoffError(f"{path}: {src.height}x{src.width} px, expected {out.shape[0]}x{out.shape[1]}")
+        is_png = src.driver == "PNG"
+        if is_png and options.png_scale is None:
+            raise RunoffError(f"{path}: PNG codes need a physical scale; pass --png_scale "
+                              f"(the value of code {np.iinfo(src.dtypes[band - 1]).max})")
+        native = np.dtype(src.dtypes[band - 1])
         try:
-            raw = src.read(band)
+            if native == np.float32 and out is not None:
+                raw = src.read(band, out=out)  # no copy: straight into the caller's block
+            else:
+                raw = src.read(band)
         except RasterioError as exc:
             raise RunoffError(f"{path}: cannot read its pixels ({_first_line(exc)})") from None
         nodata = src.nodatavals[band - 1]
         tags = {**src.tags(), **src.tags(band)}
         unit = src.units[band - 1] if src.units else None
-        is_png = src.driver == "PNG"
-    values = raw.astype(np.float32)
-    invalid = np.zeros(raw.shape, bool) if nodata is None or np.isnan(nodata) else raw == nodata
-    if np.issubdtype(raw.dtype, np.floating):
-        invalid |= ~np.isfinite(raw)
+    values = raw if raw.dtype == np.float32 else raw.astype(np.float32)
+    if out is not None and values is not out:
+        out[...] = values
+        values = out
+    invalid = ~np.isfinite(values) if native.kind == "f" else None
+    if nodata is not None and not np.isnan(nodata):
+        invalid = (raw == nodata) if invalid is None else (invalid | (raw == nodata))
     if is_png:
-        if options.png_scale is None:
-            raise RunoffError(f"{path}: PNG codes need a physical scale; pass --png_scale "
-                              f"(the value of code {np.iinfo(raw.dtype).max})")
-        values *= np.float32(options.png_scale / np.iinfo(raw.dtype).max)
-    values[invalid] = np.nan
+        values *= np.float32(options.png_scale / np.iinfo(native).max)
+    if invalid is not None:
+        np.putmask(values, invalid, np.nan)
     attrs = {}
     units = tags.get("units") or tags.get("UNITS") or unit
     if units:
@@ -317,21 +330,42 @@ def read_raster(path: str | Path, options: ReadOptions = ReadOptions()) -> tuple
     return values, grid, attrs
 
 
+def raster_env() -> rasterio.Env:
+    """GDAL settings for reading many files from one folder.
+
+    Without them GDAL lists the whole folder at every open to look for side-car
+    files, which makes reading N files of one folder cost O(N^2).
+    """
+    return rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="TRUE")
+
+
+def grid_error(path: Path, grid: Grid, expected: Grid, expected_from: str) -> RunoffError:
+    """The one-line error for a raster that does not lie on the expected grid."""
+    return RunoffError(f"{path}: grid {grid.describe()} differs from {expected_from}: {expected.describe()}")
+
+
 def check_grids(paths: Iterable[Path], expected: Grid | None, options: ReadOptions,
-                expected_from: str = "") -> Grid:
-    """Check that every raster lies on ``expected`` (or on the first file's grid).
+                expected_from: str = "", threads: int = 4) -> Grid:
+    """Check, from headers only, that every raster lies on ``expected`` (or the first file's grid).
 
     Returns the common grid; raises :class:`RunoffError` naming the first file that differs.
     """
-    first_path = None
-    for path in paths:
-        grid = read_grid(path, options)
-        if expected is None:
-            expected, first_path = grid, path
-            continue
-        if not grid.matches(expected):
-            source = expected_from or f"the first file {first_path}"
-            raise RunoffError(f"{path}: grid {grid.describe()} differs from {source}: {expected.describe()}")
-    if expected is None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(paths)
+    if not paths:
         raise RunoffError("no rasters to check")
+
+    def header(path: Path) -> Grid:
+        with raster_env():
+            return read_grid(path, options)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        grids = pool.map(header, paths)
+        if expected is None:
+            expected, expected_from = next(grids), f"the first file {paths[0]}"
+            paths = paths[1:]
+        for path, grid in zip(paths, grids):
+            if not grid.matches(expected):
+                raise grid_error(path, grid, expected, expected_from)
     return expected

@@ -1,0 +1,98 @@
+"""Ingest throughput and memory, measured side by side in one run; prints ratios.
+
+    python benchmarks/bench_ingest.py [--days 365] [--big-days 3650] [--height 224 --width 464]
+
+Compares, on the same daily float32 deflate GeoTIFFs:
+  * read limit: opening and reading every file with rasterio in one process;
+  * runoff ingest (rasters -> Zarr cube, fresh store);
+  * naive path: rioxarray.open_rasterio per file -> xr.concat -> to_zarr.
+and the peak RSS of `runoff ingest` subprocesses for --days and --big-days files.
+Targets (issue 2): ingest >= 0.8x the read limit, >= 5x naive, RSS(big) <= 1.5x RSS(small).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import rasterio
+import rioxarray
+import xarray as xr
+
+from pipeline.ingest import ingest
+from pipeline.synth import write_series
+
+
+def read_limit(files: list[Path]) -> float:
+    start = time.perf_counter()
+    for path in files:
+        with rasterio.open(path) as src:
+            src.read(1)
+    return len(files) / (time.perf_counter() - start)
+
+
+def runoff_ingest(folder: Path, store: Path) -> float:
+    shutil.rmtree(store, ignore_errors=True)
+    start = time.perf_counter()
+    report = ingest(folder, store)
+    return report.written / (time.perf_counter() - start)
+
+
+def naive(files: list[Path], store: Path) -> float:
+    shutil.rmtree(store, ignore_errors=True)
+    start = time.perf_counter()
+    arrays = [rioxarray.open_rasterio(p, masked=True).squeeze("band", drop=True) for p in files]
+    xr.concat(arrays, dim="time").to_dataset(name="qs").to_zarr(store, zarr_format=3, consolidated=False)
+    return len(files) / (time.perf_counter() - start)
+
+
+def peak_rss_mb(folder: Path, store: Path) -> float:
+    """Peak RSS of a fresh `runoff ingest` process (the children's maximum)."""
+    shutil.rmtree(store, ignore_errors=True)
+    code = ("import resource, sys; from pipeline.ingest import ingest; ingest(sys.argv[1], sys.argv[2]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, str(folder), str(store)], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--days", type=int, default=365)
+    parser.add_argument("--big-days", type=int, default=3650)
+    parser.add_argument("--height", type=int, default=224)
+    parser.add_argument("--width", type=int, default=464)
+    parser.add_argument("--repeat", type=int, default=3, help="best of N for the throughput figures")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        small, big = tmp / "small", tmp / "big"
+        write_series(small, days=args.days, height=args.height, width=args.width)
+        files = sorted(small.glob("*.tif"))
+        read_limit(files)  # warm the page cache for everyone
+        limit = max(read_limit(files) for _ in range(args.repeat))
+        ours = max(runoff_ingest(small, tmp / "ours.zarr") for _ in range(args.repeat))
+        slow = max(naive(files, tmp / "naive.zarr") for _ in range(max(1, args.repeat - 1)))
+        print(f"grid {args.height}x{args.width}, {args.days} days, float32 deflate GeoTIFF")
+        print(f"  read limit (rasterio, 1 process) {limit:8.0f} days/s")
+        print(f"  runoff ingest                     {ours:8.0f} days/s")
+        print(f"  naive open_rasterio+concat+to_zarr{slow:8.0f} days/s")
+        print(f"  ratio ingest / read limit   {ours / limit:6.2f}x   (target >= 0.8)")
+        print(f"  ratio ingest / naive        {ours / slow:6.2f}x   (target >= 5)")
+        if args.big_days:
+            rss_small = peak_rss_mb(small, tmp / "rss_small.zarr")
+            shutil.rmtree(tmp / "ours.zarr", ignore_errors=True)
+            shutil.rmtree(tmp / "naive.zarr", ignore_errors=True)
+            write_series(big, days=args.big_days, height=args.height, width=args.width)
+            rss_big = peak_rss_mb(big, tmp / "rss_big.zarr")
+            print(f"  peak RSS {args.days} days {rss_small:7.0f} MB, {args.big_days} days {rss_big:7.0f} MB: "
+                  f"ratio {rss_big / rss_small:.2f}x (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
