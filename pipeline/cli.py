@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``runoff`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     warnings.showwarning = _one_line_warning
+    warnings.simplefilter("ignore")  # libraries' notices are for developers, not for CLI users
     warnings.simplefilter("always", RunoffWarning)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
