@@ -76,6 +76,51 @@ def cmd_synth(args: argparse.Namespace) -> None:
         print(f"ingest them with: runoff ingest {args.out_dir} STORE --crs {args.crs} --png_scale {args.png_scale:g}")
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    """``"16"`` -> [16]; ``"16,32"`` -> [16, 32]; ``"1-6"`` -> [1, ..., 6]."""
+    values: list[int] = []
+    try:
+        for part in str(text).split(","):
+            lo, sep, hi = part.strip().partition("-")
+            values += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise RunoffError(f"{option} {text!r}: expected integers such as 16, 16,32 or 1-6") from None
+    if not values:
+        raise RunoffError(f"{option} {text!r}: expected at least one integer")
+    return values
+
+
+def train_config(args: argparse.Namespace):
+    """TrainConfig from the options given; returns it and the names the user set."""
+    from .train import TrainConfig
+
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "lead")}
+    if args.lead is not None and args.leads is not None:
+        raise RunoffError("--lead and --leads: give one of them")
+    if args.lead is not None:
+        given["leads"] = [args.lead]
+    elif args.leads is not None:
+        given["leads"] = _int_list(args.leads, "--leads")
+    if "hidden_channels" in given:
+        given["hidden_channels"] = _int_list(given["hidden_channels"], "--hidden_channels")
+    if "covariates" in given:
+        given["covariates"] = [c.strip() for c in given["covariates"].split(",") if c.strip()]
+    if "storage_options" in given:
+        given["storage_options"] = _storage_options(given["storage_options"])
+    if given.pop("predict_delta", False):
+        given["predict_delta"] = True
+    return TrainConfig(**given), set(given)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    config, explicit = train_config(args)
+    result = train(config, explicit, progress=sys.stderr.isatty())
+    print(f"trained {result.epochs_run} epoch(s); best epoch {result.best_epoch} "
+          f"(validation loss {result.best_val_loss:.4f}): {result.best_checkpoint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runoff", description="Forecast gridded surface runoff (QS) "
                                      "from daily GeoTIFF/PNG maps with a ConvLSTM.")
@@ -102,6 +147,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     _option(p, "storage_options", help="JSON options for fsspec URLs")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train the ConvLSTM on a cube (or a raster folder, ingested first)")
+    _option(p, "data_dir", help="Zarr cube, or folder of rasters ingested into stores/<name>.zarr "
+            "(default stores/qs.zarr)")
+    _option(p, "epochs", type=int, help="maximum number of epochs (default 50)")
+    _option(p, "batch_size", type=int, help="windows per batch (default 8)")
+    _option(p, "hidden_channels", help="hidden channels: 16, or one per layer: 16,32 (default 16)")
+    _option(p, "kernel_size", type=int, help="odd convolution kernel size (default 3)")
+    _option(p, "num_layers", type=int, help="ConvLSTM layers (default 1)")
+    _option(p, "input_days", type=int, help="past days per window (default 6)")
+    _option(p, "lead", type=int, help="forecast one lead time, in days (default 1)")
+    _option(p, "leads", help="forecast several leads: 1-6 or 1,3,6")
+    _option(p, "lr", type=float, help="AdamW learning rate (default 1e-3)")
+    _option(p, "weight_decay", type=float, help="AdamW weight decay (default 1e-4)")
+    _option(p, "patience", type=int, help="epochs without validation improvement before stopping (default 8)")
+    _option(p, "seed", type=int, help="random seed (default 0)")
+    _option(p, "device", help="auto, cpu, cuda or mps (default auto)")
+    _option(p, "num_workers", type=int, help="DataLoader worker processes (default 0)")
+    _option(p, "checkpoint_dir", help="where model_epoch{N}.pth and best.pth go (default checkpoints)")
+    _option(p, "output_dir", help="where history.csv and plots/ go (default outputs)")
+    _option(p, "resume", help="checkpoint to continue from")
+    _option(p, "patch", type=int, help="training patch size in pixels (default 64)")
+    _option(p, "train_end", help="last day of the training split, YYYY-MM-DD")
+    _option(p, "val_end", help="last day of the validation split, YYYY-MM-DD")
+    _option(p, "covariates", help="extra input variables of the cube, e.g. rainf,soilm")
+    _option(p, "predict_delta", action="store_true", default=None,
+            help="predict the change from the last input day")
+    _option(p, "max_train_windows", type=int, help="cap on training windows per epoch")
+    _option(p, "storage_options", help="JSON options for fsspec URLs")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("synth", help="write a synthetic but physically plausible daily QS series")
     p.add_argument("out_dir")

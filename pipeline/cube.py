@@ -166,3 +166,85 @@ def _unit_name(ds: xr.Dataset) -> str:
     if crs is None:
         return ""
     return "degrees" if crs.is_geographic else (crs.linear_units or "")
+
+
+# --- splits and normalisation -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """A named date range; a window belongs to it when all its target days lie inside."""
+
+    name: str
+    start: dt.date
+    end: dt.date
+
+    def contains(self, day: dt.date) -> bool:
+        return self.start <= day <= self.end
+
+
+def _as_date(value: str | dt.date | None, option: str) -> dt.date | None:
+    if value is None or isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise RunoffError(f"{option} {value!r}: expected a date YYYY-MM-DD") from None
+
+
+def make_splits(first: dt.date, last: dt.date, train_end: str | dt.date | None = None,
+                val_end: str | dt.date | None = None, fraction: float = 0.15) -> dict[str, Split]:
+    """Train / validation / test by date: by default the last ``fraction`` of days is
+    test and the ``fraction`` before it validation; ``train_end`` / ``val_end`` override.
+
+    >>> s = make_splits(dt.date(2020, 1, 1), dt.date(2020, 4, 9))   # 100 days
+    >>> s["train"].end, s["val"].end, s["test"].start
+    (datetime.date(2020, 3, 10), datetime.date(2020, 3, 25), datetime.date(2020, 3, 26))
+    """
+    n = (last - first).days + 1
+    n_hold = max(1, round(fraction * n))
+    val_end = _as_date(val_end, "--val_end") or last - dt.timedelta(days=n_hold)
+    train_end = _as_date(train_end, "--train_end") or val_end - dt.timedelta(days=n_hold)
+    if not first <= train_end < val_end <= last:
+        raise RunoffError(f"--train_end {train_end} / --val_end {val_end}: need {first} <= train_end < "
+                          f"val_end <= {last} (the cube's dates)")
+    return {
+        "train": Split("train", first, train_end),
+        "val": Split("val", train_end + dt.timedelta(days=1), val_end),
+        "test": Split("test", val_end + dt.timedelta(days=1), last) if val_end < last
+        else Split("test", last + dt.timedelta(days=1), last),
+    }
+
+
+def cube_dates(ds: xr.Dataset) -> list[dt.date]:
+    """The cube's days as :class:`datetime.date`."""
+    return [dt.date.fromisoformat(str(t)[:10]) for t in ds.time.values]
+
+
+def normalisation_stats(ds: xr.Dataset, variables: list[str], train: Split) -> dict[str, dict[str, float]]:
+    """Mean and std of ``log1p(value)`` per variable over the training days (QS is skewed)."""
+    import dask
+
+    days = ds.sel(time=slice(str(train.start), str(train.end)))
+    lazy = {}
+    for name in variables:
+        logged = np.log1p(days[name].clip(min=0))
+        lazy[name] = (logged.mean(skipna=True), logged.std(skipna=True))
+    computed = dask.compute(lazy)[0]
+    stats = {}
+    for name, (mean, std) in computed.items():
+        mean, std = float(mean), float(std)
+        if not np.isfinite(mean) or not np.isfinite(std):
+            raise RunoffError(f"variable {name}: no valid value in the training days {train.start}..{train.end}")
+        stats[name] = {"mean": mean, "std": max(std, 1e-6)}
+    return stats
+
+
+def normalise(values: np.ndarray, stats: dict[str, float]) -> np.ndarray:
+    """Physical values -> model space: ``(log1p(max(x, 0)) - mean) / std`` (NaN stays NaN)."""
+    return ((np.log1p(np.maximum(values, 0)) - stats["mean"]) / stats["std"]).astype(np.float32)
+
+
+def denormalise(values: np.ndarray, stats: dict[str, float]) -> np.ndarray:
+    """Model space -> physical values, clipped at 0 (inverse of :func:`normalise`)."""
+    return np.maximum(np.expm1(values * stats["std"] + stats["mean"]), 0).astype(np.float32)

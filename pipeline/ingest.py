@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -463,6 +464,24 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         warnings.warn(f"{store}: day {item} holds no valid pixel (all nodata); kept as NaN",
                       RunoffWarning, stacklevel=2)
     return report
+
+
+def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage_options: dict | None = None,
+                progress: bool = False, option: str = "--data_dir") -> str:
+    """The cube behind ``--data_dir``: a cube as it is, or a folder of rasters ingested
+    (idempotently) into ``stores/<folder name>.zarr`` first."""
+    path = str(data_dir)
+    if is_url(path) or (Path(path) / "zarr.json").exists():
+        return path
+    if not Path(path).exists():
+        raise RunoffError(f"{option} {path}: no such cube or folder")
+    if Path(path).is_dir() and not path.rstrip("/").endswith(".zarr"):
+        store = Path(stores_dir) / f"{Path(path).resolve().name}.zarr"
+        report = ingest(path, store, progress=progress, storage_options=storage_options)
+        if report.written:
+            print(f"{option} {path}: ingested {report.written} day(s) into {store}", file=sys.stderr)
+        return str(store)
+    raise RunoffError(f"{option} {path}: neither a Zarr cube nor a folder of rasters")
 
 
 def _exists(store: str, storage_options: dict | None) -> bool:

@@ -1,0 +1,422 @@
+"""Train a ConvLSTM on a cube: masked MSE, AdamW, ReduceLROnPlateau, early stopping,
+gradient clipping, mixed precision on CUDA, atomic checkpoints, exact resume.
+
+The checkpoint carries everything needed to reproduce or use the run (the
+neuralhydrology habit): model weights and hyper-parameters, optimiser and scheduler
+state, epoch, early-stopping state, RNG state, normalisation statistics, input
+length, leads, variables, splits, the grid and the package version.
+
+Example
+-------
+>>> result = train(TrainConfig(data_dir="stores/qs.zarr", epochs=5))     # doctest: +SKIP
+>>> result.best_checkpoint                                                # doctest: +SKIP
+PosixPath('checkpoints/best.pth')
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import __version__
+from .cube import TARGET, cube_dates, cube_grid, make_splits, normalisation_stats, open_cube
+from .errors import RunoffError
+from .ingest import ensure_cube
+from .model import ConvLSTMForecaster
+from .plots import plot_loss_curves
+from .rasters import Grid
+from .sampler import WindowSampler, WindowSpec, check_windows, window_issues
+
+CHECKPOINT_FORMAT = "runoff-checkpoint/1"
+# Settings that fix the model's shape or its data: a resumed run must not change them.
+_FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
+                     "predict_delta")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; saved in each checkpoint."""
+
+    data_dir: str = "stores/qs.zarr"
+    epochs: int = 50
+    batch_size: int = 8
+    hidden_channels: list[int] = field(default_factory=lambda: [16])
+    kernel_size: int = 3
+    num_layers: int = 1
+    input_days: int = 6
+    leads: list[int] = field(default_factory=lambda: [1])
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 8
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    checkpoint_dir: str = "checkpoints"
+    output_dir: str = "outputs"
+    resume: str | None = None
+    patch: int = 64
+    train_end: str | None = None
+    val_end: str | None = None
+    covariates: list[str] = field(default_factory=list)
+    predict_delta: bool = False
+    clip_grad: float = 1.0
+    max_train_windows: int | None = None
+    storage_options: dict | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history: list[dict]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if present, else Apple MPS, else CPU; named devices are checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise RunoffError(f"--device {name!r}: choose auto, cpu, cuda or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunoffError(f"--device {name}: PyTorch sees no CUDA GPU here; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RunoffError("--device mps: Apple MPS is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the valid pixels only (sea and nodata do not count)."""
+    mask = mask.to(pred.dtype)
+    return ((pred - target) ** 2 * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, option: str = "--weights_path") -> dict:
+    """Load a checkpoint with ``weights_only=True``; one clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunoffError(f"{option} {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunoffError(f"{option} {path}: not a readable PyTorch checkpoint ({first[:120]})") from None
+    except Exception as exc:  # the unpickler's own errors vary by torch version
+        raise RunoffError(f"{option} {path}: not a runoff checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RunoffError(f"{option} {path}: a PyTorch file, but not a runoff checkpoint")
+    return state
+
+
+def checkpoint_grid(state: dict) -> Grid:
+    g = state["grid"]
+    return Grid(g["crs_wkt"], tuple(g["transform"]), g["height"], g["width"])
+
+
+def _grid_dict(grid: Grid) -> dict:
+    return {"crs_wkt": grid.crs_wkt, "transform": list(grid.transform), "height": grid.height,
+            "width": grid.width}
+
+
+def build_model(state_or_config: dict) -> ConvLSTMForecaster:
+    """The model of a checkpoint (weights loaded) or of a model-config dict (fresh)."""
+    if "model_config" in state_or_config:
+        model = ConvLSTMForecaster.from_config(state_or_config["model_config"])
+        model.load_state_dict(state_or_config["model_state"])
+        return model
+    return ConvLSTMForecaster.from_config(state_or_config)
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RunoffError(f"{option} {folder}: cannot write there ({exc.strerror})") from None
+
+
+def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> TrainConfig:
+    """Settings of a resumed run: the checkpoint's, except what the user set explicitly
+    (and that may change); shape and data settings must match."""
+    saved = state["train_config"]
+    for key in _FROZEN_ON_RESUME:
+        if key in explicit and getattr(config, key) != saved[key]:
+            raise RunoffError(f"--resume {config.resume}: the checkpoint has {key}={saved[key]}, "
+                              f"but --{key} {getattr(config, key)} was asked; drop the option to continue that run")
+    merged = dict(saved)
+    for key in explicit:
+        merged[key] = getattr(config, key)
+    merged["resume"] = config.resume
+    return TrainConfig(**merged)
+
+
+class _EpochClock:
+    """Time spent waiting for the next batch versus the whole step."""
+
+    def __init__(self) -> None:
+        self.wait = 0.0
+        self.start = time.perf_counter()
+
+    def share(self) -> float:
+        total = time.perf_counter() - self.start
+        return self.wait / total if total > 0 else 0.0
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
+                    stats: dict[str, float]) -> dict[str, float]:
+    """Validation loss and skill against persistence, in normalised space (the loss) and as
+    MSE in physical units: skill = 1 - MSE_model / MSE_persistence."""
+    model.eval()
+    # loss, count, persistence loss (normalised); sse model, sse persistence (physical units)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for x, y, mask in loader:
+            x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
+            with _autocast(device):
+                pred = model(x)
+            pred = pred.float()
+            m = mask.float()
+            last = x[:, -1:, :1].expand_as(y)
+            sums[0] += (((pred - y) ** 2) * m).sum().double()
+            sums[1] += m.sum().double()
+            sums[2] += (((last - y) ** 2) * m).sum().double()
+            phys = lambda v: torch.expm1(v * stats["std"] + stats["mean"]).clamp(min=0)  # noqa: E731
+            truth = phys(y)
+            sums[3] += (((phys(pred) - truth) ** 2) * m).sum().double()
+            sums[4] += (((phys(last) - truth) ** 2) * m).sum().double()
+    loss, count, loss_p, sse, sse_p = sums.tolist()
+    count = max(count, 1.0)
+    return {"val_loss": loss / count, "val_skill": 1.0 - loss / loss_p if loss_p > 0 else float("nan"),
+            "val_mse": sse / count, "persistence_mse": sse_p / count,
+            "val_mse_skill": 1.0 - sse / sse_p if sse_p > 0 else float("nan")}
+
+
+def _write_history(history: list[dict], output_dir: Path) -> None:
+    path = output_dir / "history.csv"
+    tmp = path.with_name(".history.csv.partial")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+    plot_loss_curves(history, output_dir / "plots" / "loss_curves.png")
+
+
+def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool = False) -> TrainResult:
+    """Run (or resume) training; see :class:`TrainConfig`. ``explicit`` names the settings
+    the user gave on the command line (they override a resumed checkpoint's)."""
+    resume_state = None
+    if config.resume:
+        resume_state = load_checkpoint(config.resume, "--resume")
+        config = _merge_resume(config, explicit if explicit is not None else set(), resume_state)
+    _validate(config)
+    checkpoint_dir, output_dir = Path(config.checkpoint_dir), Path(config.output_dir)
+    _check_writable(checkpoint_dir, "--checkpoint_dir")
+    _check_writable(output_dir, "--output_dir")
+    device = pick_device(config.device)
+
+    store = ensure_cube(config.data_dir, storage_options=config.storage_options, progress=progress)
+    ds = open_cube(store, config.storage_options)
+    grid = cube_grid(ds)
+    variables = [TARGET] + [c for c in config.covariates if c != TARGET]
+    unknown = [v for v in variables if v not in ds.data_vars]
+    if unknown:
+        raise RunoffError(f"--covariates {','.join(unknown)}: not in the cube {store} "
+                          f"(it has {', '.join(ds.data_vars)})")
+    dates = cube_dates(ds)
+    splits = make_splits(dates[0], dates[-1], config.train_end, config.val_end)
+    spec = WindowSpec(config.input_days, tuple(config.leads), tuple(variables))
+    issues = {name: window_issues(ds, split, spec) for name, split in splits.items()}
+    for name in ("train", "val"):
+        check_windows(issues[name], splits[name], spec, len(dates))
+
+    if resume_state is not None:
+        saved_grid = checkpoint_grid(resume_state)
+        if not saved_grid.matches(grid):
+            raise RunoffError(f"--resume {config.resume}: trained on grid {saved_grid.describe()}, but "
+                              f"{store} is on {grid.describe()}")
+        stats = resume_state["norm_stats"]
+    else:
+        stats = normalisation_stats(ds, variables, splits["train"])
+
+    torch.manual_seed(config.seed)
+    model = ConvLSTMForecaster(len(variables), config.hidden_channels, config.kernel_size, config.num_layers,
+                               leads=len(config.leads), predict_delta=config.predict_delta).to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5,
+                                                           patience=max(1, config.patience // 3))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    start_epoch, best_val, best_epoch, bad_epochs, history = 0, math.inf, 0, 0, []
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model_state"])
+        optimiser.load_state_dict(resume_state["optimizer_state"])
+        scheduler.load_state_dict(resume_state["scheduler_state"])
+        torch.set_rng_state(resume_state["rng_state"])
+        start_epoch = resume_state["epoch"]
+        best_val, best_epoch = resume_state["best_val_loss"], resume_state["best_epoch"]
+        bad_epochs, history = resume_state["bad_epochs"], list(resume_state["history"])
+
+    train_issues = issues["train"]
+    if config.max_train_windows:
+        train_issues = train_issues[:: max(1, len(train_issues) // config.max_train_windows)]
+    train_set = WindowSampler(store, train_issues, spec, stats, patch=config.patch, shuffle=True,
+                              seed=config.seed, storage_options=config.storage_options)
+    val_set = WindowSampler(store, issues["val"], spec, stats, patch=None, shuffle=False,
+                            storage_options=config.storage_options)
+    pin = device.type == "cuda"
+    loader_kw = dict(num_workers=config.num_workers, pin_memory=pin,
+                     persistent_workers=False, multiprocessing_context="spawn" if config.num_workers else None)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, **loader_kw)
+    val_loader = DataLoader(val_set, batch_size=config.batch_size, **loader_kw)
+
+    base_state = {
+        "format": CHECKPOINT_FORMAT, "package_version": __version__,
+        "model_config": model.config.to_dict(), "norm_stats": stats,
+        "input_days": config.input_days, "leads": list(config.leads), "variables": variables,
+        "grid": _grid_dict(grid), "data": str(store),
+        "splits": {name: [s.start.isoformat(), s.end.isoformat()] for name, s in splits.items()},
+        "train_config": asdict(config),
+    }
+    epoch = start_epoch
+    last_path = checkpoint_dir / f"model_epoch{epoch}.pth"
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        if bad_epochs >= config.patience:
+            break
+        train_set.set_epoch(epoch)
+        model.train()
+        clock = _EpochClock()
+        total_loss = torch.zeros((), device=device)
+        steps = samples = 0
+        bar = tqdm(total=len(train_set), unit="win", desc=f"epoch {epoch}/{config.epochs}",
+                   disable=not progress, leave=False)
+        batches = iter(train_loader)
+        while True:
+            waited = time.perf_counter()
+            try:
+                x, y, mask = next(batches)
+            except StopIteration:
+                break
+            clock.wait += time.perf_counter() - waited
+            x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
+            optimiser.zero_grad(set_to_none=True)
+            with _autocast(device):
+                pred = model(x)
+            loss = masked_mse(pred.float(), y, mask)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimiser)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            scaler.step(optimiser)
+            scaler.update()
+            total_loss += loss.detach()
+            steps += 1
+            samples += x.shape[0]
+            bar.update(x.shape[0])
+        bar.close()
+        elapsed = time.perf_counter() - clock.start
+        data_wait = clock.share()
+        val = evaluate_loader(model, val_loader, device, stats[TARGET])
+        train_loss = float(total_loss) / max(steps, 1)
+        scheduler.step(val["val_loss"])
+        lr = optimiser.param_groups[0]["lr"]
+        improved = val["val_loss"] < best_val
+        if improved:
+            best_val, best_epoch, bad_epochs = val["val_loss"], epoch, 0
+        else:
+            bad_epochs += 1
+        history.append({"epoch": epoch, "train_loss": train_loss, **val, "lr": lr,
+                        "samples_per_s": samples / elapsed if elapsed > 0 else 0.0, "data_wait": data_wait})
+        print(f"epoch {epoch:3d}/{config.epochs}  train {train_loss:.4f}  val {val['val_loss']:.4f}  "
+              f"skill vs persistence {val['val_skill']:+.3f} (MSE in kg m-2: {val['val_mse_skill']:+.3f})  "
+              f"lr {lr:.1e}  "
+              f"{samples / elapsed:6.1f} samples/s  data wait {data_wait:5.1%}" + ("  *" if improved else ""),
+              flush=True)
+        state = {**base_state, "model_state": model.state_dict(), "optimizer_state": optimiser.state_dict(),
+                 "scheduler_state": scheduler.state_dict(), "epoch": epoch, "best_val_loss": best_val,
+                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
+                 "rng_state": torch.get_rng_state()}
+        last_path = save_checkpoint(state, checkpoint_dir / f"model_epoch{epoch}.pth")
+        if improved:
+            save_checkpoint(state, checkpoint_dir / "best.pth")
+        _write_history(history, output_dir)
+    if not history:
+        raise RunoffError(f"--epochs {config.epochs}: nothing to train (the checkpoint is at epoch {start_epoch})")
+    if bad_epochs >= config.patience and epoch < config.epochs:
+        print(f"early stopping: no validation improvement for {config.patience} epochs "
+              f"(best epoch {best_epoch})", file=sys.stderr)
+    return TrainResult(len(history), best_epoch, best_val, checkpoint_dir / "best.pth", last_path, history)
+
+
+def _validate(config: TrainConfig) -> None:
+    """One clear error per impossible setting; expands one hidden size to every layer."""
+    checks = [
+        (config.epochs >= 1, "--epochs", config.epochs, "must be >= 1"),
+        (config.batch_size >= 1, "--batch_size", config.batch_size, "must be >= 1"),
+        (config.input_days >= 1, "--input_days", config.input_days, "must be >= 1"),
+        (bool(config.leads) and min(config.leads) >= 1, "--leads", config.leads, "lead times must be >= 1 day"),
+        (config.kernel_size % 2 == 1 and config.kernel_size >= 1, "--kernel_size", config.kernel_size,
+         "must be odd (1, 3, 5...)"),
+        (bool(config.hidden_channels) and min(config.hidden_channels) >= 1, "--hidden_channels",
+         config.hidden_channels, "must be >= 1"),
+        (config.num_layers >= 1, "--num_layers", config.num_layers, "must be >= 1"),
+        (config.lr > 0, "--lr", config.lr, "must be > 0"),
+        (config.patience >= 1, "--patience", config.patience, "must be >= 1"),
+        (config.patch >= 4, "--patch", config.patch, "must be >= 4 pixels"),
+        (config.num_workers >= 0, "--num_workers", config.num_workers, "must be >= 0"),
+    ]
+    for ok, option, value, why in checks:
+        if not ok:
+            raise RunoffError(f"{option} {value}: {why}")
+    if len(config.hidden_channels) == 1:
+        config.hidden_channels = config.hidden_channels * config.num_layers
+    elif config.num_layers not in (1, len(config.hidden_channels)):
+        raise RunoffError(f"--hidden_channels {config.hidden_channels}: give one size or one per layer "
+                          f"(--num_layers {config.num_layers})")
+    config.num_layers = len(config.hidden_channels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.train ...`` is ``runoff train ...``."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
