@@ -52,10 +52,14 @@ def naive(files: list[Path], store: Path) -> float:
 
 
 def peak_rss_mb(folder: Path, store: Path) -> float:
-    """Peak RSS of a fresh `runoff ingest` process (the children's maximum)."""
+    """Peak RSS (VmHWM) of a fresh ingest process.
+
+    Not ru_maxrss: Linux carries it over from the parent across fork and exec, so a child
+    would report this (large) benchmark process's peak instead of its own.
+    """
     shutil.rmtree(store, ignore_errors=True)
-    code = ("import resource, sys; from pipeline.ingest import ingest; ingest(sys.argv[1], sys.argv[2]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = ("import sys; from pipeline.ingest import ingest; ingest(sys.argv[1], sys.argv[2]); "
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code, str(folder), str(store)], capture_output=True, text=True,
                          check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024

@@ -32,7 +32,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -479,7 +478,7 @@ def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage
         store = Path(stores_dir) / f"{Path(path).resolve().name}.zarr"
         report = ingest(path, store, progress=progress, storage_options=storage_options)
         if report.written:
-            print(f"{option} {path}: ingested {report.written} day(s) into {store}", file=sys.stderr)
+            print(f"{option} {path}: ingested {report.written} day(s) into {store}")
         return str(store)
     raise RunoffError(f"{option} {path}: neither a Zarr cube nor a folder of rasters")
 

@@ -66,3 +66,10 @@ def one_error_line(err: str) -> str:
     assert lines[0].startswith("runoff: error: "), err
     assert "Traceback" not in err
     return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own folder: default paths (stores/, checkpoints/, outputs/)
+    never touch the repository."""
+    monkeypatch.chdir(tmp_path)

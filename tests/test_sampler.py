@@ -1,0 +1,113 @@
+"""Splits, normalisation and the Dask-backed window sampler."""
+
+import datetime as dt
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.cube import cube_dates, make_splits, normalisation_stats, normalise, open_cube
+from pipeline.errors import RunoffError
+from pipeline.ingest import ingest
+from pipeline.sampler import WindowSampler, WindowSpec, window_issues
+from pipeline.synth import write_series
+
+
+@pytest.fixture(scope="module")
+def cube(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sampler")
+    write_series(root / "in", days=60, height=24, width=30, seed=5, covariates=["rainf"])
+    (root / "in" / "Qs" / "QS_20190120.tif").unlink()  # a missing day
+    ingest(root / "in", root / "qs.zarr", chunks={"time": 8, "y": 256, "x": 256})
+    return str(root / "qs.zarr")
+
+
+def test_default_and_explicit_splits_do_not_overlap():
+    s = make_splits(dt.date(2020, 1, 1), dt.date(2020, 12, 31))
+    assert s["train"].end < s["val"].start <= s["val"].end < s["test"].start
+    assert (s["test"].end - s["test"].start).days + 1 == round(0.15 * 366)
+    s = make_splits(dt.date(2020, 1, 1), dt.date(2020, 12, 31), "2020-06-30", "2020-09-30")
+    assert (s["train"].end, s["val"].end, s["test"].start) == (dt.date(2020, 6, 30), dt.date(2020, 9, 30),
+                                                               dt.date(2020, 10, 1))
+    with pytest.raises(RunoffError, match="--train_end"):
+        make_splits(dt.date(2020, 1, 1), dt.date(2020, 12, 31), "2020-10-30", "2020-09-30")
+
+
+def test_windows_skip_missing_days_and_keep_targets_inside_the_split(cube):
+    ds = open_cube(cube)
+    dates = cube_dates(ds)
+    splits = make_splits(dates[0], dates[-1])
+    spec = WindowSpec(input_days=4, leads=(1, 3))
+    targets = {}
+    for name, split in splits.items():
+        issues = window_issues(ds, split, spec)
+        for t in issues:
+            days = [dates[t - k] for k in range(4)] + [dates[t + lead] for lead in (1, 3)]
+            assert dt.date(2019, 1, 20) not in days
+        targets[name] = {dates[t + lead] for t in issues for lead in (1, 3)}
+        assert all(split.contains(d) for d in targets[name])
+    assert not targets["train"] & targets["val"] and not targets["val"] & targets["test"]
+    assert len(targets["train"]) > 10
+
+
+def test_normalisation_uses_the_training_days_only(cube):
+    ds = open_cube(cube)
+    split = make_splits(*[cube_dates(ds)[i] for i in (0, -1)])["train"]
+    stats = normalisation_stats(ds, ["qs"], split)
+    values = ds.qs.sel(time=slice(str(split.start), str(split.end))).values
+    logged = np.log1p(values[np.isfinite(values)])
+    assert stats["qs"]["mean"] == pytest.approx(logged.mean(), rel=1e-5)
+    assert stats["qs"]["std"] == pytest.approx(logged.std(), rel=1e-4)
+
+
+def _sampler(cube, patch=None, shuffle=False, seed=0, variables=("qs",), leads=(1,)):
+    ds = open_cube(cube)
+    split = make_splits(*[cube_dates(ds)[i] for i in (0, -1)])["train"]
+    spec = WindowSpec(6, leads, variables)
+    stats = normalisation_stats(ds, list(variables), split)
+    return WindowSampler(cube, window_issues(ds, split, spec), spec, stats, patch=patch, shuffle=shuffle,
+                         seed=seed), ds, stats
+
+
+def test_window_shapes_mask_and_values(cube):
+    sampler, ds, stats = _sampler(cube, leads=(1, 2))
+    x, y, mask = next(iter(sampler))
+    assert x.shape == (6, 1, 24, 30) and y.shape == (2, 1, 24, 30) and mask.dtype == torch.bool
+    t = int(sampler.issues[0])
+    truth = normalise(ds.qs.isel(time=t + 1).values, stats["qs"])
+    np.testing.assert_allclose(y[0, 0][mask[0, 0]].numpy(), truth[np.isfinite(truth)], rtol=1e-6)
+    assert not mask.all() and mask.any()  # the sea is masked
+    assert torch.isfinite(x).all()
+
+
+def test_patches_covariate_channels_and_determinism(cube):
+    a, _, _ = _sampler(cube, patch=16, shuffle=True, seed=1, variables=("qs", "rainf"))
+    b, _, _ = _sampler(cube, patch=16, shuffle=True, seed=1, variables=("qs", "rainf"))
+    first_a = [x for x, _, _ in a]
+    assert first_a[0].shape == (6, 2, 16, 16)
+    assert all(torch.equal(p, q) for p, q in zip(first_a, (x for x, _, _ in b)))
+    a.set_epoch(1)
+    assert not all(torch.equal(p, q) for p, q in zip(first_a, (x for x, _, _ in a)))
+
+
+def test_one_read_per_block_not_per_window(cube):
+    sampler, _, _ = _sampler(cube, patch=8, shuffle=True)
+    reads = []
+    original = sampler.load_block
+    sampler.load_block = lambda first, last: reads.append((first, last)) or original(first, last)
+    n = sum(1 for _ in sampler)
+    assert n == len(sampler) > 10
+    assert len(reads) == len(sampler.blocks()) == 1
+    sampler.block_bytes = 16 * 24 * 30 * 4  # force several small blocks
+    reads.clear()
+    assert sum(1 for _ in sampler) == n and 1 < len(reads) < n
+
+
+def test_loader_workers_and_ranks_see_disjoint_windows(cube):
+    sampler, _, _ = _sampler(cube)
+    single = sorted(float(y.sum()) for _, y, _ in sampler)
+    loader = DataLoader(sampler, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    assert sorted(float(y.sum()) for _, y, _ in loader) == single
+    halves = [sorted(float(y.sum()) for _, y, _ in _sampler(cube)[0].shard(r, 2)) for r in (0, 1)]
+    assert sorted(halves[0] + halves[1]) == single

@@ -1,0 +1,138 @@
+"""`runoff train`: it learns, checkpoints, exact resume after a kill, bad input."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.ingest import ingest
+from pipeline.synth import write_series
+from pipeline.train import TrainConfig, load_checkpoint, train
+
+from .conftest import one_error_line, tree_digest
+
+
+@pytest.fixture(scope="module")
+def small_cube(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("train")
+    write_series(root / "in", days=120, height=24, width=32, seed=3)
+    ingest(root / "in", root / "qs.zarr")
+    return str(root / "qs.zarr")
+
+
+def _train_cmd(cube: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.train", "--data_dir", cube, "--epochs", "4", "--batch_size", "4",
+            "--hidden_channels", "4", "--patch", "16", "--checkpoint_dir", str(out / "ckpt"),
+            "--output_dir", str(out / "outputs"), "--seed", "7", "--device", "cpu", *extra]
+
+
+def test_checkpoint_contents_and_outputs(small_cube, tmp_path, run_cli):
+    result = run_cli("train", "--data_dir", small_cube, "--epochs", "2", "--batch_size", "4", "--hidden_channels",
+                     "4", "--kernel_size", "3", "--leads", "1-2", "--checkpoint_dir", tmp_path / "ckpt",
+                     "--output-dir", tmp_path / "out", "--patch", "16")
+    assert result.status == 0, result.err
+    assert "epoch   2/2" in result.out and "skill vs persistence" in result.out and "data wait" in result.out
+    state = torch.load(tmp_path / "ckpt" / "model_epoch2.pth", weights_only=True)
+    for key in ("model_state", "model_config", "optimizer_state", "scheduler_state", "epoch", "norm_stats",
+                "input_days", "leads", "grid", "package_version", "rng_state", "splits", "train_config"):
+        assert key in state, key
+    assert state["leads"] == [1, 2] and state["input_days"] == 6 and state["epoch"] == 2
+    assert state["grid"]["height"] == 24 and "LAMBERT" in state["grid"]["crs_wkt"].upper()
+    assert (tmp_path / "ckpt" / "best.pth").exists()
+    assert (tmp_path / "out" / "plots" / "loss_curves.png").stat().st_size > 1000
+    lines = (tmp_path / "out" / "history.csv").read_text().splitlines()
+    assert len(lines) == 3 and "val_skill" in lines[0]
+    assert not list((tmp_path / "ckpt").glob("*.partial"))
+
+
+def test_kill_after_epoch_then_resume_equals_uninterrupted(small_cube, tmp_path):
+    full = subprocess.run(_train_cmd(small_cube, tmp_path / "full"), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(small_cube, killed), stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch   2/"):
+            break
+    deadline = time.monotonic() + 60
+    while not (killed / "ckpt" / "model_epoch2.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "ckpt" / "model_epoch4.pth").exists(), "training finished before the kill"
+    resumed = subprocess.run(_train_cmd(small_cube, killed, "--resume", str(killed / "ckpt" / "model_epoch2.pth")),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "full" / "ckpt" / "model_epoch4.pth", weights_only=True)
+    b = torch.load(killed / "ckpt" / "model_epoch4.pth", weights_only=True)
+    for name, tensor in a["model_state"].items():
+        assert torch.equal(tensor, b["model_state"][name]), name
+    assert a["history"][-1]["val_loss"] == b["history"][-1]["val_loss"]
+
+
+def test_it_learns_to_beat_persistence(tmp_path):
+    """Two years of synthetic runoff, a few minutes on 2 CPU cores at most."""
+    write_series(tmp_path / "in", days=730, height=48, width=64, seed=0)
+    start = time.monotonic()
+    result = train(TrainConfig(data_dir=str(tmp_path / "in"), epochs=12, batch_size=8, hidden_channels=[16],
+                               patch=32, seed=0, device="cpu", checkpoint_dir=str(tmp_path / "ckpt"),
+                               output_dir=str(tmp_path / "out"), patience=4),
+                   )
+    best = result.history[result.best_epoch - 1]
+    assert best["val_skill"] > 0.2, best        # normalised MSE (the loss) vs persistence
+    assert best["val_mse"] < best["persistence_mse"], best  # MSE in kg m-2 vs persistence
+    assert time.monotonic() - start < 240
+
+
+def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
+    not_cube = tmp_path / "not_cube"
+    not_cube.mkdir(exist_ok=True)
+    (not_cube / "notes.txt").write_text("x")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    return {
+        "unknown store": (["--data_dir", tmp_path / "nowhere.zarr"], "no such cube or folder"),
+        "not a cube": (["--data_dir", not_cube], "no *.tif"),
+        "input_days too long": (["--data_dir", small_cube, "--input_days", "100"], "no complete window"),
+        "lead too far": (["--data_dir", small_cube, "--lead", "110"], "no complete window"),
+        "corrupt checkpoint": (["--data_dir", small_cube, "--resume", corrupt], "corrupt.pth"),
+        "checkpoint dir not writable": (["--data_dir", small_cube, "--checkpoint_dir", blocker / "sub"],
+                                        "--checkpoint_dir"),
+        "even kernel": (["--data_dir", small_cube, "--kernel_size", "4"], "--kernel_size 4"),
+        "bad leads": (["--data_dir", small_cube, "--leads", "one-six"], "--leads"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown store", "not a cube", "input_days too long", "lead too far",
+                                  "corrupt checkpoint", "checkpoint dir not writable", "even kernel", "bad leads"])
+def test_bad_input_is_one_line_exit_2(case, small_cube, tmp_path, run_cli):
+    args, words = _bad_train_cases(small_cube, tmp_path)[case]
+    result = run_cli("train", "--epochs", "1", "--checkpoint_dir", tmp_path / "ckpt", "--output_dir",
+                     tmp_path / "out", *args) if "--checkpoint_dir" not in args else \
+        run_cli("train", "--epochs", "1", "--output_dir", tmp_path / "out", *args)
+    assert result.status == 2
+    assert words in one_error_line(result.err)
+
+
+def test_resume_refuses_another_grid_or_shape_and_keeps_checkpoints(small_cube, tmp_path, run_cli):
+    ckpt = tmp_path / "ckpt"
+    common = ["--epochs", "1", "--batch_size", "4", "--hidden_channels", "4", "--patch", "16",
+              "--checkpoint_dir", ckpt, "--output_dir", tmp_path / "out"]
+    assert run_cli("train", "--data_dir", small_cube, *common).status == 0
+    before = tree_digest(ckpt)
+    other = tmp_path / "other"
+    write_series(other, days=60, height=20, width=20, seed=1)
+    result = run_cli("train", "--data_dir", other, *common, "--epochs", "2", "--resume", ckpt / "model_epoch1.pth")
+    assert result.status == 2 and "grid" in one_error_line(result.err)
+    result = run_cli("train", "--data_dir", small_cube, *common, "--epochs", "2", "--hidden_channels", "8",
+                     "--resume", ckpt / "model_epoch1.pth")
+    assert result.status == 2 and "hidden_channels" in one_error_line(result.err)
+    assert tree_digest(ckpt) == before
+    assert load_checkpoint(ckpt / "best.pth")["epoch"] == 1
