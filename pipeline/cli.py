@@ -121,6 +121,21 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"(validation loss {result.best_val_loss:.4f}): {result.best_checkpoint}")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .predict import predict
+
+    report = predict(args.weights_path, args.input_dir, args.output_dir, dates=args.dates, last=args.last,
+                     fmt=args.format, tile=args.tile, plots_dir=args.plots_dir, max_plots=args.max_plots,
+                     device=args.device, storage_options=_storage_options(args.storage_options),
+                     progress=sys.stderr.isatty())
+    print(f"{len(report.geotiffs)} forecast GeoTIFF(s) for {len(report.issues)} issue day(s) "
+          f"({report.issues[0]} .. {report.issues[-1]}) in {args.output_dir}")
+    if report.netcdf:
+        print(f"NetCDF: {report.netcdf}")
+    for path in report.figures:
+        print(f"figure: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runoff", description="Forecast gridded surface runoff (QS) "
                                      "from daily GeoTIFF/PNG maps with a ConvLSTM.")
@@ -177,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "max_train_windows", type=int, help="cap on training windows per epoch")
     _option(p, "storage_options", help="JSON options for fsspec URLs")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="forecast GeoTIFFs (and figures) from a checkpoint and a cube or rasters")
+    _option(p, "weights_path", required=True, help="checkpoint, e.g. checkpoints/best.pth")
+    _option(p, "input_dir", required=True, help="Zarr cube, or folder of rasters (ingested into stores/<name>.zarr)")
+    _option(p, "output_dir", default="outputs/predictions", help="where the GeoTIFFs go (default outputs/predictions)")
+    _option(p, "dates", help="issue days START:END (YYYY-MM-DD:YYYY-MM-DD), or one day")
+    _option(p, "last", action="store_true", help="only the latest possible issue day")
+    _option(p, "format", choices=("tif", "netcdf"), default="tif", help="netcdf: also one CF NetCDF of all forecasts")
+    _option(p, "tile", type=int, default=512, help="predict larger grids in overlapping tiles of this size")
+    _option(p, "plots_dir", default="outputs/plots", help="where the side-by-side figures go")
+    _option(p, "max_plots", type=int, default=8, help="figures spread over the forecasts (0: none, -1: all)")
+    _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
+    _option(p, "storage_options", help="JSON options for fsspec URLs")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("synth", help="write a synthetic but physically plausible daily QS series")
     p.add_argument("out_dir")

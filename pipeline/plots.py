@@ -40,3 +40,55 @@ def plot_loss_curves(history: Sequence[dict], path: str | Path) -> Path:
     for a in (ax, ax_skill):
         a.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _extent_km(grid) -> tuple[float, float, float, float]:
+    a, _, c, _, e, f = grid.transform
+    scale = 1.0 if grid.crs.is_geographic else 1000.0
+    return (c / scale, (c + a * grid.width) / scale, (f + e * grid.height) / scale, f / scale)
+
+
+def plot_comparison(prediction, grid, path: str | Path, *, valid_date: str, issue_date: str, lead: int,
+                    truth=None, units: str = "kg m-2", scores: dict | None = None) -> Path:
+    """Truth | prediction | error on one figure (prediction alone when the truth is unknown).
+
+    Truth and prediction share one colour scale; the error uses a diverging scale
+    centred on zero. Titles carry the dates, and the map's MSE and NSE when known.
+    """
+    import numpy as np
+
+    extent = _extent_km(grid)
+    axis_unit = "deg" if grid.crs.is_geographic else "km"
+    panels = 1 if truth is None else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False, layout="constrained")
+    axes = axes[0]
+    stack = prediction if truth is None else np.concatenate([truth[np.isfinite(truth)],
+                                                             prediction[np.isfinite(prediction)]])
+    finite = stack[np.isfinite(stack)]
+    vmax = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+    vmax = max(vmax, 1e-3)
+    cmap = plt.get_cmap("YlGnBu").copy()
+    cmap.set_bad("lightgrey")
+    shown = [("prediction", prediction)] if truth is None else [("truth", truth), ("prediction", prediction)]
+    for ax, (label, field) in zip(axes, shown):
+        im = ax.imshow(field, extent=extent, cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_title(f"{label}, {valid_date}" if label == "truth" else
+                     f"{label} for {valid_date}\nissued {issue_date}, lead {lead} d")
+        fig.colorbar(im, ax=ax, shrink=0.85, label=f"QS [{units}]")
+    if truth is not None:
+        error = prediction - truth
+        finite_err = np.abs(error[np.isfinite(error)])
+        lim = max(float(np.percentile(finite_err, 99.5)) if finite_err.size else 1.0, 1e-3)
+        diverging = plt.get_cmap("RdBu_r").copy()
+        diverging.set_bad("lightgrey")
+        im = axes[2].imshow(error, extent=extent, cmap=diverging, vmin=-lim, vmax=lim, interpolation="nearest")
+        score = ""
+        if scores:
+            score = f"\nMSE {scores['mse']:.3g}  NSE {scores['nse']:.2f}"
+        axes[2].set_title(f"error (prediction - truth){score}")
+        fig.colorbar(im, ax=axes[2], shrink=0.85, label=f"error [{units}]")
+    for ax in axes:
+        ax.set_xlabel(f"x [{axis_unit}]")
+        ax.set_ylabel(f"y [{axis_unit}]")
+    fig.suptitle("Surface runoff (QS) forecast")
+    return _save(fig, path)

@@ -1,0 +1,103 @@
+"""Verification metrics, on valid pixels only (where both forecast and truth are finite).
+
+Continuous scores: MSE, RMSE, MAE, bias, NSE, KGE. Categorical scores at a
+threshold: CSI, POD, FAR. Spatial: the fractions skill score (FSS) at a scale.
+
+>>> import numpy as np
+>>> truth = np.array([1.0, 2.0, 3.0, np.nan]); pred = np.array([1.0, 2.0, 4.0, 9.0])
+>>> mse(pred, truth), nse(pred, truth)
+(0.3333333333333333, 0.5)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import uniform_filter
+
+
+def _valid(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
+    ok = np.isfinite(pred) & np.isfinite(truth)
+    return pred[ok], truth[ok]
+
+
+def mse(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean squared error."""
+    p, t = _valid(pred, truth)
+    return float(np.mean((p - t) ** 2)) if p.size else float("nan")
+
+
+def rmse(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Root mean squared error."""
+    return float(np.sqrt(mse(pred, truth)))
+
+
+def mae(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean absolute error."""
+    p, t = _valid(pred, truth)
+    return float(np.mean(np.abs(p - t))) if p.size else float("nan")
+
+
+def bias(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean error, forecast minus truth (positive: over-forecast)."""
+    p, t = _valid(pred, truth)
+    return float(np.mean(p - t)) if p.size else float("nan")
+
+
+def nse(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Nash-Sutcliffe efficiency: 1 - SSE / variance of the truth about its mean (1 is perfect)."""
+    p, t = _valid(pred, truth)
+    denominator = np.sum((t - t.mean()) ** 2) if t.size else 0.0
+    return float(1 - np.sum((p - t) ** 2) / denominator) if denominator > 0 else float("nan")
+
+
+def kge(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Kling-Gupta efficiency: 1 - sqrt((r-1)^2 + (alpha-1)^2 + (beta-1)^2), with r the
+    correlation, alpha the ratio of standard deviations, beta the ratio of means."""
+    p, t = _valid(pred, truth)
+    if p.size < 2 or t.std() == 0 or t.mean() == 0:
+        return float("nan")
+    r = np.corrcoef(p, t)[0, 1] if p.std() > 0 else 0.0
+    alpha, beta = p.std() / t.std(), p.mean() / t.mean()
+    return float(1 - np.sqrt((r - 1) ** 2 + (alpha - 1) ** 2 + (beta - 1) ** 2))
+
+
+def contingency(pred: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, float]:
+    """CSI, POD and FAR for the event ``value >= threshold``."""
+    p, t = _valid(pred, truth)
+    fc, ob = p >= threshold, t >= threshold
+    hits, misses, false_alarms = np.sum(fc & ob), np.sum(~fc & ob), np.sum(fc & ~ob)
+    div = lambda a, b: float(a / b) if b > 0 else float("nan")  # noqa: E731
+    return {"csi": div(hits, hits + misses + false_alarms), "pod": div(hits, hits + misses),
+            "far": div(false_alarms, hits + false_alarms)}
+
+
+def fss(pred: np.ndarray, truth: np.ndarray, threshold: float, scale: int) -> float:
+    """Fractions skill score of ``value >= threshold`` over ``scale x scale`` neighbourhoods.
+
+    ``pred`` and ``truth`` are maps (H, W) or stacks (N, H, W); pixels invalid in either
+    count as no event, and the score pools all maps.
+    """
+    pred, truth = np.atleast_3d(np.asarray(pred, np.float64).T).T, np.atleast_3d(np.asarray(truth, np.float64).T).T
+    ok = np.isfinite(pred) & np.isfinite(truth)
+    num = den = 0.0
+    for p, t, valid in zip(pred, truth, ok):
+        fp = uniform_filter(((p >= threshold) & valid).astype(np.float64), size=scale, mode="constant")
+        ft = uniform_filter(((t >= threshold) & valid).astype(np.float64), size=scale, mode="constant")
+        num += np.sum((fp - ft) ** 2)
+        den += np.sum(fp ** 2) + np.sum(ft ** 2)
+    return float(1 - num / den) if den > 0 else float("nan")
+
+
+def nse_map(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-pixel NSE over the time axis of (N, H, W) stacks; NaN where undefined."""
+    pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
+    ok = np.isfinite(pred) & np.isfinite(truth)
+    count = ok.sum(axis=0)
+    t = np.where(ok, truth, 0.0)
+    mean = t.sum(axis=0) / np.maximum(count, 1)
+    sse = np.where(ok, (pred - truth) ** 2, 0.0).sum(axis=0)
+    var = np.where(ok, (truth - mean) ** 2, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where((var > 0) & (count > 1), 1 - sse / var, np.nan)
+    return out.astype(np.float32)
