@@ -47,11 +47,14 @@ def write_geotiff(values: np.ndarray, grid: Grid, path: str | Path, tags: Mappin
     path.parent.mkdir(parents=True, exist_ok=True)
     da = grid_dataarray(values, grid, attrs={"long_name": description, "units": units})
     da = da.rio.write_nodata(NODATA, encoded=True)
-    # blocks small enough that even small grids get at least one overview level
-    block = 512 if min(grid.shape) >= 1024 else 256 if min(grid.shape) >= 512 else 64
+    block = 512 if min(grid.shape) >= 1024 else 256 if min(grid.shape) >= 512 else 128
+    # GDAL stops at one block by default; ask for levels down to ~64 px so that even a
+    # small grid has internal overviews
+    levels = max(1, int(np.ceil(np.log2(max(grid.shape) / 64))))
     tmp = _partial(path)
     da.rio.to_raster(tmp, driver="COG", compress="DEFLATE", predictor=3, blocksize=block,
-                     overview_resampling="average", tags={k: str(v) for k, v in (tags or {}).items()})
+                     overview_resampling="average", overview_count=levels,
+                     tags={k: str(v) for k, v in (tags or {}).items()})
     os.replace(tmp, path)
     return path
 
@@ -62,7 +65,9 @@ def write_netcdf(ds: xr.Dataset, grid: Grid, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds = ds.assign_coords(y=grid.y_coords(), x=grid.x_coords())
     ds = ds.rio.write_crs(grid.crs_wkt).rio.write_transform(grid.affine).rio.write_coordinate_system()
-    encoding = {name: {"zlib": True, "complevel": 4, "_FillValue": np.float32(NODATA)} for name in ds.data_vars}
+    # merge, not replace: rioxarray keeps grid_mapping in .encoding
+    encoding = {name: {**ds[name].encoding, "zlib": True, "complevel": 4, "_FillValue": np.float32(NODATA)}
+                for name in ds.data_vars}
     tmp = _partial(path)
     ds.to_netcdf(tmp, engine="netcdf4", encoding=encoding)
     os.replace(tmp, path)
