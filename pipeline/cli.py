@@ -136,6 +136,23 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"figure: {path}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    thresholds = None
+    if args.thresholds:
+        try:
+            thresholds = [float(v) for v in args.thresholds.split(",")]
+        except ValueError:
+            raise RunoffError(f"--thresholds {args.thresholds!r}: expected numbers in data units, e.g. 5,20") from None
+    report = evaluate(args.weights_path, args.data_dir, split=args.split, output_dir=args.output_dir,
+                      thresholds=thresholds, device=args.device,
+                      storage_options=_storage_options(args.storage_options), progress=sys.stderr.isatty())
+    print(report.summary)
+    for path in report.files:
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runoff", description="Forecast gridded surface runoff (QS) "
                                      "from daily GeoTIFF/PNG maps with a ConvLSTM.")
@@ -206,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
     _option(p, "storage_options", help="JSON options for fsspec URLs")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score the model against persistence and climatology per lead time")
+    _option(p, "weights_path", required=True, help="checkpoint, e.g. checkpoints/best.pth")
+    _option(p, "data_dir", default="stores/qs.zarr", help="Zarr cube or raster folder (default stores/qs.zarr)")
+    _option(p, "split", default="test", help="train, val, test (default) or all")
+    _option(p, "output_dir", default="outputs/evaluation", help="where metrics and figures go")
+    _option(p, "thresholds", help="event thresholds in data units, e.g. 5,20 (default: training p90, p99 of wet pixels)")
+    _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
+    _option(p, "storage_options", help="JSON options for fsspec URLs")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("synth", help="write a synthetic but physically plausible daily QS series")
     p.add_argument("out_dir")

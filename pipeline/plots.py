@@ -92,3 +92,34 @@ def plot_comparison(prediction, grid, path: str | Path, *, valid_date: str, issu
         ax.set_ylabel(f"y [{axis_unit}]")
     fig.suptitle("Surface runoff (QS) forecast")
     return _save(fig, path)
+
+
+def plot_map(values, grid, path: str | Path, *, title: str, label: str, vmin: float | None = None,
+             vmax: float | None = None, cmap: str = "viridis") -> Path:
+    """One georeferenced map with a colour bar (e.g. the per-pixel NSE)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), layout="constrained")
+    colours = plt.get_cmap(cmap).copy()
+    colours.set_bad("lightgrey")
+    im = ax.imshow(values, extent=_extent_km(grid), cmap=colours, vmin=vmin, vmax=vmax, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.85, label=label)
+    unit = "deg" if grid.crs.is_geographic else "km"
+    ax.set(title=title, xlabel=f"x [{unit}]", ylabel=f"y [{unit}]")
+    return _save(fig, path)
+
+
+def plot_skill_by_lead(metrics: dict, path: str | Path) -> Path:
+    """MSE skill of the model against persistence and climatology, and NSE, per lead time."""
+    leads = sorted(metrics)
+    fig, (ax, ax_nse) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    for base, marker in (("persistence", "o"), ("climatology", "s")):
+        ax.plot(leads, [metrics[lead]["model"][f"skill_vs_{base}"] for lead in leads], marker + "-",
+                label=f"model vs {base}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xlabel="lead time [days]", ylabel="1 - MSE / MSE baseline", title="MSE skill score", xticks=leads)
+    for source, marker in (("model", "o"), ("persistence", "^"), ("climatology", "s")):
+        ax_nse.plot(leads, [metrics[lead][source]["nse"] for lead in leads], marker + "-", label=source)
+    ax_nse.set(xlabel="lead time [days]", ylabel="NSE", title="Nash-Sutcliffe efficiency", xticks=leads)
+    for a in (ax, ax_nse):
+        a.grid(alpha=0.3)
+        a.legend()
+    return _save(fig, path)

@@ -101,3 +101,51 @@ def nse_map(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where((var > 0) & (count > 1), 1 - sse / var, np.nan)
     return out.astype(np.float32)
+
+
+# --- baselines and the evaluation run ---------------------------------------------------
+
+SOURCES = ("model", "persistence", "climatology")
+FSS_SCALES = (1, 3, 9, 27)
+
+
+def climatology(ds, train_start, train_end, window: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    """Smoothed day-of-year mean of ``qs`` over the training days: (366, H, W), and a flag
+    per day of year saying whether any training day contributed (±``window`` days, circular)."""
+    days = ds["qs"].sel(time=slice(str(train_start), str(train_end)))
+    doy = days.time.dt.dayofyear.values - 1
+    values = np.asarray(days.values, np.float64)
+    h, w = values.shape[1:]
+    total, count = np.zeros((366, h, w)), np.zeros((366, h, w))
+    for d in np.unique(doy):
+        block = values[doy == d]
+        total[d] = np.nansum(block, axis=0)
+        count[d] = np.isfinite(block).sum(axis=0)
+    kernel_total, kernel_count = np.zeros_like(total), np.zeros_like(count)
+    for shift in range(-window, window + 1):  # circular moving sum over the year
+        kernel_total += np.roll(total, shift, axis=0)
+        kernel_count += np.roll(count, shift, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        clim = np.where(kernel_count > 0, kernel_total / kernel_count, np.nan)
+    return clim.astype(np.float32), kernel_count.sum(axis=(1, 2)) > 0
+
+
+def wet_thresholds(ds, train_start, train_end, quantiles=(0.9, 0.99)) -> list[float]:
+    """Quantiles of the wet (> 0) training pixels, in data units."""
+    values = np.asarray(ds["qs"].sel(time=slice(str(train_start), str(train_end))).values)
+    wet = values[np.isfinite(values) & (values > 0)]
+    if wet.size == 0:
+        return [0.1]
+    return [float(np.quantile(wet, q)) for q in quantiles]
+
+
+def score_table(pred: np.ndarray, truth: np.ndarray, thresholds: list[float]) -> dict[str, float]:
+    """Every metric of one forecast source against the truth (N, H, W), pooled."""
+    row = {"mse": mse(pred, truth), "rmse": rmse(pred, truth), "mae": mae(pred, truth),
+           "bias": bias(pred, truth), "nse": nse(pred, truth), "kge": kge(pred, truth)}
+    for thr in thresholds:
+        for name, value in contingency(pred, truth, thr).items():
+            row[f"{name}@{thr:.3g}"] = value
+        for scale in FSS_SCALES:
+            row[f"fss{scale}@{thr:.3g}"] = fss(pred, truth, thr, scale)
+    return row
