@@ -41,6 +41,21 @@ def series_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A model trained for two epochs (leads 1 and 2) on 80 synthetic days: the folder
+    holds ``in/`` (rasters), ``qs.zarr`` and ``ckpt/``."""
+    from pipeline.ingest import ingest
+    from pipeline.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained")
+    write_series(root / "in", days=80, height=40, width=52, seed=4)
+    ingest(root / "in", root / "qs.zarr")
+    train(TrainConfig(data_dir=str(root / "qs.zarr"), epochs=2, batch_size=4, hidden_channels=[4], patch=16,
+                      leads=[1, 2], checkpoint_dir=str(root / "ckpt"), output_dir=str(root / "out"), device="cpu"))
+    return root
+
+
 @pytest.fixture
 def series_copy(series_dir, tmp_path) -> Path:
     """A private, writable copy of ``series_dir``."""

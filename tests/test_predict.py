@@ -13,25 +13,11 @@ import rasterio
 import torch
 import xarray as xr
 
-from pipeline.ingest import ingest
 from pipeline.model import ConvLSTMForecaster
 from pipeline.predict import forecast_window
 from pipeline.synth import write_series
-from pipeline.train import TrainConfig, train
 
 from .conftest import one_error_line
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A model trained for two epochs on 80 synthetic days, and the raster folder."""
-    root = tmp_path_factory.mktemp("predict")
-    write_series(root / "in", days=80, height=40, width=52, seed=4)
-    cube = root / "qs.zarr"
-    ingest(root / "in", cube)
-    train(TrainConfig(data_dir=str(cube), epochs=2, batch_size=4, hidden_channels=[4], patch=16, leads=[1, 2],
-                      checkpoint_dir=str(root / "ckpt"), output_dir=str(root / "out"), device="cpu"))
-    return root
 
 
 def test_geotiffs_match_the_source_grid_and_carry_tags(trained, tmp_path, run_cli):
@@ -130,19 +116,22 @@ def test_bad_input_one_line_exit_2_no_partial_outputs(trained, tmp_path, run_cli
 
 
 QGIS_CHECK = r'''
-import json, sys
+import json, os, sys
 from qgis.core import QgsApplication, QgsRasterLayer, QgsRasterBandStats
+QgsApplication.setPrefixPath("/usr", True)
 app = QgsApplication([], False)
 app.initQgis()
-layer = QgsRasterLayer(sys.argv[1], "forecast")
+layer = QgsRasterLayer(sys.argv[1], "forecast", "gdal")
 provider = layer.dataProvider()
 stats = provider.bandStatistics(1, QgsRasterBandStats.All)
 extent = layer.extent()
 print(json.dumps({"valid": layer.isValid(), "crs": layer.crs().authid(),
                   "extent": [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()],
                   "nodata": provider.sourceHasNoDataValue(1), "min": stats.minimumValue,
-                  "max": stats.maximumValue, "mean": stats.mean}))
+                  "max": stats.maximumValue, "mean": stats.mean}), flush=True)
+del provider, layer
 app.exitQgis()
+os._exit(0)  # QGIS 3.22's bindings can crash while Python tears down after exitQgis
 '''
 
 
@@ -159,7 +148,8 @@ def test_qgis_opens_the_forecast_on_the_source_grid(trained, tmp_path, run_cli):
     run_cli("predict", "--weights_path", trained / "ckpt" / "best.pth", "--input_dir", trained / "qs.zarr",
             "--output_dir", tmp_path, "--last", "--max_plots", "0")
     path = sorted(tmp_path.glob("*.tif"))[0]
-    env = {"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "XDG_RUNTIME_DIR": str(tmp_path)}
     out = subprocess.run(["/usr/bin/python3", "-c", QGIS_CHECK, str(path)], capture_output=True, text=True,
                          env=env, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -174,4 +164,5 @@ def test_qgis_opens_the_forecast_on_the_source_grid(trained, tmp_path, run_cli):
     gdal = subprocess.run(["gdalinfo", "-json", "-stats", str(path)], capture_output=True, text=True)
     if gdal.returncode == 0:
         band = json.loads(gdal.stdout)["bands"][0]
-        assert band["noDataValue"] == -9999 and abs(band["maximum"] - float(data.max())) < 1e-4
+        assert band["noDataValue"] == -9999  # gdalinfo prints statistics to 3 decimals
+        assert abs(band["maximum"] - float(data.max())) <= 1e-3 * max(1.0, float(data.max()))

@@ -1,0 +1,41 @@
+"""`runoff evaluate`: tables per lead, baselines on the same windows, files on the grid."""
+
+import json
+
+import numpy as np
+import rasterio
+
+from .conftest import one_error_line
+
+
+def test_evaluate_writes_tables_figures_and_nse_map(trained, tmp_path, run_cli):
+    out = tmp_path / "evaluation"
+    result = run_cli("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir",
+                     trained / "qs.zarr", "--split", "test", "--output_dir", out)
+    assert result.status == 0, result.err
+    assert "| model |" in result.out and "| persistence |" in result.out and "| climatology |" in result.out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["leads"]) == {"1", "2"} and metrics["meta"]["windows"] > 0
+    lead1 = metrics["leads"]["1"]
+    for source in ("model", "persistence", "climatology"):
+        assert {"mse", "rmse", "mae", "bias", "nse", "kge"} <= set(lead1[source])
+        assert any(k.startswith("fss27@") for k in lead1[source]) and any(k.startswith("csi@") for k in lead1[source])
+    m = lead1["model"]
+    assert m["skill_vs_persistence"] == 1 - m["mse"] / lead1["persistence"]["mse"]
+    assert lead1["persistence"]["bias"] == lead1["persistence"]["bias"]  # not NaN: same windows scored
+    md = (out / "metrics.md").read_text()
+    assert md.count("## Lead") == 2 and "Events at thresholds" in md
+    assert (out / "skill_by_lead.png").stat().st_size > 10_000 and (out / "nse_map_lead1.png").exists()
+    with rasterio.open(out / "nse_map_lead1.tif") as f, rasterio.open(trained / "in" / "QS_20190101.tif") as src:
+        assert f.crs == src.crs and f.transform == src.transform and f.shape == src.shape
+        assert np.nanmax(f.read(1, masked=True)) <= 1.0
+
+
+def test_explicit_thresholds_and_bad_split(trained, tmp_path, run_cli):
+    result = run_cli("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir", trained / "qs.zarr",
+                     "--thresholds", "1,5", "--split", "val", "--output_dir", tmp_path)
+    assert result.status == 0, result.err
+    assert "csi@5" in (tmp_path / "metrics.md").read_text()
+    bad = run_cli("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir", trained / "qs.zarr",
+                  "--split", "later", "--output_dir", tmp_path / "x")
+    assert bad.status == 2 and "--split" in one_error_line(bad.err)
