@@ -14,16 +14,27 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# Each step reuses what is already there: the data, the cube (ingest skips identical days)
+# and the model (resuming a finished run does nothing).
 demo: $(STAMP)
-	test -f data/input/QS_20201230.tif || $(RUNOFF) synth data/input --days 730 --height 128 --width 160 --crs EPSG:2154 --seed 0
+	@test -f data/input/QS_20201230.tif || $(RUNOFF) synth data/input --days 730 --height 128 --width 160 --crs EPSG:2154 --seed 0
 	$(RUNOFF) ingest data/input stores/qs.zarr
-	$(RUNOFF) info stores/qs.zarr
+	$(RUNOFF) train --data_dir stores/qs.zarr --epochs 20 --patience 5 --batch_size 8 --hidden_channels 16 --kernel_size 3 \
+		$$(test -f checkpoints/last.pth && echo --resume checkpoints/last.pth)
+	$(RUNOFF) predict --weights_path checkpoints/best.pth --input_dir stores/qs.zarr --output_dir outputs/predictions --split test
+	$(RUNOFF) evaluate --weights_path checkpoints/best.pth --data_dir stores/qs.zarr --split test
+	@echo "cube:        stores/qs.zarr  (runoff info stores/qs.zarr)"
+	@echo "forecasts:   outputs/predictions/QS_*_lead1.tif"
+	@echo "figures:     outputs/plots/  (loss_curves.png, compare_*.png)"
+	@echo "evaluation:  outputs/evaluation/  (metrics.md, skill_by_lead.png, nse_map_lead1.tif)"
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	$(PY) -m pip install -q xbatcher
 	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_sampler.py
 
 clean:
-	rm -rf $(VENV) stores/*.zarr data outputs checkpoints
+	rm -rf $(VENV) stores/*.zarr stores/.*.lock data outputs checkpoints

@@ -125,6 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .predict import predict
 
     report = predict(args.weights_path, args.input_dir, args.output_dir, dates=args.dates, last=args.last,
+                     split=args.split,
                      fmt=args.format, tile=args.tile, plots_dir=args.plots_dir, max_plots=args.max_plots,
                      device=args.device, storage_options=_storage_options(args.storage_options),
                      progress=sys.stderr.isatty())
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "output_dir", default="outputs/predictions", help="where the GeoTIFFs go (default outputs/predictions)")
     _option(p, "dates", help="issue days START:END (YYYY-MM-DD:YYYY-MM-DD), or one day")
     _option(p, "last", action="store_true", help="only the latest possible issue day")
+    _option(p, "split", help="only windows whose targets lie in the checkpoint's train, val or test split")
     _option(p, "format", choices=("tif", "netcdf"), default="tif", help="netcdf: also one CF NetCDF of all forecasts")
     _option(p, "tile", type=int, default=512, help="predict larger grids in overlapping tiles of this size")
     _option(p, "plots_dir", default="outputs/plots", help="where the side-by-side figures go")

@@ -1,5 +1,9 @@
-"""ConvLSTM forecaster: a stack of :class:`ConvLSTMCell` over the input days, then a
-1x1 convolution head that emits one map per lead time.
+"""ConvLSTM forecaster: a stack of :class:`ConvLSTMCell` over the input days, then a small
+convolutional head that emits one map per lead time.
+
+Inside the recurrence, the last input day only reaches ``kernel_size // 2`` pixels per
+layer before the output; the head (one ``head_kernel`` convolution, applied once) widens
+that cheaply, so features that drift a few pixels a day can be followed.
 
 Example
 -------
@@ -55,6 +59,7 @@ class ModelConfig:
     kernel_size: int = 3
     leads: int = 1
     predict_delta: bool = False
+    head_kernel: int = 5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,22 +74,31 @@ class ConvLSTMForecaster(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, hidden_channels: int | Sequence[int] = 16, kernel_size: int = 3,
-                 num_layers: int = 1, leads: int = 1, predict_delta: bool = False) -> None:
+                 num_layers: int = 1, leads: int = 1, predict_delta: bool = False, head_kernel: int = 5) -> None:
         super().__init__()
         hidden = [hidden_channels] * num_layers if isinstance(hidden_channels, int) else list(hidden_channels)
         if not hidden or min(hidden) < 1 or leads < 1 or in_channels < 1:
             raise ValueError("need in_channels >= 1, leads >= 1 and at least one layer of >= 1 hidden channels")
-        self.config = ModelConfig(in_channels, hidden, kernel_size, leads, predict_delta)
+        if head_kernel % 2 == 0:
+            raise ValueError(f"head_kernel must be odd to keep the map size, got {head_kernel}")
+        self.config = ModelConfig(in_channels, hidden, kernel_size, leads, predict_delta, head_kernel)
         self.cells = nn.ModuleList(
             ConvLSTMCell(c_in, c_out, kernel_size)
             for c_in, c_out in zip([in_channels] + hidden[:-1], hidden))
-        self.head = nn.Conv2d(hidden[-1], leads, kernel_size=1)
+        self.head = nn.Sequential(
+            nn.Conv2d(hidden[-1], hidden[-1], head_kernel, padding=head_kernel // 2), nn.GELU(),
+            nn.Conv2d(hidden[-1], leads, kernel_size=1))
 
     @classmethod
     def from_config(cls, config: dict) -> "ConvLSTMForecaster":
         cfg = ModelConfig(**config)
         return cls(cfg.in_channels, cfg.hidden_channels, cfg.kernel_size, leads=cfg.leads,
-                   predict_delta=cfg.predict_delta)
+                   predict_delta=cfg.predict_delta, head_kernel=cfg.head_kernel)
+
+    def receptive_radius(self, input_days: int) -> int:
+        """How far (pixels) an output pixel sees: every step of every layer widens the
+        view by ``kernel_size // 2``, and the head by ``head_kernel // 2``."""
+        return input_days * len(self.cells) * (self.config.kernel_size // 2) + self.config.head_kernel // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5:

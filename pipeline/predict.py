@@ -24,12 +24,13 @@ import torch
 import xarray as xr
 
 from . import __version__
-from .cube import TARGET, cube_dates, cube_grid, denormalise, normalise, open_cube
+from .cube import TARGET, Split, cube_dates, cube_grid, denormalise, normalise, open_cube
 from .errors import RunoffError, RunoffWarning
 from .export import file_sha256, write_geotiff, write_netcdf
 from .ingest import ensure_cube
 from .model import ConvLSTMForecaster
 from .plots import plot_comparison
+from .sampler import WindowSpec, window_issues
 from .train import _autocast, _check_writable, build_model, checkpoint_grid, load_checkpoint, pick_device
 from .verify import mse, nse
 
@@ -52,12 +53,6 @@ class PredictReport:
     figures: list[Path]
     netcdf: Path | None
     issues: list[dt.date]
-
-
-def receptive_radius(model: ConvLSTMForecaster, input_days: int) -> int:
-    """How far (pixels) information travels through the recurrence: every step of every
-    layer widens it by ``kernel_size // 2``."""
-    return input_days * len(model.cells) * (model.config.kernel_size // 2)
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -93,7 +88,7 @@ def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devi
         batch = torch.from_numpy(x[None]).to(device)
         with _autocast(device):
             return model(batch).float()[0, :, 0].cpu().numpy()
-    margin = receptive_radius(model, x.shape[0]) if margin is None else margin
+    margin = model.receptive_radius(x.shape[0]) if margin is None else margin
     overlap = 2 * margin + ramp
     if tile <= overlap:
         raise RunoffError(f"--tile {tile}: must exceed the tile overlap of {overlap} px for this model")
@@ -130,12 +125,13 @@ def _select_issues(dates: list[dt.date], candidates: list[int], spec_dates: str 
 
 
 def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | Path = "outputs/predictions", *,
-            dates: str | None = None, last: bool = False, fmt: str = "tif", tile: int = 512,
+            dates: str | None = None, last: bool = False, split: str | None = None, fmt: str = "tif", tile: int = 512,
             plots_dir: str | Path = "outputs/plots", max_plots: int = 8, device: str = "auto",
             storage_options: dict | None = None, progress: bool = False) -> PredictReport:
     """Forecast from ``input_dir`` with the checkpoint ``weights_path``; see the module docstring.
 
     ``dates``: issue days ``START:END`` (inclusive); ``last``: only the latest issue day;
+    ``split``: only windows whose target days lie in the checkpoint's train, val or test split;
     ``fmt``: ``tif`` or ``netcdf`` (GeoTIFFs plus one NetCDF of all forecasts);
     ``max_plots``: side-by-side figures, spread over the forecasts (-1: all, 0: none).
     """
@@ -163,9 +159,15 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     if not candidates:
         raise RunoffError(f"--input_dir {input_dir}: {len(all_dates)} day(s) ({sum(present)} present); the model "
                           f"needs {input_days} consecutive days before an issue day")
+    if split is not None:
+        if split not in state["splits"]:
+            raise RunoffError(f"--split {split!r}: choose one of {', '.join(state['splits'])}")
+        chosen = Split(split, *(dt.date.fromisoformat(d) for d in state["splits"][split]))
+        in_split = set(window_issues(ds, chosen, WindowSpec(input_days, tuple(leads), tuple(variables))).tolist())
+        candidates = [t for t in candidates if t in in_split]
     issues = _select_issues(all_dates, candidates, dates, last)
     if not issues:
-        raise RunoffError(f"--dates {dates}: no issue day with {input_days} complete prior days in that range "
+        raise RunoffError(f"--dates {dates} / --split {split}: no issue day with {input_days} complete prior days there "
                           f"({all_dates[candidates[0]]}..{all_dates[candidates[-1]]} are possible)")
 
     dev = pick_device(device)

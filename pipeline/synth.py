@@ -79,7 +79,7 @@ def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0
     capacity = (40 + 110 * _smooth01(rng, shape, scale)).astype(np.float32)   # mm
     infiltration = (12 + 30 * _smooth01(rng, shape, scale)).astype(np.float32)  # mm/day
     store = 0.5 * capacity
-    wind = np.array([0.9, 4.0]) * max(height, width) / 160  # (dy, dx) pixels per day
+    wind = np.array([0.6, 2.5]) * max(height, width) / 160  # (dy, dx) pixels per day
     cells: list[np.ndarray] = []  # y, x, radius, peak, age, lifetime, vy, vx
     for i in range(-spin_up, days):
         date = start + dt.timedelta(days=i)

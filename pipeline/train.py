@@ -313,7 +313,12 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         "train_config": asdict(config),
     }
     epoch = start_epoch
-    last_path = checkpoint_dir / f"model_epoch{epoch}.pth"
+    last_path = Path(config.resume) if config.resume else checkpoint_dir / f"model_epoch{epoch}.pth"
+    if resume_state is not None and (start_epoch >= config.epochs or bad_epochs >= config.patience):
+        why = "stopped early" if bad_epochs >= config.patience else f"reached --epochs {config.epochs}"
+        print(f"{config.resume}: this run already {why} at epoch {start_epoch}; nothing to do "
+              f"(raise --epochs to train on)")
+        return TrainResult(0, best_epoch, best_val, checkpoint_dir / "best.pth", last_path, history)
     from tqdm import tqdm
 
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -372,11 +377,10 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
                  "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
                  "rng_state": torch.get_rng_state()}
         last_path = save_checkpoint(state, checkpoint_dir / f"model_epoch{epoch}.pth")
+        save_checkpoint(state, checkpoint_dir / "last.pth")  # what --resume continues from
         if improved:
             save_checkpoint(state, checkpoint_dir / "best.pth")
         _write_history(history, output_dir)
-    if not history:
-        raise RunoffError(f"--epochs {config.epochs}: nothing to train (the checkpoint is at epoch {start_epoch})")
     if bad_epochs >= config.patience and epoch < config.epochs:
         print(f"early stopping: no validation improvement for {config.patience} epochs "
               f"(best epoch {best_epoch})", file=sys.stderr)
