@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements.txt
 demo: $(STAMP)
 	@test -f data/input/QS_20201230.tif || $(RUNOFF) synth data/input --days 730 --height 128 --width 160 --crs EPSG:2154 --seed 0
 	$(RUNOFF) ingest data/input stores/qs.zarr
-	$(RUNOFF) train --data_dir stores/qs.zarr --epochs 20 --patience 5 --batch_size 8 --hidden_channels 16 --kernel_size 3 \
+	$(RUNOFF) train --data_dir stores/qs.zarr --epochs 15 --patience 5 --batch_size 8 --hidden_channels 16 --kernel_size 3 \
 		$$(test -f checkpoints/last.pth && echo --resume checkpoints/last.pth)
 	$(RUNOFF) predict --weights_path checkpoints/best.pth --input_dir stores/qs.zarr --output_dir outputs/predictions --split test
 	$(RUNOFF) evaluate --weights_path checkpoints/best.pth --data_dir stores/qs.zarr --split test
