@@ -98,7 +98,7 @@ class WindowSampler(IterableDataset):
         self.epoch = 0
         self.rank, self.world_size = 0, 1
         self._ds: xr.Dataset | None = None
-        self._cached: tuple[tuple[int, int], np.ndarray] | None = None  # last block, reused next epoch
+        self._cached: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None  # reused next epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (deterministic for the seed), as DistributedSampler does."""
@@ -151,11 +151,13 @@ class WindowSampler(IterableDataset):
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         return blocks
 
-    def load_block(self, first: int, last: int) -> np.ndarray:
-        """Days ``first..last`` (inclusive) of every variable, normalised: ``(V, T, H, W)``.
+    def load_block(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """Days ``first..last`` (inclusive), normalised, NaN -> 0, time-major ``(T, V, H, W)``,
+        and where the target is valid ``(T, H, W)``.
 
-        The last block stays in memory: a cube that fits in one block is decoded once
-        per run rather than once per epoch.
+        Filling and masking once per block keeps the per-window work to three slices. The
+        last block stays in memory: a cube that fits in one block is decoded once per
+        run rather than once per epoch.
         """
         if self._cached is not None and self._cached[0] == (first, last):
             return self._cached[1]
@@ -163,9 +165,12 @@ class WindowSampler(IterableDataset):
         ds = self.ds
         lazy = [ds[name].data[first:last + 1] for name in self.spec.variables]
         arrays = dask.compute(*lazy, scheduler="threads")
-        data = np.stack([normalise(np.asarray(a), self.stats[name]) for a, name in zip(arrays, self.spec.variables)])
-        self._cached = ((first, last), data)
-        return data
+        data = np.stack([normalise(np.asarray(a), self.stats[name]) for a, name in zip(arrays, self.spec.variables)],
+                        axis=1)
+        valid = np.isfinite(data[:, 0])
+        np.nan_to_num(data, copy=False, nan=0.0)
+        self._cached = ((first, last), (data, valid))
+        return data, valid
 
     def __len__(self) -> int:
         return int(self.issues.size)
@@ -177,7 +182,7 @@ class WindowSampler(IterableDataset):
         leads = np.array(self.spec.leads)
         for block in self._my_blocks(rng):
             first, last = int(block.min()) - before, int(block.max()) + after
-            data = self.load_block(first, last)
+            data, valid = self.load_block(first, last)
             _, _, h, w = data.shape
             order = rng.permutation(block) if self.shuffle else block
             for t in order:
@@ -187,11 +192,10 @@ class WindowSampler(IterableDataset):
                     ph, pw = min(self.patch, h), min(self.patch, w)
                     y0, x0 = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
                 i = int(t) - first
-                x = data[:, i - before:i + 1, y0:y0 + ph, x0:x0 + pw].transpose(1, 0, 2, 3)
-                y = data[0, i + leads, y0:y0 + ph, x0:x0 + pw][:, None]
-                mask = np.isfinite(y)
-                yield (torch.from_numpy(np.nan_to_num(x, nan=0.0)), torch.from_numpy(np.nan_to_num(y, nan=0.0)),
-                       torch.from_numpy(mask))
+                x = np.ascontiguousarray(data[i - before:i + 1, :, y0:y0 + ph, x0:x0 + pw])
+                y = data[i + leads, :1, y0:y0 + ph, x0:x0 + pw]
+                mask = valid[i + leads, None, y0:y0 + ph, x0:x0 + pw]
+                yield torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
 
 
 def issue_date(ds: xr.Dataset, t: int) -> dt.date:
