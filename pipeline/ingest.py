@@ -409,7 +409,9 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
             attrs.update({name: info.attrs[name] for name in info.variables})
 
         partial = _read_partial(target, storage_options) if target != store else None
-        if target != store and (partial is None or partial.start != axis[0] or not partial.grid.matches(grid)):
+        fresh_url_cube = target == store and info is None  # object stores: built in place
+        if fresh_url_cube or (target != store and (partial is None or partial.start != axis[0]
+                                                    or not partial.grid.matches(grid))):
             if not is_url(target):
                 shutil.rmtree(target, ignore_errors=True)
             _create_cube(target, grid, axis, {v: attrs[v] for v in all_vars}, chunks, storage_options)

@@ -270,3 +270,13 @@ def test_python_api_returns_a_report(series_dir, tmp_path):
     report = ingest(series_dir, tmp_path / "qs.zarr")
     assert (report.written, report.skipped, report.variables) == (40, 0, ["qs"])
     assert os.path.isdir(tmp_path / "qs.zarr")
+
+
+def test_fsspec_url_store_equals_local_store(series_dir, tmp_path):
+    url = f"memory://{tmp_path.name}/qs.zarr"  # fsspec's in-process file system
+    assert ingest(series_dir, url).written == 40
+    assert ingest(series_dir, url).skipped == 40  # idempotent there too
+    ingest(series_dir, tmp_path / "local.zarr")
+    remote, local = open_cube(url), open_cube(tmp_path / "local.zarr")
+    xr.testing.assert_identical(remote.load(), local.load())
+    assert remote.rio.crs == local.rio.crs and remote.rio.transform() == local.rio.transform()
