@@ -26,7 +26,7 @@ demo: $(STAMP)
 	@echo "cube:        stores/qs.zarr  (runoff info stores/qs.zarr)"
 	@echo "forecasts:   outputs/predictions/QS_*_lead1.tif"
 	@echo "figures:     outputs/plots/  (loss_curves.png, compare_*.png)"
-	@echo "evaluation:  outputs/evaluation/  (metrics.md, skill_by_lead.png, nse_map_lead1.tif)"
+	@echo "evaluation:  outputs/evaluation/  (metrics.md, skill_by_lead.png, nse_map_lead1.tif, kge_map_lead1.tif)"
 
 test: $(STAMP)
 	$(PY) -m pytest

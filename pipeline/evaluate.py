@@ -2,7 +2,7 @@
 
 All three forecast the same windows (those whose target days lie in the split), on
 valid pixels only. Writes ``metrics.json``, ``metrics.md`` (one table per lead),
-``skill_by_lead.png`` and the per-pixel NSE map of the first lead as a GeoTIFF (on
+``skill_by_lead.png`` and the per-pixel NSE and KGE maps of the first lead as a GeoTIFF (on
 the cube's grid) and a PNG.
 
 Example
@@ -29,7 +29,7 @@ from .plots import plot_map, plot_skill_by_lead
 from .predict import _window, forecast_window
 from .sampler import WindowSpec, window_issues
 from .train import _check_writable, build_model, checkpoint_grid, load_checkpoint, pick_device
-from .verify import SOURCES, climatology, nse_map, score_table, wet_thresholds
+from .verify import SOURCES, climatology, kge_map, nse_map, score_table, wet_thresholds
 
 
 @dataclass
@@ -129,13 +129,17 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     files = _write_outputs(metrics, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
         "thresholds": thresholds, "checkpoint": str(weights_path), "cube": str(store)})
-    nse_first = nse_map(stacks["model"][0], truth[0])
-    tags = {"metric": "NSE per pixel", "lead_days": leads[0], "split": split, "checkpoint": Path(weights_path).name}
-    files.append(write_geotiff(nse_first, grid, output_dir / f"nse_map_lead{leads[0]}.tif", tags,
-                               description=f"NSE per pixel, lead {leads[0]} d", units="1"))
-    files.append(plot_map(nse_first, grid, output_dir / f"nse_map_lead{leads[0]}.png",
-                          title=f"NSE per pixel, lead {leads[0]} d, {split} split", label="NSE",
-                          vmin=-1, vmax=1, cmap="RdYlGn"))
+    for name, score_map, vmin in (("nse", nse_map, -1.0), ("kge", kge_map, -1.0)):
+        values = score_map(stacks["model"][0], truth[0])
+        label = name.upper()
+        tags = {"metric": f"{label} per pixel", "lead_days": leads[0], "split": split,
+                "checkpoint": Path(weights_path).name}
+        stem = output_dir / f"{name}_map_lead{leads[0]}"
+        files.append(write_geotiff(values, grid, stem.with_suffix(".tif"), tags,
+                                   description=f"{label} per pixel, lead {leads[0]} d", units="1"))
+        files.append(plot_map(values, grid, stem.with_suffix(".png"),
+                              title=f"{label} per pixel, lead {leads[0]} d, {split} split", label=label,
+                              vmin=vmin, vmax=1, cmap="RdYlGn"))
     return EvaluationReport(metrics, markdown, summary, files, n)
 
 

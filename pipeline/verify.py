@@ -89,6 +89,21 @@ def fss(pred: np.ndarray, truth: np.ndarray, threshold: float, scale: int) -> fl
     return float(1 - num / den) if den > 0 else float("nan")
 
 
+def kge_map(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-pixel KGE over the time axis of (N, H, W) stacks; NaN where undefined."""
+    pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
+    ok = np.isfinite(pred) & np.isfinite(truth)
+    n = np.maximum(ok.sum(axis=0), 1)
+    p, t = np.where(ok, pred, 0.0), np.where(ok, truth, 0.0)
+    mp, mt = p.sum(axis=0) / n, t.sum(axis=0) / n
+    dp, dt_ = np.where(ok, pred - mp, 0.0), np.where(ok, truth - mt, 0.0)
+    sp, st = np.sqrt((dp ** 2).sum(axis=0) / n), np.sqrt((dt_ ** 2).sum(axis=0) / n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(sp > 0, (dp * dt_).sum(axis=0) / n / (sp * st), 0.0)
+        out = 1 - np.sqrt((r - 1) ** 2 + (sp / st - 1) ** 2 + (mp / mt - 1) ** 2)
+    return np.where((ok.sum(axis=0) > 1) & (st > 0) & (mt != 0), out, np.nan).astype(np.float32)
+
+
 def nse_map(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per-pixel NSE over the time axis of (N, H, W) stacks; NaN where undefined."""
     pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)

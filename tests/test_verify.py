@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.verify import bias, climatology, contingency, fss, kge, mae, mse, nse, nse_map, rmse
+from pipeline.verify import bias, climatology, contingency, fss, kge, kge_map, mae, mse, nse, nse_map, rmse
 
 T = np.array([0.0, 2.0, 4.0, np.nan])
 P = np.array([1.0, 2.0, 2.0, 7.0])  # the last pixel is invalid in the truth: ignored
@@ -71,3 +71,14 @@ def test_climatology_is_a_smoothed_day_of_year_mean(tmp_path):
     assert clim[100, 0, 0] == pytest.approx(100.0)
     smooth, _ = climatology(ds, "2019-01-01", "2020-12-30", window=1)
     assert smooth[100, 0, 0] == pytest.approx(100.0)  # a linear ramp is unchanged by a centred mean
+
+
+def test_kge_map_equals_pooled_kge_per_pixel():
+    rng = np.random.default_rng(0)
+    truth = rng.gamma(1.0, 2.0, size=(20, 2, 3))
+    pred = truth * 0.8 + rng.normal(0, 0.3, size=truth.shape)
+    pred[3, 0, 0] = np.nan
+    maps = kge_map(pred, truth)
+    for y in range(2):
+        for x in range(3):
+            assert maps[y, x] == pytest.approx(kge(pred[:, y, x], truth[:, y, x]), rel=1e-5)
