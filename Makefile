@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q xbatcher
 	$(PY) benchmarks/bench_ingest.py
 	$(PY) benchmarks/bench_sampler.py
+	$(PY) benchmarks/bench_predict.py
 
 clean:
 	rm -rf $(VENV) stores/*.zarr stores/.*.lock data outputs checkpoints
