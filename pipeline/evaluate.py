@@ -13,9 +13,7 @@ Example
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +21,13 @@ import numpy as np
 
 from .cube import TARGET, Split, cube_dates, cube_grid, denormalise, open_cube
 from .errors import RunoffError
-from .export import write_geotiff
+from .export import atomic_output, write_geotiff
 from .ingest import ensure_cube
 from .plots import plot_map, plot_skill_by_lead
-from .predict import _window, forecast_window
+from .predict import forecast_window, window_inputs
 from .sampler import WindowSpec, window_issues
-from .train import _check_writable, build_model, checkpoint_grid, load_checkpoint, pick_device
+from .train import (build_model, check_checkpoint_grid, check_writable, checkpoint_splits, load_checkpoint,
+                    pick_device)
 from .verify import SOURCES, climatology, kge_map, nse_map, score_table, wet_thresholds
 
 
@@ -73,15 +72,13 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     """Score the checkpoint on ``split`` (train, val, test or all) of ``data_dir``."""
     state = load_checkpoint(weights_path)
     output_dir = Path(output_dir)
-    _check_writable(output_dir, "--output_dir")
+    check_writable(output_dir, "--output_dir")
     store = ensure_cube(data_dir, storage_options=storage_options, progress=progress)
     ds = open_cube(store, storage_options)
-    grid, trained = cube_grid(ds), checkpoint_grid(state)
-    if not grid.matches(trained):
-        raise RunoffError(f"--weights_path {weights_path}: trained on grid {trained.describe()}, but "
-                          f"--data_dir {data_dir} is on {grid.describe()}")
+    grid = cube_grid(ds)
+    check_checkpoint_grid(state, grid, f"--weights_path {weights_path}", f"--data_dir {data_dir}")
     dates = cube_dates(ds)
-    ranges = {name: Split(name, *(dt.date.fromisoformat(d) for d in se)) for name, se in state["splits"].items()}
+    ranges = checkpoint_splits(state)
     ranges["all"] = Split("all", dates[0], dates[-1])
     if split not in ranges:
         raise RunoffError(f"--split {split!r}: choose train, val, test or all")
@@ -106,7 +103,7 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     from tqdm import tqdm
 
     for k, t in enumerate(tqdm(issues, desc="evaluate", unit="window", disable=not progress)):
-        window = _window(ds, list(spec.variables), stats, int(t), spec.input_days)
+        window = window_inputs(ds, list(spec.variables), stats, int(t), spec.input_days)
         pred = denormalise(forecast_window(model, np.nan_to_num(window, nan=0.0), dev), stats[TARGET])
         last_day = np.asarray(qs.data[int(t)])
         for li, lead in enumerate(leads):
@@ -147,8 +144,7 @@ def _write_outputs(metrics: dict, markdown: str, output_dir: Path, meta: dict) -
     json_path, md_path = output_dir / "metrics.json", output_dir / "metrics.md"
     for path, text in ((json_path, json.dumps({"meta": meta, "leads": {str(k): v for k, v in metrics.items()}},
                                                indent=2, allow_nan=True)), (md_path, markdown + "\n")):
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            tmp.write_text(text)
     skill = plot_skill_by_lead(metrics, output_dir / "skill_by_lead.png")
     return [json_path, md_path, skill]

@@ -13,10 +13,11 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -36,42 +37,47 @@ def grid_dataarray(values: np.ndarray, grid: Grid, name: str = "qs", attrs: Mapp
     return da.rio.write_crs(grid.crs_wkt).rio.write_transform(grid.affine)
 
 
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``path``; rename it onto ``path`` when the
+    block succeeds. A reader never sees half a file under its final name, and a failed
+    write leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_geotiff(values: np.ndarray, grid: Grid, path: str | Path, tags: Mapping | None = None,
                   description: str = "qs", units: str = "kg m-2") -> Path:
     """Write one map as a COG: float32, NaN -> nodata -9999, deflate, internal overviews, tags."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     da = grid_dataarray(values, grid, attrs={"long_name": description, "units": units})
     da = da.rio.write_nodata(NODATA, encoded=True)
     block = 512 if min(grid.shape) >= 1024 else 256 if min(grid.shape) >= 512 else 128
     # GDAL stops at one block by default; ask for levels down to ~64 px so that even a
     # small grid has internal overviews
     levels = max(1, int(np.ceil(np.log2(max(grid.shape) / 64))))
-    tmp = _partial(path)
-    da.rio.to_raster(tmp, driver="COG", compress="DEFLATE", predictor=3, blocksize=block,
-                     overview_resampling="average", overview_count=levels,
-                     tags={k: str(v) for k, v in (tags or {}).items()})
-    os.replace(tmp, path)
-    return path
+    with atomic_output(path) as tmp:
+        da.rio.to_raster(tmp, driver="COG", compress="DEFLATE", predictor=3, blocksize=block,
+                         overview_resampling="average", overview_count=levels,
+                         tags={k: str(v) for k, v in (tags or {}).items()})
+    return Path(path)
 
 
 def write_netcdf(ds: xr.Dataset, grid: Grid, path: str | Path) -> Path:
     """Write a CF NetCDF (netcdf4 engine) with the grid mapping of ``grid``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ds = ds.assign_coords(y=grid.y_coords(), x=grid.x_coords())
     ds = ds.rio.write_crs(grid.crs_wkt).rio.write_transform(grid.affine).rio.write_coordinate_system()
     # merge, not replace: rioxarray keeps grid_mapping in .encoding
     encoding = {name: {**ds[name].encoding, "zlib": True, "complevel": 4, "_FillValue": np.float32(NODATA)}
                 for name in ds.data_vars}
-    tmp = _partial(path)
-    ds.to_netcdf(tmp, engine="netcdf4", encoding=encoding)
-    os.replace(tmp, path)
-    return path
+    with atomic_output(path) as tmp:
+        ds.to_netcdf(tmp, engine="netcdf4", encoding=encoding)
+    return Path(path)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -11,16 +10,17 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .export import atomic_output  # noqa: E402
+
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     """Save atomically: a reader never sees half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_loss_curves(history: Sequence[dict], path: str | Path) -> Path:

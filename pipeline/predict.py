@@ -24,14 +24,15 @@ import torch
 import xarray as xr
 
 from . import __version__
-from .cube import TARGET, Split, cube_dates, cube_grid, denormalise, normalise, open_cube
+from .cube import TARGET, cube_dates, cube_grid, denormalise, normalise, open_cube
 from .errors import RunoffError, RunoffWarning
 from .export import file_sha256, write_geotiff, write_netcdf
 from .ingest import ensure_cube
 from .model import ConvLSTMForecaster
 from .plots import plot_comparison
 from .sampler import WindowSpec, window_issues
-from .train import _autocast, _check_writable, build_model, checkpoint_grid, load_checkpoint, pick_device
+from .train import (autocast_for, build_model, check_checkpoint_grid, check_writable, checkpoint_splits,
+                    load_checkpoint, pick_device)
 from .verify import mse, nse
 
 
@@ -86,7 +87,7 @@ def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devi
     _, _, h, w = x.shape
     if h <= tile and w <= tile:
         batch = torch.from_numpy(x[None]).to(device)
-        with _autocast(device):
+        with autocast_for(device):
             return model(batch).float()[0, :, 0].cpu().numpy()
     margin = model.receptive_radius(x.shape[0]) if margin is None else margin
     overlap = 2 * margin + ramp
@@ -102,7 +103,7 @@ def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devi
             tw = min(tile, w)
             wx = _taper(tw, margin, ramp, x0 == 0, x0 + tw == w)
             patch = torch.from_numpy(np.ascontiguousarray(x[None, :, :, y0:y0 + th, x0:x0 + tw])).to(device)
-            with _autocast(device):
+            with autocast_for(device):
                 out = model(patch).float()[0, :, 0].cpu().numpy()
             wgt = np.outer(wy, wx)
             total[:, y0:y0 + th, x0:x0 + tw] += out * wgt
@@ -139,15 +140,13 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
         raise RunoffError(f"--format {fmt!r}: choose tif or netcdf")
     state = load_checkpoint(weights_path)
     output_dir, plots_dir = Path(output_dir), Path(plots_dir)
-    _check_writable(output_dir, "--output_dir")
+    check_writable(output_dir, "--output_dir")
     if max_plots:
-        _check_writable(plots_dir, "--plots_dir")
+        check_writable(plots_dir, "--plots_dir")
     store = ensure_cube(input_dir, storage_options=storage_options, progress=progress, option="--input_dir")
     ds = open_cube(store, storage_options)
-    grid, trained = cube_grid(ds), checkpoint_grid(state)
-    if not grid.matches(trained):
-        raise RunoffError(f"--weights_path {weights_path}: trained on grid {trained.describe()}, but "
-                          f"--input_dir {input_dir} is on {grid.describe()}")
+    grid = cube_grid(ds)
+    check_checkpoint_grid(state, grid, f"--weights_path {weights_path}", f"--input_dir {input_dir}")
     variables, leads, input_days = state["variables"], list(state["leads"]), int(state["input_days"])
     missing_vars = [v for v in variables if v not in ds.data_vars]
     if missing_vars:
@@ -160,10 +159,10 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
         raise RunoffError(f"--input_dir {input_dir}: {len(all_dates)} day(s) ({sum(present)} present); the model "
                           f"needs {input_days} consecutive days before an issue day")
     if split is not None:
-        if split not in state["splits"]:
-            raise RunoffError(f"--split {split!r}: choose one of {', '.join(state['splits'])}")
-        chosen = Split(split, *(dt.date.fromisoformat(d) for d in state["splits"][split]))
-        in_split = set(window_issues(ds, chosen, WindowSpec(input_days, tuple(leads), tuple(variables))).tolist())
+        splits = checkpoint_splits(state)
+        if split not in splits:
+            raise RunoffError(f"--split {split!r}: choose one of {', '.join(splits)}")
+        in_split = set(window_issues(ds, splits[split], WindowSpec(input_days, tuple(leads), tuple(variables))).tolist())
         candidates = [t for t in candidates if t in in_split]
     issues = _select_issues(all_dates, candidates, dates, last)
     if not issues:
@@ -181,7 +180,7 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
 
     k = 0
     for t in tqdm(issues, desc="predict", unit="day", disable=not progress):
-        window = _window(ds, variables, stats, t, input_days)
+        window = window_inputs(ds, variables, stats, t, input_days)
         out = forecast_window(model, np.nan_to_num(window, nan=0.0), dev, tile=tile)
         nodata = np.isnan(window[:, 0]).all(axis=0)  # no data on any input day: sea, outside the domain
         values = denormalise(out, stats[TARGET])
@@ -221,7 +220,7 @@ def _plot_stride(n_maps: int, max_plots: int) -> int:
     return -(-n_maps // max_plots)
 
 
-def _window(ds: xr.Dataset, variables: list[str], stats: dict, t: int, input_days: int) -> np.ndarray:
+def window_inputs(ds: xr.Dataset, variables: list[str], stats: dict, t: int, input_days: int) -> np.ndarray:
     """Normalised inputs (T, C, H, W) of the window issued at index ``t`` (NaN kept)."""
     days = [np.asarray(ds[name].data[t - input_days + 1:t + 1]) for name in variables]
     return np.stack([normalise(d, stats[name]) for d, name in zip(days, variables)], axis=1)

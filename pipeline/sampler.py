@@ -24,7 +24,6 @@ Example
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -197,7 +196,3 @@ class WindowSampler(IterableDataset):
                 mask = valid[i + leads, None, y0:y0 + ph, x0:x0 + pw]
                 yield torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
 
-
-def issue_date(ds: xr.Dataset, t: int) -> dt.date:
-    """The issue day (last input day) of a window, from its time index."""
-    return dt.date.fromisoformat(str(ds.time.values[t])[:10])

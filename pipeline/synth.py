@@ -22,7 +22,6 @@ Example
 from __future__ import annotations
 
 import datetime as dt
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from rasterio.transform import from_origin
 from scipy.ndimage import gaussian_filter
 
 from .errors import RunoffError
+from .export import atomic_output
 
 NODATA = -9999.0
 PNG_NODATA = 65535
@@ -140,7 +140,7 @@ def _write_tif(path: Path, values: np.ndarray, crs: CRS, transform, name: str, d
         dst.units = (UNITS[name],)
 
 
-def _write_png(path: Path, values: np.ndarray, transform, png_scale: float) -> None:
+def _write_png(path: Path, world_path: Path, values: np.ndarray, transform, png_scale: float) -> None:
     codes = np.clip(np.round(values / png_scale * 65535), 0, 65534)
     codes = np.where(np.isnan(values), PNG_NODATA, codes).astype(np.uint16)
     with rasterio.Env(GDAL_PAM_ENABLED="NO"), warnings.catch_warnings():
@@ -151,7 +151,7 @@ def _write_png(path: Path, values: np.ndarray, transform, png_scale: float) -> N
             dst.write(codes, 1)
     a, _, c, _, e, f = tuple(transform)[:6]
     # world file: pixel size x, rotations, pixel size y, centre of the top-left pixel
-    path.with_suffix(".pgw").write_text(f"{a!r}\n0.0\n0.0\n{e!r}\n{c + a / 2!r}\n{f + e / 2!r}\n")
+    world_path.write_text(f"{a!r}\n0.0\n0.0\n{e!r}\n{c + a / 2!r}\n{f + e / 2!r}\n")
 
 
 def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width: int = 160,
@@ -192,15 +192,13 @@ def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width:
         for name, folder in folders.items():
             stem = f"{'QS' if name == 'qs' else COVARIATES[name].upper()}_{day.date:%Y%m%d}"
             path = folder / f"{stem}.{fmt}"
-            tmp = path.with_name(f".{path.name}.partial")
             values = getattr(day, name)
-            if fmt == "png":
-                _write_png(tmp.with_suffix(".png"), values, transform, png_scale)
-                os.replace(tmp.with_suffix(".pgw"), path.with_suffix(".pgw"))
-                os.replace(tmp.with_suffix(".png"), path)
+            if fmt == "png":  # the world file lands first: a PNG under its name is georeferenced
+                with atomic_output(path) as tmp, atomic_output(path.with_suffix(".pgw")) as world:
+                    _write_png(tmp, world, values, transform, png_scale)
             else:
-                _write_tif(tmp, values, crs_obj, transform, name, day.date)
-                os.replace(tmp, path)
+                with atomic_output(path) as tmp:
+                    _write_tif(tmp, values, crs_obj, transform, name, day.date)
             if name == "qs":
                 written.append(path)
     return written

@@ -16,6 +16,7 @@ PosixPath('checkpoints/best.pth')
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import math
 import os
 import sys
@@ -28,8 +29,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .cube import TARGET, cube_dates, cube_grid, make_splits, normalisation_stats, open_cube
+from .cube import TARGET, Split, cube_dates, cube_grid, make_splits, normalisation_stats, open_cube
 from .errors import RunoffError
+from .export import atomic_output
 from .ingest import ensure_cube
 from .model import ConvLSTMForecaster
 from .plots import plot_loss_curves
@@ -110,11 +112,9 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path, option: str = "--weights_path") -> dict:
@@ -139,6 +139,18 @@ def checkpoint_grid(state: dict) -> Grid:
     return Grid(g["crs_wkt"], tuple(g["transform"]), g["height"], g["width"])
 
 
+def check_checkpoint_grid(state: dict, grid: Grid, checkpoint: str, data: str) -> None:
+    """One clear error when ``data`` (an option and its value) is not on the checkpoint's grid."""
+    trained = checkpoint_grid(state)
+    if not trained.matches(grid):
+        raise RunoffError(f"{checkpoint}: trained on grid {trained.describe()}, but {data} is on {grid.describe()}")
+
+
+def checkpoint_splits(state: dict) -> dict[str, Split]:
+    """The train / val / test date ranges a checkpoint was trained with."""
+    return {name: Split(name, *(dt.date.fromisoformat(d) for d in ends)) for name, ends in state["splits"].items()}
+
+
 def _grid_dict(grid: Grid) -> dict:
     return {"crs_wkt": grid.crs_wkt, "transform": list(grid.transform), "height": grid.height,
             "width": grid.width}
@@ -153,7 +165,7 @@ def build_model(state_or_config: dict) -> ConvLSTMForecaster:
     return ConvLSTMForecaster.from_config(state_or_config)
 
 
-def _check_writable(folder: Path, option: str) -> None:
+def check_writable(folder: Path, option: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -190,7 +202,7 @@ class _EpochClock:
         return self.wait / total if total > 0 else 0.0
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device):
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
@@ -204,10 +216,11 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
     model.eval()
     # loss, count, persistence loss (normalised); sse model, sse persistence (physical units)
     sums = torch.zeros(5, dtype=torch.float64, device=device)
+    phys = lambda v: torch.expm1(v * stats["std"] + stats["mean"]).clamp(min=0)  # noqa: E731
     with torch.no_grad():
         for x, y, mask in loader:
             x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
-            with _autocast(device):
+            with autocast_for(device):
                 pred = model(x)
             pred = pred.float()
             m = mask.float()
@@ -215,7 +228,6 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
             sums[0] += (((pred - y) ** 2) * m).sum().double()
             sums[1] += m.sum().double()
             sums[2] += (((last - y) ** 2) * m).sum().double()
-            phys = lambda v: torch.expm1(v * stats["std"] + stats["mean"]).clamp(min=0)  # noqa: E731
             truth = phys(y)
             sums[3] += (((phys(pred) - truth) ** 2) * m).sum().double()
             sums[4] += (((phys(last) - truth) ** 2) * m).sum().double()
@@ -227,13 +239,10 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
 
 
 def _write_history(history: list[dict], output_dir: Path) -> None:
-    path = output_dir / "history.csv"
-    tmp = path.with_name(".history.csv.partial")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(output_dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
     plot_loss_curves(history, output_dir / "plots" / "loss_curves.png")
 
 
@@ -246,8 +255,8 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         config = _merge_resume(config, explicit if explicit is not None else set(), resume_state)
     _validate(config)
     checkpoint_dir, output_dir = Path(config.checkpoint_dir), Path(config.output_dir)
-    _check_writable(checkpoint_dir, "--checkpoint_dir")
-    _check_writable(output_dir, "--output_dir")
+    check_writable(checkpoint_dir, "--checkpoint_dir")
+    check_writable(output_dir, "--output_dir")
     device = pick_device(config.device)
 
     store = ensure_cube(config.data_dir, storage_options=config.storage_options, progress=progress)
@@ -266,10 +275,7 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         check_windows(issues[name], splits[name], spec, len(dates))
 
     if resume_state is not None:
-        saved_grid = checkpoint_grid(resume_state)
-        if not saved_grid.matches(grid):
-            raise RunoffError(f"--resume {config.resume}: trained on grid {saved_grid.describe()}, but "
-                              f"{store} is on {grid.describe()}")
+        check_checkpoint_grid(resume_state, grid, f"--resume {config.resume}", str(store))
         stats = resume_state["norm_stats"]
     else:
         stats = normalisation_stats(ds, variables, splits["train"])
@@ -341,7 +347,7 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
             clock.wait += time.perf_counter() - waited
             x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
             optimiser.zero_grad(set_to_none=True)
-            with _autocast(device):
+            with autocast_for(device):
                 pred = model(x)
             loss = masked_mse(pred.float(), y, mask)
             scaler.scale(loss).backward()
