@@ -23,6 +23,11 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*spellings, dest=name, **kwargs)
 
 
+def _scheduler_option(parser: argparse.ArgumentParser) -> None:
+    _option(parser, "scheduler", help="run the chunked work on dask.distributed: local:N (N worker processes) "
+            "or a scheduler address tcp://host:8786 (default: threads in this process)")
+
+
 def _read_options(args: argparse.Namespace):
     from .rasters import ReadOptions
 
@@ -44,13 +49,16 @@ def _storage_options(text: str | None) -> dict | None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
+    from .cluster import dask_client
     from .cube import describe_cube
     from .ingest import ingest, parse_chunks
 
-    report = ingest(args.input_dir, args.store, date_format=args.date_format, options=_read_options(args),
-                    chunks=parse_chunks(args.chunks), overwrite=args.overwrite, units=args.units,
-                    long_name=args.long_name, progress=sys.stderr.isatty(),
-                    storage_options=_storage_options(args.storage_options))
+    chunks, storage_options = parse_chunks(args.chunks), _storage_options(args.storage_options)
+    with dask_client(args.scheduler) as client:
+        report = ingest(args.input_dir, args.store, date_format=args.date_format, options=_read_options(args),
+                        chunks=chunks, overwrite=args.overwrite, units=args.units,
+                        long_name=args.long_name, progress=sys.stderr.isatty(),
+                        storage_options=storage_options, client=client)
     print(f"{report.store}: wrote {report.written} day(s), {report.skipped} already present; "
           f"{report.start} .. {report.end}, {len(report.missing_dates)} missing; variables {', '.join(report.variables)}")
     if args.info:
@@ -122,13 +130,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from .cluster import dask_client
     from .predict import predict
 
-    report = predict(args.weights_path, args.input_dir, args.output_dir, dates=args.dates, last=args.last,
-                     split=args.split,
-                     fmt=args.format, tile=args.tile, plots_dir=args.plots_dir, max_plots=args.max_plots,
-                     device=args.device, storage_options=_storage_options(args.storage_options),
-                     progress=sys.stderr.isatty())
+    storage_options = _storage_options(args.storage_options)
+    with dask_client(args.scheduler):  # the cube's reads run on the cluster
+        report = predict(args.weights_path, args.input_dir, args.output_dir, dates=args.dates, last=args.last,
+                         split=args.split, fmt=args.format, tile=args.tile, plots_dir=args.plots_dir,
+                         max_plots=args.max_plots, device=args.device, storage_options=storage_options,
+                         progress=sys.stderr.isatty())
     print(f"{len(report.geotiffs)} forecast GeoTIFF(s) for {len(report.issues)} issue day(s) "
           f"({report.issues[0]} .. {report.issues[-1]}) in {args.output_dir}")
     if report.netcdf:
@@ -138,6 +148,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .cluster import dask_client
     from .evaluate import evaluate
 
     thresholds = None
@@ -146,9 +157,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             thresholds = [float(v) for v in args.thresholds.split(",")]
         except ValueError:
             raise RunoffError(f"--thresholds {args.thresholds!r}: expected numbers in data units, e.g. 5,20") from None
-    report = evaluate(args.weights_path, args.data_dir, split=args.split, output_dir=args.output_dir,
-                      thresholds=thresholds, device=args.device,
-                      storage_options=_storage_options(args.storage_options), progress=sys.stderr.isatty())
+    storage_options = _storage_options(args.storage_options)
+    with dask_client(args.scheduler):  # the cube's reads and the climatology run on the cluster
+        report = evaluate(args.weights_path, args.data_dir, split=args.split, output_dir=args.output_dir,
+                          thresholds=thresholds, device=args.device, storage_options=storage_options,
+                          progress=sys.stderr.isatty())
     print(report.summary)
     for path in report.files:
         print(f"wrote {path}")
@@ -174,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "overwrite", action="store_true", help="replace days whose values changed")
     _option(p, "storage_options", help="JSON options for fsspec URLs, e.g. '{\"anon\": false}'")
     _option(p, "info", action="store_true", help="print the cube summary afterwards")
+    _scheduler_option(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("info", help="summary of a cube: dims, dates, missing days, CRS, chunks, size, statistics")
@@ -224,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "max_plots", type=int, default=8, help="figures spread over the forecasts (0: none, -1: all)")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
     _option(p, "storage_options", help="JSON options for fsspec URLs")
+    _scheduler_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="score the model against persistence and climatology per lead time")
@@ -234,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "thresholds", help="event thresholds in data units, e.g. 5,20 (default: training p90, p99 of wet pixels)")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
     _option(p, "storage_options", help="JSON options for fsspec URLs")
+    _scheduler_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("synth", help="write a synthetic but physically plausible daily QS series")

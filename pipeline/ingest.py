@@ -37,7 +37,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import dask
 import dask.array as da
@@ -54,6 +54,9 @@ from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, is_url, read_cube_info
 from .errors import RunoffError, RunoffWarning
 from .rasters import (DayFile, Grid, ReadOptions, check_grids, find_rasters, grid_error, list_days, raster_env,
                       read_grid, read_raster)
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 DEFAULT_CHUNKS = {"time": 16, "y": 256, "x": 256}
 TIME_UNITS = "days since 1970-01-01"
@@ -328,23 +331,18 @@ def _plan_writes(group: zarr.Group, all_vars: list[str], variables: Mapping[str,
     return tasks, written, skipped
 
 
-class _Committer(Callback):
+class _Committer:
     """Records finished days in the cube's attributes, at most every half second."""
 
-    def __init__(self, group: zarr.Group, tasks: Mapping[str, _Task], info: CubeInfo | None,
-                 variables: list[str], bar) -> None:
-        super().__init__()
-        self.group, self.tasks, self.bar = group, tasks, bar
+    def __init__(self, group: zarr.Group, info: CubeInfo | None, variables: list[str], bar) -> None:
+        self.group, self.bar = group, bar
         self.files = {v: dict(info.records[v].files) if info and v in info.records else {} for v in variables}
         self.digests = {v: dict(info.records[v].digest) if info and v in info.records else {} for v in variables}
         self.dirty: set[str] = set()
         self.last = time.monotonic()
         self.all_nan: list[str] = []
 
-    def _posttask(self, key, result, dsk, state, worker_id) -> None:
-        task = self.tasks.get(key)
-        if task is None:
-            return
+    def record(self, task: _Task, result: list[tuple[str, str, str, bool]]) -> None:
         for date, name, dig, all_nan in result:
             self.files[task.variable][date] = name
             self.digests[task.variable][date] = dig
@@ -365,12 +363,40 @@ class _Committer(Callback):
         self.last = time.monotonic()
 
 
+def _run_tasks(tasks: list[_Task], arrays: Mapping[str, zarr.Array], committer: _Committer,
+               client: "Client | None", num_workers: int | None) -> None:
+    """Write every task, one Dask task each, recording each as soon as it finishes."""
+    delayed = [dask.delayed(_write_task, pure=False)(arrays[t.variable], t) for t in tasks]
+    if client is None:
+        by_key = {d.key: t for d, t in zip(delayed, tasks)}
+
+        def posttask(key, result, dsk, state, worker_id) -> None:
+            if key in by_key:
+                committer.record(by_key[key], result)
+
+        with Callback(posttask=posttask):
+            dask.compute(*delayed, scheduler="threads", num_workers=num_workers)
+        return
+    from distributed import as_completed
+
+    futures = client.compute(delayed)
+    by_key = {f.key: t for f, t in zip(futures, tasks)}
+    try:
+        for future, result in as_completed(futures, with_results=True):
+            committer.record(by_key[future.key], result)
+    finally:
+        client.cancel(futures)
+
+
 def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None = None,
            options: ReadOptions = ReadOptions(), chunks: dict[str, int] | None = None,
            overwrite: bool = False, units: str | None = None, long_name: str | None = None,
            progress: bool = False, storage_options: dict | None = None,
-           num_workers: int | None = None) -> IngestReport:
+           num_workers: int | None = None, client: "Client | None" = None) -> IngestReport:
     """Ingest the rasters of ``input_dir`` into the cube ``store`` (created, extended or filled).
+
+    The reads and chunk writes run as Dask tasks: on local threads (``num_workers`` of
+    them), or on the ``distributed`` cluster of ``client`` (see :mod:`pipeline.cluster`).
 
     Raises :class:`RunoffError` for bad input, before anything is written.
     """
@@ -432,14 +458,12 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
                                                rewrite, options, grid, grid_from)
 
         arrays = {name: group[name] for name in all_vars}
-        delayed = [dask.delayed(_write_task, pure=False)(arrays[t.variable], t) for t in tasks]
         from tqdm import tqdm
         with tqdm(total=sum(len(t.slots) for t in tasks), unit="day", desc="ingest",
                   disable=not progress) as bar:
-            committer = _Committer(group, {d.key: t for d, t in zip(delayed, tasks)}, done, all_vars, bar)
+            committer = _Committer(group, done, all_vars, bar)
             try:
-                with committer:
-                    dask.compute(*delayed, scheduler="threads", num_workers=num_workers)
+                _run_tasks(tasks, arrays, committer, client, num_workers)
             except RunoffError:
                 if target != store and not is_url(target):
                     shutil.rmtree(target, ignore_errors=True)  # a bad file: the new cube never appears
