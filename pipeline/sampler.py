@@ -17,15 +17,15 @@ Example
 >>> ds = open_cube("stores/qs.zarr")                                     # doctest: +SKIP
 >>> issues = window_issues(ds, splits["train"], WindowSpec(6, (1,)))     # doctest: +SKIP
 >>> sampler = WindowSampler("stores/qs.zarr", issues, WindowSpec(6, (1,)), stats, patch=64)
->>> x, y, mask = next(iter(sampler))                                      # doctest: +SKIP
->>> x.shape, y.shape                                                      # doctest: +SKIP
-(torch.Size([6, 1, 64, 64]), torch.Size([1, 1, 64, 64]))
+>>> window = next(iter(sampler))                                          # doctest: +SKIP
+>>> window.x.shape, window.y.shape, int(window.issue)                     # doctest: +SKIP
+(torch.Size([6, 1, 64, 64]), torch.Size([1, 1, 64, 64]), 412)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import dask
 import numpy as np
@@ -49,6 +49,15 @@ class WindowSpec:
     def span(self) -> tuple[int, int]:
         """Days before and after the issue day that a window touches."""
         return self.input_days - 1, max(self.leads)
+
+
+class Window(NamedTuple):
+    """One sample; a DataLoader batches each field (``x`` becomes ``(batch, T, C, H, W)``)."""
+
+    x: torch.Tensor  # float32 (input_days, channels, h, w): normalised inputs, NaN -> 0
+    y: torch.Tensor  # float32 (leads, 1, h, w): normalised target, NaN -> 0
+    mask: torch.Tensor  # bool like y: True where the target is valid
+    issue: torch.Tensor  # int64 scalar: time index of the issue day (which window this is)
 
 
 def window_issues(ds: xr.Dataset, split: Split, spec: WindowSpec) -> np.ndarray:
@@ -78,11 +87,8 @@ def check_windows(issues: np.ndarray, split: Split, spec: WindowSpec, n_days: in
 
 
 class WindowSampler(IterableDataset):
-    """Iterable dataset of ``(x, y, mask)`` windows, see the module docstring.
+    """Iterable dataset of :class:`Window` samples ``(x, y, mask, issue)``, see the module docstring.
 
-    ``x``: float32 ``(input_days, channels, h, w)`` normalised, NaN -> 0;
-    ``y``: float32 ``(leads, 1, h, w)`` normalised target, NaN -> 0;
-    ``mask``: bool like ``y``, True where the target is valid.
     ``patch``: random ``patch x patch`` crops (training); None: the full grid.
     """
 
@@ -174,7 +180,7 @@ class WindowSampler(IterableDataset):
     def __len__(self) -> int:
         return int(self.issues.size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Window]:
         worker = get_worker_info()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker.id if worker else 0])
         before, after = self.spec.span
@@ -194,5 +200,6 @@ class WindowSampler(IterableDataset):
                 x = np.ascontiguousarray(data[i - before:i + 1, :, y0:y0 + ph, x0:x0 + pw])
                 y = data[i + leads, :1, y0:y0 + ph, x0:x0 + pw]
                 mask = valid[i + leads, None, y0:y0 + ph, x0:x0 + pw]
-                yield torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask)
+                yield Window(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask),
+                             torch.tensor(int(t)))
 

@@ -25,7 +25,13 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import contextlib
+from typing import Iterator
+
 import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import __version__
@@ -102,6 +108,56 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise RunoffError("--device mps: Apple MPS is not available here; use --device auto or cpu")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel run (``rank 0 of 1`` when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main rank writes checkpoints, history, plots and log lines."""
+        return self.rank == 0
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum ``values`` over the ranks (in place, returned)."""
+        if self.world_size > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def gather(self, value):
+        """Every rank's ``value``, in rank order (a one-item list when not distributed)."""
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+
+@contextlib.contextmanager
+def data_parallel(device_name: str = "auto") -> Iterator[Ranks]:
+    """The process group of a ``torchrun`` launch (gloo on CPU, nccl on CUDA), torn down
+    on exit; outside torchrun, one rank on :func:`pick_device`."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world_size == 1:
+        yield Ranks(0, 1, device)
+        return
+    if device.type == "mps":
+        raise RunoffError("--device mps: data-parallel training runs on cpu or cuda; pass --device cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Ranks(dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        dist.destroy_process_group()
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -210,15 +266,16 @@ def autocast_for(device: torch.device):
 
 
 def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
-                    stats: dict[str, float]) -> dict[str, float]:
+                    stats: dict[str, float], ranks: Ranks = Ranks()) -> dict[str, float]:
     """Validation loss and skill against persistence, in normalised space (the loss) and as
-    MSE in physical units: skill = 1 - MSE_model / MSE_persistence."""
+    MSE in physical units: skill = 1 - MSE_model / MSE_persistence. Under data-parallel
+    training each rank scores its shard and the sums are combined."""
     model.eval()
     # loss, count, persistence loss (normalised); sse model, sse persistence (physical units)
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     phys = lambda v: torch.expm1(v * stats["std"] + stats["mean"]).clamp(min=0)  # noqa: E731
     with torch.no_grad():
-        for x, y, mask in loader:
+        for x, y, mask, _ in loader:
             x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
             with autocast_for(device):
                 pred = model(x)
@@ -231,7 +288,7 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
             truth = phys(y)
             sums[3] += (((phys(pred) - truth) ** 2) * m).sum().double()
             sums[4] += (((phys(last) - truth) ** 2) * m).sum().double()
-    loss, count, loss_p, sse, sse_p = sums.tolist()
+    loss, count, loss_p, sse, sse_p = ranks.sum(sums).tolist()
     count = max(count, 1.0)
     return {"val_loss": loss / count, "val_skill": 1.0 - loss / loss_p if loss_p > 0 else float("nan"),
             "val_mse": sse / count, "persistence_mse": sse_p / count,
@@ -248,18 +305,37 @@ def _write_history(history: list[dict], output_dir: Path) -> None:
 
 def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool = False) -> TrainResult:
     """Run (or resume) training; see :class:`TrainConfig`. ``explicit`` names the settings
-    the user gave on the command line (they override a resumed checkpoint's)."""
+    the user gave on the command line (they override a resumed checkpoint's).
+
+    Under ``torchrun --nproc_per_node N -m pipeline.train ...`` each rank trains a
+    DistributedDataParallel replica on its own disjoint share of the windows; only rank 0
+    writes checkpoints, history, plots and log lines.
+    """
     resume_state = None
     if config.resume:
         resume_state = load_checkpoint(config.resume, "--resume")
         config = _merge_resume(config, explicit if explicit is not None else set(), resume_state)
     _validate(config)
-    checkpoint_dir, output_dir = Path(config.checkpoint_dir), Path(config.output_dir)
-    check_writable(checkpoint_dir, "--checkpoint_dir")
-    check_writable(output_dir, "--output_dir")
-    device = pick_device(config.device)
+    with data_parallel(config.device) as ranks:
+        return _train(config, resume_state, ranks, progress)
 
-    store = ensure_cube(config.data_dir, storage_options=config.storage_options, progress=progress)
+
+def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progress: bool) -> TrainResult:
+    checkpoint_dir, output_dir = Path(config.checkpoint_dir), Path(config.output_dir)
+    device = ranks.device
+    outcome = None
+    if ranks.is_main:  # rank 0 checks the outputs and ingests a raster folder once; the others wait
+        try:
+            check_writable(checkpoint_dir, "--checkpoint_dir")
+            check_writable(output_dir, "--output_dir")
+            outcome = ("ok", ensure_cube(config.data_dir, storage_options=config.storage_options, progress=progress))
+        except RunoffError as exc:
+            outcome = ("error", str(exc))
+    kind, store = ranks.gather(outcome)[0]
+    if kind == "error":  # every rank stops with rank 0's message
+        raise RunoffError(store)
+    log = print if ranks.is_main else (lambda *args, **kwargs: None)
+    progress = progress and ranks.is_main
     ds = open_cube(store, config.storage_options)
     grid = cube_grid(ds)
     variables = [TARGET] + [c for c in config.covariates if c != TARGET]
@@ -280,7 +356,7 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
     else:
         stats = normalisation_stats(ds, variables, splits["train"])
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = ConvLSTMForecaster(len(variables), config.hidden_channels, config.kernel_size, config.num_layers,
                                leads=len(config.leads), predict_delta=config.predict_delta).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -296,6 +372,9 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         start_epoch = resume_state["epoch"]
         best_val, best_epoch = resume_state["best_val_loss"], resume_state["best_epoch"]
         bad_epochs, history = resume_state["bad_epochs"], list(resume_state["history"])
+    net = model
+    if ranks.world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     train_issues = issues["train"]
     if config.max_train_windows:
@@ -304,6 +383,8 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
                               seed=config.seed, storage_options=config.storage_options)
     val_set = WindowSampler(store, issues["val"], spec, stats, patch=None, shuffle=False,
                             storage_options=config.storage_options)
+    for sampler in (train_set, val_set):
+        sampler.shard(ranks.rank, ranks.world_size)
     pin = device.type == "cuda"
     loader_kw = dict(num_workers=config.num_workers, pin_memory=pin,
                      persistent_workers=False, multiprocessing_context="spawn" if config.num_workers else None)
@@ -316,14 +397,14 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         "input_days": config.input_days, "leads": list(config.leads), "variables": variables,
         "grid": _grid_dict(grid), "data": str(store),
         "splits": {name: [s.start.isoformat(), s.end.isoformat()] for name, s in splits.items()},
-        "train_config": asdict(config),
+        "train_config": asdict(config), "world_size": ranks.world_size,
     }
     epoch = start_epoch
     last_path = Path(config.resume) if config.resume else checkpoint_dir / f"model_epoch{epoch}.pth"
     if resume_state is not None and (start_epoch >= config.epochs or bad_epochs >= config.patience):
         why = "stopped early" if bad_epochs >= config.patience else f"reached --epochs {config.epochs}"
-        print(f"{config.resume}: this run already {why} at epoch {start_epoch}; nothing to do "
-              f"(raise --epochs to train on)")
+        log(f"{config.resume}: this run already {why} at epoch {start_epoch}; nothing to do "
+            f"(raise --epochs to train on)")
         return TrainResult(0, best_epoch, best_val, checkpoint_dir / "best.pth", last_path, history)
     from tqdm import tqdm
 
@@ -333,37 +414,44 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         train_set.set_epoch(epoch)
         model.train()
         clock = _EpochClock()
-        total_loss = torch.zeros((), device=device)
-        steps = samples = 0
+        # loss sum, steps, samples, seconds waiting for data: summed over ranks at the epoch's end
+        totals = torch.zeros(4, dtype=torch.float64, device=device)
+        seen: list[torch.Tensor] = []
         bar = tqdm(total=len(train_set), unit="win", desc=f"epoch {epoch}/{config.epochs}",
                    disable=not progress, leave=False)
         batches = iter(train_loader)
-        while True:
-            waited = time.perf_counter()
-            try:
-                x, y, mask = next(batches)
-            except StopIteration:
-                break
-            clock.wait += time.perf_counter() - waited
-            x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
-            optimiser.zero_grad(set_to_none=True)
-            with autocast_for(device):
-                pred = model(x)
-            loss = masked_mse(pred.float(), y, mask)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimiser)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            scaler.step(optimiser)
-            scaler.update()
-            total_loss += loss.detach()
-            steps += 1
-            samples += x.shape[0]
-            bar.update(x.shape[0])
+        # Join: ranks whose share holds fewer batches shadow the others' all-reduces
+        with Join([net]) if ranks.world_size > 1 else contextlib.nullcontext():
+            while True:
+                waited = time.perf_counter()
+                try:
+                    x, y, mask, issue = next(batches)
+                except StopIteration:
+                    break
+                clock.wait += time.perf_counter() - waited
+                x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
+                optimiser.zero_grad(set_to_none=True)
+                with autocast_for(device):
+                    pred = net(x)
+                loss = masked_mse(pred.float(), y, mask)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimiser)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+                scaler.step(optimiser)
+                scaler.update()
+                totals[0] += loss.detach()
+                totals[1] += 1
+                totals[2] += x.shape[0]
+                seen.append(issue)
+                bar.update(x.shape[0])
         bar.close()
         elapsed = time.perf_counter() - clock.start
-        data_wait = clock.share()
-        val = evaluate_loader(model, val_loader, device, stats[TARGET])
-        train_loss = float(total_loss) / max(steps, 1)
+        totals[3] += clock.wait
+        loss_sum, steps, samples, wait = ranks.sum(totals).tolist()
+        data_wait = wait / ranks.world_size / elapsed if elapsed > 0 else 0.0
+        windows = ranks.gather(torch.cat(seen).tolist() if seen else [])
+        val = evaluate_loader(model, val_loader, device, stats[TARGET], ranks)
+        train_loss = loss_sum / max(steps, 1)
         scheduler.step(val["val_loss"])
         lr = optimiser.param_groups[0]["lr"]
         improved = val["val_loss"] < best_val
@@ -373,21 +461,23 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
             bad_epochs += 1
         history.append({"epoch": epoch, "train_loss": train_loss, **val, "lr": lr,
                         "samples_per_s": samples / elapsed if elapsed > 0 else 0.0, "data_wait": data_wait})
-        print(f"epoch {epoch:3d}/{config.epochs}  train {train_loss:.4f}  val {val['val_loss']:.4f}  "
-              f"skill vs persistence {val['val_skill']:+.3f} (MSE in kg m-2: {val['val_mse_skill']:+.3f})  "
-              f"lr {lr:.1e}  "
-              f"{samples / elapsed:6.1f} samples/s  data wait {data_wait:5.1%}" + ("  *" if improved else ""),
-              flush=True)
-        state = {**base_state, "model_state": model.state_dict(), "optimizer_state": optimiser.state_dict(),
-                 "scheduler_state": scheduler.state_dict(), "epoch": epoch, "best_val_loss": best_val,
-                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
-                 "rng_state": torch.get_rng_state()}
-        last_path = save_checkpoint(state, checkpoint_dir / f"model_epoch{epoch}.pth")
-        save_checkpoint(state, checkpoint_dir / "last.pth")  # what --resume continues from
-        if improved:
-            save_checkpoint(state, checkpoint_dir / "best.pth")
-        _write_history(history, output_dir)
-    if bad_epochs >= config.patience and epoch < config.epochs:
+        log(f"epoch {epoch:3d}/{config.epochs}  train {train_loss:.4f}  val {val['val_loss']:.4f}  "
+            f"skill vs persistence {val['val_skill']:+.3f} (MSE in kg m-2: {val['val_mse_skill']:+.3f})  "
+            f"lr {lr:.1e}  "
+            f"{samples / elapsed:6.1f} samples/s  data wait {data_wait:5.1%}" + ("  *" if improved else ""),
+            flush=True)
+        last_path = checkpoint_dir / f"model_epoch{epoch}.pth"
+        if ranks.is_main:
+            state = {**base_state, "model_state": model.state_dict(), "optimizer_state": optimiser.state_dict(),
+                     "scheduler_state": scheduler.state_dict(), "epoch": epoch, "best_val_loss": best_val,
+                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
+                     "rng_state": torch.get_rng_state(), "epoch_windows": windows}
+            save_checkpoint(state, last_path)
+            save_checkpoint(state, checkpoint_dir / "last.pth")  # what --resume continues from
+            if improved:
+                save_checkpoint(state, checkpoint_dir / "best.pth")
+            _write_history(history, output_dir)
+    if bad_epochs >= config.patience and epoch < config.epochs and ranks.is_main:
         print(f"early stopping: no validation improvement for {config.patience} epochs "
               f"(best epoch {best_epoch})", file=sys.stderr)
     return TrainResult(len(history), best_epoch, best_val, checkpoint_dir / "best.pth", last_path, history)

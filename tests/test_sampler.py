@@ -72,9 +72,10 @@ def _sampler(cube, patch=None, shuffle=False, seed=0, variables=("qs",), leads=(
 
 def test_window_shapes_mask_and_values(cube):
     sampler, ds, stats = _sampler(cube, leads=(1, 2))
-    x, y, mask = next(iter(sampler))
+    x, y, mask, issue = next(iter(sampler))
     assert x.shape == (6, 1, 24, 30) and y.shape == (2, 1, 24, 30) and mask.dtype == torch.bool
     t = int(sampler.issues[0])
+    assert int(issue) == t
     truth = normalise(ds.qs.isel(time=t + 1).values, stats["qs"])
     np.testing.assert_allclose(y[0, 0][mask[0, 0]].numpy(), truth[np.isfinite(truth)], rtol=1e-6)
     assert not mask.all() and mask.any()  # the sea is masked
@@ -84,11 +85,11 @@ def test_window_shapes_mask_and_values(cube):
 def test_patches_covariate_channels_and_determinism(cube):
     a, _, _ = _sampler(cube, patch=16, shuffle=True, seed=1, variables=("qs", "rainf"))
     b, _, _ = _sampler(cube, patch=16, shuffle=True, seed=1, variables=("qs", "rainf"))
-    first_a = [x for x, _, _ in a]
+    first_a = [w.x for w in a]
     assert first_a[0].shape == (6, 2, 16, 16)
-    assert all(torch.equal(p, q) for p, q in zip(first_a, (x for x, _, _ in b)))
+    assert all(torch.equal(p, q) for p, q in zip(first_a, (w.x for w in b)))
     a.set_epoch(1)
-    assert not all(torch.equal(p, q) for p, q in zip(first_a, (x for x, _, _ in a)))
+    assert not all(torch.equal(p, q) for p, q in zip(first_a, (w.x for w in a)))
 
 
 def test_one_read_per_block_not_per_window(cube):
@@ -106,8 +107,10 @@ def test_one_read_per_block_not_per_window(cube):
 
 def test_loader_workers_and_ranks_see_disjoint_windows(cube):
     sampler, _, _ = _sampler(cube)
-    single = sorted(float(y.sum()) for _, y, _ in sampler)
+    single = sorted(int(w.issue) for w in sampler)
+    assert single == sorted(sampler.issues.tolist())  # every window once
     loader = DataLoader(sampler, batch_size=None, num_workers=2, multiprocessing_context="spawn")
-    assert sorted(float(y.sum()) for _, y, _ in loader) == single
-    halves = [sorted(float(y.sum()) for _, y, _ in _sampler(cube)[0].shard(r, 2)) for r in (0, 1)]
+    assert sorted(int(w.issue) for w in loader) == single
+    halves = [[int(w.issue) for w in _sampler(cube)[0].shard(r, 2)] for r in (0, 1)]
+    assert not set(halves[0]) & set(halves[1])
     assert sorted(halves[0] + halves[1]) == single

@@ -1,0 +1,62 @@
+"""Data-parallel training: ``torchrun --nproc_per_node 2 -m pipeline.train`` on CPU (gloo)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cube import cube_dates, make_splits, open_cube
+from pipeline.ingest import ingest
+from pipeline.sampler import WindowSpec, window_issues
+from pipeline.synth import write_series
+from pipeline.train import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def cube(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("ddp")
+    write_series(root / "in", days=90, height=24, width=32, seed=5)
+    ingest(root / "in", root / "qs.zarr")
+    return str(root / "qs.zarr")
+
+
+def _torchrun(cube: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pipeline.train", "--data_dir", cube, "--batch_size", "4", "--hidden_channels", "4",
+               "--patch", "16", "--checkpoint_dir", str(out / "ckpt"), "--output_dir", str(out / "outputs"),
+               "--device", "cpu", *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_two_ranks_train_disjoint_windows_and_resume_exactly(cube, tmp_path, run_cli):
+    whole = _torchrun(cube, tmp_path / "whole", "--epochs", "2")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert whole.stdout.count("epoch   1/2") == 1  # one log line per epoch: rank 0 only
+    state = load_checkpoint(tmp_path / "whole" / "ckpt" / "last.pth")
+    assert state["world_size"] == 2 and state["epoch"] == 2
+
+    ranks = state["epoch_windows"]
+    assert len(ranks) == 2 and all(ranks)
+    assert not set(ranks[0]) & set(ranks[1]), "the ranks saw overlapping windows"
+    ds = open_cube(cube)
+    train_split = make_splits(*[cube_dates(ds)[i] for i in (0, -1)])["train"]
+    assert sorted(ranks[0] + ranks[1]) == window_issues(ds, train_split, WindowSpec(6, (1,))).tolist()
+
+    first = _torchrun(cube, tmp_path / "resumed", "--epochs", "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = _torchrun(cube, tmp_path / "resumed", "--epochs", "2",
+                        "--resume", str(tmp_path / "resumed" / "ckpt" / "last.pth"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = load_checkpoint(tmp_path / "resumed" / "ckpt" / "last.pth")
+    assert again["epoch"] == 2 and len(again["history"]) == 2
+    for name, tensor in state["model_state"].items():
+        torch.testing.assert_close(again["model_state"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+    result = run_cli("predict", "--weights_path", tmp_path / "whole" / "ckpt" / "best.pth", "--input_dir", cube,
+                     "--output_dir", tmp_path / "pred", "--last", "--max_plots", "0")
+    assert result.status == 0, result.err
+    assert len(list((tmp_path / "pred").glob("QS_*_lead1.tif"))) == 1
