@@ -21,7 +21,7 @@ import numpy as np
 
 from .cube import TARGET, Split, cube_dates, cube_grid, denormalise, open_cube
 from .errors import RunoffError
-from .export import atomic_output, write_geotiff
+from .export import atomic_output, location, write_geotiff
 from .ingest import ensure_cube
 from .plots import plot_map, plot_skill_by_lead
 from .predict import forecast_window, window_inputs
@@ -70,8 +70,8 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
              output_dir: str | Path = "outputs/evaluation", thresholds: list[float] | None = None,
              device: str = "auto", storage_options: dict | None = None, progress: bool = False) -> EvaluationReport:
     """Score the checkpoint on ``split`` (train, val, test or all) of ``data_dir``."""
-    state = load_checkpoint(weights_path)
-    output_dir = Path(output_dir)
+    state = load_checkpoint(weights_path, storage_options=storage_options)
+    output_dir = location(output_dir, storage_options)
     check_writable(output_dir, "--output_dir")
     store = ensure_cube(data_dir, storage_options=storage_options, progress=progress)
     ds = open_cube(store, storage_options)
@@ -130,7 +130,7 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
         values = score_map(stacks["model"][0], truth[0])
         label = name.upper()
         tags = {"metric": f"{label} per pixel", "lead_days": leads[0], "split": split,
-                "checkpoint": Path(weights_path).name}
+                "checkpoint": location(weights_path).name}
         stem = output_dir / f"{name}_map_lead{leads[0]}"
         files.append(write_geotiff(values, grid, stem.with_suffix(".tif"), tags,
                                    description=f"{label} per pixel, lead {leads[0]} d", units="1"))

@@ -3,7 +3,8 @@
 Both go through rioxarray, with the exact affine transform of the cube (not one
 recomputed from rounded coordinates, rioxarray #739), a declared nodata value
 (rioxarray #570) and atomic renames, so a kill never leaves half a file under its
-final name.
+final name. Any output may be an fsspec URL (``s3://bucket/forecasts``): it is written
+to a local temporary file and uploaded in one PUT, which object stores make atomic.
 
 Example
 -------
@@ -16,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
+from upath import UPath
 
+from .cube import is_url
 from .rasters import Grid
 
 NODATA = -9999.0
@@ -37,19 +41,37 @@ def grid_dataarray(values: np.ndarray, grid: Grid, name: str = "qs", attrs: Mapp
     return da.rio.write_crs(grid.crs_wkt).rio.write_transform(grid.affine)
 
 
+def location(where: str | Path | UPath, storage_options: dict | None = None) -> Path | UPath:
+    """A local ``Path``, or for an fsspec URL a ``UPath`` bound to ``storage_options``
+    (credentials and endpoint otherwise come from the usual environment variables).
+
+    >>> location("outputs/predictions")
+    PosixPath('outputs/predictions')
+    """
+    if isinstance(where, (Path, UPath)):
+        return where
+    return UPath(str(where), **(storage_options or {})) if is_url(where) else Path(where)
+
+
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a hidden temporary path beside ``path``; rename it onto ``path`` when the
-    block succeeds. A reader never sees half a file under its final name, and a failed
-    write leaves nothing behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+def atomic_output(path: str | Path | UPath) -> Iterator[Path]:
+    """Yield a temporary local path; when the block succeeds, move it onto ``path``
+    (rename beside it, or upload to a URL). A reader never sees half a file under its
+    final name, and a failed write leaves nothing behind."""
+    path = location(path)
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="runoff-") as folder:
+        tmp = Path(folder) / path.name
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        path.fs.put_file(str(tmp), path.path)
 
 
 def write_geotiff(values: np.ndarray, grid: Grid, path: str | Path, tags: Mapping | None = None,
@@ -65,7 +87,7 @@ def write_geotiff(values: np.ndarray, grid: Grid, path: str | Path, tags: Mappin
         da.rio.to_raster(tmp, driver="COG", compress="DEFLATE", predictor=3, blocksize=block,
                          overview_resampling="average", overview_count=levels,
                          tags={k: str(v) for k, v in (tags or {}).items()})
-    return Path(path)
+    return location(path)
 
 
 def write_netcdf(ds: xr.Dataset, grid: Grid, path: str | Path) -> Path:
@@ -77,13 +99,13 @@ def write_netcdf(ds: xr.Dataset, grid: Grid, path: str | Path) -> Path:
                 for name in ds.data_vars}
     with atomic_output(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4", encoding=encoding)
-    return Path(path)
+    return location(path)
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (e.g. the checkpoint a forecast came from)."""
+def file_sha256(path: str | Path | UPath) -> str:
+    """Hex sha256 of a file or URL (e.g. the checkpoint a forecast came from)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with location(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .export import atomic_output  # noqa: E402
+from .export import atomic_output, location  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -20,7 +20,7 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
             fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-    return Path(path)
+    return location(path)
 
 
 def plot_loss_curves(history: Sequence[dict], path: str | Path) -> Path:

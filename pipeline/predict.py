@@ -26,7 +26,7 @@ import xarray as xr
 from . import __version__
 from .cube import TARGET, cube_dates, cube_grid, denormalise, normalise, open_cube
 from .errors import RunoffError, RunoffWarning
-from .export import file_sha256, write_geotiff, write_netcdf
+from .export import file_sha256, location, write_geotiff, write_netcdf
 from .ingest import ensure_cube
 from .model import ConvLSTMForecaster
 from .plots import plot_comparison
@@ -138,8 +138,8 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     """
     if fmt not in ("tif", "netcdf"):
         raise RunoffError(f"--format {fmt!r}: choose tif or netcdf")
-    state = load_checkpoint(weights_path)
-    output_dir, plots_dir = Path(output_dir), Path(plots_dir)
+    state = load_checkpoint(weights_path, storage_options=storage_options)
+    output_dir, plots_dir = location(output_dir, storage_options), location(plots_dir, storage_options)
     check_writable(output_dir, "--output_dir")
     if max_plots:
         check_writable(plots_dir, "--plots_dir")
@@ -172,6 +172,7 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     dev = pick_device(device)
     model = build_model(state).to(dev)
     stats = state["norm_stats"]
+    weights_path = location(weights_path, storage_options)
     sha = file_sha256(weights_path)
     units = ds[TARGET].attrs.get("units", "kg m-2")
     plot_every = _plot_stride(len(issues) * len(leads), max_plots)
@@ -192,7 +193,7 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
             forecast.truth.append(truth)
             tags = {"issue_date": all_dates[t].isoformat(), "valid_date": valid.isoformat(), "lead_days": lead,
                     "units": units, "checkpoint_sha256": sha, "package_version": __version__,
-                    "source": f"runoff-forecast ConvLSTM, {Path(weights_path).name}"}
+                    "source": f"runoff-forecast ConvLSTM, {weights_path.name}"}
             geotiffs.append(write_geotiff(values[li], grid, output_dir / f"QS_{valid:%Y%m%d}_lead{lead}.tif", tags,
                                           description=f"QS forecast, lead {lead} d", units=units))
             if plot_every and (k % plot_every == 0 or (t == issues[-1] and li == len(leads) - 1)):

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .cube import TARGET, Split, cube_dates, cube_grid, make_splits, normalisation_stats, open_cube
 from .errors import RunoffError
-from .export import atomic_output
+from .export import atomic_output, location
 from .ingest import ensure_cube
 from .model import ConvLSTMForecaster
 from .plots import plot_loss_curves
@@ -170,16 +170,17 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint."""
     with atomic_output(path) as tmp:
         torch.save(state, tmp)
-    return Path(path)
+    return location(path)
 
 
-def load_checkpoint(path: str | Path, option: str = "--weights_path") -> dict:
-    """Load a checkpoint with ``weights_only=True``; one clear error for anything else."""
-    path = Path(path)
+def load_checkpoint(path: str | Path, option: str = "--weights_path", storage_options: dict | None = None) -> dict:
+    """Load a checkpoint (a path or URL) with ``weights_only=True``; one clear error for anything else."""
+    path = location(path, storage_options)
     if not path.is_file():
         raise RunoffError(f"{option} {path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RunoffError(f"{option} {path}: not a readable PyTorch checkpoint ({first[:120]})") from None
@@ -222,13 +223,15 @@ def build_model(state_or_config: dict) -> ConvLSTMForecaster:
 
 
 def check_writable(folder: Path, option: str) -> None:
+    """One clear error, before any work, when ``folder`` (a path or URL) cannot take files."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as exc:
-        raise RunoffError(f"{option} {folder}: cannot write there ({exc.strerror})") from None
+    except Exception as exc:  # OSError locally; object stores raise their clients' own errors
+        why = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:160] or type(exc).__name__
+        raise RunoffError(f"{option} {folder}: cannot write there ({why})") from None
 
 
 def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> TrainConfig:
@@ -313,7 +316,7 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
     """
     resume_state = None
     if config.resume:
-        resume_state = load_checkpoint(config.resume, "--resume")
+        resume_state = load_checkpoint(config.resume, "--resume", config.storage_options)
         config = _merge_resume(config, explicit if explicit is not None else set(), resume_state)
     _validate(config)
     with data_parallel(config.device) as ranks:
@@ -321,7 +324,8 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
 
 
 def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progress: bool) -> TrainResult:
-    checkpoint_dir, output_dir = Path(config.checkpoint_dir), Path(config.output_dir)
+    checkpoint_dir = location(config.checkpoint_dir, config.storage_options)
+    output_dir = location(config.output_dir, config.storage_options)
     device = ranks.device
     outcome = None
     if ranks.is_main:  # rank 0 checks the outputs and ingests a raster folder once; the others wait
@@ -400,7 +404,7 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
         "train_config": asdict(config), "world_size": ranks.world_size,
     }
     epoch = start_epoch
-    last_path = Path(config.resume) if config.resume else checkpoint_dir / f"model_epoch{epoch}.pth"
+    last_path = location(config.resume, config.storage_options) if config.resume else checkpoint_dir / f"model_epoch{epoch}.pth"
     if resume_state is not None and (start_epoch >= config.epochs or bad_epochs >= config.patience):
         why = "stopped early" if bad_epochs >= config.patience else f"reached --epochs {config.epochs}"
         log(f"{config.resume}: this run already {why} at epoch {start_epoch}; nothing to do "
