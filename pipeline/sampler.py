@@ -170,10 +170,11 @@ class WindowSampler(IterableDataset):
         ds = self.ds
         lazy = [ds[name].data[first:last + 1] for name in self.spec.variables]
         arrays = dask.compute(*lazy, scheduler="threads")
-        data = np.stack([normalise(np.asarray(a), self.stats[name]) for a, name in zip(arrays, self.spec.variables)],
-                        axis=1)
-        valid = np.isfinite(data[:, 0])
-        np.nan_to_num(data, copy=False, nan=0.0)
+        data = np.empty((last - first + 1, len(arrays), *arrays[0].shape[1:]), np.float32)
+        for v, (values, name) in enumerate(zip(arrays, self.spec.variables)):
+            normalise(values, self.stats[name], out=data[:, v])
+        valid = ~np.isnan(data[:, 0])
+        np.copyto(data, np.float32(0), where=np.isnan(data))  # ingest stores nodata as NaN, never inf
         self._cached = ((first, last), (data, valid))
         return data, valid
 
