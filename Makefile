@@ -31,11 +31,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# One table of measured ratios (BENCHMARKS.md), then the cost curves (docs/scaling.png).
 bench: $(STAMP)
 	$(PY) -m pip install -q xbatcher
-	$(PY) benchmarks/bench_ingest.py
-	$(PY) benchmarks/bench_sampler.py
-	$(PY) benchmarks/bench_predict.py
+	$(PY) benchmarks/report.py
+	$(PY) benchmarks/bench_scaling.py --plot docs/scaling.png
 
 clean:
 	rm -rf $(VENV) stores/*.zarr stores/.*.lock data outputs checkpoints

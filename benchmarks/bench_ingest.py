@@ -24,6 +24,7 @@ import rasterio
 import rioxarray
 import xarray as xr
 
+from common import Row, table
 from pipeline.ingest import ingest
 from pipeline.synth import write_series
 
@@ -75,14 +76,18 @@ def peak_memory_mb(folder: Path, store: Path) -> float:
     return peak / 2**20
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--days", type=int, default=365)
-    parser.add_argument("--big-days", type=int, default=3650)
-    parser.add_argument("--height", type=int, default=224)
-    parser.add_argument("--width", type=int, default=464)
-    parser.add_argument("--repeat", type=int, default=3, help="best of N interleaved rounds for the throughputs")
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--big-days", type=int, default=3650)
+    p.add_argument("--height", type=int, default=224)
+    p.add_argument("--width", type=int, default=464)
+    p.add_argument("--repeat", type=int, default=3, help="best of N interleaved rounds for the throughputs")
+    return p
+
+
+def measure(args: argparse.Namespace) -> list[Row]:
+    """Throughputs side by side, then peak memory at --days and --big-days."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         small, big = tmp / "small", tmp / "big"
@@ -94,21 +99,24 @@ def main() -> None:
         rounds = [(read_limit(files), runoff_ingest(small, tmp / "ours.zarr"), naive(files, tmp / "naive.zarr"))
                   for _ in range(args.repeat)]
         limit, ours, slow = (max(r[i] for r in rounds) for i in range(3))
-        print(f"grid {args.height}x{args.width}, {args.days} days, float32 deflate GeoTIFF")
-        print(f"  read limit (rasterio, 1 process) {limit:8.0f} days/s")
-        print(f"  runoff ingest                     {ours:8.0f} days/s")
-        print(f"  naive open_rasterio+concat+to_zarr{slow:8.0f} days/s")
-        print(f"  ratio ingest / read limit   {ours / limit:6.2f}x   (target >= 0.8)")
-        print(f"  ratio ingest / naive        {ours / slow:6.2f}x   (target >= 5)")
+        grid = f"{args.days} days of {args.height}x{args.width}"
+        rows = [Row(f"ingest / read limit ({grid}: {ours:.0f} vs {limit:.0f} days/s)", f"{ours / limit:.2f}x",
+                    ">= 0.8x", ours / limit >= 0.8),
+                Row(f"ingest / naive rioxarray concat ({ours:.0f} vs {slow:.0f} days/s)", f"{ours / slow:.2f}x",
+                    ">= 5x", ours / slow >= 5)]
         if args.big_days:
-            rss_small = peak_memory_mb(small, tmp / "rss_small.zarr")
-            shutil.rmtree(tmp / "ours.zarr", ignore_errors=True)
-            shutil.rmtree(tmp / "naive.zarr", ignore_errors=True)
+            mem_small = peak_memory_mb(small, tmp / "mem_small.zarr")
+            for name in ("ours.zarr", "naive.zarr", "mem_small.zarr"):
+                shutil.rmtree(tmp / name, ignore_errors=True)
             write_series(big, days=args.big_days, height=args.height, width=args.width)
-            rss_big = peak_memory_mb(big, tmp / "rss_big.zarr")
-            print(f"  peak memory (PSS, with workers) {args.days} days {rss_small:5.0f} MB, "
-                  f"{args.big_days} days {rss_big:5.0f} MB: "
-                  f"ratio {rss_big / rss_small:.2f}x (target <= 1.5)")
+            mem_big = peak_memory_mb(big, tmp / "mem_big.zarr")
+            rows.append(Row(f"ingest peak memory {args.big_days} / {args.days} days ({mem_big:.0f} / {mem_small:.0f} MB"
+                            f" PSS)", f"{mem_big / mem_small:.2f}x", "<= 1.5x", mem_big / mem_small <= 1.5))
+    return rows
+
+
+def main() -> None:
+    print(table(measure(parser().parse_args())))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import argparse
 import subprocess
 import sys
 
+from common import Row, table
+
 CODE = r"""
 import sys, time, numpy as np, torch
 from pipeline.model import ConvLSTMForecaster
@@ -37,17 +39,24 @@ def run(h: int, w: int, tile: int, n: int) -> tuple[float, float]:
     return float(rate), float(rss)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--big", type=int, default=2000)
-    parser.add_argument("--tile", type=int, default=512)
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--big", type=int, default=2000)
+    p.add_argument("--tile", type=int, default=512)
+    return p
+
+
+def measure(args: argparse.Namespace) -> list[Row]:
     rate, rss = run(224, 464, args.tile, 10)
-    print(f"224x464, untiled:            {rate:6.2f} forecast maps/s on CPU, peak RSS {rss:6.0f} MB")
     rate_big, rss_big = run(args.big, args.big, args.tile, 1)
     data_mb = 6 * args.big * args.big * 4 / 2**20
-    print(f"{args.big}x{args.big}, tiles of {args.tile}: {rate_big:6.3f} forecast maps/s, peak RSS {rss_big:6.0f} MB "
-          f"(the 6-day input alone is {data_mb:.0f} MB)")
+    return [Row(f"prediction 224x464, untiled, CPU (peak RSS {rss:.0f} MB)", f"{rate:.2f} maps/s"),
+            Row(f"prediction {args.big}x{args.big} in tiles of {args.tile}, CPU ({rate_big:.3f} maps/s; "
+                f"the 6-day input alone is {data_mb:.0f} MB)", f"{rss_big:.0f} MB peak RSS")]
+
+
+def main() -> None:
+    print(table(measure(parser().parse_args())))
 
 
 if __name__ == "__main__":

@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "predict_delta", action="store_true", default=None,
             help="predict the change from the last input day")
     _option(p, "max_train_windows", type=int, help="cap on training windows per epoch")
+    _option(p, "precision", choices=("auto", "fp32", "bf16", "fp16"),
+            help="mixed precision: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU/MPS), fp32, bf16, fp16")
     _option(p, "storage_options", help="JSON options for fsspec URLs")
     p.set_defaults(func=cmd_train)
 

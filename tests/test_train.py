@@ -107,11 +107,13 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
                                         "--checkpoint_dir"),
         "even kernel": (["--data_dir", small_cube, "--kernel_size", "4"], "--kernel_size 4"),
         "bad leads": (["--data_dir", small_cube, "--leads", "one-six"], "--leads"),
+        "fp16 on cpu": (["--data_dir", small_cube, "--device", "cpu", "--precision", "fp16"], "needs a CUDA device"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown store", "not a cube", "input_days too long", "lead too far",
-                                  "corrupt checkpoint", "checkpoint dir not writable", "even kernel", "bad leads"])
+                                  "corrupt checkpoint", "checkpoint dir not writable", "even kernel", "bad leads",
+                                  "fp16 on cpu"])
 def test_bad_input_is_one_line_exit_2(case, small_cube, tmp_path, run_cli):
     args, words = _bad_train_cases(small_cube, tmp_path)[case]
     result = run_cli("train", "--epochs", "1", "--checkpoint_dir", tmp_path / "ckpt", "--output_dir",
@@ -136,3 +138,18 @@ def test_resume_refuses_another_grid_or_shape_and_keeps_checkpoints(small_cube, 
     assert result.status == 2 and "hidden_channels" in one_error_line(result.err)
     assert tree_digest(ckpt) == before
     assert load_checkpoint(ckpt / "best.pth")["epoch"] == 1
+
+
+def test_bf16_mixed_precision_path_trains_on_cpu(small_cube, tmp_path):
+    """The autocast path CUDA takes (bf16), exercised on CPU: the loss is finite, the
+    weights stay fp32, and the checkpoint records the precision."""
+    from pipeline.train import autocast_dtype, pick_device
+
+    assert autocast_dtype(pick_device("cpu"), "auto") is None  # plain fp32 on CPU unless asked
+    result = train(TrainConfig(data_dir=small_cube, epochs=1, batch_size=4, hidden_channels=[4], patch=16,
+                               device="cpu", precision="bf16", checkpoint_dir=str(tmp_path / "ckpt"),
+                               output_dir=str(tmp_path / "out")))
+    assert torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
+    state = load_checkpoint(result.best_checkpoint)
+    assert state["train_config"]["precision"] == "bf16"
+    assert all(t.dtype == torch.float32 for t in state["model_state"].values() if t.is_floating_point())
