@@ -94,6 +94,7 @@ def patch_costs(patches: list[int], root: Path, steps: int) -> tuple[list[float]
 
 def plot(path: Path, days, seconds, memory, patches, rates, step_s) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -118,6 +119,7 @@ def plot(path: Path, days, seconds, memory, patches, rates, step_s) -> None:
                   "inverse to pixels")
         ax.set_xlabel("patch size (px)")
         ax.set_xticks(patches, [str(p) for p in patches])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{label}: slope {growth(patches, values):.2f}")
         ax.legend()
     fig.suptitle(machine(), fontsize=8)

@@ -1,0 +1,57 @@
+"""Training speed fp32 against bf16 on the device picked at run time (CUDA where present),
+with the real sampler feeding it; prints samples/s and the data-wait share.
+
+    python benchmarks/bench_precision.py [--days 365] [--patch 128] [--batch 16] [--epochs 3]
+
+Target (issue 6, on CUDA): data wait < 10% of step time. The first epoch includes the
+first decode of the training days; later epochs show the steady state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import Row, machine, table
+from pipeline.ingest import ingest
+from pipeline.synth import write_series
+from pipeline.train import TrainConfig, pick_device, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--days", type=int, default=365)
+    parser.add_argument("--height", type=int, default=224)
+    parser.add_argument("--width", type=int, default=464)
+    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--num-workers", type=int, default=0)
+    args = parser.parse_args()
+    device = pick_device("auto")
+    rows, rates = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_series(tmp / "in", days=args.days, height=args.height, width=args.width)
+        ingest(tmp / "in", tmp / "qs.zarr")
+        for precision in ("fp32", "bf16"):
+            result = train(TrainConfig(
+                data_dir=str(tmp / "qs.zarr"), epochs=args.epochs, patience=args.epochs, batch_size=args.batch,
+                patch=args.patch, hidden_channels=[args.hidden], device=str(device), precision=precision,
+                num_workers=args.num_workers, checkpoint_dir=str(tmp / precision), output_dir=str(tmp / precision)))
+            later = result.history[1:] or result.history
+            rates[precision] = sum(h["samples_per_s"] for h in later) / len(later)
+            wait = max(h["data_wait"] for h in later)
+            rows.append(Row(f"{device.type} {precision}: samples/s ({args.patch}x{args.patch}, batch {args.batch}, "
+                            f"{args.hidden} hidden), epochs 2+", f"{rates[precision]:.1f}"))
+            rows.append(Row(f"{device.type} {precision}: data wait, epochs 2+ (epoch 1: "
+                            f"{result.history[0]['data_wait']:.1%})", f"{wait:.1%}", "< 10%", wait < 0.10))
+    rows.append(Row(f"{device.type} bf16 / fp32 samples/s", f"{rates['bf16'] / rates['fp32']:.2f}x"))
+    print(f"{machine()}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
