@@ -64,6 +64,15 @@ def series_copy(series_dir, tmp_path) -> Path:
     return dst
 
 
+def synthetic_cube(root: Path, days: int, height: int, width: int, seed: int) -> str:
+    """Write a synthetic series under ``root/in`` and ingest it into ``root/qs.zarr``."""
+    from pipeline.ingest import ingest
+
+    write_series(root / "in", days=days, height=height, width=width, seed=seed)
+    ingest(root / "in", root / "qs.zarr")
+    return str(root / "qs.zarr")
+
+
 def tree_digest(path: Path) -> str:
     """Digest of every file name and content under ``path`` (to prove nothing changed)."""
     h = hashlib.sha256()

@@ -10,18 +10,15 @@ import pytest
 import torch
 
 from pipeline.cube import cube_dates, make_splits, open_cube
-from pipeline.ingest import ingest
 from pipeline.sampler import WindowSpec, window_issues
-from pipeline.synth import write_series
 from pipeline.train import load_checkpoint
+
+from .conftest import synthetic_cube
 
 
 @pytest.fixture(scope="module")
 def cube(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("ddp")
-    write_series(root / "in", days=90, height=24, width=32, seed=5)
-    ingest(root / "in", root / "qs.zarr")
-    return str(root / "qs.zarr")
+    return synthetic_cube(tmp_path_factory.mktemp("ddp"), days=90, height=24, width=32, seed=5)
 
 
 def _torchrun(cube: str, out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -11,19 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.ingest import ingest
 from pipeline.synth import write_series
 from pipeline.train import TrainConfig, load_checkpoint, train
 
-from .conftest import one_error_line, tree_digest
+from .conftest import one_error_line, synthetic_cube, tree_digest
 
 
 @pytest.fixture(scope="module")
 def small_cube(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("train")
-    write_series(root / "in", days=120, height=24, width=32, seed=3)
-    ingest(root / "in", root / "qs.zarr")
-    return str(root / "qs.zarr")
+    return synthetic_cube(tmp_path_factory.mktemp("train"), days=120, height=24, width=32, seed=3)
 
 
 def _train_cmd(cube: str, out: Path, *extra: str) -> list[str]:
