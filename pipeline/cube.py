@@ -124,10 +124,14 @@ def cube_grid(ds: xr.Dataset) -> Grid:
     return grid_from_spatial_ref(dict(ds["spatial_ref"].attrs), ds[TARGET].shape[1:], "cube")
 
 
-def _size_on_disk(store: str) -> int | None:
-    if is_url(store):
-        return None
-    return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
+def _stored_bytes(store: str, storage_options: dict | None) -> int:
+    """Bytes the cube takes on disk or in its object store."""
+    if not is_url(store):
+        return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
+    import fsspec
+
+    fs, _, (root,) = fsspec.get_fs_token_paths(store, storage_options=storage_options)
+    return int(fs.du(root))
 
 
 def describe_cube(store: str | Path, storage_options: dict | None = None) -> str:
@@ -143,7 +147,7 @@ def describe_cube(store: str | Path, storage_options: dict | None = None) -> str
     stats = dask.compute(qs.min(), qs.max(), qs.mean(), (qs > 0).sum() / valid.sum(),
                          valid.mean(), qs.quantile(0.99, skipna=True) if qs.size < 5e7 else qs.max())
     vmin, vmax, vmean, wet, valid_frac, p99 = (float(s) for s in stats)
-    size = _size_on_disk(store)
+    size = _stored_bytes(store, storage_options)
     lines = [
         f"cube        {store}",
         f"variables   {', '.join(f'{v} {ds[v].dtype} {ds[v].dims}' for v in ds.data_vars)}",
@@ -154,7 +158,7 @@ def describe_cube(store: str | Path, storage_options: dict | None = None) -> str
         f"crs         {grid.describe()}",
         f"resolution  {abs(grid.transform[0]):g} x {abs(grid.transform[4]):g} {_unit_name(ds)}",
         f"chunks      {dict(zip(qs.dims, qs.encoding.get('chunks', ())))}",
-        f"on disk     {size / 1e6:.1f} MB" if size is not None else "on disk     (remote store)",
+        f"stored      {size / 1e6:.1f} MB ({qs.size * 4 / max(size, 1):.1f}x smaller than float32)",
         f"{TARGET} [{qs.attrs.get('units', '?')}]  min {vmin:.3g}  mean {vmean:.3g}  p99 {p99:.3g}  "
         f"max {vmax:.3g}  wet {wet:.1%} of valid  valid {valid_frac:.1%} of cells",
     ]

@@ -1,5 +1,6 @@
 """Train a ConvLSTM on a cube: masked MSE, AdamW, ReduceLROnPlateau, early stopping,
-gradient clipping, mixed precision on CUDA, atomic checkpoints, exact resume.
+gradient clipping, mixed precision on CUDA, atomic checkpoints, exact resume, and
+data-parallel training under ``torchrun`` (DistributedDataParallel).
 
 The checkpoint carries everything needed to reproduce or use the run (the
 neuralhydrology habit): model weights and hyper-parameters, optimiser and scheduler
@@ -15,6 +16,7 @@ PosixPath('checkpoints/best.pth')
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import math
@@ -24,8 +26,6 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import contextlib
 from typing import Iterator
 
 import torch

@@ -56,6 +56,8 @@ def test_ingest_train_predict_on_s3(s3, series_dir, tmp_path, run_cli):
     assert result.status == 0, result.err
     assert "wrote 40 day(s)" in result.out
     assert run_cli("ingest", series_dir, store).out.count("40 already present") == 1  # idempotent remotely too
+    info = run_cli("info", store)
+    assert info.status == 0 and "time=40" in info.out and "MB (" in info.out  # size counted in the bucket
 
     result = run_cli("train", "--data_dir", store, "--epochs", "1", "--batch_size", "4", "--hidden_channels", "4",
                      "--patch", "16", "--device", "cpu", "--checkpoint_dir", "s3://bucket/checkpoints",
