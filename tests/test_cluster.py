@@ -22,7 +22,7 @@ def test_ingest_on_a_two_process_cluster_equals_the_threaded_ingest(series_dir, 
     _assert_same_cube(tmp_path / "threads.zarr", tmp_path / "cluster.zarr")
 
 
-def test_predict_and_evaluate_on_a_cluster_match_local_threads(trained, tmp_path, run_cli):
+def test_predict_and_evaluate_on_a_cluster(trained, tmp_path, run_cli):
     common = ["--weights_path", trained / "ckpt" / "best.pth", "--max_plots", "0", "--last"]
     for name, extra in (("threads", []), ("cluster", ["--scheduler", "local:2"])):
         result = run_cli("predict", *common, "--input_dir", trained / "qs.zarr", "--output_dir", tmp_path / name, *extra)
@@ -33,8 +33,13 @@ def test_predict_and_evaluate_on_a_cluster_match_local_threads(trained, tmp_path
         with rasterio.open(tmp_path / "threads" / name) as a, rasterio.open(tmp_path / "cluster" / name) as b:
             np.testing.assert_array_equal(a.read(1), b.read(1))
 
-    result = run_cli("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir", trained / "qs.zarr",
-                     "--output_dir", tmp_path / "eval", "--scheduler", "local:2")
+    from distributed import LocalCluster
+
+    # a scheduler that is already running, joined by its address
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        result = run_cli("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir",
+                         trained / "qs.zarr", "--output_dir", tmp_path / "eval", "--scheduler", cluster.scheduler_address)
+        assert cluster.scheduler.transition_counter > 0, "no task reached the cluster"
     assert result.status == 0, result.err
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["windows"] > 0
 
