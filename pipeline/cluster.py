@@ -2,7 +2,8 @@
 
 ``--scheduler`` of ``runoff ingest|predict|evaluate`` takes
 
-* nothing: Dask's threaded scheduler in this process (the default);
+* nothing: this machine, without a cluster (the default): Dask's threads, and for a
+  local ingest on Linux forked worker processes (see :mod:`pipeline.ingest`);
 * ``local:N``: a ``distributed.LocalCluster`` of N worker processes, started and
   stopped with the command;
 * ``ADDRESS`` (``tcp://host:8786``): a running ``dask.distributed`` scheduler. Its
@@ -44,7 +45,8 @@ def _parse(spec: str) -> tuple[str, int | str]:
 
 @contextlib.contextmanager
 def dask_client(spec: str | None) -> Iterator["Client | None"]:
-    """A ``distributed.Client`` for ``spec`` (see the module docstring), or None for local threads."""
+    """A ``distributed.Client`` for ``spec`` (see the module docstring), or None when no
+    cluster is asked for."""
     if not spec:
         yield None
         return

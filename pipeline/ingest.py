@@ -434,8 +434,9 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
            num_workers: int | None = None, client: "Client | None" = None) -> IngestReport:
     """Ingest the rasters of ``input_dir`` into the cube ``store`` (created, extended or filled).
 
-    The reads and chunk writes run as Dask tasks: on local threads (``num_workers`` of
-    them), or on the ``distributed`` cluster of ``client`` (see :mod:`pipeline.cluster`).
+    The reads and chunk writes run as Dask tasks, one per time chunk: on ``num_workers``
+    forked processes for a local store on Linux, on threads elsewhere, or on the
+    ``distributed`` cluster of ``client`` (see :mod:`pipeline.cluster`).
 
     Raises :class:`RunoffError` for bad input, before anything is written.
     """
