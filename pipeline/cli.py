@@ -25,7 +25,7 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 def _scheduler_option(parser: argparse.ArgumentParser) -> None:
     _option(parser, "scheduler", help="run the chunked work on dask.distributed: local:N (N worker processes) "
-            "or a scheduler address tcp://host:8786 (default: threads in this process)")
+            "or a scheduler address tcp://host:8786 (default: this machine, no cluster)")
 
 
 def _read_options(args: argparse.Namespace):

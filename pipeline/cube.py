@@ -124,13 +124,19 @@ def cube_grid(ds: xr.Dataset) -> Grid:
     return grid_from_spatial_ref(dict(ds["spatial_ref"].attrs), ds[TARGET].shape[1:], "cube")
 
 
+def url_filesystem(store: str, storage_options: dict | None = None) -> tuple["fsspec.AbstractFileSystem", str]:
+    """The fsspec filesystem of a store URL and the store's path inside it."""
+    import fsspec
+
+    fs, _, (root,) = fsspec.get_fs_token_paths(store, storage_options=storage_options)
+    return fs, root
+
+
 def _stored_bytes(store: str, storage_options: dict | None) -> int:
     """Bytes the cube takes on disk or in its object store."""
     if not is_url(store):
         return sum(p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
-    import fsspec
-
-    fs, _, (root,) = fsspec.get_fs_token_paths(store, storage_options=storage_options)
+    fs, root = url_filesystem(store, storage_options)
     return int(fs.du(root))
 
 

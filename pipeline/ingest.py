@@ -30,8 +30,8 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
-import os
 import multiprocessing
+import os
 import shutil
 import signal
 import sys
@@ -53,7 +53,7 @@ from dask.callbacks import Callback
 from zarr.codecs import BloscCodec
 
 from . import __version__
-from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, is_url, read_cube_info
+from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, is_url, read_cube_info, url_filesystem
 from .errors import RunoffError, RunoffWarning
 from .rasters import (DayFile, Grid, ReadOptions, check_grids, find_rasters, grid_error, list_days, raster_env,
                       read_grid, read_raster)
@@ -410,11 +410,10 @@ def _run_tasks(tasks: list[_Task], arrays: Mapping[str, zarr.Array], committer: 
                 committer.record(by_key[key], result)
 
         pool = _local_pool(target, len(tasks), num_workers)
+        how = (dict(scheduler="threads", num_workers=num_workers) if pool is None
+               else dict(scheduler="processes", pool=pool, chunksize=1))
         with Callback(posttask=posttask), (pool or contextlib.nullcontext()):
-            if pool is None:
-                dask.compute(*delayed, scheduler="threads", num_workers=num_workers)
-            else:
-                dask.compute(*delayed, scheduler="processes", pool=pool, chunksize=1)
+            dask.compute(*delayed, **how)
         return
     from distributed import as_completed
 
@@ -553,10 +552,8 @@ def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage
 def _exists(store: str, storage_options: dict | None) -> bool:
     if not is_url(store):
         return Path(store).exists()
-    import fsspec
-
-    fs, _, paths = fsspec.get_fs_token_paths(store, storage_options=storage_options)
-    return fs.exists(paths[0])
+    fs, root = url_filesystem(store, storage_options)
+    return fs.exists(root)
 
 
 def _read_partial(target: str, storage_options: dict | None) -> CubeInfo | None:

@@ -270,18 +270,6 @@ def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> Train
     return TrainConfig(**merged)
 
 
-class _EpochClock:
-    """Time spent waiting for the next batch versus the whole step."""
-
-    def __init__(self) -> None:
-        self.wait = 0.0
-        self.start = time.perf_counter()
-
-    def share(self) -> float:
-        total = time.perf_counter() - self.start
-        return self.wait / total if total > 0 else 0.0
-
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -460,7 +448,7 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
             break
         train_set.set_epoch(epoch)
         model.train()
-        clock = _EpochClock()
+        started, waited_s = time.perf_counter(), 0.0  # seconds spent waiting for the next batch
         # loss sum, steps, samples, seconds waiting for data: summed over ranks at the epoch's end
         totals = torch.zeros(4, dtype=torch.float64, device=device)
         seen: list[torch.Tensor] = []
@@ -475,7 +463,7 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
                     x, y, mask, issue = next(batches)
                 except StopIteration:
                     break
-                clock.wait += time.perf_counter() - waited
+                waited_s += time.perf_counter() - waited
                 x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
                 optimiser.zero_grad(set_to_none=True)
                 with autocast_for(device, config.precision):
@@ -492,8 +480,8 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
                 seen.append(issue)
                 bar.update(x.shape[0])
         bar.close()
-        elapsed = time.perf_counter() - clock.start
-        totals[3] += clock.wait
+        elapsed = time.perf_counter() - started
+        totals[3] += waited_s
         loss_sum, steps, samples, wait = ranks.sum(totals).tolist()
         data_wait = wait / ranks.world_size / elapsed if elapsed > 0 else 0.0
         windows = ranks.gather(torch.cat(seen).tolist() if seen else [])
