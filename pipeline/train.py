@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .cube import TARGET, Split, cube_dates, cube_grid, make_splits, normalisation_stats, open_cube
+from .cube import TARGET, Split, cube_dates, cube_grid, make_splits, open_cube
 from .errors import RunoffError
 from .export import atomic_output, location
 from .ingest import ensure_cube
@@ -384,11 +384,17 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
     for name in ("train", "val"):
         check_windows(issues[name], splits[name], spec, len(dates))
 
+    train_issues = issues["train"]
+    if config.max_train_windows:
+        train_issues = train_issues[:: max(1, len(train_issues) // config.max_train_windows)]
     if resume_state is not None:
         check_checkpoint_grid(resume_state, grid, f"--resume {config.resume}", str(store))
         stats = resume_state["norm_stats"]
-    else:
-        stats = normalisation_stats(ds, variables, splits["train"])
+    train_set = WindowSampler(store, train_issues, spec, stats if resume_state is not None else {},
+                              patch=config.patch, shuffle=True, seed=config.seed,
+                              storage_options=config.storage_options)
+    if resume_state is None:  # from the read the first epoch needs anyway, where the cube allows
+        stats = train_set.fit_stats(splits["train"])
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = ConvLSTMForecaster(len(variables), config.hidden_channels, config.kernel_size, config.num_layers,
@@ -411,11 +417,6 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
     if ranks.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_issues = issues["train"]
-    if config.max_train_windows:
-        train_issues = train_issues[:: max(1, len(train_issues) // config.max_train_windows)]
-    train_set = WindowSampler(store, train_issues, spec, stats, patch=config.patch, shuffle=True,
-                              seed=config.seed, storage_options=config.storage_options)
     val_set = WindowSampler(store, issues["val"], spec, stats, patch=None, shuffle=False,
                             storage_options=config.storage_options)
     for sampler in (train_set, val_set):

@@ -114,3 +114,31 @@ def test_loader_workers_and_ranks_see_disjoint_windows(cube):
     halves = [[int(w.issue) for w in _sampler(cube)[0].shard(r, 2)] for r in (0, 1)]
     assert not set(halves[0]) & set(halves[1])
     assert sorted(halves[0] + halves[1]) == single
+
+
+def test_stats_fitted_from_the_first_block_match_the_cube_pass_and_save_its_read(cube):
+    ds = open_cube(cube)
+    split = make_splits(*[cube_dates(ds)[i] for i in (0, -1)])["train"]
+    spec = WindowSpec(6, (1,), ("qs", "rainf"))
+    issues = window_issues(ds, split, spec)
+    expected = normalisation_stats(ds, ["qs", "rainf"], split)
+    reference = WindowSampler(cube, issues, spec, expected, patch=8, shuffle=True, seed=3)
+
+    fitted = WindowSampler(cube, issues, spec, {}, patch=8, shuffle=True, seed=3)
+    reads = []
+    original = fitted._read_logged
+    fitted._read_logged = lambda first, last: reads.append((first, last)) or original(first, last)
+    stats = fitted.fit_stats(split)
+    for name in ("qs", "rainf"):
+        assert stats[name]["mean"] == pytest.approx(expected[name]["mean"], rel=1e-5)
+        assert stats[name]["std"] == pytest.approx(expected[name]["std"], rel=1e-5)
+    windows = list(fitted)
+    assert len(reads) == 1  # the stats' read is the epoch's: the block was not read again
+    for got, want in zip(windows, reference):
+        assert int(got.issue) == int(want.issue) and torch.equal(got.mask, want.mask)
+        np.testing.assert_allclose(got.x.numpy(), want.x.numpy(), rtol=1e-4, atol=1e-5)
+
+    several = WindowSampler(cube, issues, spec, {}, block_bytes=16 * 24 * 30 * 8)  # no single block
+    several._read_logged = lambda first, last: pytest.fail("the stats of several blocks come from a cube pass")
+    for name, values in several.fit_stats(split).items():
+        assert values == pytest.approx(expected[name], rel=1e-6)  # Dask chunks differ: float32 sums, reordered
