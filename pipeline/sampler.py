@@ -5,10 +5,12 @@ the target ``qs`` on days ``t + lead`` for each lead. Windows with a missing day
 skipped; NaN target pixels are masked out of the loss.
 
 Reading pattern: the issue days are grouped in consecutive *blocks*; each block's
-days are read once through Dask (chunk-aligned slices, decoded in parallel) and
-normalised in memory, then every window of the block is cut from that array with
-integer indexing. So a chunk is decoded once per pass, never once per sample, and
-memory is bounded by ``block_bytes``. Blocks are shuffled, then the windows inside
+days are read once through Dask (Dask chunks of whole stored chunks, decoded and
+normalised in parallel, see :func:`block_chunks`), then every window of the block is
+cut from that array with integer indexing. So a chunk is decoded once per pass, never
+once per sample, and memory is bounded by ``block_bytes``. A cube whose windows fit in
+one block is decoded once per run, and :meth:`WindowSampler.fit_stats` takes the
+training statistics from that same read. Blocks are shuffled, then the windows inside
 each block. Each DataLoader worker (and each DDP rank) opens the store itself and
 takes its own share of the blocks.
 
