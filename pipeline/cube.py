@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -25,6 +26,9 @@ from rasterio.transform import Affine
 
 from .errors import RunoffError
 from .rasters import Grid
+
+if TYPE_CHECKING:
+    import fsspec
 
 TARGET = "qs"
 CUBE_FORMAT = 1  # group attribute ``runoff_cube_format``, written last when a cube is created

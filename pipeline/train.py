@@ -389,12 +389,11 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
         train_issues = train_issues[:: max(1, len(train_issues) // config.max_train_windows)]
     if resume_state is not None:
         check_checkpoint_grid(resume_state, grid, f"--resume {config.resume}", str(store))
-        stats = resume_state["norm_stats"]
-    train_set = WindowSampler(store, train_issues, spec, stats if resume_state is not None else {},
+    train_set = WindowSampler(store, train_issues, spec, resume_state["norm_stats"] if resume_state else {},
                               patch=config.patch, shuffle=True, seed=config.seed,
                               storage_options=config.storage_options)
-    if resume_state is None:  # from the read the first epoch needs anyway, where the cube allows
-        stats = train_set.fit_stats(splits["train"])
+    # a new run's statistics come from the read its first epoch needs anyway, where the cube allows
+    stats = train_set.stats if resume_state is not None else train_set.fit_stats(splits["train"])
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = ConvLSTMForecaster(len(variables), config.hidden_channels, config.kernel_size, config.num_layers,
