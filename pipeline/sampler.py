@@ -26,7 +26,9 @@ Example
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator, NamedTuple
 
 import dask.array as da
@@ -111,6 +113,28 @@ def check_windows(issues: np.ndarray, split: Split, spec: WindowSpec, n_days: in
             f"use fewer input days or leads, or more data")
 
 
+class _FilledBlock:
+    """A ``da.store`` target that writes each decoded chunk into ``data`` as
+    ``transform(values, out=...)`` with NaN -> 0, and records in ``valid`` where it was
+    not NaN (ingest stores nodata as NaN, never inf)."""
+
+    def __init__(self, data: np.ndarray, valid: np.ndarray, transform: Callable[..., np.ndarray]) -> None:
+        self.data, self.valid, self.transform = data, valid, transform
+        self._token = uuid.uuid4().hex
+
+    def __dask_tokenize__(self) -> str:
+        # otherwise Dask names the store task by hashing the whole (uninitialised) block,
+        # which took longer than decoding it
+        return self._token
+
+    def __setitem__(self, key: tuple[slice, ...], values: np.ndarray) -> None:
+        out, valid = self.data[key], self.valid[key]
+        np.isnan(values, out=valid)
+        self.transform(values, out=out)
+        np.copyto(out, 0, where=valid)
+        np.logical_not(valid, out=valid)
+
+
 class WindowSampler(IterableDataset):
     """Iterable dataset of :class:`Window` samples ``(x, y, mask, issue)``, see the module docstring.
 
@@ -186,29 +210,29 @@ class WindowSampler(IterableDataset):
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         return blocks
 
-    def _read(self, first: int, last: int, transform: Callable[[np.ndarray, str], np.ndarray]
+    def _read(self, first: int, last: int, transform: Callable[[str], Callable[..., np.ndarray]]
               ) -> tuple[np.ndarray, np.ndarray]:
-        """Days ``first..last`` as ``transform(values, variable)``, ``(T, V, H, W)``, NaN -> 0,
-        and where they were NaN.
+        """Days ``first..last`` as ``transform(variable)(values, out=...)``, ``(T, V, H, W)``,
+        NaN -> 0, and where they were valid (not NaN).
 
-        The transform runs on each Dask chunk as it is decoded (in parallel, while the
-        chunk is in cache), and the chunks land straight in the block: no concatenated
-        copy in between.
+        Transform, filling and mask run on each Dask chunk as it is decoded (in parallel),
+        and the chunks land straight in the block: no concatenated copy and no block-wide
+        pass after the read.
         """
         ds = self.ds
-        data = np.empty((last - first + 1, len(self.spec.variables), ds.sizes["y"], ds.sizes["x"]), np.float32)
-        lazy = [ds[name].data[first:last + 1].map_blocks(transform, name, dtype=np.float32)
-                for name in self.spec.variables]
-        da.store(lazy, [data[:, v] for v in range(len(self.spec.variables))], lock=False, scheduler="threads")
-        missing = np.isnan(data)  # ingest stores nodata as NaN, never inf
-        data[missing] = 0
-        return data, missing
+        shape = (last - first + 1, len(self.spec.variables), ds.sizes["y"], ds.sizes["x"])
+        data, valid = np.empty(shape, np.float32), np.empty(shape, bool)
+        da.store([ds[name].data[first:last + 1] for name in self.spec.variables],
+                 [_FilledBlock(data[:, v], valid[:, v], transform(name)) for v, name in enumerate(self.spec.variables)],
+                 lock=False, scheduler="threads")
+        return data, valid
 
-    def _normalised(self, values: np.ndarray, name: str) -> np.ndarray:
-        return normalise(values, self.stats[name], out=values)  # a freshly decoded chunk: ours to overwrite
+    def _normalisation(self, name: str) -> Callable[..., np.ndarray]:
+        return partial(normalise, stats=self.stats[name])
 
-    def _keep(self, first: int, last: int, data: np.ndarray, missing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self._cached = ((first, last), (data, ~missing[:, 0]))
+    def _keep(self, first: int, last: int, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # a copy only when there are covariates: the target's mask alone need not pin theirs
+        self._cached = ((first, last), (data, np.ascontiguousarray(valid[:, 0])))
         return self._cached[1]
 
     def load_block(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +246,7 @@ class WindowSampler(IterableDataset):
         if self._cached is not None and self._cached[0] == (first, last):
             return self._cached[1]
         self._cached = None  # free the previous block before reading the next
-        return self._keep(first, last, *self._read(first, last, self._normalised))
+        return self._keep(first, last, *self._read(first, last, self._normalisation))
 
     def fit_stats(self, split: Split) -> dict[str, dict[str, float]]:
         """Set and return the normalisation statistics of ``split``'s days, as
@@ -240,11 +264,11 @@ class WindowSampler(IterableDataset):
             self.stats = normalisation_stats(self.ds, list(self.spec.variables), split)
             return self.stats
         first, last, _ = blocks[0]
-        data, missing = self._read(first, last, lambda values, name: log_transform(values, out=values))
+        data, valid = self._read(first, last, lambda name: log_transform)
         rows = slice(days[0] - first, days[-1] - first + 1)
         stats = {}
         for v, name in enumerate(self.spec.variables):
-            count = missing[rows, v].size - np.count_nonzero(missing[rows, v])
+            count = np.count_nonzero(valid[rows, v])
             # float64 sums, one day at a time: no float32 round-off, no block-sized temporary
             total = sum(float(day.sum(dtype=np.float64)) for day in data[rows, v])
             squares = sum(float(np.dot(day.ravel(), day.ravel())) for day in data[rows, v])
@@ -252,11 +276,11 @@ class WindowSampler(IterableDataset):
             std = np.sqrt(max(squares / count - mean * mean, 0.0)) if count else np.nan
             stats[name] = checked_stats(name, mean, std, split)
         self.stats = stats
-        for v, name in enumerate(self.spec.variables):  # log1p values -> normalised, as _normalised does
+        for v, name in enumerate(self.spec.variables):  # log1p values -> normalised, as normalise does
             data[:, v] -= np.float32(stats[name]["mean"])
             data[:, v] /= np.float32(stats[name]["std"])
-        data[missing] = 0
-        self._keep(first, last, data, missing)
+        data *= valid  # back to 0 where missing
+        self._keep(first, last, data, valid)
         return stats
 
     def __len__(self) -> int:
