@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.cube import cube_dates, make_splits, normalisation_stats, normalise, open_cube
-from pipeline.errors import RunoffError
+from pipeline.errors import RunoffError, RunoffWarning
 from pipeline.ingest import ingest
 from pipeline.sampler import WindowSampler, WindowSpec, window_issues
 from pipeline.synth import write_series
@@ -19,7 +19,8 @@ def cube(tmp_path_factory):
     root = tmp_path_factory.mktemp("sampler")
     write_series(root / "in", days=60, height=24, width=30, seed=5, covariates=["rainf"])
     (root / "in" / "Qs" / "QS_20190120.tif").unlink()  # a missing day
-    ingest(root / "in", root / "qs.zarr", chunks={"time": 8, "y": 256, "x": 256})
+    with pytest.warns(RunoffWarning, match="2019-01-20"):
+        ingest(root / "in", root / "qs.zarr", chunks={"time": 8, "y": 256, "x": 256})
     return str(root / "qs.zarr")
 
 
