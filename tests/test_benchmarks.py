@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end on small data and print a table of measured figures.
+
+Only that they run and what they print is tested here: their figures are machine-dependent
+measurements, read in BENCHMARKS.md, never asserted by a test.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW = re.compile(r"^\| (?P<what>[^|]+) \| (?P<measured>[^|]+) \| (?P<target>[^|]*) \| (?P<met>yes|NO|) \|$")
+
+
+def _table_rows(script: str, *args: str) -> list[dict[str, str]]:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [m.groupdict() for m in map(ROW.match, out.stdout.splitlines()) if m and m["what"] != "measurement"]
+    assert rows, out.stdout[-2000:]
+    return rows
+
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("bench_ingest.py", ["--days", "20", "--big-days", "40", "--height", "16", "--width", "20", "--repeat", "1"],
+     ["ingest / read limit", "ingest / naive", "ingest peak memory"]),
+    ("bench_sampler.py", ["--days", "60", "--height", "72", "--width", "80", "--windows", "40",
+                          "--xbatcher-windows", "3", "--repeat", "1"],
+     ["from cold / numpy gather", "after the first decode", "training epoch 1", "training epoch 2"]),
+    ("bench_predict.py", ["--big", "96", "--tile", "64"], ["prediction 224x464", "prediction 96x96"]),
+])
+def test_benchmark_prints_a_row_with_a_measured_figure_for_each_comparison(script, args, expected):
+    rows = _table_rows(script, *args)
+    for name in expected:
+        matching = [r for r in rows if name in r["what"]]
+        assert matching, f"{script}: no row for {name!r} in {[r['what'] for r in rows]}"
+        assert re.fullmatch(r"\d+(\.\d+)?(x|%| maps/s| MB peak RSS)", matching[0]["measured"].strip()), matching[0]
