@@ -27,10 +27,6 @@ from rasterio.transform import Affine
 
 from .errors import RunoffError
 
-# A raster without georeferencing is reported as a RunoffError naming the file (and the
-# fix); rasterio's generic warning about it would only repeat that, less clearly.
-warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
-
 RASTER_SUFFIXES = (".tif", ".tiff", ".png")
 
 # Tried in this order on the file name; the first pattern that gives a real date wins.
@@ -238,7 +234,11 @@ def list_days(folder: str | Path, date_format: str | None = None) -> list[DayFil
 
 def _open(path: Path) -> rasterio.io.DatasetReader:
     try:
-        return rasterio.open(path)
+        with warnings.catch_warnings():
+            # a raster without georeferencing is a RunoffError naming the file and the fix, or
+            # is georeferenced by --like: rasterio's generic warning would only repeat that
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
     except RasterioError as exc:
         raise RunoffError(f"{path}: not a readable raster ({_first_line(exc)})") from None
 
