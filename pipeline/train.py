@@ -389,7 +389,7 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
         train_issues = train_issues[:: max(1, len(train_issues) // config.max_train_windows)]
     if resume_state is not None:
         check_checkpoint_grid(resume_state, grid, f"--resume {config.resume}", str(store))
-    train_set = WindowSampler(store, train_issues, spec, resume_state["norm_stats"] if resume_state else {},
+    train_set = WindowSampler(store, train_issues, spec, resume_state["norm_stats"] if resume_state is not None else {},
                               patch=config.patch, shuffle=True, seed=config.seed,
                               storage_options=config.storage_options)
     # a new run's statistics come from the read its first epoch needs anyway, where the cube allows
