@@ -274,10 +274,14 @@ def log_transform(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
 
 def normalise(values: np.ndarray, stats: dict[str, float], out: np.ndarray | None = None) -> np.ndarray:
     """Physical values -> model space: ``(log1p(max(x, 0)) - mean) / std`` (NaN stays NaN), float32."""
-    out = log_transform(values, out)
-    out -= np.float32(stats["mean"])
-    out /= np.float32(stats["std"])
-    return out
+    return standardise(log_transform(values, out), stats)
+
+
+def standardise(values: np.ndarray, stats: dict[str, float]) -> np.ndarray:
+    """``(values - mean) / std`` in place, float32: the second half of :func:`normalise`."""
+    values -= np.float32(stats["mean"])
+    values /= np.float32(stats["std"])
+    return values
 
 
 def denormalise(values: np.ndarray, stats: dict[str, float]) -> np.ndarray:

@@ -38,7 +38,8 @@ import xarray as xr
 import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .cube import TARGET, Split, checked_stats, cube_dates, log_transform, normalisation_stats, normalise, open_cube
+from .cube import (TARGET, Split, checked_stats, cube_dates, log_transform, normalisation_stats, normalise, open_cube,
+                   standardise)
 from .errors import RunoffError
 
 
@@ -128,11 +129,11 @@ class _FilledBlock:
         return self._token
 
     def __setitem__(self, key: tuple[slice, ...], values: np.ndarray) -> None:
-        out, valid = self.data[key], self.valid[key]
-        np.isnan(values, out=valid)
+        out, mask = self.data[key], self.valid[key]
+        missing = np.isnan(values, out=mask)  # the mask's buffer holds "missing" until the last line
         self.transform(values, out=out)
-        np.copyto(out, 0, where=valid)
-        np.logical_not(valid, out=valid)
+        np.copyto(out, 0, where=missing)
+        np.logical_not(missing, out=mask)
 
 
 class WindowSampler(IterableDataset):
@@ -277,8 +278,7 @@ class WindowSampler(IterableDataset):
             stats[name] = checked_stats(name, mean, std, split)
         self.stats = stats
         for v, name in enumerate(self.spec.variables):  # log1p values -> normalised, as normalise does
-            data[:, v] -= np.float32(stats[name]["mean"])
-            data[:, v] /= np.float32(stats[name]["std"])
+            standardise(data[:, v], stats[name])
         data *= valid  # back to 0 where missing
         self._keep(first, last, data, valid)
         return stats
