@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
+from pipeline.cube import cube_dates, make_splits, open_cube
+from pipeline.sampler import WindowSampler, WindowSpec, window_issues
 from pipeline.synth import write_series
-from pipeline.train import TrainConfig, load_checkpoint, train
+from pipeline.train import TrainConfig, load_checkpoint, loader_batches, prefetched, queue_marker, train
 
 from .conftest import one_error_line, synthetic_cube, tree_digest
 
@@ -149,3 +154,45 @@ def test_bf16_mixed_precision_path_trains_on_cpu(small_cube, tmp_path):
     state = load_checkpoint(result.best_checkpoint)
     assert state["train_config"]["precision"] == "bf16"
     assert all(t.dtype == torch.float32 for t in state["model_state"].values() if t.is_floating_point())
+
+
+def test_prefetched_batches_keep_their_order_and_bound_and_errors_reach_the_step():
+    assert list(prefetched(range(50))) == list(range(50))
+    made = []
+
+    def batches():
+        for i in range(20):
+            made.append(i)
+            yield i
+
+    ahead = prefetched(batches(), depth=2)
+    assert next(ahead) == 0
+    time.sleep(0.3)
+    assert len(made) == 4  # the one taken, two queued, one waiting for room
+    ahead.close()
+    assert not [t for t in threading.enumerate() if t.name == "runoff-prefetch"]
+
+    def broken():
+        yield 1
+        raise OSError("block 3: truncated chunk")
+
+    with pytest.raises(OSError, match="truncated chunk"):
+        list(prefetched(broken()))
+
+
+def test_accelerator_steps_take_the_loaders_own_batches_from_a_thread(small_cube):
+    ds = open_cube(small_cube)
+    dates = cube_dates(ds)
+    spec = WindowSpec(6, (1,), ("qs",))
+    split = make_splits(dates[0], dates[-1])["train"]
+    sampler = WindowSampler(small_cube, window_issues(ds, split, spec), spec, {}, patch=16, shuffle=True)
+    sampler.fit_stats(split)
+    loader = DataLoader(sampler, batch_size=4)
+    on_cpu = loader_batches(loader, torch.device("cpu"))
+    assert not inspect.isgenerator(on_cpu) and queue_marker(torch.device("cpu")) is None
+    accelerator = torch.device("meta")  # any device but the CPU takes the prefetching path
+    threaded = loader_batches(loader, accelerator)
+    assert inspect.isgenerator(threaded)
+    pairs = list(zip(on_cpu, threaded, strict=True))
+    assert len(pairs) == -(-len(sampler) // 4) > 5
+    assert all(torch.equal(a, b) for one, other in pairs for a, b in zip(one, other))
