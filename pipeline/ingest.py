@@ -56,8 +56,8 @@ from zarr.codecs import BloscCodec
 from . import __version__
 from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, is_url, read_cube_info, url_filesystem
 from .errors import RunoffError, RunoffWarning
-from .rasters import (DayFile, Grid, ReadOptions, check_grids, find_rasters, grid_error, list_days, raster_env,
-                      read_grid, read_raster)
+from .rasters import (DayFile, Grid, ReadOptions, check_grids, find_rasters, georeferencing_key, grid_error,
+                      list_days, raster_env, read_grid, read_raster)
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -239,6 +239,25 @@ def _add_variable(group: zarr.Group, name: str, attrs: dict, like: zarr.Array) -
 
 
 @dataclass(frozen=True)
+class _GridCheck:
+    """The grid every file must lie on, where it comes from (for the error), and the
+    :func:`~pipeline.rasters.georeferencing_key` of a file known to lie on it."""
+
+    grid: Grid
+    source: str
+    key: bytes | None
+
+    def read(self, path: Path, options: ReadOptions, out: np.ndarray) -> None:
+        """Read ``path`` into ``out``; a file on another grid is a :class:`RunoffError`."""
+        if self.key is not None and georeferencing_key(path) == self.key:
+            read_raster(path, options, out=out, grid=self.grid)  # the same tags, byte for byte
+            return
+        file_grid = read_raster(path, options, out=out)[1]
+        if not file_grid.matches(self.grid):
+            raise grid_error(path, file_grid, self.grid, self.source)
+
+
+@dataclass(frozen=True)
 class _FileRead:
     """Fills one day from a raster file, checking its grid; returns the file's name.
 
@@ -248,13 +267,10 @@ class _FileRead:
 
     path: Path
     options: ReadOptions
-    grid: Grid
-    grid_from: str
+    check: _GridCheck
 
     def __call__(self, out: np.ndarray) -> str:
-        file_grid = read_raster(self.path, self.options, out=out)[1]
-        if not file_grid.matches(self.grid):
-            raise grid_error(self.path, file_grid, self.grid, self.grid_from)
+        self.check.read(self.path, self.options, out)
         return self.path.name
 
 
@@ -296,7 +312,7 @@ def _plan_tasks(variable: str, writes: dict[dt.date, _FileRead | _CubeRead], axi
 
 
 def _changed_days(present: list[tuple[str, DayFile]], info: CubeInfo | None, options: ReadOptions,
-                  overwrite: bool) -> set[tuple[str, dt.date]]:
+                  check: _GridCheck, overwrite: bool) -> set[tuple[str, dt.date]]:
     """Compare files with the days ``info`` already records; return the (variable, date) to rewrite.
 
     A differing day is an error naming the file unless ``overwrite``.
@@ -304,15 +320,16 @@ def _changed_days(present: list[tuple[str, DayFile]], info: CubeInfo | None, opt
     if not present:
         return set()
 
-    def check(item: tuple[str, DayFile]) -> tuple[str, DayFile, bool]:
+    def compare(item: tuple[str, DayFile]) -> tuple[str, DayFile, bool]:
         name, day = item
+        values = np.empty(check.grid.shape, np.float32)
         with raster_env():
-            values = read_raster(day.path, options)[0]
+            check.read(day.path, options, values)
         return name, day, digest(values) == info.records[name].digest[day.date.isoformat()]
 
     rewrite = set()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for name, day, same in pool.map(check, present):
+        for name, day, same in pool.map(compare, present):
             if same:
                 continue
             if not overwrite:
@@ -326,7 +343,7 @@ def _changed_days(present: list[tuple[str, DayFile]], info: CubeInfo | None, opt
 def _plan_writes(group: zarr.Group, all_vars: list[str], variables: Mapping[str, list[DayFile]],
                  axis: list[dt.date], info: CubeInfo | None, done: CubeInfo | None,
                  old_group: zarr.Group | None, rewrite: set[tuple[str, dt.date]],
-                 options: ReadOptions, grid: Grid, grid_from: str) -> tuple[list[_Task], int, int]:
+                 options: ReadOptions, check: _GridCheck) -> tuple[list[_Task], int, int]:
     """Tasks for every day the target cube lacks; returns (tasks, days from files, files skipped).
 
     ``done`` records what the target already holds; when rebuilding (``old_group``), the
@@ -349,7 +366,7 @@ def _plan_writes(group: zarr.Group, all_vars: list[str], variables: Mapping[str,
             if (name, day.date) not in rewrite and (iso in recorded or iso in in_old):
                 skipped += 1
                 continue
-            writes[day.date] = _FileRead(day.path, options, grid, grid_from)
+            writes[day.date] = _FileRead(day.path, options, check)
             written += 1
         tasks += _plan_tasks(name, writes, axis_index, group[name].chunks[0])
     return tasks, written, skipped
@@ -474,9 +491,12 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
             grid = check_grids((d.path for files in variables.values() for d in files), info.grid, options,
                                expected_from=f"the cube {store}")
             grid_from = f"the cube {store}"
+            reference = next(d.path for files in variables.values() for d in files)
         else:  # a new cube is built aside, so each file's grid is checked as it is read
-            first = variables[TARGET][0].path
-            grid, grid_from = read_grid(first, options), f"the first file {first}"
+            reference = variables[TARGET][0].path
+            grid, grid_from = read_grid(reference, options), f"the first file {reference}"
+        # the reference file lies on the grid: it was checked against the cube, or gave the grid
+        check = _GridCheck(grid, grid_from, georeferencing_key(reference))
         dates = {d.date for files in variables.values() for d in files}
         if info is not None:
             dates |= {info.start, info.end}
@@ -485,7 +505,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         # Compare with what is already there before writing anything.
         present = [(name, day) for name, files in variables.items() for day in files
                    if info is not None and name in info.records and day.date.isoformat() in info.records[name].digest]
-        rewrite = _changed_days(present, info, options, overwrite)
+        rewrite = _changed_days(present, info, options, check, overwrite)
 
         rebuild = info is None or axis[0] < info.start
         if rebuild and is_url(store) and info is not None:
@@ -509,7 +529,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
             resumed = [(n, d) for n, files in variables.items() for d in files
                        if n in partial.records and d.date.isoformat() in partial.records[n].digest
                        and (info is None or n not in info.records or d.date.isoformat() not in info.records[n].digest)]
-            rewrite |= _changed_days(resumed, partial, options, overwrite=True)
+            rewrite |= _changed_days(resumed, partial, options, check, overwrite=True)
         group = zarr.open_group(target, mode="r+", use_consolidated=False, storage_options=storage_options)
         for name in all_vars:
             if name not in group:
@@ -518,7 +538,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         done = partial if target != store else info
         old_group = zarr.open_group(store, mode="r", use_consolidated=False, storage_options=storage_options) if rebuild and info else None
         tasks, written, skipped = _plan_writes(group, all_vars, variables, axis, info, done, old_group,
-                                               rewrite, options, grid, grid_from)
+                                               rewrite, options, check)
 
         # the chunks written here hold data: zarr's all-NaN test of each chunk is wasted work (~30%)
         arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in all_vars}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,13 +234,77 @@ def list_days(folder: str | Path, date_format: str | None = None) -> list[DayFil
     return [DayFile(d, days[d]) for d in sorted(days)]
 
 
-def _open(path: Path) -> rasterio.io.DatasetReader:
+# Byte size of each TIFF field type; ImageWidth, ImageLength, SamplesPerPixel and the GeoTIFF
+# tags (ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams,
+# GeoAsciiParams)
+_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8, 17: 8, 18: 8}
+_GRID_TAGS = frozenset((256, 257, 277, 33550, 33922, 34264, 34735, 34736, 34737))
+
+
+def georeferencing_key(path: str | Path) -> bytes | None:
+    """The raw bytes of a GeoTIFF's size, band count and internal georeferencing tags, or None.
+
+    Two files with equal keys lie on the same grid (and have as many bands), so only
+    one of them needs GDAL to build its CRS through PROJ, which is most of the cost of
+    opening a small GeoTIFF.
+    None where the tags alone would not decide the grid: not a TIFF, no GeoKeys or no
+    internal geotransform, or a side-car ``.aux.xml`` (GDAL reads it before the tags).
+
+    >>> georeferencing_key("README.md") is None
+    True
+    """
+    if os.path.exists(f"{path}.aux.xml"):
+        return None
     try:
-        with warnings.catch_warnings():
+        with open(path, "rb") as f:
+            head = f.read(16)
+            order = {b"II": "<", b"MM": ">"}.get(head[:2])
+            if order is None or len(head) < 16:
+                return None
+            magic = struct.unpack_from(order + "H", head, 2)[0]
+            if magic == 42:  # classic TIFF
+                ifd, count, entry, pointer = struct.unpack_from(order + "I", head, 4)[0], "H", "HHI4s", "I"
+            elif magic == 43:  # BigTIFF
+                ifd, count, entry, pointer = struct.unpack_from(order + "Q", head, 8)[0], "Q", "HHQ8s", "Q"
+            else:
+                return None
+            f.seek(ifd)
+            n = struct.unpack(order + count, f.read(struct.calcsize(count)))[0]
+            entry_bytes, inline = struct.calcsize(order + entry), struct.calcsize(pointer)
+            entries = f.read(n * entry_bytes)
+            parts, found = [head[:4]], set()
+            for i in range(n):
+                tag, kind, values, value = struct.unpack_from(order + entry, entries, i * entry_bytes)
+                if tag not in _GRID_TAGS:
+                    continue
+                size = values * _TIFF_TYPE_BYTES.get(kind, 0)
+                if size > inline:
+                    f.seek(struct.unpack(order + pointer, value)[0])
+                    value = f.read(size)
+                    if len(value) < size:
+                        return None
+                parts.append(struct.pack(order + "HHQ", tag, kind, values) + value[:size])
+                found.add(tag)
+    except (OSError, struct.error):
+        return None
+    if not {256, 257, 34735} <= found or not found & {33922, 34264}:
+        return None
+    return b"".join(parts)
+
+
+# catch_warnings swaps the process's filters: two threads inside it at once can restore each
+# other's, and one thread's open would then warn. Opens take a few tenths of a millisecond.
+_OPEN_QUIETLY = threading.Lock()
+
+
+def _open(path: Path, georeferenced: bool = True) -> rasterio.io.DatasetReader:
+    try:
+        with _OPEN_QUIETLY, warnings.catch_warnings():
             # a raster without georeferencing is a RunoffError naming the file and the fix, or
-            # is georeferenced by --like: rasterio's generic warning would only repeat that
+            # is georeferenced by --like or by a known grid: rasterio's generic warning would only
+            # repeat that
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            return rasterio.open(path) if georeferenced else rasterio.open(path, GEOREF_SOURCES="NONE")
     except RasterioError as exc:
         raise RunoffError(f"{path}: not a readable raster ({_first_line(exc)})") from None
 
@@ -285,16 +351,19 @@ def read_grid(path: str | Path, options: ReadOptions = ReadOptions()) -> Grid:
 
 
 def read_raster(path: str | Path, options: ReadOptions = ReadOptions(),
-                out: np.ndarray | None = None) -> tuple[np.ndarray, Grid, dict]:
+                out: np.ndarray | None = None, grid: Grid | None = None) -> tuple[np.ndarray, Grid, dict]:
     """Read one day: float32 values with NaN for nodata, its :class:`Grid`, and CF attributes.
 
     PNG codes are scaled to physical values: ``code / max_code * png_scale``. With
-    ``out`` (a float32 array of the raster's shape) the values are read into it.
+    ``out`` (a float32 array of the raster's shape) the values are read into it. With
+    ``grid``, the caller vouches for the file's grid (see :func:`georeferencing_key`), and
+    GDAL does not read its georeferencing.
     """
     path = Path(path)
-    with _open(path) as src:
+    with _open(path, georeferenced=grid is None) as src:
         band = _band(src, path, options)
-        grid = _grid_of(src, path, options)
+        if grid is None:
+            grid = _grid_of(src, path, options)
         if out is not None and out.shape != (src.height, src.width):
             raise RunoffError(f"{path}: {src.height}x{src.width} px, expected {out.shape[0]}x{out.shape[1]}")
         is_png = src.driver == "PNG"
@@ -363,12 +432,15 @@ def check_grids(paths: Iterable[Path], expected: Grid | None, options: ReadOptio
         with raster_env():
             return read_grid(path, options)
 
+    first = header(paths[0])
+    if expected is None:
+        expected, expected_from = first, f"the first file {paths[0]}"
+    elif not first.matches(expected):
+        raise grid_error(paths[0], first, expected, expected_from)
+    key = georeferencing_key(paths[0])  # files with the first one's tags need no header of their own
+    rest = [path for path in paths[1:] if key is None or georeferencing_key(path) != key]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        grids = pool.map(header, paths)
-        if expected is None:
-            expected, expected_from = next(grids), f"the first file {paths[0]}"
-            paths = paths[1:]
-        for path, grid in zip(paths, grids):
+        for path, grid in zip(rest, pool.map(header, rest)):
             if not grid.matches(expected):
                 raise grid_error(path, grid, expected, expected_from)
     return expected

@@ -212,6 +212,24 @@ def _bad_inputs(folder: Path, reference: Path) -> dict:
     }
 
 
+@pytest.mark.parametrize("case", ["other CRS", "half-pixel shift", "side-car .aux.xml with another CRS"])
+def test_a_new_cube_refuses_a_file_off_the_first_files_grid(case, series_copy, tmp_path, run_cli):
+    reference = series_copy / "QS_20190105.tif"
+    cases = _bad_inputs(series_copy, reference)
+    cases["side-car .aux.xml with another CRS"] = (
+        lambda: (series_copy / "QS_20190105.tif.aux.xml").write_text("<PAMDataset><SRS>EPSG:3035</SRS></PAMDataset>"),
+        ["QS_20190105.tif", "EPSG:3035", "the first file"])
+    spoil, words = cases[case]
+    spoil()
+    store = tmp_path / "qs.zarr"
+    result = run_cli("ingest", series_copy, store)
+    assert result.status == 2
+    line = one_error_line(result.err)
+    for word in words:
+        assert word in line, (word, line)
+    assert not store.exists() and not Path(f"{store}.partial").exists()
+
+
 @pytest.mark.parametrize("case", list(_bad_inputs(Path("."), Path(".")).keys()))
 def test_bad_input_is_one_line_exit_2_and_cube_unchanged(case, series_copy, tmp_path, run_cli):
     store = tmp_path / "qs.zarr"

@@ -7,7 +7,8 @@ import pytest
 import rasterio
 
 from pipeline.errors import RunoffError
-from pipeline.rasters import ReadOptions, find_rasters, list_days, parse_date, read_grid, read_raster
+from pipeline.rasters import (ReadOptions, find_rasters, georeferencing_key, list_days, parse_date, read_grid,
+                              read_raster)
 from pipeline.synth import write_series
 
 
@@ -75,3 +76,46 @@ def test_png_without_world_file_needs_like(tmp_path, series_dir):
         read_grid(png, ReadOptions(png_scale=200.0, crs="EPSG:2154"))
     like = ReadOptions(png_scale=200.0, like=str(series_dir / "QS_20190101.tif"))
     assert read_grid(png, like).matches(read_grid(series_dir / "QS_20190101.tif"))
+
+
+def _rewrite(source, target, **changes):
+    """A copy of ``source`` with some of its profile changed (CRS, transform, size, BigTIFF)."""
+    with rasterio.open(source) as src:
+        profile, data = dict(src.profile), src.read(1)
+    profile.update(changes)
+    with rasterio.open(target, "w", **profile) as dst:
+        dst.write(data[: profile["height"], : profile["width"]], 1)
+    return target
+
+
+def test_georeferencing_key_tells_grids_apart(series_dir, tmp_path):
+    day1, day2 = series_dir / "QS_20190101.tif", series_dir / "QS_20190102.tif"
+    key = georeferencing_key(day1)
+    assert key is not None and georeferencing_key(day2) == key  # other values, same grid
+    with rasterio.open(day1) as src:
+        t = src.transform
+    others = {
+        "other CRS": _rewrite(day1, tmp_path / "crs.tif", crs="EPSG:3035"),
+        "half-pixel shift": _rewrite(day1, tmp_path / "shift.tif",
+                                     transform=rasterio.Affine(t.a, t.b, t.c + t.a / 2, t.d, t.e, t.f)),
+        "other shape": _rewrite(day1, tmp_path / "shape.tif", height=20),
+        "BigTIFF": _rewrite(day1, tmp_path / "big.tif", BIGTIFF="YES"),
+    }
+    for name, path in others.items():
+        assert georeferencing_key(path) not in (None, key), name
+    # where the tags alone do not decide the grid, there is no key
+    (tmp_path / "text.tif").write_text("not a raster")
+    aux = _rewrite(day1, tmp_path / "aux.tif")
+    (tmp_path / "aux.tif.aux.xml").write_text("<PAMDataset><SRS>EPSG:4326</SRS></PAMDataset>")
+    no_crs = _rewrite(day1, tmp_path / "no_crs.tif", crs=None)
+    write_series(tmp_path / "png", days=1, height=32, width=40, fmt="png", png_scale=200.0)
+    for path in (tmp_path / "text.tif", aux, no_crs, tmp_path / "png" / "QS_20190101.png", tmp_path / "absent.tif"):
+        assert georeferencing_key(path) is None, path.name
+
+
+def test_read_with_a_known_grid_equals_the_full_read(series_dir, tmp_path):
+    for path in (series_dir / "QS_20190103.tif", _rewrite(series_dir / "QS_20190103.tif", tmp_path / "big.tif",
+                                                          BIGTIFF="YES")):
+        values, grid, attrs = read_raster(path)
+        known = read_raster(path, grid=grid)
+        assert np.array_equal(known[0], values, equal_nan=True) and known[1] is grid and known[2] == attrs
