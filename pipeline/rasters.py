@@ -239,6 +239,7 @@ def list_days(folder: str | Path, date_format: str | None = None) -> list[DayFil
 # GeoAsciiParams)
 _TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8, 17: 8, 18: 8}
 _GRID_TAGS = frozenset((256, 257, 277, 33550, 33922, 34264, 34735, 34736, 34737))
+_MAX_TAGS, _MAX_TAG_BYTES = 4096, 2**20  # far above any real GeoTIFF's
 
 
 def georeferencing_key(path: str | Path) -> bytes | None:
@@ -270,6 +271,8 @@ def georeferencing_key(path: str | Path) -> bytes | None:
                 return None
             f.seek(ifd)
             n = struct.unpack(order + count, f.read(struct.calcsize(count)))[0]
+            if n > _MAX_TAGS:  # not an image directory: a damaged file, left to GDAL
+                return None
             entry_bytes, inline = struct.calcsize(order + entry), struct.calcsize(pointer)
             entries = f.read(n * entry_bytes)
             parts, found = [head[:4]], set()
@@ -278,6 +281,8 @@ def georeferencing_key(path: str | Path) -> bytes | None:
                 if tag not in _GRID_TAGS:
                     continue
                 size = values * _TIFF_TYPE_BYTES.get(kind, 0)
+                if size > _MAX_TAG_BYTES:
+                    return None
                 if size > inline:
                     f.seek(struct.unpack(order + pointer, value)[0])
                     value = f.read(size)

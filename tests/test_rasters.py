@@ -105,11 +105,14 @@ def test_georeferencing_key_tells_grids_apart(series_dir, tmp_path):
         assert georeferencing_key(path) not in (None, key), name
     # where the tags alone do not decide the grid, there is no key
     (tmp_path / "text.tif").write_text("not a raster")
+    # a BigTIFF header whose directory claims 2**62 entries
+    (tmp_path / "damaged.tif").write_bytes(b"II+\x00\x08\x00\x00\x00" + (16).to_bytes(8, "little")
+                                           + (2**62).to_bytes(8, "little"))
     aux = _rewrite(day1, tmp_path / "aux.tif")
     (tmp_path / "aux.tif.aux.xml").write_text("<PAMDataset><SRS>EPSG:4326</SRS></PAMDataset>")
     no_crs = _rewrite(day1, tmp_path / "no_crs.tif", crs=None)
     write_series(tmp_path / "png", days=1, height=32, width=40, fmt="png", png_scale=200.0)
-    for path in (tmp_path / "text.tif", aux, no_crs, tmp_path / "png" / "QS_20190101.png", tmp_path / "absent.tif"):
+    for path in (tmp_path / "text.tif", tmp_path / "damaged.tif", aux, no_crs, tmp_path / "png" / "QS_20190101.png", tmp_path / "absent.tif"):
         assert georeferencing_key(path) is None, path.name
 
 
