@@ -4,7 +4,9 @@ with the real sampler feeding it; prints samples/s and the data-wait share.
     python benchmarks/bench_precision.py [--days 365] [--patch 128] [--batch 16] [--epochs 3]
 
 Target (issue 6, on CUDA): data wait < 10% of step time. The first epoch includes the
-first decode of the training days; later epochs show the steady state.
+first decode of the training days; later epochs show the steady state. For scale, the same
+step is also timed alone, on one batch already on the device: training near that speed is
+bound by the device, far below it by the host (launching the step, cutting batches).
 """
 
 from __future__ import annotations
@@ -13,10 +15,40 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import time
+
+import torch
+
 from common import Row, machine, table
 from pipeline.ingest import ingest
+from pipeline.model import ConvLSTMForecaster
 from pipeline.synth import write_series
-from pipeline.train import TrainConfig, pick_device, train
+from pipeline.train import TrainConfig, autocast_for, masked_mse, pick_device, train
+
+
+def step_alone(device: torch.device, precision: str, batch: int, patch: int, hidden: int,
+               warmup: int = 10, steps: int = 30) -> float:
+    """Samples/s of the training step (forward, backward, clipping, AdamW) on one batch that
+    is already on ``device``."""
+    torch.manual_seed(0)
+    model = ConvLSTMForecaster(1, [hidden]).to(device)
+    optimiser = torch.optim.AdamW(model.parameters())
+    x = torch.randn(batch, 6, 1, patch, patch, device=device)
+    y = torch.randn(batch, 1, 1, patch, patch, device=device)
+    mask = torch.ones_like(y, dtype=torch.bool)
+    synchronise = getattr(torch, device.type).synchronize if device.type in ("cuda", "mps") else (lambda: None)
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronise()
+            start = time.perf_counter()
+        optimiser.zero_grad(set_to_none=True)
+        with autocast_for(device, precision):
+            pred = model(x)
+        masked_mse(pred.float(), y, mask).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+    synchronise()
+    return steps * batch / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -48,6 +80,9 @@ def main() -> None:
                             f"{args.hidden} hidden), epochs 2+", f"{rates[precision]:.1f}"))
             rows.append(Row(f"{device.type} {precision}: data wait, epochs 2+ (epoch 1: "
                             f"{result.history[0]['data_wait']:.1%})", f"{wait:.1%}", "< 10%", wait < 0.10))
+            alone = step_alone(device, precision, args.batch, args.patch, args.hidden)
+            rows.append(Row(f"{device.type} {precision}: training / the step alone on a batch already on the "
+                            f"device ({alone:.1f} samples/s)", f"{rates[precision] / alone:.2f}x"))
     rows.append(Row(f"{device.type} bf16 / fp32 samples/s", f"{rates['bf16'] / rates['fp32']:.2f}x"))
     print(f"{machine()}\n")
     print(table(rows))

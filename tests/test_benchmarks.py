@@ -31,6 +31,9 @@ def _table_rows(script: str, *args: str) -> list[dict[str, str]]:
                           "--xbatcher-windows", "3", "--repeat", "1"],
      ["from cold / numpy gather", "after the first decode", "training epoch 1", "training epoch 2"]),
     ("bench_predict.py", ["--big", "96", "--tile", "64"], ["prediction 224x464", "prediction 96x96"]),
+    ("bench_precision.py", ["--days", "60", "--height", "32", "--width", "40", "--patch", "16", "--batch", "4",
+                            "--hidden", "4", "--epochs", "2"],
+     ["fp32: data wait", "bf16: data wait", "fp32: training / the step alone", "bf16 / fp32 samples/s"]),
 ])
 def test_benchmark_prints_a_row_with_a_measured_figure_for_each_comparison(script, args, expected):
     rows = _table_rows(script, *args)
