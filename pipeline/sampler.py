@@ -26,6 +26,7 @@ Example
 
 from __future__ import annotations
 
+import multiprocessing
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -150,14 +151,21 @@ class WindowSampler(IterableDataset):
         self.issues = np.asarray(issues, dtype=np.int64)
         self.patch, self.shuffle, self.seed = patch, shuffle, seed
         self.block_bytes, self.storage_options = block_bytes, storage_options
-        self.epoch = 0
+        # in shared memory: DataLoader workers that persist across epochs read the epoch the
+        # training loop set, not the one their copy of the sampler was made with
+        self._epoch = multiprocessing.get_context("spawn").RawValue("q", 0)
         self.rank, self.world_size = 0, 1
         self._ds: xr.Dataset | None = None
         self._cached: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None  # reused next epoch
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for ``epoch`` (deterministic for the seed), as DistributedSampler does."""
-        self.epoch = epoch
+        """Reshuffle for ``epoch`` (deterministic for the seed), as DistributedSampler does;
+        also in DataLoader workers that persist across epochs."""
+        self._epoch.value = epoch
 
     def shard(self, rank: int, world_size: int) -> "WindowSampler":
         """Keep only this DDP rank's share of the blocks."""

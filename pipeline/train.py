@@ -497,8 +497,9 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
     for sampler in (train_set, val_set):
         sampler.shard(ranks.rank, ranks.world_size)
     pin = device.type == "cuda"
-    loader_kw = dict(num_workers=config.num_workers, pin_memory=pin,
-                     persistent_workers=False, multiprocessing_context="spawn" if config.num_workers else None)
+    # workers persist across epochs: no process start-up per epoch, and each keeps its decoded block
+    loader_kw = dict(num_workers=config.num_workers, pin_memory=pin, persistent_workers=config.num_workers > 0,
+                     multiprocessing_context="spawn" if config.num_workers else None)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, **loader_kw)
     val_loader = DataLoader(val_set, batch_size=config.batch_size, **loader_kw)
 

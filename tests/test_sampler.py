@@ -117,6 +117,25 @@ def test_loader_workers_and_ranks_see_disjoint_windows(cube):
     assert sorted(halves[0] + halves[1]) == single
 
 
+def test_workers_that_persist_across_epochs_follow_set_epoch(cube):
+    sampler, _, _ = _sampler(cube, patch=8, shuffle=True, seed=3)
+
+    def epoch(loader):
+        windows = sorted(((int(w.issue), w.x) for w in loader), key=lambda item: item[0])
+        return [t for t, _ in windows], torch.stack([x for _, x in windows])
+
+    kw = dict(batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    persistent = DataLoader(sampler, persistent_workers=True, **kw)
+    seen = {}
+    for e in (1, 2):
+        sampler.set_epoch(e)
+        seen[e] = epoch(persistent)
+        fresh = epoch(DataLoader(sampler, **kw))  # workers started for this epoch alone
+        assert seen[e][0] == fresh[0] == sorted(sampler.issues.tolist())
+        assert torch.equal(seen[e][1], fresh[1])
+    assert not torch.equal(seen[1][1], seen[2][1])  # epoch 2 drew other patches
+
+
 def test_stats_fitted_from_the_first_block_match_the_cube_pass_and_save_its_read(cube):
     ds = open_cube(cube)
     split = make_splits(*[cube_dates(ds)[i] for i in (0, -1)])["train"]
