@@ -23,16 +23,16 @@ from common import Row, machine, table
 from pipeline.ingest import ingest
 from pipeline.model import ConvLSTMForecaster
 from pipeline.synth import write_series
-from pipeline.train import TrainConfig, autocast_for, masked_mse, pick_device, train
+from pipeline.train import TrainConfig, grad_scaler, pick_device, train, train_step
 
 
 def step_alone(device: torch.device, precision: str, batch: int, patch: int, hidden: int,
                warmup: int = 10, steps: int = 30) -> float:
-    """Samples/s of the training step (forward, backward, clipping, AdamW) on one batch that
+    """Samples/s of the training step (:func:`pipeline.train.train_step`) on one batch that
     is already on ``device``."""
     torch.manual_seed(0)
     model = ConvLSTMForecaster(1, [hidden]).to(device)
-    optimiser = torch.optim.AdamW(model.parameters())
+    optimiser, scaler = torch.optim.AdamW(model.parameters()), grad_scaler(device, precision)
     x = torch.randn(batch, 6, 1, patch, patch, device=device)
     y = torch.randn(batch, 1, 1, patch, patch, device=device)
     mask = torch.ones_like(y, dtype=torch.bool)
@@ -41,12 +41,7 @@ def step_alone(device: torch.device, precision: str, batch: int, patch: int, hid
         if i == warmup:
             synchronise()
             start = time.perf_counter()
-        optimiser.zero_grad(set_to_none=True)
-        with autocast_for(device, precision):
-            pred = model(x)
-        masked_mse(pred.float(), y, mask).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
+        train_step(model, optimiser, scaler, x, y, mask, precision)
     synchronise()
     return steps * batch / (time.perf_counter() - start)
 

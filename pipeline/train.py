@@ -372,6 +372,29 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def grad_scaler(device: torch.device, precision: str = "auto") -> torch.amp.GradScaler:
+    """The loss scaler of a run: active for fp16 autocast only (bf16 has fp32's range)."""
+    return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, precision) == torch.float16)
+
+
+def train_step(net: torch.nn.Module, optimiser: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, precision: str = "auto",
+               clip_grad: float = 1.0) -> torch.Tensor:
+    """One optimisation step on a batch already on the model's device: forward under
+    autocast, masked MSE, backward, gradient clipping, optimiser step. Returns the detached
+    loss, still on the device (reading it would synchronise)."""
+    optimiser.zero_grad(set_to_none=True)
+    with autocast_for(x.device, precision):
+        pred = net(x)
+    loss = masked_mse(pred.float(), y, mask)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimiser)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
+    scaler.step(optimiser)
+    scaler.update()
+    return loss.detach()
+
+
 def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> dict[str, float]:
     """Validation loss and skill against persistence, in normalised space (the loss) and as
@@ -477,8 +500,7 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5,
                                                            patience=max(1, config.patience // 3))
-    # fp16 needs loss scaling; bf16 has fp32's range and does not
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, config.precision) == torch.float16)
+    scaler = grad_scaler(device, config.precision)
     start_epoch, best_val, best_epoch, bad_epochs, history = 0, math.inf, 0, 0, []
     if resume_state is not None:
         model.load_state_dict(resume_state["model_state"])
@@ -543,16 +565,8 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
                 if queued is None or queued.query():  # the device had run out of work: it waited too
                     waited_s += time.perf_counter() - waited
                 x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
-                optimiser.zero_grad(set_to_none=True)
-                with autocast_for(device, config.precision):
-                    pred = net(x)
-                loss = masked_mse(pred.float(), y, mask)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimiser)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                scaler.step(optimiser)
-                scaler.update()
-                totals[0] += loss.detach()
+                loss = train_step(net, optimiser, scaler, x, y, mask, config.precision, config.clip_grad)
+                totals[0] += loss
                 totals[1] += 1
                 totals[2] += x.shape[0]
                 seen.append(issue)
