@@ -5,9 +5,9 @@ the target ``qs`` on days ``t + lead`` for each lead. Windows with a missing day
 skipped; NaN target pixels are masked out of the loss.
 
 Reading pattern: the issue days are grouped in consecutive *blocks*; each block's
-days are read once through Dask (Dask chunks of whole stored chunks, decoded and
-normalised in parallel, see :func:`block_chunks`), then every window of the block is
-cut from that array with integer indexing. So a chunk is decoded once per pass, never
+days are read once, by Dask tasks in threads that each decode a Dask chunk of whole
+stored chunks (:func:`block_chunks`) from Zarr straight into the block and normalise
+it there, then every window of the block is cut from that array with integer indexing. So a chunk is decoded once per pass, never
 once per sample, and memory is bounded by ``block_bytes``. A cube whose windows fit in
 one block is decoded once per run, and :meth:`WindowSampler.fit_stats` takes the
 training statistics from that same read. Blocks are shuffled, then the windows inside
@@ -27,17 +27,18 @@ Example
 from __future__ import annotations
 
 import multiprocessing
-import uuid
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, NamedTuple
 
+import dask
 import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
 import zarr
 from torch.utils.data import IterableDataset, get_worker_info
+from zarr.core.buffer import default_buffer_prototype
 
 from .cube import (TARGET, Split, checked_stats, cube_dates, log_transform, normalisation_stats, normalise, open_cube,
                    standardise)
@@ -115,26 +116,16 @@ def check_windows(issues: np.ndarray, split: Split, spec: WindowSpec, n_days: in
             f"use fewer input days or leads, or more data")
 
 
-class _FilledBlock:
-    """A ``da.store`` target that writes each decoded chunk into ``data`` as
-    ``transform(values, out=...)`` with NaN -> 0, and records in ``valid`` where it was
-    not NaN (ingest stores nodata as NaN, never inf)."""
-
-    def __init__(self, data: np.ndarray, valid: np.ndarray, transform: Callable[..., np.ndarray]) -> None:
-        self.data, self.valid, self.transform = data, valid, transform
-        self._token = uuid.uuid4().hex
-
-    def __dask_tokenize__(self) -> str:
-        # otherwise Dask names the store task by hashing the whole (uninitialised) block,
-        # which took longer than decoding it
-        return self._token
-
-    def __setitem__(self, key: tuple[slice, ...], values: np.ndarray) -> None:
-        out, mask = self.data[key], self.valid[key]
-        missing = np.isnan(values, out=mask)  # the mask's buffer holds "missing" until the last line
-        self.transform(values, out=out)
-        np.copyto(out, 0, where=missing)
-        np.logical_not(missing, out=mask)
+def _read_region(array: zarr.Array, selection: tuple[slice, ...], out: np.ndarray, valid: np.ndarray,
+                 transform: Callable[..., np.ndarray]) -> None:
+    """Decode ``array[selection]`` straight into ``out``, then ``transform(out, out=out)``
+    with NaN -> 0, and record in ``valid`` where it was not NaN (ingest stores nodata as
+    NaN, never inf, in float32 with no scale or offset: the stored values are the cube's)."""
+    array.get_basic_selection(selection, out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+    missing = np.isnan(out, out=valid)  # the mask's buffer holds "missing" until the last line
+    transform(out, out=out)
+    np.copyto(out, 0, where=missing)
+    np.logical_not(missing, out=valid)
 
 
 class WindowSampler(IterableDataset):
@@ -142,6 +133,8 @@ class WindowSampler(IterableDataset):
 
     ``patch``: random ``patch x patch`` crops (training); None: the full grid.
     """
+
+    task_bytes = 32 * 2**20  # about how much one Dask task of a block read decodes (block_chunks)
 
     def __init__(self, store: str, issues: np.ndarray, spec: WindowSpec, stats: dict[str, dict[str, float]],
                  patch: int | None = None, shuffle: bool = False, seed: int = 0,
@@ -156,6 +149,7 @@ class WindowSampler(IterableDataset):
         self._epoch = multiprocessing.get_context("spawn").RawValue("q", 0)
         self.rank, self.world_size = 0, 1
         self._ds: xr.Dataset | None = None
+        self._group: zarr.Group | None = None  # the same store, for reading blocks straight from Zarr
         self._cached: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None  # reused next epoch
 
     @property
@@ -174,7 +168,7 @@ class WindowSampler(IterableDataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_ds"] = None  # each worker process opens the store itself
+        state["_ds"] = state["_group"] = None  # each worker process opens the store itself
         state["_cached"] = None
         return state
 
@@ -182,8 +176,9 @@ class WindowSampler(IterableDataset):
     def ds(self) -> xr.Dataset:
         """The cube, with Dask chunks made for reading blocks of whole days (:func:`block_chunks`)."""
         if self._ds is None:
-            stored = zarr.open_group(self.store, mode="r", storage_options=self.storage_options)[TARGET]
-            self._ds = open_cube(self.store, self.storage_options, chunks=block_chunks(stored.shape, stored.chunks))
+            self._group = zarr.open_group(self.store, mode="r", storage_options=self.storage_options)
+            stored = self._group[TARGET]
+            self._ds = open_cube(self.store, self.storage_options, chunks=block_chunks(stored.shape, stored.chunks, self.task_bytes))
         return self._ds
 
     def blocks(self) -> list[np.ndarray]:
@@ -224,16 +219,23 @@ class WindowSampler(IterableDataset):
         """Days ``first..last`` as ``transform(variable)(values, out=...)``, ``(T, V, H, W)``,
         NaN -> 0, and where they were valid (not NaN).
 
-        Transform, filling and mask run on each Dask chunk as it is decoded (in parallel),
-        and the chunks land straight in the block: no concatenated copy and no block-wide
-        pass after the read.
+        One Dask task per Dask chunk of the days (whole stored chunks, :func:`block_chunks`),
+        run in threads: each decodes its chunks from Zarr straight into its region of the
+        block, then transforms, fills and masks that region in place. No intermediate
+        chunk arrays, no concatenated copy and no block-wide pass after the read: fresh
+        memory is the block alone (on a VM, touching fresh memory costs more than
+        decoding it, see BENCHMARKS.md).
         """
         ds = self.ds
         shape = (last - first + 1, len(self.spec.variables), ds.sizes["y"], ds.sizes["x"])
         data, valid = np.empty(shape, np.float32), np.empty(shape, bool)
-        da.store([ds[name].data[first:last + 1] for name in self.spec.variables],
-                 [_FilledBlock(data[:, v], valid[:, v], transform(name)) for v, name in enumerate(self.spec.variables)],
-                 lock=False, scheduler="threads")
+        tasks = []
+        for v, name in enumerate(self.spec.variables):
+            for days, rows, cols in da.core.slices_from_chunks(ds[name].data[first:last + 1].chunks):
+                stored = (slice(first + days.start, first + days.stop), rows, cols)
+                tasks.append(dask.delayed(_read_region)(self._group[name], stored, data[days, v, rows, cols],
+                                                        valid[days, v, rows, cols], transform(name)))
+        dask.compute(tasks, scheduler="threads")
         return data, valid
 
     def _normalisation(self, name: str) -> Callable[..., np.ndarray]:

@@ -20,7 +20,7 @@ def cube(tmp_path_factory):
     write_series(root / "in", days=60, height=24, width=30, seed=5, covariates=["rainf"])
     (root / "in" / "Qs" / "QS_20190120.tif").unlink()  # a missing day
     with pytest.warns(RunoffWarning, match="2019-01-20"):
-        ingest(root / "in", root / "qs.zarr", chunks={"time": 8, "y": 256, "x": 256})
+        ingest(root / "in", root / "qs.zarr", chunks={"time": 8, "y": 16, "x": 16})
     return str(root / "qs.zarr")
 
 
@@ -91,6 +91,20 @@ def test_patches_covariate_channels_and_determinism(cube):
     assert all(torch.equal(p, q) for p, q in zip(first_a, (w.x for w in b)))
     a.set_epoch(1)
     assert not all(torch.equal(p, q) for p, q in zip(first_a, (w.x for w in a)))
+
+
+@pytest.mark.parametrize("task_bytes", [32 * 2**20, 1])
+def test_a_block_read_equals_the_cube_normalised_with_covariates(cube, task_bytes):
+    # 1 byte per task: one task per stored chunk (2 x 2 of them per day), each a strided region of the block
+    sampler, ds, _ = _sampler(cube, variables=("qs", "rainf"))
+    sampler.task_bytes = task_bytes
+    stats = normalisation_stats(ds, ["qs", "rainf"], make_splits(*[cube_dates(ds)[i] for i in (0, -1)])["train"])
+    data, valid = sampler._read(3, 40, sampler._normalisation)
+    for v, name in enumerate(("qs", "rainf")):
+        values = ds[name].values[3:41]
+        assert np.isnan(values).any()
+        np.testing.assert_array_equal(valid[:, v], np.isfinite(values))
+        np.testing.assert_allclose(data[:, v], np.nan_to_num(normalise(values, stats[name])), rtol=1e-6)
 
 
 def test_one_read_per_block_not_per_window(cube):
