@@ -14,6 +14,7 @@ import warnings
 
 import bench_ingest
 import bench_predict
+import bench_prefetch
 import bench_sampler
 from common import machine, table
 
@@ -24,7 +25,7 @@ def main() -> None:
     options = parser.parse_args()
     warnings.simplefilter("ignore")
     rows = []
-    for module in (bench_ingest, bench_sampler, bench_predict):
+    for module in (bench_ingest, bench_sampler, bench_prefetch, bench_predict):
         args = module.parser().parse_args([])
         if options.skip_big and hasattr(args, "big_days"):
             args.big_days = 0

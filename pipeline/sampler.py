@@ -29,7 +29,7 @@ from __future__ import annotations
 import multiprocessing
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import dask
 import dask.array as da
@@ -66,6 +66,30 @@ class Window(NamedTuple):
     y: torch.Tensor  # float32 (leads, 1, h, w): normalised target, NaN -> 0
     mask: torch.Tensor  # bool like y: True where the target is valid
     issue: int  # time index of the issue day (which window this is); a DataLoader batches it to int64
+
+
+def collate_windows(windows: Sequence[Window], pin_memory: bool = False) -> Window:
+    """Stack windows into one batch, as the DataLoader's default collation does (``x``
+    becomes ``(batch, T, C, H, W)``, ``issue`` an int64 tensor), but with numpy's
+    single-threaded copies, straight into page-locked memory when ``pin_memory`` (CUDA;
+    not in loader worker processes, which have no CUDA context).
+
+    ``torch.stack`` and ``Tensor.pin_memory`` copy in an OpenMP parallel region whose
+    threads, in the thread that prefetches batches for an accelerator, take cores from the
+    thread launching the step (see BENCHMARKS.md).
+
+    >>> w = Window(torch.zeros(6, 1, 4, 4), torch.ones(1, 1, 4, 4), torch.ones(1, 1, 4, 4, dtype=torch.bool), 7)
+    >>> batch = collate_windows([w, w])
+    >>> batch.x.shape, batch.mask.dtype, batch.issue.tolist()
+    (torch.Size([2, 6, 1, 4, 4]), torch.bool, [7, 7])
+    """
+    def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=pin_memory)
+        np.stack([t.numpy() for t in tensors], out=out.numpy())
+        return out
+
+    x, y, mask, issue = zip(*windows)
+    return Window(stacked(x), stacked(y), stacked(mask), torch.tensor(issue, dtype=torch.int64))
 
 
 def block_chunks(shape: tuple[int, int, int], stored: tuple[int, int, int],

@@ -27,6 +27,7 @@ import threading
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, TypeVar
 
@@ -44,7 +45,7 @@ from .ingest import ensure_cube
 from .model import ConvLSTMForecaster
 from .plots import plot_loss_curves
 from .rasters import Grid
-from .sampler import WindowSampler, WindowSpec, check_windows, window_issues
+from .sampler import WindowSampler, WindowSpec, check_windows, collate_windows, window_issues
 
 CHECKPOINT_FORMAT = "runoff-checkpoint/1"
 # Settings that fix the model's shape or its data: a resumed run must not change them.
@@ -519,8 +520,12 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
     for sampler in (train_set, val_set):
         sampler.shard(ranks.rank, ranks.world_size)
     pin = device.type == "cuda"
-    # workers persist across epochs: no process start-up per epoch, and each keeps its decoded block
-    loader_kw = dict(num_workers=config.num_workers, pin_memory=pin, persistent_workers=config.num_workers > 0,
+    # workers persist across epochs (no process start-up per epoch, each keeps its decoded
+    # block); in-process batches are stacked straight into pinned memory, and workers' batches
+    # are pinned by the loader in this process
+    loader_kw = dict(num_workers=config.num_workers, pin_memory=pin and config.num_workers > 0,
+                     collate_fn=partial(collate_windows, pin_memory=pin and config.num_workers == 0),
+                     persistent_workers=config.num_workers > 0,
                      multiprocessing_context="spawn" if config.num_workers else None)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, **loader_kw)
     val_loader = DataLoader(val_set, batch_size=config.batch_size, **loader_kw)

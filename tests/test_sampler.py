@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from pipeline.cube import cube_dates, make_splits, normalisation_stats, normalise, open_cube
 from pipeline.errors import RunoffError, RunoffWarning
 from pipeline.ingest import ingest
-from pipeline.sampler import WindowSampler, WindowSpec, window_issues
+from pipeline.sampler import Window, WindowSampler, WindowSpec, collate_windows, window_issues
 from pipeline.synth import write_series
 
 
@@ -176,3 +176,22 @@ def test_stats_fitted_from_the_first_block_match_the_cube_pass_and_save_its_read
     several._read = lambda *args: pytest.fail("the stats of several blocks come from a cube pass")
     for name, values in several.fit_stats(split).items():
         assert values == pytest.approx(expected[name], rel=1e-6)  # Dask chunks differ: float32 sums, reordered
+
+
+def test_collated_batches_equal_the_default_collation(cube):
+    sampler, _, _ = _sampler(cube, patch=8, shuffle=True, variables=("qs", "rainf"), leads=(1, 3))
+    ours = list(DataLoader(sampler, batch_size=5, collate_fn=collate_windows))
+    default = list(DataLoader(sampler, batch_size=5))
+    assert len(ours) == len(default) == -(-len(sampler) // 5)
+    for a, b in zip(ours, default):
+        assert a.x.shape == (len(b.issue), 6, 2, 8, 8)
+        for field in Window._fields:
+            assert getattr(a, field).dtype == getattr(b, field).dtype
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_collated_batches_in_pinned_memory(cube):
+    sampler, _, _ = _sampler(cube, patch=8)
+    batch = collate_windows(list(sampler)[:3], pin_memory=True)
+    assert all(t.is_pinned() for t in (batch.x, batch.y, batch.mask))
