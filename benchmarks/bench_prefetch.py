@@ -9,6 +9,13 @@ bf16 step of 128 px, batch 16, 32 hidden channels on an H200), and the real samp
 it. Compared side by side, in interleaved rounds: the DataLoader's default collation
 (`torch.stack`) and `pipeline.sampler.collate_windows` (numpy's single-threaded copies).
 Prints the share of time the training thread waited for a batch, epochs 2+.
+
+Why the collation matters: `torch.stack` runs an OpenMP parallel region, and libgomp's
+worker threads spin-wait after it, taking cores from the training thread
+(`OMP_WAIT_POLICY=passive` removes the difference). After CPU training has run in the same
+process the difference is gone too (libgomp then seems to throttle its spinning); a CUDA
+training process never trains on the CPU, so run this before any CPU training, as
+`report.py` does.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ def main() -> None:
     options = parser.parse_args()
     warnings.simplefilter("ignore")
     rows = []
-    for module in (bench_ingest, bench_sampler, bench_prefetch, bench_predict):
+    # bench_prefetch before any CPU training in this process: see its docstring
+    for module in (bench_ingest, bench_prefetch, bench_sampler, bench_predict):
         args = module.parser().parse_args([])
         if options.skip_big and hasattr(args, "big_days"):
             args.big_days = 0
