@@ -19,10 +19,8 @@ import time
 
 import torch
 
-from common import Row, machine, table
-from pipeline.ingest import ingest
+from common import Row, machine, synthetic_cube, table
 from pipeline.model import ConvLSTMForecaster
-from pipeline.synth import write_series
 from pipeline.train import TrainConfig, grad_scaler, pick_device, train, train_step
 
 
@@ -61,11 +59,10 @@ def main() -> None:
     rows, rates = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_series(tmp / "in", days=args.days, height=args.height, width=args.width)
-        ingest(tmp / "in", tmp / "qs.zarr")
+        store = synthetic_cube(tmp, args.days, args.height, args.width)
         for precision in ("fp32", "bf16"):
             result = train(TrainConfig(
-                data_dir=str(tmp / "qs.zarr"), epochs=args.epochs, patience=args.epochs, batch_size=args.batch,
+                data_dir=store, epochs=args.epochs, patience=args.epochs, batch_size=args.batch,
                 patch=args.patch, hidden_channels=[args.hidden], device=str(device), precision=precision,
                 num_workers=args.num_workers, checkpoint_dir=str(tmp / precision), output_dir=str(tmp / precision)))
             later = result.history[1:] or result.history

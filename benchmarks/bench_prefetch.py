@@ -28,11 +28,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from common import Row, machine, table
-from pipeline.cube import cube_dates, make_splits, normalisation_stats, open_cube
-from pipeline.ingest import ingest
-from pipeline.sampler import WindowSampler, WindowSpec, collate_windows, window_issues
-from pipeline.synth import write_series
+from common import Row, machine, synthetic_cube, table, training_sampler
+from pipeline.sampler import WindowSampler, collate_windows
 from pipeline.train import prefetched
 
 
@@ -80,15 +77,7 @@ def parser() -> argparse.ArgumentParser:
 
 def measure(args: argparse.Namespace) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        write_series(tmp / "in", days=args.days, height=args.height, width=args.width)
-        store = str(tmp / "qs.zarr")
-        ingest(tmp / "in", store)
-        ds = open_cube(store)
-        split = make_splits(cube_dates(ds)[0], cube_dates(ds)[-1])["train"]
-        spec = WindowSpec(6, (1,))
-        sampler = WindowSampler(store, window_issues(ds, split, spec), spec, normalisation_stats(ds, ["qs"], split),
-                                patch=args.patch, shuffle=True)
+        sampler = training_sampler(synthetic_cube(Path(tmp), args.days, args.height, args.width), args.patch)
         collations = {"default collation (torch.stack)": default_collate, "collate_windows (numpy)": collate_windows}
         waits: dict[str, list[float]] = {name: [] for name in collations}
         for _ in range(args.repeat):

@@ -28,11 +28,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from common import Row, table
-from pipeline.cube import cube_dates, make_splits, normalisation_stats, open_cube
-from pipeline.ingest import ingest
-from pipeline.sampler import WindowSampler, WindowSpec, window_issues
-from pipeline.synth import write_series
+from common import Row, synthetic_cube, table, training_sampler
 from pipeline.train import TrainConfig, train
 
 PATCH, DAYS_PER_WINDOW = 64, 7
@@ -42,13 +38,7 @@ def runoff_sampler(store: str, n: int) -> tuple[float, float]:
     """Windows/s over ``n`` windows from a fresh sampler (opening the cube and the first
     decode included, then passes over the cached block), and over the passes after the
     first one alone."""
-    ds = open_cube(store)
-    dates = cube_dates(ds)
-    split = make_splits(dates[0], dates[-1])["train"]
-    spec = WindowSpec(6, (1,))
-    stats = normalisation_stats(ds, ["qs"], split)
-    issues = window_issues(ds, split, spec)
-    sampler = WindowSampler(store, issues, spec, stats, patch=PATCH, shuffle=True)
+    sampler = training_sampler(store, PATCH)
     start = time.perf_counter()
     count = sum(1 for _ in sampler)
     warm_start, first = time.perf_counter(), count
@@ -109,9 +99,7 @@ def measure(args: argparse.Namespace) -> list[Row]:
     """Sampler against xbatcher and an in-memory gather, then two training epochs."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_series(tmp / "in", days=args.days, height=args.height, width=args.width)
-        store = str(tmp / "qs.zarr")
-        ingest(tmp / "in", store)
+        store = synthetic_cube(tmp, args.days, args.height, args.width)
         slow_path = xbatcher_generator if importlib.util.find_spec("xbatcher") else None
         # interleaved rounds, best of each (as for ingest): a machine that slows down mid-run
         # hits every path; each round's sampler is a fresh one that opens and decodes the cube again

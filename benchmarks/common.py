@@ -1,11 +1,17 @@
-"""What the benchmark scripts share: a measured row, and one table of rows."""
+"""What the benchmark scripts share: a measured row, one table of rows, a synthetic cube and its sampler."""
 
 from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from pipeline.cube import cube_dates, make_splits, normalisation_stats, open_cube
+from pipeline.ingest import ingest
+from pipeline.sampler import WindowSampler, WindowSpec, window_issues
+from pipeline.synth import write_series
 
 
 @dataclass
@@ -34,3 +40,23 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
     return (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"torch {torch.__version__}, {gpu}")
+
+
+def synthetic_cube(folder: Path, days: int, height: int, width: int) -> str:
+    """Write ``days`` synthetic daily GeoTIFFs under ``folder/in`` and ingest them into
+    ``folder/qs.zarr``; returns the store."""
+    write_series(folder / "in", days=days, height=height, width=width)
+    store = str(folder / "qs.zarr")
+    ingest(folder / "in", store)
+    return store
+
+
+def training_sampler(store: str, patch: int) -> WindowSampler:
+    """A fresh, shuffling sampler of the default training split's windows (6 days, lead 1),
+    normalised with that split's statistics, as `runoff train` makes it."""
+    ds = open_cube(store)
+    dates = cube_dates(ds)
+    split = make_splits(dates[0], dates[-1])["train"]
+    spec = WindowSpec(6, (1,))
+    return WindowSampler(store, window_issues(ds, split, spec), spec, normalisation_stats(ds, ["qs"], split),
+                         patch=patch, shuffle=True)
