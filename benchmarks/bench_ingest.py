@@ -24,7 +24,7 @@ import rasterio
 import rioxarray
 import xarray as xr
 
-from common import Row, table
+from common import Row, cube_parser, table
 from pipeline.ingest import ingest
 from pipeline.synth import write_series
 
@@ -77,11 +77,8 @@ def peak_memory_mb(folder: Path, store: Path) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--days", type=int, default=365)
+    p = cube_parser(__doc__)
     p.add_argument("--big-days", type=int, default=3650)
-    p.add_argument("--height", type=int, default=224)
-    p.add_argument("--width", type=int, default=464)
     p.add_argument("--repeat", type=int, default=3, help="best of N interleaved rounds for the throughputs")
     return p
 

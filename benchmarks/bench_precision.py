@@ -11,7 +11,6 @@ bound by the device, far below it by the host (launching the step, cutting batch
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import time
 
 import torch
 
-from common import Row, machine, synthetic_cube, table
+from common import Row, cube_parser, machine, synthetic_cube, table
 from pipeline.model import ConvLSTMForecaster
 from pipeline.train import TrainConfig, grad_scaler, pick_device, train, train_step
 
@@ -45,10 +44,7 @@ def step_alone(device: torch.device, precision: str, batch: int, patch: int, hid
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--days", type=int, default=365)
-    parser.add_argument("--height", type=int, default=224)
-    parser.add_argument("--width", type=int, default=464)
+    parser = cube_parser(__doc__)
     parser.add_argument("--patch", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=32)

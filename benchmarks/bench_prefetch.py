@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from common import Row, machine, synthetic_cube, table, training_sampler
+from common import Row, cube_parser, machine, synthetic_cube, table, training_sampler
 from pipeline.sampler import WindowSampler, collate_windows
 from pipeline.train import prefetched
 
@@ -63,10 +63,7 @@ def data_wait(loader: DataLoader, sampler: WindowSampler, epochs: int, step_s: f
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--days", type=int, default=365)
-    p.add_argument("--height", type=int, default=224)
-    p.add_argument("--width", type=int, default=464)
+    p = cube_parser(__doc__)
     p.add_argument("--patch", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--step-ms", type=float, default=9.0)

@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from common import Row, synthetic_cube, table, training_sampler
+from common import Row, cube_parser, synthetic_cube, table, training_sampler
 from pipeline.train import TrainConfig, train
 
 PATCH, DAYS_PER_WINDOW = 64, 7
@@ -84,10 +84,7 @@ def numpy_gather(store: str, n: int) -> tuple[float, float]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--days", type=int, default=365)
-    p.add_argument("--height", type=int, default=224)
-    p.add_argument("--width", type=int, default=464)
+    p = cube_parser(__doc__)
     p.add_argument("--windows", type=int, default=3000)
     p.add_argument("--xbatcher-windows", type=int, default=300)
     p.add_argument("--repeat", type=int, default=3,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,3 +61,13 @@ def training_sampler(store: str, patch: int) -> WindowSampler:
     spec = WindowSpec(6, (1,))
     return WindowSampler(store, window_issues(ds, split, spec), spec, normalisation_stats(ds, ["qs"], split),
                          patch=patch, shuffle=True)
+
+
+def cube_parser(doc: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the synthetic cube's size: ``--days``, ``--height``, ``--width``
+    (365 days of the 224x464 demo grid)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--height", type=int, default=224)
+    p.add_argument("--width", type=int, default=464)
+    return p
