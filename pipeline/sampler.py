@@ -7,8 +7,9 @@ skipped; NaN target pixels are masked out of the loss.
 Reading pattern: the issue days are grouped in consecutive *blocks*; each block's
 days are read once, by Dask tasks in threads that each decode a Dask chunk of whole
 stored chunks (:func:`block_chunks`) from Zarr straight into the block and normalise
-it there, then every window of the block is cut from that array with integer indexing. So a chunk is decoded once per pass, never
-once per sample, and memory is bounded by ``block_bytes``. A cube whose windows fit in
+it there, then every window of the block is cut from that array with integer
+indexing. So a chunk is decoded once per pass, never once per sample, and memory is
+bounded by ``block_bytes``. A cube whose windows fit in
 one block is decoded once per run, and :meth:`WindowSampler.fit_stats` takes the
 training statistics from that same read. Blocks are shuffled, then the windows inside
 each block. Each DataLoader worker (and each DDP rank) opens the store itself and
@@ -202,7 +203,8 @@ class WindowSampler(IterableDataset):
         if self._ds is None:
             self._group = zarr.open_group(self.store, mode="r", storage_options=self.storage_options)
             stored = self._group[TARGET]
-            self._ds = open_cube(self.store, self.storage_options, chunks=block_chunks(stored.shape, stored.chunks, self.task_bytes))
+            chunks = block_chunks(stored.shape, stored.chunks, self.task_bytes)
+            self._ds = open_cube(self.store, self.storage_options, chunks=chunks)
         return self._ds
 
     def blocks(self) -> list[np.ndarray]:
