@@ -196,3 +196,17 @@ def test_accelerator_steps_take_the_loaders_own_batches_from_a_thread(small_cube
     pairs = list(zip(on_cpu, threaded, strict=True))
     assert len(pairs) == -(-len(sampler) // 4) > 5
     assert all(torch.equal(a, b) for one, other in pairs for a, b in zip(one, other))
+
+
+def test_training_with_worker_processes(small_cube, tmp_path):
+    """Loader workers (spawned, kept across epochs) cut and collate the batches: each epoch
+    trains on every training window once, as the in-process run does."""
+    seen = {}
+    for workers in (0, 2):
+        result = train(TrainConfig(data_dir=small_cube, epochs=2, batch_size=4, hidden_channels=[4], patch=16,
+                                   device="cpu", num_workers=workers, seed=7,
+                                   checkpoint_dir=str(tmp_path / f"ckpt{workers}"), output_dir=str(tmp_path / f"out{workers}")))
+        assert all(torch.isfinite(torch.tensor(epoch["train_loss"])) for epoch in result.history)
+        ranks = [load_checkpoint(tmp_path / f"ckpt{workers}" / f"model_epoch{e}.pth")["epoch_windows"] for e in (1, 2)]
+        seen[workers] = [sorted(t for rank in windows for t in rank) for windows in ranks]
+    assert seen[2] == seen[0] and len(seen[0][0]) > 10
