@@ -9,11 +9,10 @@ days are read once, by Dask tasks in threads that each decode a Dask chunk of wh
 stored chunks (:func:`block_chunks`) from Zarr straight into the block and normalise
 it there, then every window of the block is cut from that array with integer
 indexing. So a chunk is decoded once per pass, never once per sample, and memory is
-bounded by ``block_bytes``. A cube whose windows fit in
-one block is decoded once per run, and :meth:`WindowSampler.fit_stats` takes the
-training statistics from that same read. Blocks are shuffled, then the windows inside
-each block. Each DataLoader worker (and each DDP rank) opens the store itself and
-takes its own share of the blocks.
+bounded by ``block_bytes``. A cube whose windows fit in one block is decoded once per
+run, and :meth:`WindowSampler.fit_stats` takes the training statistics from that same
+read. Blocks are shuffled, then the windows inside each block. Each DataLoader worker
+(and each DDP rank) opens the store itself and takes its own share of the blocks.
 
 Example
 -------
@@ -257,10 +256,11 @@ class WindowSampler(IterableDataset):
         data, valid = np.empty(shape, np.float32), np.empty(shape, bool)
         tasks = []
         for v, name in enumerate(self.spec.variables):
+            array, fill = self._group[name], transform(name)  # one metadata lookup per variable, not per task
             for days, rows, cols in da.core.slices_from_chunks(ds[name].data[first:last + 1].chunks):
                 stored = (slice(first + days.start, first + days.stop), rows, cols)
-                tasks.append(dask.delayed(_read_region)(self._group[name], stored, data[days, v, rows, cols],
-                                                        valid[days, v, rows, cols], transform(name)))
+                tasks.append(dask.delayed(_read_region)(array, stored, data[days, v, rows, cols],
+                                                        valid[days, v, rows, cols], fill))
         dask.compute(tasks, scheduler="threads")
         return data, valid
 
