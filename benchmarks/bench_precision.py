@@ -12,9 +12,8 @@ bound by the device, far below it by the host (launching the step, cutting batch
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import torch
 
