@@ -447,11 +447,31 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         resume_state = load_checkpoint(config.resume, "--resume", config.storage_options)
         config = _merge_resume(config, explicit if explicit is not None else set(), resume_state)
     _validate(config)
-    with data_parallel(config.device) as ranks:
-        return _train(config, resume_state, ranks, progress)
+    with data_parallel(config.device) as ranks, contextlib.ExitStack() as on_exit:
+        return _train(config, resume_state, ranks, progress, on_exit)
 
 
-def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progress: bool) -> TrainResult:
+@contextlib.contextmanager
+def data_loader(dataset: torch.utils.data.Dataset, **kwargs) -> Iterator[DataLoader]:
+    """A :class:`~torch.utils.data.DataLoader` whose worker processes are shut down when the
+    block exits.
+
+    Persistent workers otherwise live until the loader's iterator is garbage-collected, which
+    a reference cycle can put off to interpreter exit; DataLoader skips its own shutdown then,
+    and the workers are killed, leaking their semaphores (numcodecs' Blosc lock) with a
+    warning. PyTorch has no public call for this, hence the private ``_shutdown_workers``.
+    """
+    loader = DataLoader(dataset, **kwargs)
+    try:
+        yield loader
+    finally:
+        if loader._iterator is not None:
+            loader._iterator._shutdown_workers()
+            loader._iterator = None
+
+
+def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progress: bool,
+           on_exit: contextlib.ExitStack) -> TrainResult:
     if ranks.device.type == "cpu":
         keep_freed_memory()
     checkpoint_dir = location(config.checkpoint_dir, config.storage_options)
@@ -527,8 +547,8 @@ def _train(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progres
                      collate_fn=partial(collate_windows, pin_memory=pin and config.num_workers == 0),
                      persistent_workers=config.num_workers > 0,
                      multiprocessing_context="spawn" if config.num_workers else None)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, **loader_kw)
-    val_loader = DataLoader(val_set, batch_size=config.batch_size, **loader_kw)
+    train_loader, val_loader = (on_exit.enter_context(data_loader(dataset, batch_size=config.batch_size, **loader_kw))
+                                for dataset in (train_set, val_set))
 
     base_state = {
         "format": CHECKPOINT_FORMAT, "package_version": __version__,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 import signal
 import subprocess
 import sys
@@ -200,7 +201,8 @@ def test_accelerator_steps_take_the_loaders_own_batches_from_a_thread(small_cube
 
 def test_training_with_worker_processes(small_cube, tmp_path):
     """Loader workers (spawned, kept across epochs) cut and collate the batches: each epoch
-    trains on every training window once, as the in-process run does."""
+    trains on every training window once, as the in-process run does; they exit when
+    training returns (left to interpreter exit, they are killed and leak semaphores)."""
     seen = {}
     for workers in (0, 2):
         ckpt = tmp_path / f"ckpt{workers}"
@@ -208,6 +210,7 @@ def test_training_with_worker_processes(small_cube, tmp_path):
                                    device="cpu", num_workers=workers, seed=7, checkpoint_dir=str(ckpt),
                                    output_dir=str(tmp_path / f"out{workers}")))
         assert all(torch.isfinite(torch.tensor(epoch["train_loss"])) for epoch in result.history)
+        assert multiprocessing.active_children() == []
         ranks = [load_checkpoint(ckpt / f"model_epoch{e}.pth")["epoch_windows"] for e in (1, 2)]
         seen[workers] = [sorted(t for rank in windows for t in rank) for windows in ranks]
     assert seen[2] == seen[0] and len(seen[0][0]) > 10
