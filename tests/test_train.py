@@ -203,14 +203,14 @@ def test_training_with_worker_processes(small_cube, tmp_path):
     """Loader workers (spawned, kept across epochs) cut and collate the batches: each epoch
     trains on every training window once, as the in-process run does; they exit when
     training returns (left to interpreter exit, they are killed and leak semaphores)."""
-    seen = {}
+    seen, children = {}, set(multiprocessing.active_children())
     for workers in (0, 2):
         ckpt = tmp_path / f"ckpt{workers}"
         result = train(TrainConfig(data_dir=small_cube, epochs=2, batch_size=4, hidden_channels=[4], patch=16,
                                    device="cpu", num_workers=workers, seed=7, checkpoint_dir=str(ckpt),
                                    output_dir=str(tmp_path / f"out{workers}")))
         assert all(torch.isfinite(torch.tensor(epoch["train_loss"])) for epoch in result.history)
-        assert multiprocessing.active_children() == []
+        assert set(multiprocessing.active_children()) <= children
         ranks = [load_checkpoint(ckpt / f"model_epoch{e}.pth")["epoch_windows"] for e in (1, 2)]
         seen[workers] = [sorted(t for rank in windows for t in rank) for windows in ranks]
     assert seen[2] == seen[0] and len(seen[0][0]) > 10
