@@ -19,7 +19,8 @@ import torch
 
 from common import Row, cube_parser, machine, synthetic_cube, table
 from pipeline.model import ConvLSTMForecaster
-from pipeline.train import TrainConfig, grad_scaler, pick_device, train, train_step
+from pipeline.device import grad_scaler, pick_device
+from pipeline.train import TrainConfig, train, train_step
 
 
 def step_alone(device: torch.device, precision: str, batch: int, patch: int, hidden: int,

@@ -17,7 +17,7 @@ from common import Row, table
 CODE = r"""
 import sys, time, numpy as np, torch
 from pipeline.model import ConvLSTMForecaster
-from pipeline.predict import forecast_window
+from pipeline.inference import forecast_window
 h, w, tile, n = (int(v) for v in sys.argv[1:5])
 torch.manual_seed(0)
 model = ConvLSTMForecaster(hidden_channels=16, kernel_size=3)

@@ -3,7 +3,7 @@
     python benchmarks/bench_prefetch.py [--step-ms 9] [--patch 128] [--batch 16] [--epochs 4]
 
 On an accelerator the training thread spends each step launching kernels while a background
-thread (`pipeline.train.prefetched`) cuts and collates the next batches. Here the training
+thread (`pipeline.device.prefetched`) cuts and collates the next batches. Here the training
 thread stands in for that launch with small torch ops for --step-ms per batch (9 ms: the
 bf16 step of 128 px, batch 16, 32 hidden channels on an H200), and the real sampler feeds
 it. Compared side by side, in interleaved rounds: the DataLoader's default collation
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from common import Row, cube_parser, machine, synthetic_cube, table, training_sampler
 from pipeline.sampler import WindowSampler, collate_windows
-from pipeline.train import prefetched
+from pipeline.device import prefetched
 
 
 def launch_bound_step(seconds: float) -> None:

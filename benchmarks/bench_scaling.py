@@ -23,7 +23,8 @@ from pipeline.ingest import ingest
 from pipeline.model import ConvLSTMForecaster
 from pipeline.sampler import WindowSampler, WindowSpec, window_issues
 from pipeline.synth import write_series
-from pipeline.train import keep_freed_memory, masked_mse
+from pipeline.device import keep_freed_memory
+from pipeline.train import masked_mse
 
 
 def _ints(text: str) -> list[int]:

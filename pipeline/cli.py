@@ -137,7 +137,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     with dask_client(args.scheduler):  # the cube's reads run on the cluster
         report = predict(args.weights_path, args.input_dir, args.output_dir, dates=args.dates, last=args.last,
                          split=args.split, fmt=args.format, tile=args.tile, plots_dir=args.plots_dir,
-                         max_plots=args.max_plots, device=args.device, storage_options=storage_options,
+                         max_plots=args.max_plots, device=args.device, batch_size=args.batch_size,
+                         storage_options=storage_options,
                          progress=sys.stderr.isatty())
     print(f"{len(report.geotiffs)} forecast GeoTIFF(s) for {len(report.issues)} issue day(s) "
           f"({report.issues[0]} .. {report.issues[-1]}) in {args.output_dir}")
@@ -160,7 +161,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     storage_options = _storage_options(args.storage_options)
     with dask_client(args.scheduler):  # the cube's reads and the climatology run on the cluster
         report = evaluate(args.weights_path, args.data_dir, split=args.split, output_dir=args.output_dir,
-                          thresholds=thresholds, device=args.device, storage_options=storage_options,
+                          thresholds=thresholds, device=args.device, batch_size=args.batch_size,
+                          storage_options=storage_options,
                           progress=sys.stderr.isatty())
     print(report.summary)
     for path in report.files:
@@ -237,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "split", help="only windows whose targets lie in the checkpoint's train, val or test split")
     _option(p, "format", choices=("tif", "netcdf"), default="tif", help="netcdf: also one CF NetCDF of all forecasts")
     _option(p, "tile", type=int, default=512, help="predict larger grids in overlapping tiles of this size")
+    _option(p, "batch_size", type=int, default=8, help="issue days per forward pass (default 8)")
     _option(p, "plots_dir", default="outputs/plots", help="where the side-by-side figures go")
     _option(p, "max_plots", type=int, default=8, help="figures spread over the forecasts (0: none, -1: all)")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
@@ -250,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "split", default="test", help="train, val, test (default) or all")
     _option(p, "output_dir", default="outputs/evaluation", help="where metrics and figures go")
     _option(p, "thresholds", help="event thresholds in data units, e.g. 5,20 (default: training p90, p99 of wet pixels)")
+    _option(p, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
     _option(p, "storage_options", help="JSON options for fsspec URLs")
     _scheduler_option(p)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -26,19 +25,12 @@ from rasterio.transform import Affine
 
 from .errors import RunoffError
 from .rasters import Grid
-
-if TYPE_CHECKING:
-    import fsspec
+from .storage import is_url, url_filesystem
 
 TARGET = "qs"
 CUBE_FORMAT = 1  # group attribute ``runoff_cube_format``, written last when a cube is created
 _EPOCH = dt.date(1970, 1, 1)
 _DESCRIPTIVE_ATTRS = ("units", "long_name", "standard_name")
-
-
-def is_url(store: str | Path) -> bool:
-    """True for fsspec URLs such as ``s3://bucket/qs.zarr``."""
-    return "://" in str(store)
 
 
 @dataclass(frozen=True)
@@ -131,14 +123,6 @@ def open_cube(store: str | Path, storage_options: dict | None = None,
 def cube_grid(ds: xr.Dataset) -> Grid:
     """The exact grid of an opened cube."""
     return grid_from_spatial_ref(dict(ds["spatial_ref"].attrs), ds[TARGET].shape[1:], "cube")
-
-
-def url_filesystem(store: str, storage_options: dict | None = None) -> tuple["fsspec.AbstractFileSystem", str]:
-    """The fsspec filesystem of a store URL and the store's path inside it."""
-    import fsspec
-
-    fs, _, (root,) = fsspec.get_fs_token_paths(store, storage_options=storage_options)
-    return fs, root
 
 
 def _stored_bytes(store: str, storage_options: dict | None) -> int:

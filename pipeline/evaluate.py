@@ -1,7 +1,9 @@
 """``runoff evaluate``: the model against persistence and climatology, per lead time.
 
 All three forecast the same windows (those whose target days lie in the split), on
-valid pixels only. Writes ``metrics.json``, ``metrics.md`` (one table per lead),
+valid pixels only. Scores stream: each batch of windows updates one accumulator per lead
+and source (:mod:`pipeline.verify`), so memory does not grow with the number of windows.
+Writes ``metrics.json``, ``metrics.md`` (one table per lead),
 ``skill_by_lead.png`` and the per-pixel NSE and KGE maps of the first lead as a GeoTIFF (on
 the cube's grid) and a PNG.
 
@@ -19,16 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .cube import TARGET, Split, cube_dates, cube_grid, denormalise, open_cube
+from .baselines import SOURCES, Climatology, wet_thresholds
+from .checkpoint import Checkpoint, read_checkpoint
+from .cube import TARGET, Split, cube_dates, cube_grid, open_cube
 from .errors import RunoffError
-from .export import atomic_output, location, write_geotiff
+from .export import write_geotiff
+from .inference import Forecaster, read_days
 from .ingest import ensure_cube
 from .plots import plot_map, plot_skill_by_lead
-from .predict import forecast_window, window_inputs
 from .sampler import WindowSpec, window_issues
-from .train import (build_model, check_checkpoint_grid, check_writable, checkpoint_splits, load_checkpoint,
-                    pick_device)
-from .verify import SOURCES, climatology, kge_map, nse_map, score_table, wet_thresholds
+from .storage import atomic_output, check_writable, location
+from .verify import PixelScores, ScoreTable, skill
 
 
 @dataclass
@@ -52,82 +55,98 @@ def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
     return lines
 
 
-def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, windows: int,
+def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str) -> list[str]:
+    """One line per lead: the model's MSE skill against both baselines, and its inputs."""
+    return [f"lead {lead}: skill vs persistence {rows['model']['skill_vs_persistence']:+.3f}, "
+            f"vs climatology {rows['model']['skill_vs_climatology']:+.3f}  ({inputs})"
+            for lead, rows in metrics.items()]
+
+
+def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, windows: int, notes: list[str],
               categorical: bool = True) -> str:
-    """One table per lead (continuous scores and skill); with ``categorical`` a second
-    table per lead of CSI/POD/FAR and FSS at each threshold."""
+    """The skill lines, then one table per lead (continuous scores and skill); with
+    ``categorical`` a second table per lead of CSI/POD/FAR and FSS at each threshold."""
     lines = [f"# Evaluation on the {split.name} split ({split.start} .. {split.end}), {windows} windows", ""]
+    lines += notes[:1] + [""]
     for lead, rows in metrics.items():
         lines += [f"## Lead {lead} day(s)", ""] + _table(rows, list(_MAIN_COLUMNS)) + [""]
         if categorical:
             extra = [k for k in rows["model"] if k not in _MAIN_COLUMNS]
             lines += [f"Events at thresholds (kg m-2), lead {lead}:", ""] + _table(rows, extra) + [""]
-    lines.append("skill = 1 - MSE_model / MSE_baseline. Scores on valid pixels only.")
+    lines.append("skill = 1 - MSE_model / MSE_baseline. Every source is scored on the same windows and the same "
+                 "valid pixels.")
+    lines += notes[1:]
     return "\n".join(lines)
 
 
 def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test",
              output_dir: str | Path = "outputs/evaluation", thresholds: list[float] | None = None,
-             device: str = "auto", storage_options: dict | None = None, progress: bool = False) -> EvaluationReport:
-    """Score the checkpoint on ``split`` (train, val, test or all) of ``data_dir``."""
-    state = load_checkpoint(weights_path, storage_options=storage_options)
+             device: str = "auto", batch_size: int = 8, storage_options: dict | None = None,
+             progress: bool = False) -> EvaluationReport:
+    """Score the checkpoint on ``split`` (train, val, test or all) of ``data_dir``;
+    ``batch_size`` windows per forward pass and per accumulator update."""
+    ckpt = read_checkpoint(weights_path, storage_options=storage_options)
     output_dir = location(output_dir, storage_options)
     check_writable(output_dir, "--output_dir")
     store = ensure_cube(data_dir, storage_options=storage_options, progress=progress)
     ds = open_cube(store, storage_options)
     grid = cube_grid(ds)
-    check_checkpoint_grid(state, grid, f"--weights_path {weights_path}", f"--data_dir {data_dir}")
+    ckpt.check_grid(grid, f"--weights_path {weights_path}", f"--data_dir {data_dir}")
     dates = cube_dates(ds)
-    ranges = checkpoint_splits(state)
+    ranges = ckpt.splits
     ranges["all"] = Split("all", dates[0], dates[-1])
     if split not in ranges:
         raise RunoffError(f"--split {split!r}: choose train, val, test or all")
     chosen = ranges[split]
-    spec = WindowSpec(int(state["input_days"]), tuple(state["leads"]), tuple(state["variables"]))
+    spec = WindowSpec(ckpt.input_days, tuple(ckpt.leads), tuple(ckpt.variables))
     issues = window_issues(ds, chosen, spec)
     if issues.size == 0:
         raise RunoffError(f"--split {split}: no complete window with targets in {chosen.start}..{chosen.end} "
                           f"in {store} ({dates[0]}..{dates[-1]})")
     train_range = ranges["train"]
-    clim, clim_ok = climatology(ds, train_range.start, train_range.end)
+    clim = Climatology(ds, train_range.start, train_range.end)
+    clim_used: dict[str, int] = {}  # which climatology each scored day got, for metrics.md
     thresholds = thresholds or wet_thresholds(ds, train_range.start, train_range.end)
-
-    dev = pick_device(device)
-    model = build_model(state).to(dev)
-    stats = state["norm_stats"]
+    forecaster = Forecaster.load(ckpt, device, batch_size=batch_size)
     leads = list(spec.leads)
-    n, (h, w) = len(issues), grid.shape
-    stacks = {s: np.full((len(leads), n, h, w), np.nan, np.float32) for s in SOURCES}
-    truth = np.full((len(leads), n, h, w), np.nan, np.float32)
-    qs = ds[TARGET]
+    tables = {lead: {s: ScoreTable(thresholds) for s in SOURCES} for lead in leads}
+    pixels = PixelScores(grid.shape)  # the model's per-pixel NSE and KGE at the first lead
     from tqdm import tqdm
 
-    for k, t in enumerate(tqdm(issues, desc="evaluate", unit="window", disable=not progress)):
-        window = window_inputs(ds, list(spec.variables), stats, int(t), spec.input_days)
-        pred = denormalise(forecast_window(model, np.nan_to_num(window, nan=0.0), dev), stats[TARGET])
-        last_day = np.asarray(qs.data[int(t)])
-        for li, lead in enumerate(leads):
-            valid = dates[int(t) + lead]
-            truth[li, k] = np.asarray(qs.data[int(t) + lead])
-            stacks["model"][li, k] = pred[li]
-            stacks["persistence"][li, k] = last_day
-            doy = valid.timetuple().tm_yday - 1
-            stacks["climatology"][li, k] = clim[doy] if clim_ok[doy] else np.nan
+    bar = tqdm(total=len(issues), desc="evaluate", unit="window", disable=not progress)
+    for batch, pred in forecaster.forecasts(ds, issues):
+        days = read_days(ds, TARGET, batch[0], batch[-1] + max(leads))  # truth and persistence of the batch
+        for k, t in enumerate(batch):
+            last_day = days[t - batch[0]]
+            for li, lead in enumerate(leads):
+                truth = days[t - batch[0] + lead]
+                doy = dates[t + lead].timetuple().tm_yday - 1
+                reference = {"model": pred[k, li], "persistence": last_day, "climatology": clim.for_day(doy)}
+                clim_used[clim.source(doy)] = clim_used.get(clim.source(doy), 0) + 1
+                for source, values in reference.items():
+                    tables[lead][source].accumulate(values, truth)
+                if li == 0:
+                    pixels.accumulate(pred[k, li], truth)
+        bar.update(len(batch))
+    bar.close()
     metrics: dict[int, dict[str, dict[str, float]]] = {}
-    for li, lead in enumerate(leads):
-        rows = {s: score_table(stacks[s][li], truth[li], thresholds) for s in SOURCES}
+    for lead in leads:
+        rows = {s: tables[lead][s].compute() for s in SOURCES}
         for s in SOURCES:
             for base in ("persistence", "climatology"):
-                base_mse = rows[base]["mse"]
-                rows[s][f"skill_vs_{base}"] = 1 - rows[s]["mse"] / base_mse if base_mse > 0 else float("nan")
+                rows[s][f"skill_vs_{base}"] = skill(rows[s]["mse"], rows[base]["mse"])
         metrics[lead] = rows
-    markdown = _markdown(metrics, chosen, n)
-    summary = _markdown(metrics, chosen, n, categorical=False)
+    n = len(issues)
+    skill_lines = _skill_lines(metrics, _inputs_note(ckpt))
+    notes = ["\n".join(skill_lines), "Climatology: " + ", ".join(
+        f"{how} on {count} scored day(s)" for how, count in sorted(clim_used.items())) + " (training days within "
+        "that many days of the same day of year; the training mean where none lies within ±45 days)."]
+    markdown = _markdown(metrics, chosen, n, notes)
+    summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, notes, categorical=False)
     files = _write_outputs(metrics, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
         "thresholds": thresholds, "checkpoint": str(weights_path), "cube": str(store)})
-    for name, score_map, vmin in (("nse", nse_map, -1.0), ("kge", kge_map, -1.0)):
-        values = score_map(stacks["model"][0], truth[0])
+    for name, values in pixels.compute().items():
         label = name.upper()
         tags = {"metric": f"{label} per pixel", "lead_days": leads[0], "split": split,
                 "checkpoint": location(weights_path).name}
@@ -136,8 +155,19 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
                                    description=f"{label} per pixel, lead {leads[0]} d", units="1"))
         files.append(plot_map(values, grid, stem.with_suffix(".png"),
                               title=f"{label} per pixel, lead {leads[0]} d, {split} split", label=label,
-                              vmin=vmin, vmax=1, cmap="RdYlGn"))
+                              vmin=-1.0, vmax=1, cmap="RdYlGn"))
     return EvaluationReport(metrics, markdown, summary, files, n)
+
+
+def _inputs_note(ckpt: Checkpoint) -> str:
+    """The model's inputs, as printed beside every skill figure."""
+    covariates = [v for v in ckpt.variables if v != TARGET]
+    parts = [f"inputs: {TARGET} on {ckpt.input_days} past days"]
+    if covariates:
+        parts.append(f"covariates: {', '.join(covariates)}")
+    if ckpt.forcings:
+        parts.append(f"forcings: {', '.join(ckpt.forcings)}, observed values used as a perfect forecast")
+    return "; ".join(parts)
 
 
 def _write_outputs(metrics: dict, markdown: str, output_dir: Path, meta: dict) -> list[Path]:

@@ -14,20 +14,15 @@ Example
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
-from upath import UPath
 
-from .cube import is_url
 from .rasters import Grid
+from .storage import atomic_output, location
 
 NODATA = -9999.0
 
@@ -39,39 +34,6 @@ def grid_dataarray(values: np.ndarray, grid: Grid, name: str = "qs", attrs: Mapp
     da = xr.DataArray(values.astype(np.float32), dims=("y", "x"), name=name,
                       coords={"y": grid.y_coords(), "x": grid.x_coords()}, attrs=dict(attrs or {}))
     return da.rio.write_crs(grid.crs_wkt).rio.write_transform(grid.affine)
-
-
-def location(where: str | Path | UPath, storage_options: dict | None = None) -> Path | UPath:
-    """A local ``Path``, or for an fsspec URL a ``UPath`` bound to ``storage_options``
-    (credentials and endpoint otherwise come from the usual environment variables).
-
-    >>> location("outputs/predictions")
-    PosixPath('outputs/predictions')
-    """
-    if isinstance(where, (Path, UPath)):
-        return where
-    return UPath(str(where), **(storage_options or {})) if is_url(where) else Path(where)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path | UPath) -> Iterator[Path]:
-    """Yield a temporary local path; when the block succeeds, move it onto ``path``
-    (rename beside it, or upload to a URL). A reader never sees half a file under its
-    final name, and a failed write leaves nothing behind."""
-    path = location(path)
-    if isinstance(path, Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        try:
-            yield tmp
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return
-    with tempfile.TemporaryDirectory(prefix="runoff-") as folder:
-        tmp = Path(folder) / path.name
-        yield tmp
-        path.fs.put_file(str(tmp), path.path)
 
 
 def write_geotiff(values: np.ndarray, grid: Grid, path: str | Path, tags: Mapping | None = None,
@@ -100,12 +62,3 @@ def write_netcdf(ds: xr.Dataset, grid: Grid, path: str | Path) -> Path:
     with atomic_output(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4", encoding=encoding)
     return location(path)
-
-
-def file_sha256(path: str | Path | UPath) -> str:
-    """Hex sha256 of a file or URL (e.g. the checkpoint a forecast came from)."""
-    h = hashlib.sha256()
-    with location(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

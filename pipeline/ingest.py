@@ -54,10 +54,11 @@ from numcodecs import blosc
 from zarr.codecs import BloscCodec
 
 from . import __version__
-from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, is_url, read_cube_info, url_filesystem
+from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, read_cube_info
 from .errors import RunoffError, RunoffWarning
 from .rasters import (DayFile, Grid, ReadOptions, check_grids, find_rasters, georeferencing_key, grid_error,
                       list_days, raster_env, read_grid, read_raster)
+from .storage import is_url, url_filesystem
 
 if TYPE_CHECKING:
     from distributed import Client

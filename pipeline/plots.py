@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .export import atomic_output, location  # noqa: E402
+from .storage import atomic_output, location  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:

@@ -26,6 +26,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 from dataclasses import dataclass
 from functools import partial
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from zarr.core.buffer import default_buffer_prototype
 
 from .cube import (TARGET, Split, checked_stats, cube_dates, log_transform, normalisation_stats, normalise, open_cube,
@@ -343,3 +344,21 @@ class WindowSampler(IterableDataset):
                 mask = valid[i + leads, None, y0:y0 + ph, x0:x0 + pw]
                 yield Window(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask), t)
 
+
+@contextlib.contextmanager
+def data_loader(dataset: torch.utils.data.Dataset, **kwargs) -> Iterator[DataLoader]:
+    """A :class:`~torch.utils.data.DataLoader` whose worker processes are shut down when the
+    block exits.
+
+    Persistent workers otherwise live until the loader's iterator is garbage-collected, which
+    a reference cycle can put off to interpreter exit; DataLoader skips its own shutdown then,
+    and the workers are killed, leaking their semaphores (numcodecs' Blosc lock) with a
+    warning. PyTorch has no public call for this, hence the private ``_shutdown_workers``.
+    """
+    loader = DataLoader(dataset, **kwargs)
+    try:
+        yield loader
+    finally:
+        if loader._iterator is not None:
+            loader._iterator._shutdown_workers()
+            loader._iterator = None

@@ -35,7 +35,7 @@ from rasterio.transform import from_origin
 from scipy.ndimage import gaussian_filter
 
 from .errors import RunoffError
-from .export import atomic_output
+from .storage import atomic_output
 
 NODATA = -9999.0
 PNG_NODATA = 65535

@@ -1,18 +1,37 @@
-"""Verification metrics, on valid pixels only (where both forecast and truth are finite).
+"""Verification metrics as streaming accumulators, on valid pixels only (where both the
+forecast and the truth are finite). Imports nothing else of the package.
 
-Continuous scores: MSE, RMSE, MAE, bias, NSE, KGE. Categorical scores at a
-threshold: CSI, POD, FAR. Spatial: the fractions skill score (FSS) at a scale.
+Each score keeps sums, not maps: ``accumulate`` a forecast and its truth (one map or a
+stack), ``merge`` two accumulators (e.g. of two ranks or two halves), ``compute`` the
+scores. Memory does not grow with the number of maps (the pysteps verification habit).
+
+- :class:`ContinuousScores`: MSE, RMSE, MAE, bias, NSE, KGE, pooled over pixels and maps.
+- :class:`EventScores`: CSI, POD, FAR at thresholds, and the fractions skill score (FSS)
+  over square neighbourhoods of given sizes.
+- :class:`PixelScores`: per-pixel NSE and KGE maps over the time axis.
+- :class:`ScoreTable`: all of the above for one forecast source.
+
+The functions :func:`mse`, :func:`nse`, :func:`kge`, :func:`contingency`, :func:`fss`,
+:func:`nse_map`, :func:`kge_map`... are one-shot shortcuts over the same accumulators.
 
 >>> import numpy as np
 >>> truth = np.array([1.0, 2.0, 3.0, np.nan]); pred = np.array([1.0, 2.0, 4.0, 9.0])
 >>> mse(pred, truth), nse(pred, truth)
 (0.3333333333333333, 0.5)
+>>> halves = ContinuousScores().accumulate(pred[:2], truth[:2])
+>>> halves.merge(ContinuousScores().accumulate(pred[2:], truth[2:])).compute()["mse"]
+0.3333333333333333
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from scipy.ndimage import uniform_filter
+
+FSS_SCALES = (1, 3, 9, 27)
+_NAN = float("nan")
 
 
 def _valid(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -21,146 +40,203 @@ def _valid(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return pred[ok], truth[ok]
 
 
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b > 0 else _NAN
+
+
+def _kge(r: float, alpha: float, beta: float) -> float:
+    return float(1 - np.sqrt((r - 1) ** 2 + (alpha - 1) ** 2 + (beta - 1) ** 2))
+
+
+class ContinuousScores:
+    """Pooled continuous scores from float64 sums of errors and moments."""
+
+    _FIELDS = ("n", "sse", "sae", "se", "sp", "st", "spp", "stt", "spt")
+
+    def __init__(self) -> None:
+        self.sums = np.zeros(len(self._FIELDS))
+
+    def accumulate(self, pred: np.ndarray, truth: np.ndarray) -> "ContinuousScores":
+        """Add the valid pixels of ``pred`` against ``truth`` (any equal shapes)."""
+        p, t = _valid(pred, truth)
+        e = p - t
+        self.sums += (p.size, e @ e, np.abs(e).sum(), e.sum(), p.sum(), t.sum(), p @ p, t @ t, p @ t)
+        return self
+
+    def merge(self, other: "ContinuousScores") -> "ContinuousScores":
+        self.sums += other.sums
+        return self
+
+    def compute(self) -> dict[str, float]:
+        """``mse``, ``rmse``, ``mae``, ``bias``, ``nse``, ``kge`` (NaN where undefined)."""
+        n, sse, sae, se, sp, st, spp, stt, spt = self.sums
+        if n == 0:
+            return dict.fromkeys(("mse", "rmse", "mae", "bias", "nse", "kge"), _NAN)
+        mp, mt = sp / n, st / n
+        var_p, var_t = max(spp / n - mp * mp, 0.0), max(stt / n - mt * mt, 0.0)
+        nse_value = 1 - sse / (var_t * n) if var_t > 0 else _NAN
+        kge_value = _NAN
+        if n >= 2 and var_t > 0 and mt != 0:
+            r = (spt / n - mp * mt) / np.sqrt(var_p * var_t) if var_p > 0 else 0.0
+            kge_value = _kge(r, np.sqrt(var_p / var_t), mp / mt)
+        return {"mse": float(sse / n), "rmse": float(np.sqrt(sse / n)), "mae": float(sae / n),
+                "bias": float(se / n), "nse": float(nse_value), "kge": kge_value}
+
+
+class EventScores:
+    """Contingency counts (hits, misses, false alarms) at each threshold, and the FSS
+    numerator and denominator at each threshold and neighbourhood size, for the event
+    ``value >= threshold``. Pixels invalid in either map count as no event for the FSS."""
+
+    def __init__(self, thresholds: Sequence[float], scales: Sequence[int] = FSS_SCALES) -> None:
+        self.thresholds, self.scales = [float(t) for t in thresholds], [int(s) for s in scales]
+        self.counts = np.zeros((len(self.thresholds), 3))
+        self.fractions = np.zeros((len(self.thresholds), len(self.scales), 2))
+
+    def accumulate(self, pred: np.ndarray, truth: np.ndarray) -> "EventScores":
+        """Add one map (H, W) or a stack of maps (N, H, W)."""
+        pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
+        pred, truth = pred.reshape((-1,) + pred.shape[-2:]), truth.reshape((-1,) + truth.shape[-2:])
+        ok = np.isfinite(pred) & np.isfinite(truth)
+        for i, thr in enumerate(self.thresholds):
+            fc, ob = (pred >= thr) & ok, (truth >= thr) & ok
+            self.counts[i] += (np.sum(fc & ob), np.sum(~fc & ob), np.sum(fc & ~ob))
+            for j, scale in enumerate(self.scales):
+                for p, t in zip(fc.astype(np.float64), ob.astype(np.float64)):
+                    fp = uniform_filter(p, size=scale, mode="constant")
+                    ft = uniform_filter(t, size=scale, mode="constant")
+                    self.fractions[i, j] += (np.sum((fp - ft) ** 2), np.sum(fp ** 2) + np.sum(ft ** 2))
+        return self
+
+    def merge(self, other: "EventScores") -> "EventScores":
+        self.counts += other.counts
+        self.fractions += other.fractions
+        return self
+
+    def compute(self) -> dict[str, float]:
+        """``csi@{thr}``, ``pod@{thr}``, ``far@{thr}`` and ``fss{scale}@{thr}`` (thr to 3 digits)."""
+        row = {}
+        for i, thr in enumerate(self.thresholds):
+            hits, misses, false_alarms = self.counts[i]
+            row[f"csi@{thr:.3g}"] = _ratio(hits, hits + misses + false_alarms)
+            row[f"pod@{thr:.3g}"] = _ratio(hits, hits + misses)
+            row[f"far@{thr:.3g}"] = _ratio(false_alarms, hits + false_alarms)
+            for j, scale in enumerate(self.scales):
+                num, den = self.fractions[i, j]
+                row[f"fss{scale}@{thr:.3g}"] = float(1 - num / den) if den > 0 else _NAN
+        return row
+
+
+class PixelScores:
+    """Per-pixel sums over the time axis, for NSE and KGE maps of shape (H, W)."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.sums = np.zeros((7, *shape))  # n, sse, sp, st, spp, stt, spt
+
+    def accumulate(self, pred: np.ndarray, truth: np.ndarray) -> "PixelScores":
+        """Add one map (H, W) or a stack (N, H, W)."""
+        pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
+        pred, truth = pred.reshape((-1,) + pred.shape[-2:]), truth.reshape((-1,) + truth.shape[-2:])
+        ok = np.isfinite(pred) & np.isfinite(truth)
+        p, t = np.where(ok, pred, 0.0), np.where(ok, truth, 0.0)
+        for k, term in enumerate((ok, (p - t) ** 2, p, t, p * p, t * t, p * t)):
+            self.sums[k] += term.sum(axis=0)
+        return self
+
+    def merge(self, other: "PixelScores") -> "PixelScores":
+        self.sums += other.sums
+        return self
+
+    def compute(self) -> dict[str, np.ndarray]:
+        """``nse`` and ``kge`` maps, float32, NaN where a pixel has < 2 values or no variance."""
+        n, sse, sp, st, spp, stt, spt = self.sums
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mp, mt = sp / n, st / n
+            var_p, var_t = np.maximum(spp / n - mp * mp, 0), np.maximum(stt / n - mt * mt, 0)
+            defined = (n > 1) & (var_t > 0)
+            nse_map_ = np.where(defined, 1 - sse / (var_t * n), np.nan)
+            r = np.where(var_p > 0, (spt / n - mp * mt) / np.sqrt(var_p * var_t), 0.0)
+            kge_map_ = 1 - np.sqrt((r - 1) ** 2 + (np.sqrt(var_p / var_t) - 1) ** 2 + (mp / mt - 1) ** 2)
+            kge_map_ = np.where(defined & (mt != 0), kge_map_, np.nan)
+        return {"nse": nse_map_.astype(np.float32), "kge": kge_map_.astype(np.float32)}
+
+
+class ScoreTable:
+    """Every pooled score of one forecast source: continuous and event scores."""
+
+    def __init__(self, thresholds: Sequence[float], scales: Sequence[int] = FSS_SCALES) -> None:
+        self.continuous, self.events = ContinuousScores(), EventScores(thresholds, scales)
+
+    def accumulate(self, pred: np.ndarray, truth: np.ndarray) -> "ScoreTable":
+        self.continuous.accumulate(pred, truth)
+        self.events.accumulate(pred, truth)
+        return self
+
+    def merge(self, other: "ScoreTable") -> "ScoreTable":
+        self.continuous.merge(other.continuous)
+        self.events.merge(other.events)
+        return self
+
+    def compute(self) -> dict[str, float]:
+        return {**self.continuous.compute(), **self.events.compute()}
+
+
+# --- one-shot shortcuts -------------------------------------------------------------------
+
 def mse(pred: np.ndarray, truth: np.ndarray) -> float:
     """Mean squared error."""
-    p, t = _valid(pred, truth)
-    return float(np.mean((p - t) ** 2)) if p.size else float("nan")
+    return ContinuousScores().accumulate(pred, truth).compute()["mse"]
 
 
 def rmse(pred: np.ndarray, truth: np.ndarray) -> float:
     """Root mean squared error."""
-    return float(np.sqrt(mse(pred, truth)))
+    return ContinuousScores().accumulate(pred, truth).compute()["rmse"]
 
 
 def mae(pred: np.ndarray, truth: np.ndarray) -> float:
     """Mean absolute error."""
-    p, t = _valid(pred, truth)
-    return float(np.mean(np.abs(p - t))) if p.size else float("nan")
+    return ContinuousScores().accumulate(pred, truth).compute()["mae"]
 
 
 def bias(pred: np.ndarray, truth: np.ndarray) -> float:
     """Mean error, forecast minus truth (positive: over-forecast)."""
-    p, t = _valid(pred, truth)
-    return float(np.mean(p - t)) if p.size else float("nan")
+    return ContinuousScores().accumulate(pred, truth).compute()["bias"]
 
 
 def nse(pred: np.ndarray, truth: np.ndarray) -> float:
     """Nash-Sutcliffe efficiency: 1 - SSE / variance of the truth about its mean (1 is perfect)."""
-    p, t = _valid(pred, truth)
-    denominator = np.sum((t - t.mean()) ** 2) if t.size else 0.0
-    return float(1 - np.sum((p - t) ** 2) / denominator) if denominator > 0 else float("nan")
+    return ContinuousScores().accumulate(pred, truth).compute()["nse"]
 
 
 def kge(pred: np.ndarray, truth: np.ndarray) -> float:
     """Kling-Gupta efficiency: 1 - sqrt((r-1)^2 + (alpha-1)^2 + (beta-1)^2), with r the
     correlation, alpha the ratio of standard deviations, beta the ratio of means."""
-    p, t = _valid(pred, truth)
-    if p.size < 2 or t.std() == 0 or t.mean() == 0:
-        return float("nan")
-    r = np.corrcoef(p, t)[0, 1] if p.std() > 0 else 0.0
-    alpha, beta = p.std() / t.std(), p.mean() / t.mean()
-    return float(1 - np.sqrt((r - 1) ** 2 + (alpha - 1) ** 2 + (beta - 1) ** 2))
+    return ContinuousScores().accumulate(pred, truth).compute()["kge"]
 
 
 def contingency(pred: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, float]:
-    """CSI, POD and FAR for the event ``value >= threshold``."""
+    """CSI, POD and FAR for the event ``value >= threshold`` (values of any shape)."""
     p, t = _valid(pred, truth)
-    fc, ob = p >= threshold, t >= threshold
-    hits, misses, false_alarms = np.sum(fc & ob), np.sum(~fc & ob), np.sum(fc & ~ob)
-    div = lambda a, b: float(a / b) if b > 0 else float("nan")  # noqa: E731
-    return {"csi": div(hits, hits + misses + false_alarms), "pod": div(hits, hits + misses),
-            "far": div(false_alarms, hits + false_alarms)}
+    row = EventScores([threshold], scales=()).accumulate(p[None, None], t[None, None]).compute()
+    return {name: row[f"{name}@{float(threshold):.3g}"] for name in ("csi", "pod", "far")}
 
 
 def fss(pred: np.ndarray, truth: np.ndarray, threshold: float, scale: int) -> float:
-    """Fractions skill score of ``value >= threshold`` over ``scale x scale`` neighbourhoods.
-
-    ``pred`` and ``truth`` are maps (H, W) or stacks (N, H, W); pixels invalid in either
-    count as no event, and the score pools all maps.
-    """
-    pred, truth = np.atleast_3d(np.asarray(pred, np.float64).T).T, np.atleast_3d(np.asarray(truth, np.float64).T).T
-    ok = np.isfinite(pred) & np.isfinite(truth)
-    num = den = 0.0
-    for p, t, valid in zip(pred, truth, ok):
-        fp = uniform_filter(((p >= threshold) & valid).astype(np.float64), size=scale, mode="constant")
-        ft = uniform_filter(((t >= threshold) & valid).astype(np.float64), size=scale, mode="constant")
-        num += np.sum((fp - ft) ** 2)
-        den += np.sum(fp ** 2) + np.sum(ft ** 2)
-    return float(1 - num / den) if den > 0 else float("nan")
-
-
-def kge_map(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per-pixel KGE over the time axis of (N, H, W) stacks; NaN where undefined."""
-    pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
-    ok = np.isfinite(pred) & np.isfinite(truth)
-    n = np.maximum(ok.sum(axis=0), 1)
-    p, t = np.where(ok, pred, 0.0), np.where(ok, truth, 0.0)
-    mp, mt = p.sum(axis=0) / n, t.sum(axis=0) / n
-    dp, dt_ = np.where(ok, pred - mp, 0.0), np.where(ok, truth - mt, 0.0)
-    sp, st = np.sqrt((dp ** 2).sum(axis=0) / n), np.sqrt((dt_ ** 2).sum(axis=0) / n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.where(sp > 0, (dp * dt_).sum(axis=0) / n / (sp * st), 0.0)
-        out = 1 - np.sqrt((r - 1) ** 2 + (sp / st - 1) ** 2 + (mp / mt - 1) ** 2)
-    return np.where((ok.sum(axis=0) > 1) & (st > 0) & (mt != 0), out, np.nan).astype(np.float32)
+    """Fractions skill score of ``value >= threshold`` over ``scale x scale`` neighbourhoods
+    of maps (H, W) or stacks (N, H, W), pooled over all maps."""
+    return EventScores([threshold], [scale]).accumulate(pred, truth).compute()[f"fss{scale}@{float(threshold):.3g}"]
 
 
 def nse_map(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per-pixel NSE over the time axis of (N, H, W) stacks; NaN where undefined."""
-    pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
-    ok = np.isfinite(pred) & np.isfinite(truth)
-    count = ok.sum(axis=0)
-    t = np.where(ok, truth, 0.0)
-    mean = t.sum(axis=0) / np.maximum(count, 1)
-    sse = np.where(ok, (pred - truth) ** 2, 0.0).sum(axis=0)
-    var = np.where(ok, (truth - mean) ** 2, 0.0).sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where((var > 0) & (count > 1), 1 - sse / var, np.nan)
-    return out.astype(np.float32)
+    return PixelScores(np.shape(truth)[-2:]).accumulate(pred, truth).compute()["nse"]
 
 
-# --- baselines and the evaluation run ---------------------------------------------------
-
-SOURCES = ("model", "persistence", "climatology")
-FSS_SCALES = (1, 3, 9, 27)
-
-
-def climatology(ds, train_start, train_end, window: int = 15) -> tuple[np.ndarray, np.ndarray]:
-    """Smoothed day-of-year mean of ``qs`` over the training days: (366, H, W), and a flag
-    per day of year saying whether any training day contributed (±``window`` days, circular)."""
-    days = ds["qs"].sel(time=slice(str(train_start), str(train_end)))
-    doy = days.time.dt.dayofyear.values - 1
-    values = np.asarray(days.values, np.float64)
-    h, w = values.shape[1:]
-    total, count = np.zeros((366, h, w)), np.zeros((366, h, w))
-    for d in np.unique(doy):
-        block = values[doy == d]
-        total[d] = np.nansum(block, axis=0)
-        count[d] = np.isfinite(block).sum(axis=0)
-    kernel_total, kernel_count = np.zeros_like(total), np.zeros_like(count)
-    for shift in range(-window, window + 1):  # circular moving sum over the year
-        kernel_total += np.roll(total, shift, axis=0)
-        kernel_count += np.roll(count, shift, axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        clim = np.where(kernel_count > 0, kernel_total / kernel_count, np.nan)
-    return clim.astype(np.float32), kernel_count.sum(axis=(1, 2)) > 0
+def kge_map(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Per-pixel KGE over the time axis of (N, H, W) stacks; NaN where undefined."""
+    return PixelScores(np.shape(truth)[-2:]).accumulate(pred, truth).compute()["kge"]
 
 
-def wet_thresholds(ds, train_start, train_end, quantiles=(0.9, 0.99)) -> list[float]:
-    """Quantiles of the wet (> 0) training pixels, in data units."""
-    values = np.asarray(ds["qs"].sel(time=slice(str(train_start), str(train_end))).values)
-    wet = values[np.isfinite(values) & (values > 0)]
-    if wet.size == 0:
-        return [0.1]
-    return [float(np.quantile(wet, q)) for q in quantiles]
-
-
-def score_table(pred: np.ndarray, truth: np.ndarray, thresholds: list[float]) -> dict[str, float]:
-    """Every metric of one forecast source against the truth (N, H, W), pooled."""
-    row = {"mse": mse(pred, truth), "rmse": rmse(pred, truth), "mae": mae(pred, truth),
-           "bias": bias(pred, truth), "nse": nse(pred, truth), "kge": kge(pred, truth)}
-    for thr in thresholds:
-        for name, value in contingency(pred, truth, thr).items():
-            row[f"{name}@{thr:.3g}"] = value
-        for scale in FSS_SCALES:
-            row[f"fss{scale}@{thr:.3g}"] = fss(pred, truth, thr, scale)
-    return row
+def skill(score: float, reference: float) -> float:
+    """``1 - score / reference`` (e.g. MSE skill against a baseline); NaN if the reference is 0."""
+    return 1 - score / reference if reference > 0 else _NAN

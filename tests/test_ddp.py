@@ -11,7 +11,7 @@ import torch
 
 from pipeline.cube import cube_dates, make_splits, open_cube
 from pipeline.sampler import WindowSpec, window_issues
-from pipeline.train import load_checkpoint
+from pipeline.checkpoint import load_checkpoint
 
 from .conftest import synthetic_cube
 

@@ -14,7 +14,7 @@ import torch
 import xarray as xr
 
 from pipeline.model import ConvLSTMForecaster
-from pipeline.predict import forecast_window
+from pipeline.inference import forecast_window
 from pipeline.synth import write_series
 
 from .conftest import one_error_line

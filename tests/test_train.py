@@ -15,10 +15,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.checkpoint import load_checkpoint
 from pipeline.cube import cube_dates, make_splits, open_cube
+from pipeline.device import loader_batches, prefetched, queue_marker
 from pipeline.sampler import WindowSampler, WindowSpec, window_issues
 from pipeline.synth import write_series
-from pipeline.train import TrainConfig, load_checkpoint, loader_batches, prefetched, queue_marker, train
+from pipeline.train import TrainConfig, train
 
 from .conftest import one_error_line, synthetic_cube, tree_digest
 
@@ -145,7 +147,7 @@ def test_resume_refuses_another_grid_or_shape_and_keeps_checkpoints(small_cube, 
 def test_bf16_mixed_precision_path_trains_on_cpu(small_cube, tmp_path):
     """The autocast path CUDA takes (bf16), exercised on CPU: the loss is finite, the
     weights stay fp32, and the checkpoint records the precision."""
-    from pipeline.train import autocast_dtype, pick_device
+    from pipeline.device import autocast_dtype, pick_device
 
     assert autocast_dtype(pick_device("cpu"), "auto") is None  # plain fp32 on CPU unless asked
     result = train(TrainConfig(data_dir=small_cube, epochs=1, batch_size=4, hidden_channels=[4], patch=16,

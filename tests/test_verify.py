@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.verify import bias, climatology, contingency, fss, kge, kge_map, mae, mse, nse, nse_map, rmse
+from pipeline.baselines import climatology
+from pipeline.verify import bias, contingency, fss, kge, kge_map, mae, mse, nse, nse_map, rmse
 
 T = np.array([0.0, 2.0, 4.0, np.nan])
 P = np.array([1.0, 2.0, 2.0, 7.0])  # the last pixel is invalid in the truth: ignored

@@ -1,0 +1,143 @@
+"""Reference forecasts a model must beat: persistence (tomorrow looks like today) and
+climatology (the mean of the training days around the same day of year), and the event
+thresholds the scores use by default.
+
+Both read the cube day by day: memory holds a few maps, never the training split.
+
+>>> import numpy as np, pandas as pd, xarray as xr
+>>> times = pd.date_range("2019-01-01", periods=60, freq="D")
+>>> ds = xr.Dataset({"qs": (("time", "y", "x"), np.ones((60, 2, 2), np.float32))}, coords={"time": times})
+>>> clim = Climatology(ds, "2019-01-01", "2019-02-15")
+>>> float(clim.for_day(40)[0, 0]), clim.source(40)
+(1.0, '±15 days')
+>>> clim.source(200)  # no training day within ±15 or ±45 days of day 200: the training mean
+'training mean'
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import OrderedDict
+
+import numpy as np
+import xarray as xr
+
+SOURCES = ("model", "persistence", "climatology")
+
+
+def _day_of_year(times: xr.DataArray) -> np.ndarray:
+    return times.dt.dayofyear.values - 1  # 0..365
+
+
+class Climatology:
+    """Day-of-year mean of ``qs`` over the training days ``train_start .. train_end``.
+
+    The map for day of year ``d`` averages the training days within ``±window`` days of
+    ``d`` (circular over the year). Where no training day lies that close (a short
+    training split), it widens to ``±wide`` days, then to the mean of all training days;
+    :meth:`source` says which was used. Per-day-of-year sums are read from the cube when
+    first needed and the last few kept, so that consecutive days cost one read each.
+    """
+
+    def __init__(self, ds: xr.Dataset, train_start: str | dt.date, train_end: str | dt.date, window: int = 15,
+                 wide: int = 45, variable: str = "qs") -> None:
+        self.days = ds[variable].sel(time=slice(str(train_start), str(train_end)))
+        self.window, self.wide = window, wide
+        doy = _day_of_year(self.days.time)
+        self._indices = {int(d): np.flatnonzero(doy == d) for d in np.unique(doy)}
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._mean: np.ndarray | None = None
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _width(self, doy: int) -> int | None:
+        """The narrowest window (``window`` or ``wide``) that holds a training day, else None."""
+        for width in (self.window, self.wide):
+            if any((doy + s) % 366 in self._indices for s in range(-width, width + 1)):
+                return width
+        return None
+
+    def source(self, doy: int) -> str:
+        """What :meth:`for_day` averages for day of year ``doy`` (0-based)."""
+        width = self._width(doy)
+        return "training mean" if width is None else f"±{width} days"
+
+    def _sums(self, doy: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sum and count of the training days on day of year ``doy``, cached."""
+        if doy in self._cache:
+            self._cache.move_to_end(doy)
+            return self._cache[doy]
+        shape = self.days.shape[1:]
+        total, count = np.zeros(shape), np.zeros(shape)
+        if doy in self._indices:
+            block = np.asarray(self.days.data[self._indices[doy]], np.float64)  # this day in every year
+            ok = np.isfinite(block)
+            total += np.where(ok, block, 0.0).sum(axis=0)
+            count += ok.sum(axis=0)
+        self._cache[doy] = (total, count)
+        if len(self._cache) > 2 * self.wide + 2:
+            self._cache.popitem(last=False)
+        return total, count
+
+    def training_mean(self) -> np.ndarray:
+        """Mean of every training day (H, W), read once."""
+        if self._mean is None:
+            shape = self.days.shape[1:]
+            total, count = np.zeros(shape), np.zeros(shape)
+            chunks = getattr(self.days.data, "chunks", None)  # Dask: whole chunks at a time
+            step = max(1, chunks[0][0]) if chunks and chunks[0] else max(1, self.days.shape[0])
+            for start in range(0, self.days.shape[0], step):
+                block = np.asarray(self.days.data[start:start + step], np.float64)
+                ok = np.isfinite(block)
+                total += np.where(ok, block, 0.0).sum(axis=0)
+                count += ok.sum(axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                self._mean = np.where(count > 0, total / count, np.nan).astype(np.float32)
+        return self._mean
+
+    def for_day(self, doy: int) -> np.ndarray:
+        """The climatological map (H, W) for day of year ``doy`` (0-based), float32."""
+        if doy not in self._maps:
+            self._maps[doy] = self._average(doy)
+            if len(self._maps) > 8:  # the leads of a window and its neighbours
+                self._maps.popitem(last=False)
+        return self._maps[doy]
+
+    def _average(self, doy: int) -> np.ndarray:
+        width = self._width(doy)
+        if width is None:
+            return self.training_mean()
+        shape = self.days.shape[1:]
+        total, count = np.zeros(shape), np.zeros(shape)
+        for s in range(-width, width + 1):
+            if (doy + s) % 366 in self._indices:
+                t, c = self._sums((doy + s) % 366)
+                total += t
+                count += c
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+
+def climatology(ds: xr.Dataset, train_start, train_end, window: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    """Every day of year at once, without fallback: (366, H, W) maps, and a flag per day of
+    year saying whether a training day lay within ±``window`` days (small cubes and tests)."""
+    clim = Climatology(ds, train_start, train_end, window=window, wide=window)
+    covered = np.array([clim._width(d) is not None for d in range(366)])
+    shape = clim.days.shape[1:]
+    maps = np.stack([clim.for_day(d) if covered[d] else np.full(shape, np.nan, np.float32) for d in range(366)])
+    return maps, covered
+
+
+def wet_thresholds(ds: xr.Dataset, train_start, train_end, quantiles=(0.9, 0.99), max_days: int = 120,
+                   variable: str = "qs") -> list[float]:
+    """Quantiles of the wet (> 0) training pixels, in data units, from at most ``max_days``
+    training days spread evenly over the split (bounded memory on long cubes)."""
+    days = ds[variable].sel(time=slice(str(train_start), str(train_end)))
+    picks = np.unique(np.linspace(0, days.shape[0] - 1, min(max_days, days.shape[0])).round().astype(int))
+    wet = []
+    for i in picks:
+        day = np.asarray(days.data[int(i)])
+        wet.append(day[np.isfinite(day) & (day > 0)])
+    wet = np.concatenate(wet) if wet else np.empty(0)
+    if wet.size == 0:
+        return [0.1]
+    return [float(np.quantile(wet, q)) for q in quantiles]

@@ -1,0 +1,162 @@
+"""The checkpoint: its schema, atomic save, safe load, and the model it rebuilds.
+
+A checkpoint is a plain dict, loadable with ``torch.load(..., weights_only=True)``, so a
+forecast never unpickles code. This module is the only place that knows its keys;
+everything else reads it through :class:`Checkpoint` (the neuralhydrology habit: the
+config travels with the weights, and predicting needs this module and the model only).
+
+Keys
+----
+format, package_version
+    ``"runoff-checkpoint/1"`` and the package that wrote it.
+model_config, model_state
+    :class:`~pipeline.model.ModelConfig` as a dict, and the weights.
+norm_stats
+    ``{variable: {"mean", "std"}}`` of ``log1p`` values over the training split.
+input_days, leads, variables, forcings
+    the window: past days, lead days, past inputs (target first) and inputs known on
+    the lead days.
+grid, data, splits
+    the cube's grid (CRS WKT, transform, height, width), its path, and the
+    ``{"train"|"val"|"test": [start, end]}`` ISO dates.
+train_config, world_size
+    every training setting (``TrainConfig`` as a dict) and the number of ranks.
+epoch, optimizer_state, scheduler_state, best_val_loss, best_epoch, bad_epochs, history, rng_state, epoch_windows
+    where training stands, for an exact ``--resume``.
+
+Example
+-------
+>>> ckpt = read_checkpoint("checkpoints/best.pth")        # doctest: +SKIP
+>>> model = ckpt.build_model().eval()                       # doctest: +SKIP
+>>> ckpt.leads, ckpt.variables, ckpt.grid.describe()        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .cube import Split
+from .errors import RunoffError
+from .model import ConvLSTMForecaster
+from .rasters import Grid
+from .storage import atomic_output, location
+
+CHECKPOINT_FORMAT = "runoff-checkpoint/1"
+
+
+def grid_record(grid: Grid) -> dict:
+    """A grid as the checkpoint stores it."""
+    return {"crs_wkt": grid.crs_wkt, "transform": list(grid.transform), "height": grid.height, "width": grid.width}
+
+
+def splits_record(splits: dict[str, Split]) -> dict[str, list[str]]:
+    """Date splits as the checkpoint stores them."""
+    return {name: [s.start.isoformat(), s.end.isoformat()] for name, s in splits.items()}
+
+
+def run_record(*, model: ConvLSTMForecaster, norm_stats: dict, input_days: int, leads: list[int],
+               variables: list[str], forcings: list[str], grid: Grid, data: str, splits: dict[str, Split],
+               train_config: dict, world_size: int) -> dict:
+    """The part of a checkpoint fixed for a whole run (what a forecast needs, and the settings)."""
+    return {"format": CHECKPOINT_FORMAT, "package_version": __version__,
+            "model_config": model.config.to_dict(), "norm_stats": norm_stats,
+            "input_days": int(input_days), "leads": list(leads), "variables": list(variables),
+            "forcings": list(forcings), "grid": grid_record(grid), "data": str(data),
+            "splits": splits_record(splits), "train_config": train_config, "world_size": int(world_size)}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint, read through typed properties (``state`` is the raw dict)."""
+
+    state: dict
+
+    @property
+    def input_days(self) -> int:
+        return int(self.state["input_days"])
+
+    @property
+    def leads(self) -> list[int]:
+        return [int(lead) for lead in self.state["leads"]]
+
+    @property
+    def variables(self) -> list[str]:
+        """Past-day inputs, the target first."""
+        return list(self.state["variables"])
+
+    @property
+    def forcings(self) -> list[str]:
+        """Inputs taken on the lead days (checkpoints from before forcings have none)."""
+        return list(self.state.get("forcings", []))
+
+    @property
+    def norm_stats(self) -> dict[str, dict[str, float]]:
+        return self.state["norm_stats"]
+
+    @property
+    def grid(self) -> Grid:
+        g = self.state["grid"]
+        return Grid(g["crs_wkt"], tuple(g["transform"]), g["height"], g["width"])
+
+    @property
+    def splits(self) -> dict[str, Split]:
+        """The train / val / test date ranges the model was trained with."""
+        return {name: Split(name, *(dt.date.fromisoformat(d) for d in ends))
+                for name, ends in self.state["splits"].items()}
+
+    def check_grid(self, grid: Grid, checkpoint: str, data: str) -> None:
+        """One clear error when ``data`` (an option and its value) is not on the trained grid."""
+        trained = self.grid
+        if not trained.matches(grid):
+            raise RunoffError(f"{checkpoint}: trained on grid {trained.describe()}, but {data} is on {grid.describe()}")
+
+    def build_model(self) -> ConvLSTMForecaster:
+        """The model with its trained weights (on the CPU, in training mode)."""
+        return build_model(self.state)
+
+
+def build_model(state_or_config: dict) -> ConvLSTMForecaster:
+    """The model of a checkpoint dict (weights loaded) or of a model-config dict (fresh)."""
+    if "model_config" in state_or_config:
+        model = ConvLSTMForecaster.from_config(state_or_config["model_config"])
+        model.load_state_dict(state_or_config["model_state"])
+        return model
+    return ConvLSTMForecaster.from_config(state_or_config)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint."""
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+    return location(path)
+
+
+def load_checkpoint(path: str | Path, option: str = "--weights_path", storage_options: dict | None = None) -> dict:
+    """The checkpoint dict at ``path`` (a path or URL), loaded with ``weights_only=True``;
+    one clear error for anything that is not a runoff checkpoint."""
+    path = location(path, storage_options)
+    if not path.is_file():
+        raise RunoffError(f"{option} {path}: no such file")
+    try:
+        with path.open("rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunoffError(f"{option} {path}: not a readable PyTorch checkpoint ({first[:120]})") from None
+    except Exception as exc:  # the unpickler's own errors vary by torch version
+        raise RunoffError(f"{option} {path}: not a runoff checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RunoffError(f"{option} {path}: a PyTorch file, but not a runoff checkpoint")
+    return state
+
+
+def read_checkpoint(path: str | Path, option: str = "--weights_path",
+                    storage_options: dict | None = None) -> Checkpoint:
+    """:func:`load_checkpoint`, read through :class:`Checkpoint`."""
+    return Checkpoint(load_checkpoint(path, option, storage_options))

@@ -1,0 +1,143 @@
+"""From a checkpoint and a cube to forecast maps: the model's inputs for issue days, and
+batched, tiled forward passes. ``predict`` and ``evaluate`` both forecast through
+:class:`Forecaster`; neither needs the training code.
+
+Several issue days go through the network in one forward pass (``batch_size``). Grids
+larger than ``tile`` are predicted in overlapping tiles whose blend weights are zero
+wherever a tile's edge could reach (the model's receptive field), so the tiled result
+equals the untiled one and memory stays bounded by one batch of tiles plus the output.
+
+Example
+-------
+>>> forecaster = Forecaster.load(read_checkpoint("checkpoints/best.pth"))      # doctest: +SKIP
+>>> for issues, maps in forecaster.forecasts(open_cube("stores/qs.zarr"), [10, 11, 12]):  # doctest: +SKIP
+...     maps.shape                                   # (issue days, leads, H, W), kg m-2
+(3, 1, 128, 160)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .checkpoint import Checkpoint
+from .cube import TARGET, denormalise, normalise
+from .device import autocast_for, pick_device
+from .errors import RunoffError
+from .model import ConvLSTMForecaster
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, size - tile, step)) + [size - tile]
+    return sorted(set(starts))
+
+
+def _taper(n: int, margin: int, ramp: int, at_start_edge: bool, at_end_edge: bool) -> np.ndarray:
+    """1-D blend weight: 0 within ``margin`` of an inner tile edge, then a linear ramp."""
+    i = np.arange(n, dtype=np.float64)
+    w = np.ones(n)
+    if not at_start_edge:
+        w = np.minimum(w, np.clip((i - margin + 1) / (ramp + 1), 0, 1))
+    if not at_end_edge:
+        w = np.minimum(w, np.clip((n - i - margin) / (ramp + 1), 0, 1))
+    return w
+
+
+def _forward(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device) -> np.ndarray:
+    with autocast_for(device):
+        return model(torch.from_numpy(np.ascontiguousarray(x)).to(device)).float()[:, :, 0].cpu().numpy()
+
+
+@torch.no_grad()
+def forecast_batch(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device, tile: int = 512,
+                   margin: int | None = None, ramp: int = 8) -> np.ndarray:
+    """Model output for windows ``x`` (B, T, C, H, W) (normalised, NaN -> 0): (B, L, H, W)."""
+    model.eval()
+    b, days, _, h, w = x.shape
+    if h <= tile and w <= tile:
+        return _forward(model, x, device)
+    margin = model.receptive_radius(days) if margin is None else margin
+    overlap = 2 * margin + ramp
+    if tile <= overlap:
+        raise RunoffError(f"--tile {tile}: must exceed the tile overlap of {overlap} px for this model")
+    total = np.zeros((b, model.config.leads, h, w), np.float64)
+    weight = np.zeros((h, w), np.float64)
+    th, tw = min(tile, h), min(tile, w)
+    for y0 in _tile_starts(h, tile, overlap):
+        wy = _taper(th, margin, ramp, y0 == 0, y0 + th == h)
+        for x0 in _tile_starts(w, tile, overlap):
+            wgt = np.outer(wy, _taper(tw, margin, ramp, x0 == 0, x0 + tw == w))
+            out = _forward(model, x[..., y0:y0 + th, x0:x0 + tw], device)
+            total[..., y0:y0 + th, x0:x0 + tw] += out * wgt
+            weight[y0:y0 + th, x0:x0 + tw] += wgt
+    return (total / np.maximum(weight, 1e-12)).astype(np.float32)
+
+
+def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device, tile: int = 512,
+                    margin: int | None = None, ramp: int = 8) -> np.ndarray:
+    """:func:`forecast_batch` for one window ``x`` (T, C, H, W): (L, H, W)."""
+    return forecast_batch(model, x[None], device, tile, margin, ramp)[0]
+
+
+def read_days(ds: xr.Dataset, name: str, first: int, last: int) -> np.ndarray:
+    """Days ``first..last`` (time indices, inclusive) of variable ``name``, as stored (T, H, W)."""
+    return np.asarray(ds[name].data[first:last + 1])
+
+
+def window_inputs(ds: xr.Dataset, variables: Sequence[str], stats: dict, issues: Sequence[int],
+                  input_days: int) -> np.ndarray:
+    """Normalised inputs (B, T, C, H, W) of the windows issued at time indices ``issues``
+    (NaN kept). The days the windows span are read once, not once per window."""
+    issues = np.asarray(issues, np.int64)
+    first = int(issues.min()) - input_days + 1
+    offsets = issues[:, None] - first + np.arange(1 - input_days, 1)[None, :]  # (B, T) rows of the read
+    days = [normalise(read_days(ds, name, first, int(issues.max())), stats[name]) for name in variables]
+    return np.stack([d[offsets] for d in days], axis=2)
+
+
+@dataclass
+class Forecaster:
+    """A trained model ready to forecast on a cube: its checkpoint, the network on
+    ``device``, and how many issue days (``batch_size``) and pixels (``tile``) one forward
+    pass takes."""
+
+    checkpoint: Checkpoint
+    model: ConvLSTMForecaster
+    device: torch.device
+    batch_size: int = 8
+    tile: int = 512
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8,
+             tile: int = 512) -> "Forecaster":
+        if batch_size < 1:
+            raise RunoffError(f"--batch_size {batch_size}: must be >= 1")
+        dev = pick_device(device)
+        return cls(checkpoint, checkpoint.build_model().to(dev).eval(), dev, batch_size, tile)
+
+    def forecast(self, ds: xr.Dataset, issues: Sequence[int]) -> np.ndarray:
+        """Forecasts (B, L, H, W) in physical units for the issue days ``issues`` (time
+        indices), clipped at 0, NaN where the target had no data on any input day (the
+        sea, outside the domain)."""
+        ckpt = self.checkpoint
+        x = window_inputs(ds, ckpt.variables, ckpt.norm_stats, issues, ckpt.input_days)
+        nodata = np.isnan(x[:, :, 0]).all(axis=1)  # (B, H, W)
+        out = forecast_batch(self.model, np.nan_to_num(x, nan=0.0), self.device, tile=self.tile)
+        values = denormalise(out, ckpt.norm_stats[TARGET])
+        values[np.broadcast_to(nodata[:, None], values.shape)] = np.nan
+        return values
+
+    def forecasts(self, ds: xr.Dataset, issues: Sequence[int]) -> Iterator[tuple[list[int], np.ndarray]]:
+        """:meth:`forecast` in batches of ``batch_size`` issue days: yields each batch's
+        issue indices and its forecasts (B, L, H, W)."""
+        issues = [int(t) for t in issues]
+        for start in range(0, len(issues), self.batch_size):
+            chunk = issues[start:start + self.batch_size]
+            yield chunk, self.forecast(ds, chunk)
