@@ -44,43 +44,66 @@ def _ratio(a: float, b: float) -> float:
     return float(a / b) if b > 0 else _NAN
 
 
-def _kge(r: float, alpha: float, beta: float) -> float:
-    return float(1 - np.sqrt((r - 1) ** 2 + (alpha - 1) ** 2 + (beta - 1) ** 2))
+class _Moments:
+    """Count, means, centred second moments and co-moment of forecast ``p`` and truth ``t``,
+    merged as Chan et al. do (no cancellation from raw sums of squares). Arrays of any
+    shape: scalars for pooled scores, (H, W) for per-pixel maps."""
+
+    def __init__(self, shape: tuple[int, ...] = ()) -> None:
+        self.n, self.mp, self.mt, self.m2p, self.m2t, self.cpt = (np.zeros(shape) for _ in range(6))
+
+    def add(self, n, mp, mt, m2p, m2t, cpt) -> None:
+        total = self.n + n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(total > 0, n / np.where(total > 0, total, 1), 0.0)
+        dp, dt_ = mp - self.mp, mt - self.mt
+        self.m2p = self.m2p + m2p + dp * dp * self.n * share
+        self.m2t = self.m2t + m2t + dt_ * dt_ * self.n * share
+        self.cpt = self.cpt + cpt + dp * dt_ * self.n * share
+        self.mp, self.mt, self.n = self.mp + dp * share, self.mt + dt_ * share, total
+
+    def merge(self, other: "_Moments") -> None:
+        self.add(other.n, other.mp, other.mt, other.m2p, other.m2t, other.cpt)
+
+    def kge(self) -> np.ndarray:
+        """KGE where defined (>= 2 values, truth with variance and a non-zero mean), else NaN."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where(self.m2p > 0, self.cpt / np.sqrt(self.m2p * self.m2t), 0.0)
+            out = 1 - np.sqrt((r - 1) ** 2 + (np.sqrt(self.m2p / self.m2t) - 1) ** 2 + (self.mp / self.mt - 1) ** 2)
+        return np.where((self.n > 1) & (self.m2t > 0) & (self.mt != 0), out, np.nan)
 
 
 class ContinuousScores:
-    """Pooled continuous scores from float64 sums of errors and moments."""
-
-    _FIELDS = ("n", "sse", "sae", "se", "sp", "st", "spp", "stt", "spt")
+    """Pooled continuous scores from error sums and merged moments (float64)."""
 
     def __init__(self) -> None:
-        self.sums = np.zeros(len(self._FIELDS))
+        self.errors = np.zeros(4)  # n, sum of squared, absolute and signed errors
+        self.moments = _Moments()
 
     def accumulate(self, pred: np.ndarray, truth: np.ndarray) -> "ContinuousScores":
         """Add the valid pixels of ``pred`` against ``truth`` (any equal shapes)."""
         p, t = _valid(pred, truth)
-        e = p - t
-        self.sums += (p.size, e @ e, np.abs(e).sum(), e.sum(), p.sum(), t.sum(), p @ p, t @ t, p @ t)
+        if p.size:
+            e = p - t
+            self.errors += (p.size, e @ e, np.abs(e).sum(), e.sum())
+            dp, dt_ = p - p.mean(), t - t.mean()
+            self.moments.add(p.size, p.mean(), t.mean(), dp @ dp, dt_ @ dt_, dp @ dt_)
         return self
 
     def merge(self, other: "ContinuousScores") -> "ContinuousScores":
-        self.sums += other.sums
+        self.errors += other.errors
+        self.moments.merge(other.moments)
         return self
 
     def compute(self) -> dict[str, float]:
         """``mse``, ``rmse``, ``mae``, ``bias``, ``nse``, ``kge`` (NaN where undefined)."""
-        n, sse, sae, se, sp, st, spp, stt, spt = self.sums
+        n, sse, sae, se = self.errors
         if n == 0:
             return dict.fromkeys(("mse", "rmse", "mae", "bias", "nse", "kge"), _NAN)
-        mp, mt = sp / n, st / n
-        var_p, var_t = max(spp / n - mp * mp, 0.0), max(stt / n - mt * mt, 0.0)
-        nse_value = 1 - sse / (var_t * n) if var_t > 0 else _NAN
-        kge_value = _NAN
-        if n >= 2 and var_t > 0 and mt != 0:
-            r = (spt / n - mp * mt) / np.sqrt(var_p * var_t) if var_p > 0 else 0.0
-            kge_value = _kge(r, np.sqrt(var_p / var_t), mp / mt)
+        m2t = float(self.moments.m2t)
         return {"mse": float(sse / n), "rmse": float(np.sqrt(sse / n)), "mae": float(sae / n),
-                "bias": float(se / n), "nse": float(nse_value), "kge": kge_value}
+                "bias": float(se / n), "nse": float(1 - sse / m2t) if m2t > 0 else _NAN,
+                "kge": float(self.moments.kge())}
 
 
 class EventScores:
@@ -128,37 +151,37 @@ class EventScores:
 
 
 class PixelScores:
-    """Per-pixel sums over the time axis, for NSE and KGE maps of shape (H, W)."""
+    """Per-pixel sums and moments over the time axis, for NSE and KGE maps of shape (H, W)."""
 
     def __init__(self, shape: tuple[int, int]) -> None:
-        self.sums = np.zeros((7, *shape))  # n, sse, sp, st, spp, stt, spt
+        self.sse = np.zeros(shape)
+        self.moments = _Moments(tuple(shape))
 
     def accumulate(self, pred: np.ndarray, truth: np.ndarray) -> "PixelScores":
         """Add one map (H, W) or a stack (N, H, W)."""
         pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
         pred, truth = pred.reshape((-1,) + pred.shape[-2:]), truth.reshape((-1,) + truth.shape[-2:])
         ok = np.isfinite(pred) & np.isfinite(truth)
+        n = ok.sum(axis=0)
         p, t = np.where(ok, pred, 0.0), np.where(ok, truth, 0.0)
-        for k, term in enumerate((ok, (p - t) ** 2, p, t, p * p, t * t, p * t)):
-            self.sums[k] += term.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mp, mt = np.where(n > 0, p.sum(axis=0) / n, 0.0), np.where(n > 0, t.sum(axis=0) / n, 0.0)
+        dp, dt_ = np.where(ok, p - mp, 0.0), np.where(ok, t - mt, 0.0)
+        self.sse += ((p - t) ** 2).sum(axis=0)
+        self.moments.add(n, mp, mt, (dp * dp).sum(axis=0), (dt_ * dt_).sum(axis=0), (dp * dt_).sum(axis=0))
         return self
 
     def merge(self, other: "PixelScores") -> "PixelScores":
-        self.sums += other.sums
+        self.sse += other.sse
+        self.moments.merge(other.moments)
         return self
 
     def compute(self) -> dict[str, np.ndarray]:
         """``nse`` and ``kge`` maps, float32, NaN where a pixel has < 2 values or no variance."""
-        n, sse, sp, st, spp, stt, spt = self.sums
+        m = self.moments
         with np.errstate(invalid="ignore", divide="ignore"):
-            mp, mt = sp / n, st / n
-            var_p, var_t = np.maximum(spp / n - mp * mp, 0), np.maximum(stt / n - mt * mt, 0)
-            defined = (n > 1) & (var_t > 0)
-            nse_map_ = np.where(defined, 1 - sse / (var_t * n), np.nan)
-            r = np.where(var_p > 0, (spt / n - mp * mt) / np.sqrt(var_p * var_t), 0.0)
-            kge_map_ = 1 - np.sqrt((r - 1) ** 2 + (np.sqrt(var_p / var_t) - 1) ** 2 + (mp / mt - 1) ** 2)
-            kge_map_ = np.where(defined & (mt != 0), kge_map_, np.nan)
-        return {"nse": nse_map_.astype(np.float32), "kge": kge_map_.astype(np.float32)}
+            nse_map_ = np.where((m.n > 1) & (m.m2t > 0), 1 - self.sse / m.m2t, np.nan)
+        return {"nse": nse_map_.astype(np.float32), "kge": m.kge().astype(np.float32)}
 
 
 class ScoreTable:

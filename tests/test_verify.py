@@ -83,3 +83,28 @@ def test_kge_map_equals_pooled_kge_per_pixel():
     for y in range(2):
         for x in range(3):
             assert maps[y, x] == pytest.approx(kge(pred[:, y, x], truth[:, y, x]), rel=1e-5)
+
+
+def test_accumulators_streamed_in_pieces_equal_one_pass():
+    from pipeline.verify import ContinuousScores, EventScores, PixelScores, ScoreTable
+
+    rng = np.random.default_rng(1)
+    truth = rng.gamma(0.5, 3.0, size=(12, 9, 11)) * (rng.random((12, 9, 11)) > 0.4)
+    pred = truth + rng.normal(0, 0.5, size=truth.shape)
+    truth[2, 3:5] = np.nan
+    whole = ScoreTable([1.0, 4.0]).accumulate(pred, truth).compute()
+    streamed = ScoreTable([1.0, 4.0])
+    for k in range(12):  # one map at a time, as evaluate feeds them
+        streamed.accumulate(pred[k], truth[k])
+    assert streamed.compute() == pytest.approx(whole, rel=1e-10)
+    halves = ContinuousScores().accumulate(pred[:5], truth[:5]).merge(ContinuousScores().accumulate(pred[5:], truth[5:]))
+    assert halves.compute() == pytest.approx({k: whole[k] for k in halves.compute()}, rel=1e-10)
+    assert halves.compute()["nse"] == pytest.approx(nse(pred, truth), rel=1e-12)
+    assert EventScores([4.0], [9]).accumulate(pred, truth).compute()["fss9@4"] == pytest.approx(fss(pred, truth, 4.0, 9))
+    pixels = PixelScores((9, 11))
+    for k in range(0, 12, 5):
+        pixels.accumulate(pred[k:k + 5], truth[k:k + 5])
+    maps = pixels.compute()
+    np.testing.assert_allclose(maps["nse"], nse_map(pred, truth), rtol=1e-6)
+    np.testing.assert_allclose(maps["kge"], kge_map(pred, truth), rtol=1e-6)
+    assert maps["nse"][4, 4] == pytest.approx(nse(pred[:, 4, 4], truth[:, 4, 4]), rel=1e-5)

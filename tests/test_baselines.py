@@ -1,0 +1,43 @@
+"""Persistence and climatology references: climatology falls back where the training
+split does not cover a day of the year, so every source scores the same windows."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from pipeline.baselines import Climatology, climatology, wet_thresholds
+
+
+def _ds(days: int = 120) -> xr.Dataset:
+    times = pd.date_range("2019-01-01", periods=days, freq="D")
+    values = (np.arange(days, dtype=np.float32)[:, None, None] + np.zeros((1, 3, 2), np.float32))
+    values[5, 0, 0] = np.nan
+    return xr.Dataset({"qs": (("time", "y", "x"), values)}, coords={"time": times}).chunk({"time": 16})
+
+
+def test_climatology_window_equals_the_mean_of_the_days_around_it():
+    ds = _ds()
+    clim = Climatology(ds, "2019-01-01", "2019-03-31")  # days of year 0..89
+    assert clim.source(40) == "±15 days"
+    assert clim.for_day(40)[1, 1] == pytest.approx(np.mean(np.arange(25, 56)))
+    maps, ok = climatology(ds, "2019-01-01", "2019-03-31")
+    np.testing.assert_allclose(maps[40], clim.for_day(40))
+    assert not ok[150]
+
+
+def test_climatology_falls_back_to_a_wider_window_then_the_training_mean():
+    ds = _ds()
+    clim = Climatology(ds, "2019-01-01", "2019-03-31")
+    assert clim.source(89 + 30) == "±45 days"  # 30 days past the last training day
+    assert clim.for_day(89 + 30)[1, 1] == pytest.approx(np.mean(np.arange(89 + 30 - 45, 90)))
+    assert clim.source(250) == "training mean"
+    assert clim.for_day(250)[1, 1] == pytest.approx(np.mean(np.arange(90)))
+    assert clim.for_day(250)[0, 0] == pytest.approx(np.mean(np.delete(np.arange(90), 5)))  # NaN skipped
+
+
+def test_wet_thresholds_are_quantiles_of_wet_training_pixels():
+    ds = _ds(40)
+    thresholds = wet_thresholds(ds, "2019-01-01", "2019-02-09", quantiles=(0.5,))
+    values = ds.qs.values
+    assert thresholds[0] == pytest.approx(np.quantile(values[np.isfinite(values) & (values > 0)], 0.5))
