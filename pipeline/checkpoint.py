@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .cube import Split
+from .cube import TARGET, Split
 from .errors import RunoffError
 from .model import ConvLSTMForecaster
 from .rasters import Grid
@@ -109,6 +109,18 @@ class Checkpoint:
         """The train / val / test date ranges the model was trained with."""
         return {name: Split(name, *(dt.date.fromisoformat(d) for d in ends))
                 for name, ends in self.state["splits"].items()}
+
+    @property
+    def inputs_note(self) -> str:
+        """The model's inputs in words, printed beside every skill figure (forcings in a
+        hindcast are observed values: a perfect forecast)."""
+        covariates = [v for v in self.variables if v != TARGET]
+        parts = [f"inputs: {TARGET} on {self.input_days} past days"]
+        if covariates:
+            parts.append(f"covariates: {', '.join(covariates)}")
+        if self.forcings:
+            parts.append(f"forcings: {', '.join(self.forcings)}, observed values used as a perfect forecast")
+        return "; ".join(parts)
 
     def check_grid(self, grid: Grid, checkpoint: str, data: str) -> None:
         """One clear error when ``data`` (an option and its value) is not on the trained grid."""

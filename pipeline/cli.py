@@ -77,7 +77,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     covariates = [c.strip() for c in args.covariates.split(",") if c.strip()] if args.covariates else []
     paths = write_series(args.out_dir, days=args.days, height=args.height, width=args.width, crs=args.crs,
                          seed=args.seed, start=args.start, fmt=args.format, covariates=covariates,
-                         png_scale=args.png_scale, progress=sys.stderr.isatty())
+                         png_scale=args.png_scale, progress=sys.stderr.isatty(), regime=args.regime)
     print(f"{args.out_dir}: wrote {len(paths)} daily QS {args.format.upper()} file(s), "
           f"{paths[0].name} .. {paths[-1].name}")
     if args.format == "png":
@@ -111,12 +111,11 @@ def train_config(args: argparse.Namespace):
         given["leads"] = _int_list(args.leads, "--leads")
     if "hidden_channels" in given:
         given["hidden_channels"] = _int_list(given["hidden_channels"], "--hidden_channels")
-    if "covariates" in given:
-        given["covariates"] = [c.strip() for c in given["covariates"].split(",") if c.strip()]
+    for name in ("covariates", "forcings"):
+        if name in given:
+            given[name] = [c.strip() for c in given[name].split(",") if c.strip()]
     if "storage_options" in given:
         given["storage_options"] = _storage_options(given["storage_options"])
-    if given.pop("predict_delta", False):
-        given["predict_delta"] = True
     return TrainConfig(**given), set(given)
 
 
@@ -221,9 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "patch", type=int, help="training patch size in pixels (default 64)")
     _option(p, "train_end", help="last day of the training split, YYYY-MM-DD")
     _option(p, "val_end", help="last day of the validation split, YYYY-MM-DD")
-    _option(p, "covariates", help="extra input variables of the cube, e.g. rainf,soilm")
-    _option(p, "predict_delta", action="store_true", default=None,
-            help="predict the change from the last input day")
+    _option(p, "covariates", help="extra input variables of the cube on the past days, e.g. soilm")
+    _option(p, "forcings", help="cube variables known on the lead days (a rain forecast), e.g. rainf; in a hindcast "
+            "the observed values stand in, a perfect forecast")
+    _option(p, "predict_delta", action=argparse.BooleanOptionalAction, default=None,
+            help="forecast the change from the last input day, so that an untrained model is persistence "
+                 "(default; --no-predict_delta to forecast the map itself)")
     _option(p, "max_train_windows", type=int, help="cap on training windows per epoch")
     _option(p, "precision", choices=("auto", "fp32", "bf16", "fp16"),
             help="mixed precision: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU/MPS), fp32, bf16, fp16")
@@ -268,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "seed", type=int, default=0)
     _option(p, "start", default="2019-01-01", help="first day, YYYY-MM-DD")
     _option(p, "format", choices=("tif", "png"), default="tif")
-    _option(p, "covariates", help="also write driving variables: rainf,soilm")
+    _option(p, "covariates", help="also write driving variables: rainf, rainf_fc (a forecast of the rain with a "
+            "log-normal error), soilm")
+    _option(p, "regime", choices=("cells", "river"), default="cells",
+            help="cells: runoff where the rain falls; river: runoff gathered along a river network with a slow "
+                 "recession (persistent, heavy-tailed, mostly dry)")
     _option(p, "png_scale", type=float, default=200.0, help="value of the largest PNG code")
     p.set_defaults(func=cmd_synth)
     return parser

@@ -225,23 +225,28 @@ def cube_dates(ds: xr.Dataset) -> list[dt.date]:
 
 
 def normalisation_stats(ds: xr.Dataset, variables: list[str], train: Split) -> dict[str, dict[str, float]]:
-    """Mean and std of ``log1p(value)`` per variable over the training days (QS is skewed)."""
+    """Mean and std of ``log1p(value)`` per variable over the training days (QS is skewed), and
+    the root mean square of the values themselves (``rms``: the scale of the training loss in
+    physical units)."""
     import dask
 
     days = ds.sel(time=slice(str(train.start), str(train.end)))
     lazy = {}
     for name in variables:
-        logged = np.log1p(days[name].clip(min=0))
-        lazy[name] = (logged.mean(skipna=True), logged.std(skipna=True))
+        values = days[name].clip(min=0)
+        logged = np.log1p(values)
+        lazy[name] = (logged.mean(skipna=True), logged.std(skipna=True), (values ** 2).mean(skipna=True))
     computed = dask.compute(lazy)[0]
-    return {name: checked_stats(name, float(mean), float(std), train) for name, (mean, std) in computed.items()}
+    return {name: checked_stats(name, float(mean), float(std), train, float(np.sqrt(square)))
+            for name, (mean, std, square) in computed.items()}
 
 
-def checked_stats(name: str, mean: float, std: float, train: Split) -> dict[str, float]:
+def checked_stats(name: str, mean: float, std: float, train: Split, rms: float = 1.0) -> dict[str, float]:
     """One variable's normalisation statistics; an error when the training days hold no value."""
     if not np.isfinite(mean) or not np.isfinite(std):
         raise RunoffError(f"variable {name}: no valid value in the training days {train.start}..{train.end}")
-    return {"mean": float(mean), "std": float(max(std, 1e-6))}  # plain floats: checkpoints load weights_only
+    # plain floats: checkpoints load weights_only
+    return {"mean": float(mean), "std": float(max(std, 1e-6)), "rms": float(max(rms, 1e-6))}
 
 
 def log_transform(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -65,5 +66,21 @@ def data_parallel(device_name: str = "auto") -> Iterator[Ranks]:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size(), device)
+        dist.barrier()  # no rank tears down while another still has a collective in flight
     finally:
-        dist.destroy_process_group()
+        release_process_group()
+
+
+def release_process_group() -> None:
+    """Destroy the process group now, while the interpreter is fully alive.
+
+    ``destroy_process_group`` only drops the registry's reference: a DistributedDataParallel
+    wrapper (its reducer) that is still alive, for instance in a reference cycle through
+    the frames of a finished training run, keeps the group, and gloo's worker threads keep
+    the work objects (and tensors) of its last collectives. The group is then destroyed at
+    interpreter exit, where freeing those tensors takes the GIL of an interpreter being torn
+    down and the process aborts (``terminate called without an active exception``, SIGABRT)
+    in about 4% of two-rank CPU runs. Collecting the cycles first lets the group go here.
+    """
+    gc.collect()
+    dist.destroy_process_group()

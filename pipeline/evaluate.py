@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .baselines import SOURCES, Climatology, wet_thresholds
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import read_checkpoint
 from .cube import TARGET, Split, cube_dates, cube_grid, open_cube
 from .errors import RunoffError
 from .export import write_geotiff
@@ -62,12 +62,13 @@ def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str) -
             for lead, rows in metrics.items()]
 
 
-def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, windows: int, notes: list[str],
-              categorical: bool = True) -> str:
-    """The skill lines, then one table per lead (continuous scores and skill); with
-    ``categorical`` a second table per lead of CSI/POD/FAR and FSS at each threshold."""
+def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, windows: int, skill_lines: list[str],
+              notes: list[str], categorical: bool = True) -> str:
+    """The skill lines, then one table per lead (continuous scores and skill), then the
+    notes; with ``categorical`` a second table per lead of CSI/POD/FAR and FSS at each threshold."""
     lines = [f"# Evaluation on the {split.name} split ({split.start} .. {split.end}), {windows} windows", ""]
-    lines += notes[:1] + [""]
+    if skill_lines:
+        lines += skill_lines + [""]
     for lead, rows in metrics.items():
         lines += [f"## Lead {lead} day(s)", ""] + _table(rows, list(_MAIN_COLUMNS)) + [""]
         if categorical:
@@ -75,7 +76,7 @@ def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, win
             lines += [f"Events at thresholds (kg m-2), lead {lead}:", ""] + _table(rows, extra) + [""]
     lines.append("skill = 1 - MSE_model / MSE_baseline. Every source is scored on the same windows and the same "
                  "valid pixels.")
-    lines += notes[1:]
+    lines += notes
     return "\n".join(lines)
 
 
@@ -98,7 +99,7 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     if split not in ranges:
         raise RunoffError(f"--split {split!r}: choose train, val, test or all")
     chosen = ranges[split]
-    spec = WindowSpec(ckpt.input_days, tuple(ckpt.leads), tuple(ckpt.variables))
+    spec = WindowSpec(ckpt.input_days, tuple(ckpt.leads), tuple(ckpt.variables), tuple(ckpt.forcings))
     issues = window_issues(ds, chosen, spec)
     if issues.size == 0:
         raise RunoffError(f"--split {split}: no complete window with targets in {chosen.start}..{chosen.end} "
@@ -137,12 +138,12 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
                 rows[s][f"skill_vs_{base}"] = skill(rows[s]["mse"], rows[base]["mse"])
         metrics[lead] = rows
     n = len(issues)
-    skill_lines = _skill_lines(metrics, _inputs_note(ckpt))
-    notes = ["\n".join(skill_lines), "Climatology: " + ", ".join(
+    skill_lines = _skill_lines(metrics, ckpt.inputs_note)
+    notes = ["Climatology: " + ", ".join(
         f"{how} on {count} scored day(s)" for how, count in sorted(clim_used.items())) + " (training days within "
         "that many days of the same day of year; the training mean where none lies within ±45 days)."]
-    markdown = _markdown(metrics, chosen, n, notes)
-    summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, notes, categorical=False)
+    markdown = _markdown(metrics, chosen, n, skill_lines, notes)
+    summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, [], notes, categorical=False)
     files = _write_outputs(metrics, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
         "thresholds": thresholds, "checkpoint": str(weights_path), "cube": str(store)})
@@ -157,17 +158,6 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
                               title=f"{label} per pixel, lead {leads[0]} d, {split} split", label=label,
                               vmin=-1.0, vmax=1, cmap="RdYlGn"))
     return EvaluationReport(metrics, markdown, summary, files, n)
-
-
-def _inputs_note(ckpt: Checkpoint) -> str:
-    """The model's inputs, as printed beside every skill figure."""
-    covariates = [v for v in ckpt.variables if v != TARGET]
-    parts = [f"inputs: {TARGET} on {ckpt.input_days} past days"]
-    if covariates:
-        parts.append(f"covariates: {', '.join(covariates)}")
-    if ckpt.forcings:
-        parts.append(f"forcings: {', '.join(ckpt.forcings)}, observed values used as a perfect forecast")
-    return "; ".join(parts)
 
 
 def _write_outputs(metrics: dict, markdown: str, output_dir: Path, meta: dict) -> list[Path]:

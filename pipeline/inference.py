@@ -50,19 +50,25 @@ def _taper(n: int, margin: int, ramp: int, at_start_edge: bool, at_end_edge: boo
     return w
 
 
-def _forward(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device) -> np.ndarray:
+def _forward(model: ConvLSTMForecaster, x: np.ndarray, forcings: np.ndarray | None, device: torch.device
+             ) -> np.ndarray:
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
     with autocast_for(device):
-        return model(torch.from_numpy(np.ascontiguousarray(x)).to(device)).float()[:, :, 0].cpu().numpy()
+        out = model(tensor(x), None if forcings is None or forcings.shape[2] == 0 else tensor(forcings))
+    return out.float()[:, :, 0].cpu().numpy()
 
 
 @torch.no_grad()
 def forecast_batch(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device, tile: int = 512,
-                   margin: int | None = None, ramp: int = 8) -> np.ndarray:
-    """Model output for windows ``x`` (B, T, C, H, W) (normalised, NaN -> 0): (B, L, H, W)."""
+                   margin: int | None = None, ramp: int = 8, forcings: np.ndarray | None = None) -> np.ndarray:
+    """Model output for windows ``x`` (B, T, C, H, W) and their ``forcings`` (B, D, F, H, W)
+    (normalised, NaN -> 0): (B, L, H, W)."""
     model.eval()
     b, days, _, h, w = x.shape
     if h <= tile and w <= tile:
-        return _forward(model, x, device)
+        return _forward(model, x, forcings, device)
     margin = model.receptive_radius(days) if margin is None else margin
     overlap = 2 * margin + ramp
     if tile <= overlap:
@@ -74,15 +80,16 @@ def forecast_batch(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devic
         wy = _taper(th, margin, ramp, y0 == 0, y0 + th == h)
         for x0 in _tile_starts(w, tile, overlap):
             wgt = np.outer(wy, _taper(tw, margin, ramp, x0 == 0, x0 + tw == w))
-            out = _forward(model, x[..., y0:y0 + th, x0:x0 + tw], device)
-            total[..., y0:y0 + th, x0:x0 + tw] += out * wgt
-            weight[y0:y0 + th, x0:x0 + tw] += wgt
+            cut = (Ellipsis, slice(y0, y0 + th), slice(x0, x0 + tw))
+            out = _forward(model, x[cut], None if forcings is None else forcings[cut], device)
+            total[cut] += out * wgt
+            weight[cut[1:]] += wgt
     return (total / np.maximum(weight, 1e-12)).astype(np.float32)
 
 
 def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device, tile: int = 512,
                     margin: int | None = None, ramp: int = 8) -> np.ndarray:
-    """:func:`forecast_batch` for one window ``x`` (T, C, H, W): (L, H, W)."""
+    """:func:`forecast_batch` for one window ``x`` (T, C, H, W) without forcings: (L, H, W)."""
     return forecast_batch(model, x[None], device, tile, margin, ramp)[0]
 
 
@@ -91,15 +98,25 @@ def read_days(ds: xr.Dataset, name: str, first: int, last: int) -> np.ndarray:
     return np.asarray(ds[name].data[first:last + 1])
 
 
+def stack_days(ds: xr.Dataset, names: Sequence[str], stats: dict, issues: Sequence[int],
+               offsets: Sequence[int]) -> np.ndarray:
+    """Normalised values (B, D, V, H, W) of variables ``names`` on the days ``issue + offset``
+    of each issue day (time indices), NaN kept. The days the windows span are read once per
+    variable, not once per window."""
+    issues, offsets = np.asarray(issues, np.int64), np.asarray(offsets, np.int64)
+    h, w = ds.sizes["y"], ds.sizes["x"]
+    if not len(names):
+        return np.zeros((issues.size, offsets.size, 0, h, w), np.float32)
+    first, last = int(issues.min() + offsets.min()), int(issues.max() + offsets.max())
+    rows = issues[:, None] + offsets[None, :] - first  # (B, D) rows of the read
+    days = [normalise(read_days(ds, name, first, last), stats[name]) for name in names]
+    return np.stack([d[rows] for d in days], axis=2)
+
+
 def window_inputs(ds: xr.Dataset, variables: Sequence[str], stats: dict, issues: Sequence[int],
                   input_days: int) -> np.ndarray:
-    """Normalised inputs (B, T, C, H, W) of the windows issued at time indices ``issues``
-    (NaN kept). The days the windows span are read once, not once per window."""
-    issues = np.asarray(issues, np.int64)
-    first = int(issues.min()) - input_days + 1
-    offsets = issues[:, None] - first + np.arange(1 - input_days, 1)[None, :]  # (B, T) rows of the read
-    days = [normalise(read_days(ds, name, first, int(issues.max())), stats[name]) for name in variables]
-    return np.stack([d[offsets] for d in days], axis=2)
+    """Normalised past inputs (B, T, C, H, W) of the windows issued at ``issues`` (NaN kept)."""
+    return stack_days(ds, variables, stats, issues, range(1 - input_days, 1))
 
 
 @dataclass
@@ -128,8 +145,10 @@ class Forecaster:
         sea, outside the domain)."""
         ckpt = self.checkpoint
         x = window_inputs(ds, ckpt.variables, ckpt.norm_stats, issues, ckpt.input_days)
+        ahead = stack_days(ds, ckpt.forcings, ckpt.norm_stats, issues, range(1, max(ckpt.leads) + 1))
         nodata = np.isnan(x[:, :, 0]).all(axis=1)  # (B, H, W)
-        out = forecast_batch(self.model, np.nan_to_num(x, nan=0.0), self.device, tile=self.tile)
+        out = forecast_batch(self.model, np.nan_to_num(x, nan=0.0), self.device, tile=self.tile,
+                             forcings=np.nan_to_num(ahead, nan=0.0))
         values = denormalise(out, ckpt.norm_stats[TARGET])
         values[np.broadcast_to(nodata[:, None], values.shape)] = np.nan
         return values

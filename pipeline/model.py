@@ -5,11 +5,21 @@ Inside the recurrence, the last input day only reaches ``kernel_size // 2`` pixe
 layer before the output; the head (one ``head_kernel`` convolution, applied once) widens
 that cheaply, so features that drift a few pixels a day can be followed.
 
+Forcings, inputs known on the lead days (a rain forecast), enter the head beside the last
+hidden state: runoff tomorrow answers to rain tomorrow, which no past input holds. A river
+cell answers to the rain over its whole upstream area, so the head sees each forcing also
+as box means over ``forcing_scales`` pixels (stride 1, so that tiles still agree). By
+default the network forecasts the change from the last input day of the target, and its
+output layer starts at zero, so an untrained model is persistence.
+
 Example
 -------
 >>> import torch
 >>> model = ConvLSTMForecaster(in_channels=1, hidden_channels=16, kernel_size=3, leads=2)
 >>> model(torch.zeros(4, 6, 1, 33, 47)).shape
+torch.Size([4, 2, 1, 33, 47])
+>>> rain = ConvLSTMForecaster(in_channels=1, leads=2, forcing_channels=2)   # rain on lead days 1, 2
+>>> rain(torch.zeros(4, 6, 1, 33, 47), torch.zeros(4, 2, 1, 33, 47)).shape
 torch.Size([4, 2, 1, 33, 47])
 """
 
@@ -20,6 +30,28 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+
+def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean of each ``size x size`` neighbourhood of ``x`` (B, C, H, W), over the pixels
+    inside the map (no zero padding pulls edges down); cost independent of ``size``.
+
+    >>> box_mean(torch.ones(1, 1, 4, 5), 3).unique().tolist()
+    [1.0]
+    """
+    if size == 1:
+        return x
+    r = size // 2
+
+    def window_sums(t: torch.Tensor, dim: int) -> torch.Tensor:
+        padded = torch.nn.functional.pad(t.movedim(dim, -1), (r + 1, r))  # zeros outside
+        c = padded.float().cumsum(-1)
+        return (c[..., size:] - c[..., :-size]).movedim(-1, dim)
+
+    ones = torch.ones(1, 1, *x.shape[-2:], dtype=torch.float32, device=x.device)
+    sums = window_sums(window_sums(x, -1), -2)
+    counts = window_sums(window_sums(ones, -1), -2)
+    return (sums / counts).to(x.dtype)
 
 
 class ConvLSTMCell(nn.Module):
@@ -58,8 +90,10 @@ class ModelConfig:
     hidden_channels: list[int] = field(default_factory=lambda: [16])
     kernel_size: int = 3
     leads: int = 1
-    predict_delta: bool = False
+    predict_delta: bool = True
     head_kernel: int = 5
+    forcing_channels: int = 0  # forcing variables x lead days entering the head
+    forcing_scales: list[int] = field(default_factory=lambda: [1, 9, 33])  # box sizes the head sees them at
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,46 +103,68 @@ class ConvLSTMForecaster(nn.Module):
     """Input ``(B, T, C, H, W)`` -> forecast ``(B, L, 1, H, W)`` for L lead times.
 
     Any T, H and W (odd sizes too). ``hidden_channels`` is an int (repeated
-    ``num_layers`` times) or one int per layer. With ``predict_delta`` the network
-    predicts the change from the last input day of channel 0 (the target variable).
+    ``num_layers`` times) or one int per layer. With ``predict_delta`` (the default) the
+    network predicts the change from the last input day of channel 0 (the target variable)
+    and starts as persistence. ``forcing_channels``: the size of the flattened forcings
+    ``(B, days, variables, H, W)`` given to :meth:`forward`.
     """
 
     def __init__(self, in_channels: int = 1, hidden_channels: int | Sequence[int] = 16, kernel_size: int = 3,
-                 num_layers: int = 1, leads: int = 1, predict_delta: bool = False, head_kernel: int = 5) -> None:
+                 num_layers: int = 1, leads: int = 1, predict_delta: bool = True, head_kernel: int = 5,
+                 forcing_channels: int = 0, forcing_scales: Sequence[int] = (1, 9, 33)) -> None:
         super().__init__()
         hidden = [hidden_channels] * num_layers if isinstance(hidden_channels, int) else list(hidden_channels)
         if not hidden or min(hidden) < 1 or leads < 1 or in_channels < 1:
             raise ValueError("need in_channels >= 1, leads >= 1 and at least one layer of >= 1 hidden channels")
         if head_kernel % 2 == 0:
             raise ValueError(f"head_kernel must be odd to keep the map size, got {head_kernel}")
-        self.config = ModelConfig(in_channels, hidden, kernel_size, leads, predict_delta, head_kernel)
+        if any(k < 1 or k % 2 == 0 for k in forcing_scales):
+            raise ValueError(f"forcing_scales must be odd sizes >= 1, got {list(forcing_scales)}")
+        self.config = ModelConfig(in_channels, hidden, kernel_size, leads, predict_delta, head_kernel,
+                                  forcing_channels, list(forcing_scales))
         self.cells = nn.ModuleList(
             ConvLSTMCell(c_in, c_out, kernel_size)
             for c_in, c_out in zip([in_channels] + hidden[:-1], hidden))
         self.head = nn.Sequential(
-            nn.Conv2d(hidden[-1], hidden[-1], head_kernel, padding=head_kernel // 2), nn.GELU(),
+            nn.Conv2d(hidden[-1] + forcing_channels * len(forcing_scales), hidden[-1], head_kernel,
+                      padding=head_kernel // 2), nn.GELU(),
             nn.Conv2d(hidden[-1], leads, kernel_size=1))
+        if predict_delta:  # no change yet: the untrained model is persistence
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
 
     @classmethod
     def from_config(cls, config: dict) -> "ConvLSTMForecaster":
         cfg = ModelConfig(**config)
         return cls(cfg.in_channels, cfg.hidden_channels, cfg.kernel_size, leads=cfg.leads,
-                   predict_delta=cfg.predict_delta, head_kernel=cfg.head_kernel)
+                   predict_delta=cfg.predict_delta, head_kernel=cfg.head_kernel, forcing_channels=cfg.forcing_channels,
+                   forcing_scales=cfg.forcing_scales)
 
     def receptive_radius(self, input_days: int) -> int:
         """How far (pixels) an output pixel sees: every step of every layer widens the
         view by ``kernel_size // 2``, and the head by ``head_kernel // 2``."""
-        return input_days * len(self.cells) * (self.config.kernel_size // 2) + self.config.head_kernel // 2
+        recurrence = input_days * len(self.cells) * (self.config.kernel_size // 2)
+        forcing = max(self.config.forcing_scales) // 2 if self.config.forcing_channels else 0
+        return max(recurrence, forcing) + self.config.head_kernel // 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, forcings: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, T, C, H, W) past days; ``forcings`` (B, D, F, H, W) with D x F =
+        ``forcing_channels``, or None when the model has none. Returns (B, L, 1, H, W)."""
         if x.dim() != 5:
             raise ValueError(f"expected input (batch, time, channels, height, width), got {tuple(x.shape)}")
+        expected = self.config.forcing_channels
+        given = 0 if forcings is None else forcings.shape[1] * forcings.shape[2]
+        if given != expected:
+            raise ValueError(f"the model takes {expected} forcing channels, got {given}")
         states: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.cells)
         for t in range(x.shape[1]):
             layer_input = x[:, t]
             for k, cell in enumerate(self.cells):
                 states[k] = cell(layer_input, states[k])
                 layer_input = states[k][0]
+        if forcings is not None and expected:
+            flat = forcings.flatten(1, 2).to(layer_input.dtype)
+            layer_input = torch.cat([layer_input] + [box_mean(flat, k) for k in self.config.forcing_scales], dim=1)
         out = self.head(layer_input).unsqueeze(2)  # (B, L, 1, H, W)
         if self.config.predict_delta:
             out = out + x[:, -1, :1].unsqueeze(1)

@@ -151,14 +151,30 @@ def _issue_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.date], inpu
         splits = ckpt.splits
         if split not in splits:
             raise RunoffError(f"--split {split!r}: choose one of {', '.join(splits)}")
-        spec = WindowSpec(input_days, tuple(ckpt.leads), tuple(variables))
+        spec = WindowSpec(input_days, tuple(ckpt.leads), tuple(variables), tuple(ckpt.forcings))
         in_split = set(window_issues(ds, splits[split], spec).tolist())
         candidates = [t for t in candidates if t in in_split]
     issues = _select_issues(all_dates, candidates, dates, last)
     if not issues:
         raise RunoffError(f"--dates {dates} / --split {split}: no issue day with {input_days} complete prior days there "
                           f"({all_dates[candidates[0]]}..{all_dates[candidates[-1]]} are possible)")
+    for t in issues:
+        _check_forcing_days(ds, ckpt, all_dates, t, input_dir)
     return issues
+
+
+def _check_forcing_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.date], t: int, input_dir: str) -> None:
+    """One clear error, naming the date, when a forcing has no value on a lead day of the
+    forecast issued at ``t`` (operationally: its forecast is not ingested yet)."""
+    for name in ckpt.forcings:
+        if name not in ds.data_vars:
+            raise RunoffError(f"--input_dir {input_dir}: the model needs the forcing {name}, which the cube lacks")
+        missing = set(ds[name].attrs.get("missing_dates", []))
+        for ahead in range(1, max(ckpt.leads) + 1):
+            day = all_dates[t] + dt.timedelta(days=ahead)
+            if t + ahead >= len(all_dates) or day.isoformat() in missing:
+                raise RunoffError(f"--input_dir {input_dir}: forcing {name} has no value for {day} (day {ahead} "
+                                  f"ahead of the forecast issued {all_dates[t]}); ingest its forecast for that day")
 
 
 def _plot_stride(n_maps: int, max_plots: int) -> int:

@@ -1,7 +1,8 @@
 """Dask-backed window sampler: cube -> ``(input_days, channels, H, W)`` windows for PyTorch.
 
-A window issued on day *t* holds the input days ``t-N+1 .. t`` of every variable and
-the target ``qs`` on days ``t + lead`` for each lead. Windows with a missing day are
+A window issued on day *t* holds the input days ``t-N+1 .. t`` of every variable, the
+forcings (inputs known ahead, such as a rain forecast) on the lead days ``t+1 .. t+max(lead)``,
+and the target ``qs`` on days ``t + lead`` for each lead. Windows with a missing day are
 skipped; NaN target pixels are masked out of the loss.
 
 Reading pattern: the issue days are grouped in consecutive *blocks*; each block's
@@ -48,11 +49,18 @@ from .errors import RunoffError
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """What a window holds: ``input_days`` past days of ``variables`` (target first), targets at ``leads``."""
+    """What a window holds: ``input_days`` past days of ``variables`` (target first), targets at
+    ``leads``, and ``forcings`` on the lead days ``1 .. max(leads)``."""
 
     input_days: int = 6
     leads: tuple[int, ...] = (1,)
     variables: tuple[str, ...] = (TARGET,)
+    forcings: tuple[str, ...] = ()
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every variable a window reads: the past inputs, then the forcings not among them."""
+        return self.variables + tuple(f for f in self.forcings if f not in self.variables)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -67,6 +75,7 @@ class Window(NamedTuple):
     y: torch.Tensor  # float32 (leads, 1, h, w): normalised target, NaN -> 0
     mask: torch.Tensor  # bool like y: True where the target is valid
     issue: int  # time index of the issue day (which window this is); a DataLoader batches it to int64
+    forcings: torch.Tensor  # float32 (max lead, forcings, h, w): normalised, NaN -> 0; 0 forcings: empty
 
 
 def collate_windows(windows: Sequence[Window], pin_memory: bool = False) -> Window:
@@ -79,7 +88,8 @@ def collate_windows(windows: Sequence[Window], pin_memory: bool = False) -> Wind
     threads, in the thread that prefetches batches for an accelerator, take cores from the
     thread launching the step (see BENCHMARKS.md).
 
-    >>> w = Window(torch.zeros(6, 1, 4, 4), torch.ones(1, 1, 4, 4), torch.ones(1, 1, 4, 4, dtype=torch.bool), 7)
+    >>> w = Window(torch.zeros(6, 1, 4, 4), torch.ones(1, 1, 4, 4), torch.ones(1, 1, 4, 4, dtype=torch.bool), 7,
+    ...            torch.zeros(1, 0, 4, 4))
     >>> batch = collate_windows([w, w])
     >>> batch.x.shape, batch.mask.dtype, batch.issue.tolist()
     (torch.Size([2, 6, 1, 4, 4]), torch.bool, [7, 7])
@@ -89,8 +99,8 @@ def collate_windows(windows: Sequence[Window], pin_memory: bool = False) -> Wind
         np.stack([t.numpy() for t in tensors], out=out.numpy())
         return out
 
-    x, y, mask, issue = zip(*windows)
-    return Window(stacked(x), stacked(y), stacked(mask), torch.tensor(issue, dtype=torch.int64))
+    x, y, mask, issue, forcings = zip(*windows)
+    return Window(stacked(x), stacked(y), stacked(mask), torch.tensor(issue, dtype=torch.int64), stacked(forcings))
 
 
 def block_chunks(shape: tuple[int, int, int], stored: tuple[int, int, int],
@@ -119,7 +129,7 @@ def window_issues(ds: xr.Dataset, split: Split, spec: WindowSpec) -> np.ndarray:
     """Time indices of the issue days of every complete window whose targets lie in ``split``."""
     dates = cube_dates(ds)
     missing = set(ds.attrs.get("missing_dates", []))
-    for name in spec.variables[1:]:
+    for name in spec.inputs[1:]:
         missing |= set(ds[name].attrs.get("missing_dates", []))
     present = np.array([d.isoformat() not in missing for d in dates])
     before, after = spec.span
@@ -213,7 +223,7 @@ class WindowSampler(IterableDataset):
             return []
         ds = self.ds
         h, w = ds.sizes["y"], ds.sizes["x"]
-        day_bytes = 4 * h * w * len(self.spec.variables)
+        day_bytes = 4 * h * w * len(self.spec.inputs)
         before, after = self.spec.span
         days_per_block = max(self.block_bytes // day_bytes - before - after, 1)
         chunk = ds[TARGET].encoding.get("chunks", (16,))[0]
@@ -253,10 +263,10 @@ class WindowSampler(IterableDataset):
         decoding it, see BENCHMARKS.md).
         """
         ds = self.ds
-        shape = (last - first + 1, len(self.spec.variables), ds.sizes["y"], ds.sizes["x"])
+        shape = (last - first + 1, len(self.spec.inputs), ds.sizes["y"], ds.sizes["x"])
         data, valid = np.empty(shape, np.float32), np.empty(shape, bool)
         tasks = []
-        for v, name in enumerate(self.spec.variables):
+        for v, name in enumerate(self.spec.inputs):
             array, fill = self._group[name], transform(name)  # one metadata lookup per variable, not per task
             for days, rows, cols in da.core.slices_from_chunks(ds[name].data[first:last + 1].chunks):
                 stored = (slice(first + days.start, first + days.stop), rows, cols)
@@ -299,22 +309,23 @@ class WindowSampler(IterableDataset):
         days = [i for i, d in enumerate(dates) if split.contains(d)]
         blocks = self._my_blocks(np.random.default_rng(0))
         if len(blocks) != 1 or not days or not blocks[0][0] <= days[0] <= days[-1] <= blocks[0][1]:
-            self.stats = normalisation_stats(self.ds, list(self.spec.variables), split)
+            self.stats = normalisation_stats(self.ds, list(self.spec.inputs), split)
             return self.stats
         first, last, _ = blocks[0]
         data, valid = self._read(first, last, lambda name: log_transform)
         rows = slice(days[0] - first, days[-1] - first + 1)
         stats = {}
-        for v, name in enumerate(self.spec.variables):
+        for v, name in enumerate(self.spec.inputs):
             count = np.count_nonzero(valid[rows, v])
             # float64 sums, one day at a time: no float32 round-off, no block-sized temporary
             total = sum(float(day.sum(dtype=np.float64)) for day in data[rows, v])
             squares = sum(float(np.dot(day.ravel(), day.ravel())) for day in data[rows, v])
+            physical = sum(float(np.square(np.expm1(day, dtype=np.float64)).sum()) for day in data[rows, v])
             mean = total / count if count else np.nan
             std = np.sqrt(max(squares / count - mean * mean, 0.0)) if count else np.nan
-            stats[name] = checked_stats(name, mean, std, split)
+            stats[name] = checked_stats(name, mean, std, split, np.sqrt(physical / count) if count else np.nan)
         self.stats = stats
-        for v, name in enumerate(self.spec.variables):  # log1p values -> normalised, as normalise does
+        for v, name in enumerate(self.spec.inputs):  # log1p values -> normalised, as normalise does
             standardise(data[:, v], stats[name])
         data *= valid  # back to 0 where missing
         self._keep(first, last, data, valid)
@@ -328,6 +339,8 @@ class WindowSampler(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker.id if worker else 0])
         before, after = self.spec.span
         leads = np.array(self.spec.leads)
+        n_past = len(self.spec.variables)
+        forcing_channels = [self.spec.inputs.index(f) for f in self.spec.forcings]
         for first, last, block in self._my_blocks(rng):
             data, valid = self.load_block(first, last)
             _, _, h, w = data.shape
@@ -339,10 +352,12 @@ class WindowSampler(IterableDataset):
             for t, y0, x0 in zip(order.tolist(), y0s, x0s):
                 i = t - first
                 # a copy: a view would pin the whole block (and ship it to the loader's collation)
-                x = np.ascontiguousarray(data[i - before:i + 1, :, y0:y0 + ph, x0:x0 + pw])
+                x = np.ascontiguousarray(data[i - before:i + 1, :n_past, y0:y0 + ph, x0:x0 + pw])
                 y = data[i + leads, :1, y0:y0 + ph, x0:x0 + pw]
                 mask = valid[i + leads, None, y0:y0 + ph, x0:x0 + pw]
-                yield Window(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask), t)
+                ahead = data[i + 1:i + after + 1, forcing_channels, y0:y0 + ph, x0:x0 + pw]
+                yield Window(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask), t,
+                             torch.from_numpy(ahead))
 
 
 @contextlib.contextmanager

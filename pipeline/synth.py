@@ -40,23 +40,27 @@ from .storage import atomic_output
 NODATA = -9999.0
 PNG_NODATA = 65535
 DEFAULT_PNG_SCALE = 200.0  # kg m-2 per day represented by the largest PNG code
-COVARIATES = {"rainf": "Rainf", "soilm": "SoilM"}
-UNITS = {"qs": "kg m-2", "rainf": "kg m-2", "soilm": "kg m-2"}
+COVARIATES = {"rainf": "Rainf", "rainf_fc": "Rainf_fc", "soilm": "SoilM"}
+UNITS = {"qs": "kg m-2", "rainf": "kg m-2", "rainf_fc": "kg m-2", "soilm": "kg m-2"}
 LONG_NAMES = {
     "qs": "storm surface runoff, daily accumulation",
     "rainf": "rainfall, daily accumulation",
+    "rainf_fc": "rainfall forecast (the rain with a log-normal error, sigma 0.5), daily accumulation",
     "soilm": "soil moisture store",
 }
+FORECAST_ERROR = 0.5  # sigma of the log-normal error of rainf_fc
 
 
 @dataclass(frozen=True)
 class Day:
-    """One simulated day: runoff, rain and soil moisture, NaN over the sea."""
+    """One simulated day: runoff, rain, soil moisture and an imperfect forecast of the rain,
+    NaN over the sea."""
 
     date: dt.date
     qs: np.ndarray
     rainf: np.ndarray
     soilm: np.ndarray
+    rainf_fc: np.ndarray
 
 
 def _smooth01(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
@@ -65,12 +69,61 @@ def _smooth01(rng: np.random.Generator, shape: tuple[int, int], scale: float) ->
     return field / max(field.max(), 1e-12)
 
 
+REGIMES = ("cells", "river")
+
+
+def _drainage(rng: np.random.Generator, shape: tuple[int, int], scale: float, sea: np.ndarray):
+    """A river network on a random terrain tilted towards the east: the sparse operator that
+    sums each cell's own and every upstream cell's water (D8 flow on a pit-filled surface,
+    priority flood from the edges and the sea), and the upstream area of each cell."""
+    import heapq
+
+    from scipy.sparse import csc_matrix, identity
+    from scipy.sparse.linalg import splu
+
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    terrain = 0.6 * _smooth01(rng, shape, scale) + 0.4 * _smooth01(rng, shape, scale / 3) + 0.8 * (1 - xx / w)
+    filled = np.full(shape, np.inf)
+    queue = []
+    for y, x in zip(*np.nonzero(sea | (xx == w - 1) | (yy == 0) | (yy == h - 1))):
+        filled[y, x] = terrain[y, x]
+        heapq.heappush(queue, (terrain[y, x], int(y), int(x)))
+    down = np.full(h * w, -1)
+    while queue:  # every cell drains to the neighbour it was reached from: a tree, no pits
+        z, y, x = heapq.heappop(queue)
+        for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)):
+            ny, nx = y + dy, x + dx
+            if 0 <= ny < h and 0 <= nx < w and filled[ny, nx] == np.inf:
+                filled[ny, nx] = max(terrain[ny, nx], z + 1e-6)
+                down[ny * w + nx] = y * w + x
+                heapq.heappush(queue, (filled[ny, nx], ny, nx))
+    cells = np.flatnonzero(down >= 0)
+    links = csc_matrix((np.ones(cells.size), (down[cells], cells)), shape=(h * w, h * w))
+    accumulate = splu(csc_matrix(identity(h * w) - links))  # (I - D) acc = local water
+    area = accumulate.solve(np.ones(h * w)).reshape(shape)
+    return accumulate, area
+
+
 def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0,
-             start: dt.date = dt.date(2019, 1, 1), spin_up: int = 60) -> Iterator[Day]:
-    """Yield ``days`` consecutive simulated days, deterministically for ``seed``."""
+             start: dt.date = dt.date(2019, 1, 1), spin_up: int = 60, regime: str = "cells") -> Iterator[Day]:
+    """Yield ``days`` consecutive simulated days, deterministically for ``seed``.
+
+    ``regime="cells"``: runoff where the rain falls (infiltration and saturation excess).
+    ``regime="river"``: that runoff, plus the water of every upstream cell, drains along a
+    river network through a slow linear store (recession 0.9 a day), so that the rivers
+    carry 100x the hillslopes' runoff, maps persist from day to day, most cells stay dry,
+    and each day still answers to that day's rain.
+
+    ``rainf_fc`` is what a weather model might have forecast: the rain times a smooth
+    log-normal error field (sigma ``FORECAST_ERROR``, mean 1), drawn from its own random
+    stream so that the other variables do not depend on it.
+    """
     if days < 1 or height < 8 or width < 8:
         raise RunoffError("synth: need --days >= 1 and a grid of at least 8x8 pixels")
-    rng = np.random.default_rng(seed)
+    if regime not in REGIMES:
+        raise RunoffError(f"--regime {regime!r}: choose {' or '.join(REGIMES)}")
+    rng, forecast_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     shape = (height, width)
     scale = max(height, width) / 12
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -79,6 +132,10 @@ def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0
     capacity = (40 + 110 * _smooth01(rng, shape, scale)).astype(np.float32)   # mm
     infiltration = (12 + 30 * _smooth01(rng, shape, scale)).astype(np.float32)  # mm/day
     store = 0.5 * capacity
+    if regime == "river":
+        accumulate, area = _drainage(rng, shape, scale, sea)
+        river = area >= 30  # cells draining at least 30 others
+        channel = np.zeros(shape, np.float32)  # water in the river store, per cell
     wind = np.array([0.6, 2.5]) * max(height, width) / 160  # (dy, dx) pixels per day
     cells: list[np.ndarray] = []  # y, x, radius, peak, age, lifetime, vy, vx
     for i in range(-spin_up, days):
@@ -112,9 +169,16 @@ def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0
         evap = (1.0 + 2.5 * (1 - season) / 2) * store / capacity
         store = np.maximum(store - evap - 0.02 * store, 0)
         runoff = infiltration_excess + saturation_excess
+        if regime == "river":
+            inflow = accumulate.solve(np.where(sea, 0.0, runoff).ravel().astype(np.float64)).reshape(shape)
+            channel = 0.9 * channel + 0.1 * inflow  # linear store: recession 0.9 a day
+            runoff = np.where(river, channel / area ** 0.5, runoff)  # rivers carry a share of their basin
         if i < 0:
             continue
-        yield Day(date, *(np.where(sea, np.nan, a).astype(np.float32) for a in (runoff, rain, store)))
+        error = gaussian_filter(forecast_rng.standard_normal(shape), sigma=scale / 2, mode="wrap")
+        error *= FORECAST_ERROR / max(error.std(), 1e-12)
+        forecast = rain * np.exp(error - FORECAST_ERROR ** 2 / 2)
+        yield Day(date, *(np.where(sea, np.nan, a).astype(np.float32) for a in (runoff, rain, store, forecast)))
 
 
 def default_transform(crs: CRS, height: int, width: int):
@@ -157,12 +221,12 @@ def _write_png(path: Path, world_path: Path, values: np.ndarray, transform, png_
 def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width: int = 160,
                  crs: str = "EPSG:2154", seed: int = 0, start: str | dt.date = "2019-01-01",
                  fmt: str = "tif", covariates: Sequence[str] = (),
-                 png_scale: float = DEFAULT_PNG_SCALE, progress: bool = False) -> list[Path]:
+                 png_scale: float = DEFAULT_PNG_SCALE, progress: bool = False, regime: str = "cells") -> list[Path]:
     """Write one raster per day, ``QS_YYYYMMDD.tif`` (or ``.png`` with a ``.pgw`` world file).
 
-    With ``covariates`` (``rainf``, ``soilm``) each variable gets its own sub-folder
-    (``Qs/``, ``Rainf/``, ``SoilM/``), the layout ``runoff ingest`` reads as one
-    multi-variable cube. Returns the QS file paths.
+    With ``covariates`` (``rainf``, ``rainf_fc``, ``soilm``) each variable gets its own
+    sub-folder (``Qs/``, ``Rainf/``, ``Rainf_fc/``, ``SoilM/``), the layout ``runoff ingest``
+    reads as one multi-variable cube. ``regime``: see :func:`simulate`. Returns the QS file paths.
     """
     try:
         crs_obj = CRS.from_user_input(crs)
@@ -183,7 +247,7 @@ def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width:
     except OSError as exc:
         raise RunoffError(f"{out}: cannot create the output folder ({exc.strerror})") from None
     transform = default_transform(crs_obj, height, width)
-    series = simulate(days, height, width, seed, start_date)
+    series = simulate(days, height, width, seed, start_date, regime=regime)
     if progress:
         from tqdm import tqdm
         series = tqdm(series, total=days, unit="day", desc="synth")

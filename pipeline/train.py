@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.distributed.algorithms.join import Join
@@ -43,7 +44,7 @@ from .storage import atomic_output, check_writable, location
 
 # Settings that fix the model's shape or its data: a resumed run must not change them.
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
-                     "predict_delta")
+                     "forcings", "predict_delta")
 
 
 @dataclass
@@ -70,8 +71,9 @@ class TrainConfig:
     patch: int = 64
     train_end: str | None = None
     val_end: str | None = None
-    covariates: list[str] = field(default_factory=list)
-    predict_delta: bool = False
+    covariates: list[str] = field(default_factory=list)  # past days only
+    forcings: list[str] = field(default_factory=list)  # on the lead days: known ahead (a rain forecast)
+    predict_delta: bool = True  # forecast the change from the last day: untrained = persistence
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
     max_train_windows: int | None = None
@@ -96,6 +98,23 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((pred - target) ** 2 * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def to_physical(values: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
+    """Model space -> physical units, as :func:`~pipeline.cube.denormalise` but not clipped
+    at 0: a forecast below 0 still has a gradient towards the truth (inference clips)."""
+    return torch.expm1((values.float() * stats["std"] + stats["mean"]).clamp(max=20.0))
+
+
+def physical_loss(stats: dict[str, float]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training objective: masked MSE in physical units (the score users read), divided
+    by the mean square of the training values so that it is of order one whatever the units."""
+    scale = float(stats.get("rms", 1.0)) ** 2
+
+    def loss(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mse(to_physical(pred, stats), to_physical(y, stats), mask) / scale
+
+    return loss
+
+
 def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> TrainConfig:
     """Settings of a resumed run: the checkpoint's, except what the user set explicitly
     (and that may change); shape and data settings must match."""
@@ -113,14 +132,16 @@ def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> Train
 
 def train_step(net: torch.nn.Module, optimiser: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, precision: str = "auto",
-               clip_grad: float = 1.0) -> torch.Tensor:
+               clip_grad: float = 1.0, forcings: torch.Tensor | None = None,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = masked_mse
+               ) -> torch.Tensor:
     """One optimisation step on a batch already on the model's device: forward under
-    autocast, masked MSE, backward, gradient clipping, optimiser step. Returns the detached
-    loss, still on the device (reading it would synchronise)."""
+    autocast, ``loss_fn`` (in fp32), backward, gradient clipping, optimiser step. Returns the
+    detached loss, still on the device (reading it would synchronise)."""
     optimiser.zero_grad(set_to_none=True)
     with autocast_for(x.device, precision):
-        pred = net(x)
-    loss = masked_mse(pred.float(), y, mask)
+        pred = net(x, forcings)
+    loss = loss_fn(pred.float(), y, mask)
     scaler.scale(loss).backward()
     scaler.unscale_(optimiser)
     torch.nn.utils.clip_grad_norm_(net.parameters(), clip_grad)
@@ -131,32 +152,29 @@ def train_step(net: torch.nn.Module, optimiser: torch.optim.Optimizer, scaler: t
 
 def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> dict[str, float]:
-    """Validation loss and skill against persistence, in normalised space (the loss) and as
-    MSE in physical units: skill = 1 - MSE_model / MSE_persistence. Under data-parallel
-    training each rank scores its shard and the sums are combined."""
+    """Validation scores in physical units (``stats``: the target's): the loss being
+    optimised (``val_loss``), the model's and persistence's MSE, and the skill
+    ``1 - MSE_model / MSE_persistence`` (``val_skill``), which is what ``runoff evaluate``
+    reports. Under data-parallel training each rank scores its shard and the sums are combined."""
     model.eval()
-    # loss, count, persistence loss (normalised); sse model, sse persistence (physical units)
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
-    phys = lambda v: torch.expm1(v * stats["std"] + stats["mean"]).clamp(min=0)  # noqa: E731
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # valid pixels, SSE model, SSE persistence
     with torch.no_grad():
-        for x, y, mask, _ in loader_batches(loader, device):
-            x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
+        for batch in loader_batches(loader, device):
+            x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
+                                                                            batch.forcings))
             with autocast_for(device, precision):
-                pred = model(x)
-            pred = pred.float()
-            m = mask.float()
-            last = x[:, -1:, :1].expand_as(y)
-            sums[0] += (((pred - y) ** 2) * m).sum().double()
-            sums[1] += m.sum().double()
-            sums[2] += (((last - y) ** 2) * m).sum().double()
-            truth = phys(y)
-            sums[3] += (((phys(pred) - truth) ** 2) * m).sum().double()
-            sums[4] += (((phys(last) - truth) ** 2) * m).sum().double()
-    loss, count, loss_p, sse, sse_p = ranks.sum(sums).tolist()
+                pred = model(x, forcings)
+            m, truth = mask.float(), to_physical(y, stats)
+            forecast = to_physical(pred, stats).clamp(min=0)  # as users receive it
+            last = to_physical(x[:, -1:, :1], stats).clamp(min=0).expand_as(truth)
+            sums[0] += m.sum().double()
+            sums[1] += (((forecast - truth) ** 2) * m).sum().double()
+            sums[2] += (((last - truth) ** 2) * m).sum().double()
+    count, sse, sse_p = ranks.sum(sums).tolist()
     count = max(count, 1.0)
-    return {"val_loss": loss / count, "val_skill": 1.0 - loss / loss_p if loss_p > 0 else float("nan"),
-            "val_mse": sse / count, "persistence_mse": sse_p / count,
-            "val_mse_skill": 1.0 - sse / sse_p if sse_p > 0 else float("nan")}
+    return {"val_skill": 1.0 - sse / sse_p if sse_p > 0 else float("nan"),
+            "val_loss": sse / count / float(stats.get("rms", 1.0)) ** 2,
+            "val_mse": sse / count, "persistence_mse": sse_p / count}
 
 
 def _write_history(history: list[dict], output_dir: Path) -> None:
@@ -180,24 +198,31 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         resume_state = load_checkpoint(config.resume, "--resume", config.storage_options)
         config = _merge_resume(config, explicit if explicit is not None else set(), resume_state)
     _validate(config)
+    # the run lives in _fit's frame only: gone when the process group is released
     with data_parallel(config.device) as ranks, contextlib.ExitStack() as on_exit:
-        run = _start_run(config, resume_state, ranks, progress, on_exit)
-        if resume_state is not None and (run.start_epoch >= config.epochs or run.stopped):
-            why = "stopped early" if run.stopped else f"reached --epochs {config.epochs}"
-            run.log(f"{config.resume}: this run already {why} at epoch {run.start_epoch}; nothing to do "
-                    f"(raise --epochs to train on)")
-            return run.result(0)
-        for epoch in range(run.start_epoch + 1, config.epochs + 1):
-            if run.stopped:
-                break
-            fitted = _train_epoch(run, epoch)
-            val = evaluate_loader(run.model, run.val_loader, ranks.device, run.record["norm_stats"][TARGET], ranks,
-                                  config.precision)
-            _end_epoch(run, epoch, fitted, val)
-        if run.stopped and run.history[-1]["epoch"] < config.epochs and ranks.is_main:
-            print(f"early stopping: no validation improvement for {config.patience} epochs "
-                  f"(best epoch {run.best_epoch})", file=sys.stderr)
-        return run.result(len(run.history))
+        return _fit(config, resume_state, ranks, progress, on_exit)
+
+
+def _fit(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progress: bool,
+         on_exit: contextlib.ExitStack) -> TrainResult:
+    """The epochs of a run: train, validate, schedule, stop early, checkpoint."""
+    run = _start_run(config, resume_state, ranks, progress, on_exit)
+    if resume_state is not None and (run.start_epoch >= config.epochs or run.stopped):
+        why = "stopped early" if run.stopped else f"reached --epochs {config.epochs}"
+        run.log(f"{config.resume}: this run already {why} at epoch {run.start_epoch}; nothing to do "
+                f"(raise --epochs to train on)")
+        return run.result(0)
+    for epoch in range(run.start_epoch + 1, config.epochs + 1):
+        if run.stopped:
+            break
+        fitted = _train_epoch(run, epoch)
+        val = evaluate_loader(run.model, run.val_loader, ranks.device, run.record["norm_stats"][TARGET], ranks,
+                              config.precision)
+        _end_epoch(run, epoch, fitted, val)
+    if run.stopped and run.history[-1]["epoch"] < config.epochs and ranks.is_main:
+        print(f"early stopping: no validation improvement for {config.patience} epochs "
+              f"(best epoch {run.best_epoch})", file=sys.stderr)
+    return run.result(len(run.history))
 
 
 @dataclass
@@ -215,6 +240,8 @@ class _Run:
     train_loader: DataLoader
     val_loader: DataLoader
     record: dict  # the checkpoint's part fixed for the run (checkpoint.run_record)
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    units: str  # of the target; MSE is in its square
     checkpoint_dir: Path
     output_dir: Path
     progress: bool
@@ -286,13 +313,14 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
     ds = open_cube(store, config.storage_options)
     grid = cube_grid(ds)
     variables = [TARGET] + [c for c in config.covariates if c != TARGET]
-    unknown = [v for v in variables if v not in ds.data_vars]
-    if unknown:
-        raise RunoffError(f"--covariates {','.join(unknown)}: not in the cube {store} "
-                          f"(it has {', '.join(ds.data_vars)})")
+    for option, names in (("--covariates", variables), ("--forcings", config.forcings)):
+        unknown = [v for v in names if v not in ds.data_vars]
+        if unknown:
+            raise RunoffError(f"{option} {','.join(unknown)}: not in the cube {store} "
+                              f"(it has {', '.join(ds.data_vars)})")
     dates = cube_dates(ds)
     splits = make_splits(dates[0], dates[-1], config.train_end, config.val_end)
-    spec = WindowSpec(config.input_days, tuple(config.leads), tuple(variables))
+    spec = WindowSpec(config.input_days, tuple(config.leads), tuple(variables), tuple(config.forcings))
     issues = {name: window_issues(ds, split, spec) for name, split in splits.items()}
     for name in ("train", "val"):
         check_windows(issues[name], splits[name], spec, len(dates))
@@ -315,7 +343,8 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = ConvLSTMForecaster(len(variables), config.hidden_channels, config.kernel_size, config.num_layers,
-                               leads=len(config.leads), predict_delta=config.predict_delta).to(ranks.device)
+                               leads=len(config.leads), predict_delta=config.predict_delta,
+                               forcing_channels=max(config.leads) * len(config.forcings)).to(ranks.device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5,
                                                            patience=max(1, config.patience // 3))
@@ -323,10 +352,12 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
     if ranks.world_size > 1:
         net = DistributedDataParallel(model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
     record = run_record(model=model, norm_stats=stats, input_days=config.input_days, leads=config.leads,
-                        variables=variables, forcings=[], grid=grid, data=store, splits=splits,
+                        variables=variables, forcings=config.forcings, grid=grid, data=store, splits=splits,
                         train_config=asdict(config), world_size=ranks.world_size)
     run = _Run(config, ranks, model, net, optimiser, scheduler, grad_scaler(ranks.device, config.precision),
-               train_set, train_loader, val_loader, record, checkpoint_dir, output_dir, progress and ranks.is_main)
+               train_set, train_loader, val_loader, record, physical_loss(stats[TARGET]),
+               ds[TARGET].attrs.get("units", "kg m-2"), checkpoint_dir, output_dir, progress and ranks.is_main)
+    run.log(Checkpoint(record).inputs_note)
     run.last_path = checkpoint_dir / "model_epoch0.pth"
     if resume_state is not None:
         run.resume_from(resume_state)
@@ -367,14 +398,14 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
         while True:
             waited, queued = time.perf_counter(), queue_marker(device)
             try:
-                x, y, mask, issue = next(batches)
+                x, y, mask, issue, forcings = next(batches)
             except StopIteration:
                 break
             if queued is None or queued.query():  # the device had run out of work: it waited too
                 waited_s += time.perf_counter() - waited
-            x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
+            x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (x, y, mask, forcings))
             totals[0] += train_step(run.net, run.optimiser, run.scaler, x, y, mask, config.precision,
-                                    config.clip_grad)
+                                    config.clip_grad, forcings, run.loss)
             totals[1] += 1
             totals[2] += x.shape[0]
             seen.append(issue)
@@ -400,10 +431,10 @@ def _end_epoch(run: _Run, epoch: int, fitted: dict, val: dict[str, float]) -> No
         run.bad_epochs += 1
     run.history.append({"epoch": epoch, "train_loss": fitted["train_loss"], **val, "lr": lr,
                         "samples_per_s": fitted["samples_per_s"], "data_wait": fitted["data_wait"]})
-    run.log(f"epoch {epoch:3d}/{run.config.epochs}  train {fitted['train_loss']:.4f}  val {val['val_loss']:.4f}  "
-            f"skill vs persistence {val['val_skill']:+.3f} (MSE in kg m-2: {val['val_mse_skill']:+.3f})  "
-            f"lr {lr:.1e}  {fitted['samples_per_s']:6.1f} samples/s  data wait {fitted['data_wait']:5.1%}"
-            + ("  *" if improved else ""))
+    run.log(f"epoch {epoch:3d}/{run.config.epochs}  val skill vs persistence {val['val_skill']:+.3f} "
+            f"(MSE {val['val_mse']:.4g} vs {val['persistence_mse']:.4g} ({run.units})²)  "
+            f"loss train {fitted['train_loss']:.4f} val {val['val_loss']:.4f}  lr {lr:.1e}  "
+            f"{fitted['samples_per_s']:6.1f} samples/s  data wait {fitted['data_wait']:5.1%}" + ("  *" if improved else ""))
     run.last_path = run.checkpoint_dir / f"model_epoch{epoch}.pth"
     if run.ranks.is_main:
         state = run.checkpoint(epoch, fitted["windows"])
@@ -434,6 +465,12 @@ def _validate(config: TrainConfig) -> None:
     for ok, option, value, why in checks:
         if not ok:
             raise RunoffError(f"{option} {value}: {why}")
+    if TARGET in config.forcings:
+        raise RunoffError(f"--forcings {','.join(config.forcings)}: {TARGET} is the forecast itself, not a forcing")
+    both = sorted(set(config.forcings) & set(config.covariates))
+    if both:
+        raise RunoffError(f"--forcings / --covariates: {','.join(both)} named in both; a variable is either a "
+                          f"past input (--covariates) or known on the lead days (--forcings)")
     if len(config.hidden_channels) == 1:
         config.hidden_channels = config.hidden_channels * config.num_layers
     elif config.num_layers not in (1, len(config.hidden_channels)):

@@ -49,7 +49,7 @@ def test_state_is_carried_across_steps():
 
 def test_gradients_reach_the_first_time_step():
     torch.manual_seed(0)
-    model = ConvLSTMForecaster(hidden_channels=8, num_layers=2)
+    model = ConvLSTMForecaster(hidden_channels=8, num_layers=2, predict_delta=False)  # no zero output layer
     x = torch.randn(2, 6, 1, 12, 12, requires_grad=True)
     model(x).sum().backward()
     assert x.grad[:, 0].abs().sum() > 0
@@ -59,10 +59,23 @@ def test_gradients_reach_the_first_time_step():
 def test_predict_delta_adds_the_last_input_day():
     torch.manual_seed(0)
     delta = ConvLSTMForecaster(hidden_channels=4, leads=2, predict_delta=True)
-    plain = ConvLSTMForecaster(hidden_channels=4, leads=2)
-    plain.load_state_dict(delta.state_dict())
     x = torch.randn(1, 3, 1, 6, 6)
+    torch.testing.assert_close(delta(x), x[:, -1:, :1].expand(1, 2, 1, 6, 6))  # untrained: persistence
+    torch.nn.init.normal_(delta.head[-1].weight)
+    plain = ConvLSTMForecaster(hidden_channels=4, leads=2, predict_delta=False)
+    plain.load_state_dict(delta.state_dict())
     torch.testing.assert_close(delta(x), plain(x) + x[:, -1:, :1])
+    assert not torch.allclose(plain(x), torch.zeros_like(plain(x)))
+
+
+def test_forcings_enter_the_forecast_and_are_checked():
+    torch.manual_seed(0)
+    model = ConvLSTMForecaster(hidden_channels=4, leads=2, forcing_channels=4, predict_delta=False)
+    x, rain = torch.randn(2, 3, 1, 8, 8), torch.randn(2, 2, 2, 8, 8)
+    assert model(x, rain).shape == (2, 2, 1, 8, 8)
+    assert not torch.allclose(model(x, rain), model(x, torch.zeros_like(rain)))
+    with pytest.raises(ValueError, match="4 forcing channels, got 0"):
+        model(x)
 
 
 def test_even_kernel_is_refused():

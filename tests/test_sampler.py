@@ -73,7 +73,7 @@ def _sampler(cube, patch=None, shuffle=False, seed=0, variables=("qs",), leads=(
 
 def test_window_shapes_mask_and_values(cube):
     sampler, ds, stats = _sampler(cube, leads=(1, 2))
-    x, y, mask, issue = next(iter(sampler))
+    x, y, mask, issue, _ = next(iter(sampler))
     assert x.shape == (6, 1, 24, 30) and y.shape == (2, 1, 24, 30) and mask.dtype == torch.bool
     t = int(sampler.issues[0])
     assert int(issue) == t
