@@ -31,11 +31,11 @@ def plot_loss_curves(history: Sequence[dict], path: str | Path) -> Path:
     ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
     best = min(history, key=lambda h: h["val_loss"])
     ax.axvline(best["epoch"], color="grey", ls=":", label=f"best (epoch {best['epoch']})")
-    ax.set(xlabel="epoch", ylabel="masked MSE (normalised)", title="Loss", yscale="log")
+    ax.set(xlabel="epoch", ylabel="MSE / mean square of training qs", title="Loss (physical units)", yscale="log")
     ax.legend()
     ax_skill.plot(epochs, [h["val_skill"] for h in history], "o-", color="tab:green")
     ax_skill.axhline(0, color="black", lw=0.8)
-    ax_skill.set(xlabel="epoch", ylabel="1 - MSE / MSE persistence",
+    ax_skill.set(xlabel="epoch", ylabel="1 - MSE / MSE persistence (physical units)",
                  title="Validation skill against persistence")
     for a in (ax, ax_skill):
         a.grid(alpha=0.3)

@@ -172,7 +172,7 @@ def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0
         if regime == "river":
             inflow = accumulate.solve(np.where(sea, 0.0, runoff).ravel().astype(np.float64)).reshape(shape)
             channel = 0.9 * channel + 0.1 * inflow  # linear store: recession 0.9 a day
-            runoff = np.where(river, channel / area ** 0.5, runoff)  # rivers carry a share of their basin
+            runoff = np.where(river, channel / area ** 0.3, runoff)  # rivers carry a share of their basin
         if i < 0:
             continue
         error = gaussian_filter(forecast_rng.standard_normal(shape), sigma=scale / 2, mode="wrap")

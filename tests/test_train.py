@@ -88,7 +88,7 @@ def test_it_learns_to_beat_persistence(tmp_path):
                                output_dir=str(tmp_path / "out"), patience=4),
                    )
     best = result.history[result.best_epoch - 1]
-    assert best["val_skill"] > 0.2, best        # normalised MSE (the loss) vs persistence
+    assert best["val_skill"] > 0.2, best        # MSE skill in kg m-2 vs persistence (what is optimised)
     assert best["val_mse"] < best["persistence_mse"], best  # MSE in kg m-2 vs persistence
     assert time.monotonic() - start < 240
 

@@ -1,0 +1,107 @@
+"""Forcings: inputs known on the lead days (a rain forecast). Trained with, recorded in the
+checkpoint, used by predict and evaluate without being told again; operationally the cube
+runs past the last qs day with the forecast rain."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.synth import write_series
+
+from .conftest import one_error_line, tree_digest
+
+
+@pytest.fixture(scope="module")
+def rain_run(tmp_path_factory):
+    """80 days of the river regime with its rain, the last two days' runoff not yet
+    observed (their rain is the forecast), and a model trained with ``--forcings rainf``."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("forcings")
+    write_series(root / "in", days=80, height=24, width=32, seed=3, regime="river", covariates=["rainf"])
+    for day in ("20190320", "20190321"):
+        (root / "in" / "Qs" / f"QS_{day}.tif").unlink()
+    assert main(["ingest", str(root / "in"), str(root / "qs.zarr")]) == 0
+    assert main(["train", "--data_dir", str(root / "qs.zarr"), "--epochs", "1", "--batch_size", "4",
+                 "--hidden_channels", "4", "--patch", "16", "--leads", "1-2", "--forcings", "rainf",
+                 "--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(root / "out"), "--device", "cpu"]) == 0
+    return root
+
+
+def test_checkpoint_records_the_forcings_and_the_model_reads_them(rain_run):
+    state = load_checkpoint(rain_run / "ckpt" / "best.pth")
+    assert state["forcings"] == ["rainf"] and state["variables"] == ["qs"]
+    assert state["model_config"]["forcing_channels"] == 2  # rainf on lead days 1 and 2
+    assert state["train_config"]["predict_delta"] is True
+
+
+def test_predict_last_uses_the_forecast_rain_after_the_last_runoff_day(rain_run, tmp_path, run_cli):
+    result = run_cli("predict", "--weights_path", rain_run / "ckpt" / "best.pth", "--input_dir",
+                     rain_run / "qs.zarr", "--output_dir", tmp_path / "pred", "--last", "--max_plots", "0")
+    assert result.status == 0, result.err
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.tif")) == ["QS_20190320_lead1.tif",
+                                                                          "QS_20190321_lead2.tif"]
+
+
+def test_a_missing_forecast_day_is_one_error_naming_it(rain_run, tmp_path, run_cli):
+    folder = tmp_path / "in"
+    shutil.copytree(rain_run / "in", folder)
+    (folder / "Rainf" / "RAINF_20190321.tif").unlink()
+    assert run_cli("ingest", folder, tmp_path / "qs.zarr").status == 0
+    result = run_cli("predict", "--weights_path", rain_run / "ckpt" / "best.pth", "--input_dir", tmp_path / "qs.zarr",
+                     "--output_dir", tmp_path / "pred", "--last", "--max_plots", "0")
+    assert result.status == 2
+    line = one_error_line(result.err)
+    assert "rainf" in line and "2019-03-21" in line
+    assert not list((tmp_path / "pred").glob("*.tif"))
+
+
+def test_evaluate_says_the_rain_was_a_perfect_forecast(rain_run, tmp_path, run_cli):
+    result = run_cli("evaluate", "--weights_path", rain_run / "ckpt" / "best.pth", "--data_dir", rain_run / "qs.zarr",
+                     "--output_dir", tmp_path / "eval")
+    assert result.status == 0, result.err
+    first = result.out.splitlines()[0]
+    assert first.startswith("lead 1: skill vs persistence") and "vs climatology" in first
+    assert "forcings: rainf, observed values used as a perfect forecast" in first
+    assert "forcings: rainf" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def test_untrained_model_is_persistence(rain_run):
+    from pipeline.checkpoint import build_model
+
+    state = load_checkpoint(rain_run / "ckpt" / "best.pth")
+    fresh = build_model(state["model_config"])
+    x, rain = torch.randn(2, 6, 1, 8, 8), torch.randn(2, 2, 1, 8, 8)
+    torch.testing.assert_close(fresh(x, rain), x[:, -1:, :1].expand(2, 2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--forcings", "qs"], "--forcings"),
+    (["--forcings", "rainf", "--covariates", "rainf"], "--forcings / --covariates"),
+    (["--forcings", "soilm"], "--forcings soilm"),
+])
+def test_bad_forcings_are_one_line_and_write_nothing(rain_run, tmp_path, run_cli, args, option):
+    before = tree_digest(rain_run / "qs.zarr")
+    result = run_cli("train", "--data_dir", rain_run / "qs.zarr", "--epochs", "1", "--checkpoint_dir",
+                     tmp_path / "ckpt", "--output_dir", tmp_path / "out", *args)
+    assert result.status == 2
+    assert option in one_error_line(result.err)
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())
+    assert tree_digest(rain_run / "qs.zarr") == before
+
+
+def test_river_regime_looks_like_real_runoff():
+    from pipeline.synth import simulate
+
+    q = np.stack([d.qs for d in simulate(200, 48, 64, seed=2, regime="river")])
+    valid = np.isfinite(q[0])
+    v = q[:, valid]
+    assert np.mean(v == 0) > 0.6  # most cells dry
+    means = v.mean(axis=0)
+    assert means.max() > 100 * np.median(means)  # a heavy tail along the rivers
+    assert np.corrcoef(v[:-1].ravel(), v[1:].ravel())[0, 1] >= 0.9  # slow recession
