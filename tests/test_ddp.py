@@ -57,3 +57,38 @@ def test_two_ranks_train_disjoint_windows_and_resume_exactly(cube, tmp_path, run
                      "--output_dir", tmp_path / "pred", "--last", "--max_plots", "0")
     assert result.status == 0, result.err
     assert len(list((tmp_path / "pred").glob("QS_*_lead1.tif"))) == 1
+
+
+RELEASE_CHECK = r"""
+import gc, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from pipeline.train import TrainConfig, train
+
+destroy = dist.destroy_process_group
+
+
+def counting_destroy(*args, **kwargs):
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"rank {dist.get_rank()} DDP alive at destroy: {alive}", flush=True)
+    return destroy(*args, **kwargs)
+
+
+dist.destroy_process_group = counting_destroy
+train(TrainConfig(data_dir=sys.argv[1], epochs=1, batch_size=4, hidden_channels=[4], patch=16, device="cpu",
+                  checkpoint_dir=sys.argv[2], output_dir=sys.argv[3]))
+"""
+
+
+def test_the_process_group_is_released_while_the_interpreter_is_alive(cube, tmp_path):
+    """No DistributedDataParallel wrapper (which keeps the process group and gloo's work
+    objects alive) survives to ``destroy_process_group``: otherwise the group is torn down
+    at interpreter exit, where a rank can abort (SIGABRT) and torchrun reports failure."""
+    script = tmp_path / "release.py"
+    script.write_text(RELEASE_CHECK)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), cube, str(tmp_path / "ckpt"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = sorted(line for line in done.stdout.splitlines() if "DDP alive at destroy" in line)
+    assert lines == ["rank 0 DDP alive at destroy: 0", "rank 1 DDP alive at destroy: 0"], done.stdout[-2000:]
