@@ -58,7 +58,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
         report = ingest(args.input_dir, args.store, date_format=args.date_format, options=_read_options(args),
                         chunks=chunks, overwrite=args.overwrite, units=args.units,
                         long_name=args.long_name, progress=sys.stderr.isatty(),
-                        storage_options=storage_options, client=client)
+                        storage_options=storage_options, client=client, resample=args.resample)
     print(f"{report.store}: wrote {report.written} day(s), {report.skipped} already present; "
           f"{report.start} .. {report.end}, {len(report.missing_dates)} missing; variables {', '.join(report.variables)}")
     if args.info:
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "units", help="units of qs when the files do not say (default: from tags, else kg m-2)")
     _option(p, "long_name", help="long_name of qs")
     _option(p, "overwrite", action="store_true", help="replace days whose values changed")
+    _option(p, "resample", help="bilinear, average or nearest: resample covariates and forcings on another grid "
+            "(e.g. a coarser rain forecast) onto the grid of qs; without it a file off the grid is an error")
     _option(p, "storage_options", help="JSON options for fsspec URLs, e.g. '{\"anon\": false}'")
     _option(p, "info", action="store_true", help="print the cube summary afterwards")
     _scheduler_option(p)

@@ -57,7 +57,7 @@ from . import __version__
 from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, read_cube_info
 from .errors import RunoffError, RunoffWarning
 from .rasters import (DayFile, Grid, ReadOptions, check_grids, find_rasters, georeferencing_key, grid_error,
-                      list_days, raster_env, read_grid, read_raster)
+                      RESAMPLING, list_days, raster_env, read_grid, read_raster, read_resampled)
 from .storage import is_url, url_filesystem
 
 if TYPE_CHECKING:
@@ -247,11 +247,21 @@ class _GridCheck:
     grid: Grid
     source: str
     key: bytes | None
+    resample: str | None = None  # how covariates and forcings on another grid come onto it
 
-    def read(self, path: Path, options: ReadOptions, out: np.ndarray) -> None:
-        """Read ``path`` into ``out``; a file on another grid is a :class:`RunoffError`."""
+    def read(self, path: Path, options: ReadOptions, out: np.ndarray, variable: str = TARGET) -> None:
+        """Read ``path`` (a day of ``variable``) into ``out``. A file on another grid is an
+        error, except for a variable other than qs when ``resample`` is set (bilinear,
+        average, nearest): it is resampled onto the grid."""
         if self.key is not None and georeferencing_key(path) == self.key:
             read_raster(path, options, out=out, grid=self.grid)  # the same tags, byte for byte
+            return
+        resample = self.resample if variable != TARGET else None
+        if resample is not None:
+            if read_grid(path, options).matches(self.grid):
+                read_raster(path, options, out=out)
+            else:
+                read_resampled(path, options, self.grid, resample, out)
             return
         file_grid = read_raster(path, options, out=out)[1]
         if not file_grid.matches(self.grid):
@@ -269,9 +279,10 @@ class _FileRead:
     path: Path
     options: ReadOptions
     check: _GridCheck
+    variable: str = TARGET
 
     def __call__(self, out: np.ndarray) -> str:
-        self.check.read(self.path, self.options, out)
+        self.check.read(self.path, self.options, out, self.variable)
         return self.path.name
 
 
@@ -325,7 +336,7 @@ def _changed_days(present: list[tuple[str, DayFile]], info: CubeInfo | None, opt
         name, day = item
         values = np.empty(check.grid.shape, np.float32)
         with raster_env():
-            check.read(day.path, options, values)
+            check.read(day.path, options, values, name)
         return name, day, digest(values) == info.records[name].digest[day.date.isoformat()]
 
     rewrite = set()
@@ -367,7 +378,7 @@ def _plan_writes(group: zarr.Group, all_vars: list[str], variables: Mapping[str,
             if (name, day.date) not in rewrite and (iso in recorded or iso in in_old):
                 skipped += 1
                 continue
-            writes[day.date] = _FileRead(day.path, options, check)
+            writes[day.date] = _FileRead(day.path, options, check, name)
             written += 1
         tasks += _plan_tasks(name, writes, axis_index, group[name].chunks[0])
     return tasks, written, skipped
@@ -472,8 +483,13 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
            options: ReadOptions = ReadOptions(), chunks: dict[str, int] | None = None,
            overwrite: bool = False, units: str | None = None, long_name: str | None = None,
            progress: bool = False, storage_options: dict | None = None,
-           num_workers: int | None = None, client: "Client | None" = None) -> IngestReport:
+           num_workers: int | None = None, client: "Client | None" = None,
+           resample: str | None = None) -> IngestReport:
     """Ingest the rasters of ``input_dir`` into the cube ``store`` (created, extended or filled).
+
+    ``resample`` (bilinear, average or nearest): covariates and forcings on another grid than
+    ``qs`` (a coarser rain forecast) are resampled onto the cube's grid; without it, any
+    file off the grid is an error.
 
     The reads and chunk writes run as Dask tasks, one per time chunk: on ``num_workers``
     forked processes for a local store on Linux, on threads elsewhere, or on the
@@ -482,6 +498,8 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
     Raises :class:`RunoffError` for bad input, before anything is written.
     """
     store = str(store)
+    if resample is not None and resample not in RESAMPLING:
+        raise RunoffError(f"--resample {resample!r}: choose {', '.join(RESAMPLING)}")
     chunks = chunks or dict(DEFAULT_CHUNKS)
     variables = find_variables(input_dir, date_format)
     with store_lock(store):
@@ -489,15 +507,16 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
             _recover_local(Path(store))
         info = read_cube_info(store, storage_options) if _exists(store, storage_options) else None
         if info is not None:  # an existing cube must not change at all when a file is off-grid
-            grid = check_grids((d.path for files in variables.values() for d in files), info.grid, options,
-                               expected_from=f"the cube {store}")
+            checked = {name: files for name, files in variables.items() if resample is None or name == TARGET}
+            grid = check_grids((d.path for files in checked.values() for d in files), info.grid, options,
+                               expected_from=f"the cube {store}") if checked else info.grid
             grid_from = f"the cube {store}"
-            reference = next(d.path for files in variables.values() for d in files)
+            reference = next((d.path for files in checked.values() for d in files), None)
         else:  # a new cube is built aside, so each file's grid is checked as it is read
             reference = variables[TARGET][0].path
             grid, grid_from = read_grid(reference, options), f"the first file {reference}"
         # the reference file lies on the grid: it was checked against the cube, or gave the grid
-        check = _GridCheck(grid, grid_from, georeferencing_key(reference))
+        check = _GridCheck(grid, grid_from, georeferencing_key(reference) if reference else None, resample)
         dates = {d.date for files in variables.values() for d in files}
         if info is not None:
             dates |= {info.start, info.end}

@@ -421,6 +421,24 @@ def grid_error(path: Path, grid: Grid, expected: Grid, expected_from: str) -> Ru
     return RunoffError(f"{path}: grid {grid.describe()} differs from {expected_from}: {expected.describe()}")
 
 
+RESAMPLING = ("bilinear", "average", "nearest")
+
+
+def read_resampled(path: str | Path, options: ReadOptions, grid: Grid, method: str, out: np.ndarray) -> None:
+    """Read one day on its own grid, then resample it onto ``grid`` into ``out`` (rasterio's
+    warp, as rioxarray's ``reproject_match`` does), nodata staying NaN: e.g. a rain forecast
+    that comes on a coarser grid than the runoff."""
+    from rasterio.enums import Resampling
+    from rasterio.warp import reproject
+
+    values, source, _ = read_raster(path, options)
+    out[...] = np.nan
+    with raster_env():
+        reproject(values, out, src_transform=source.affine, src_crs=source.crs, src_nodata=np.nan,
+                  dst_transform=grid.affine, dst_crs=grid.crs, dst_nodata=np.nan,
+                  resampling=Resampling[method])
+
+
 def check_grids(paths: Iterable[Path], expected: Grid | None, options: ReadOptions,
                 expected_from: str = "", threads: int = 4) -> Grid:
     """Check, from headers only, that every raster lies on ``expected`` (or the first file's grid).

@@ -298,3 +298,36 @@ def test_fsspec_url_store_equals_local_store(series_dir, tmp_path):
     remote, local = open_cube(url), open_cube(tmp_path / "local.zarr")
     xr.testing.assert_identical(remote.load(), local.load())
     assert remote.rio.crs == local.rio.crs and remote.rio.transform() == local.rio.transform()
+
+
+def _coarse_rain(folder, days, values):
+    """Rain GeoTIFFs at twice the pixel size of the synthetic series' grid (same origin)."""
+    from rasterio.transform import from_origin
+
+    folder.mkdir(parents=True)
+    for k, day in enumerate(days):
+        with rasterio.open(folder / f"RAINF_{day:%Y%m%d}.tif", "w", driver="GTiff", height=values.shape[1],
+                           width=values.shape[2], count=1, dtype="float32", crs="EPSG:2154", nodata=-9999.0,
+                           transform=from_origin(600_000.0, 6_800_000.0, 2000.0, 2000.0)) as dst:
+            dst.write(values[k], 1)
+
+
+def test_resample_brings_a_coarser_forcing_onto_the_runoff_grid(tmp_path, run_cli):
+    import datetime as dt
+
+    write_series(tmp_path / "in" / "Qs", days=3, height=16, width=20, seed=2)
+    days = [dt.date(2019, 1, 1) + dt.timedelta(days=i) for i in range(3)]
+    coarse = np.arange(3 * 8 * 10, dtype=np.float32).reshape(3, 8, 10)
+    _coarse_rain(tmp_path / "in" / "Rainf", days, coarse)
+    refused = run_cli("ingest", tmp_path / "in", tmp_path / "no.zarr")
+    assert refused.status == 2 and "RAINF_2019010" in one_error_line(refused.err)
+    assert not (tmp_path / "no.zarr").exists()
+    bad = run_cli("ingest", tmp_path / "in", tmp_path / "bad.zarr", "--resample", "cubic")
+    assert bad.status == 2 and "--resample" in one_error_line(bad.err)
+    done = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr", "--resample", "nearest")
+    assert done.status == 0, done.err
+    ds = open_cube(tmp_path / "qs.zarr")
+    rain = ds.rainf.values
+    assert rain.shape == (3, 16, 20)
+    np.testing.assert_array_equal(rain, np.repeat(np.repeat(coarse, 2, axis=1), 2, axis=2))
+    assert ds.rainf.rio.transform() == ds.qs.rio.transform()
