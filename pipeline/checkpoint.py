@@ -110,16 +110,18 @@ class Checkpoint:
         return {name: Split(name, *(dt.date.fromisoformat(d) for d in ends))
                 for name, ends in self.state["splits"].items()}
 
-    @property
-    def inputs_note(self) -> str:
-        """The model's inputs in words, printed beside every skill figure (forcings in a
-        hindcast are observed values: a perfect forecast)."""
+    def inputs_note(self, long_names: dict[str, str] | None = None) -> str:
+        """The model's inputs in words, printed beside every skill figure. A forcing whose
+        ``long_names`` entry (the cube's ``long_name``) does not call it a forecast is taken
+        as observed: in a hindcast it stands in for the forecast, a perfect one."""
         covariates = [v for v in self.variables if v != TARGET]
         parts = [f"inputs: {TARGET} on {self.input_days} past days"]
         if covariates:
             parts.append(f"covariates: {', '.join(covariates)}")
-        if self.forcings:
-            parts.append(f"forcings: {', '.join(self.forcings)}, observed values used as a perfect forecast")
+        for name in self.forcings:
+            forecast = "forecast" in (long_names or {}).get(name, "").lower()
+            parts.append(f"forcings: {name}, " + ("a forecast (its long_name says so)" if forecast else
+                                                  "observed values used as a perfect forecast"))
         return "; ".join(parts)
 
     def check_grid(self, grid: Grid, checkpoint: str, data: str) -> None:

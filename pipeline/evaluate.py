@@ -138,7 +138,8 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
                 rows[s][f"skill_vs_{base}"] = skill(rows[s]["mse"], rows[base]["mse"])
         metrics[lead] = rows
     n = len(issues)
-    skill_lines = _skill_lines(metrics, ckpt.inputs_note)
+    long_names = {v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}
+    skill_lines = _skill_lines(metrics, ckpt.inputs_note(long_names))
     notes = ["Climatology: " + ", ".join(
         f"{how} on {count} scored day(s)" for how, count in sorted(clim_used.items())) + " (training days within "
         "that many days of the same day of year; the training mean where none lies within ±45 days)."]

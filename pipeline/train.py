@@ -357,7 +357,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
     run = _Run(config, ranks, model, net, optimiser, scheduler, grad_scaler(ranks.device, config.precision),
                train_set, train_loader, val_loader, record, physical_loss(stats[TARGET]),
                ds[TARGET].attrs.get("units", "kg m-2"), checkpoint_dir, output_dir, progress and ranks.is_main)
-    run.log(Checkpoint(record).inputs_note)
+    run.log(Checkpoint(record).inputs_note({v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}))
     run.last_path = checkpoint_dir / "model_epoch0.pth"
     if resume_state is not None:
         run.resume_from(resume_state)
