@@ -43,7 +43,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--patience", type=int, default=6)
     p.add_argument("--hidden_channels", type=int, default=16)
-    p.add_argument("--patch", type=int, default=32)
+    p.add_argument("--patch", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train_end")
@@ -86,6 +86,9 @@ def main() -> int:
             row = table[name][lead]["model"]
             cells += [f"{row['skill_vs_persistence']:+.3f}", f"{row['skill_vs_climatology']:+.3f}"]
         print(f"| {lead} | " + " | ".join(cells) + " |")
+    for name in chosen:
+        bias = ", ".join(f"{table[name][lead]['model']['bias']:+.3g}" for lead in leads)
+        print(f"{name}: test bias of the model (forecast - truth, data units) at leads {args.leads}: {bias}")
     checks = []
     if "rain" in table:
         first = table["rain"][leads[0]]["model"]["skill_vs_persistence"]

@@ -35,6 +35,8 @@ def _table_rows(script: str, *args: str) -> list[dict[str, str]]:
                            "--step-ms", "1", "--epochs", "2", "--repeat", "1"],
      ["default collation (torch.stack)", "collate_windows (numpy)"]),
     ("bench_predict.py", ["--big", "96", "--tile", "64"], ["prediction 224x464", "prediction 96x96"]),
+    ("bench_evaluate.py", ["--size", "48", "--windows", "10,30", "--issues", "3"],
+     ["evaluate peak RSS", "prediction 224x464"]),
     ("bench_precision.py", ["--days", "60", "--height", "32", "--width", "40", "--patch", "16", "--batch", "4",
                             "--hidden", "4", "--epochs", "2"],
      ["fp32: data wait", "bf16: data wait", "fp32: training / the step alone", "bf16 / fp32 samples/s"]),
@@ -45,3 +47,16 @@ def test_benchmark_prints_a_row_with_a_measured_figure_for_each_comparison(scrip
         matching = [r for r in rows if name in r["what"]]
         assert matching, f"{script}: no row for {name!r} in {[r['what'] for r in rows]}"
         assert re.fullmatch(r"\d+(\.\d+)?(x|%| maps/s| MB peak RSS)", matching[0]["measured"].strip()), matching[0]
+
+
+def test_skill_benchmark_prints_skill_per_lead_and_the_targets():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_skill.py"), "--days", "80", "--height", "24",
+                          "--width", "32", "--epochs", "1", "--leads", "1-2", "--runs", "rain,forecast,past"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("| lead | rain: vs persistence") for line in lines), out.stdout
+    rows = [line for line in lines if re.match(r"^\| [12] \| [+-]\d\.\d{3} \|", line)]
+    assert len(rows) == 2, out.stdout
+    assert any(line.startswith("rain: lead 1 vs persistence") for line in lines)
+    assert any(line.startswith("past only: worst lead") for line in lines)
