@@ -120,8 +120,9 @@ def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> Train
     (and that may change); shape and data settings must match."""
     saved = state["train_config"]
     for key in _FROZEN_ON_RESUME:
-        if key in explicit and getattr(config, key) != saved[key]:
-            raise RunoffError(f"--resume {config.resume}: the checkpoint has {key}={saved[key]}, "
+        was = saved.get(key, getattr(TrainConfig(), key))  # checkpoints older than the setting had its default
+        if key in explicit and getattr(config, key) != was:
+            raise RunoffError(f"--resume {config.resume}: the checkpoint has {key}={was}, "
                               f"but --{key} {getattr(config, key)} was asked; drop the option to continue that run")
     merged = dict(saved)
     for key in explicit:
