@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import rioxarray  # noqa: F401
+import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
 from pipeline.ingest import ingest

@@ -19,8 +19,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .baselines import SOURCES, Climatology, wet_thresholds
 from .checkpoint import read_checkpoint
 from .cube import TARGET, Split, cube_dates, cube_grid, open_cube
