@@ -93,7 +93,7 @@ class ModelConfig:
     predict_delta: bool = True
     head_kernel: int = 5
     forcing_channels: int = 0  # forcing variables x lead days entering the head
-    forcing_scales: list[int] = field(default_factory=lambda: [1, 9, 33])  # box sizes the head sees them at
+    forcing_scales: list[int] = field(default_factory=lambda: [1, 9, 33, 65])  # box sizes the head sees them at
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,7 +111,7 @@ class ConvLSTMForecaster(nn.Module):
 
     def __init__(self, in_channels: int = 1, hidden_channels: int | Sequence[int] = 16, kernel_size: int = 3,
                  num_layers: int = 1, leads: int = 1, predict_delta: bool = True, head_kernel: int = 5,
-                 forcing_channels: int = 0, forcing_scales: Sequence[int] = (1, 9, 33)) -> None:
+                 forcing_channels: int = 0, forcing_scales: Sequence[int] = (1, 9, 33, 65)) -> None:
         super().__init__()
         hidden = [hidden_channels] * num_layers if isinstance(hidden_channels, int) else list(hidden_channels)
         if not hidden or min(hidden) < 1 or leads < 1 or in_channels < 1:

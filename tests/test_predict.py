@@ -166,3 +166,20 @@ def test_qgis_opens_the_forecast_on_the_source_grid(trained, tmp_path, run_cli):
         band = json.loads(gdal.stdout)["bands"][0]
         assert band["noDataValue"] == -9999  # gdalinfo prints statistics to 3 decimals
         assert abs(band["maximum"] - float(data.max())) <= 1e-3 * max(1.0, float(data.max()))
+
+
+def test_tiles_with_forcings_equal_the_whole_grid():
+    """The forcings' box means reach farther than the recurrence: the tile margin covers them."""
+    import numpy as np
+    import torch
+
+    from pipeline.inference import forecast_batch
+
+    torch.manual_seed(0)
+    model = ConvLSTMForecaster(hidden_channels=4, leads=2, forcing_channels=2, predict_delta=False)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 1, 90, 130)).astype(np.float32)
+    rain = rng.normal(size=(2, 2, 1, 90, 130)).astype(np.float32)
+    whole = forecast_batch(model, x, torch.device("cpu"), tile=512, forcings=rain)
+    tiled = forecast_batch(model, x, torch.device("cpu"), tile=85, forcings=rain)
+    np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-5)
