@@ -29,6 +29,19 @@ def _day_of_year(times: xr.DataArray) -> np.ndarray:
     return times.dt.dayofyear.values - 1  # 0..365
 
 
+def _add_days(total: np.ndarray, count: np.ndarray, days) -> None:
+    """Add the finite values of ``days`` (T, H, W) to ``total`` and their number to ``count``."""
+    block = np.asarray(days, np.float64)
+    ok = np.isfinite(block)
+    total += np.where(ok, block, 0.0).sum(axis=0)
+    count += ok.sum(axis=0)
+
+
+def _mean(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+
 class Climatology:
     """Day-of-year mean of ``qs`` over the training days ``train_start .. train_end``.
 
@@ -69,10 +82,7 @@ class Climatology:
         shape = self.days.shape[1:]
         total, count = np.zeros(shape), np.zeros(shape)
         if doy in self._indices:
-            block = np.asarray(self.days.data[self._indices[doy]], np.float64)  # this day in every year
-            ok = np.isfinite(block)
-            total += np.where(ok, block, 0.0).sum(axis=0)
-            count += ok.sum(axis=0)
+            _add_days(total, count, self.days.data[self._indices[doy]])  # this day in every year
         self._cache[doy] = (total, count)
         if len(self._cache) > 2 * self.wide + 2:
             self._cache.popitem(last=False)
@@ -86,12 +96,8 @@ class Climatology:
             chunks = getattr(self.days.data, "chunks", None)  # Dask: whole chunks at a time
             step = max(1, chunks[0][0]) if chunks and chunks[0] else max(1, self.days.shape[0])
             for start in range(0, self.days.shape[0], step):
-                block = np.asarray(self.days.data[start:start + step], np.float64)
-                ok = np.isfinite(block)
-                total += np.where(ok, block, 0.0).sum(axis=0)
-                count += ok.sum(axis=0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                self._mean = np.where(count > 0, total / count, np.nan).astype(np.float32)
+                _add_days(total, count, self.days.data[start:start + step])
+            self._mean = _mean(total, count)
         return self._mean
 
     def for_day(self, doy: int) -> np.ndarray:
@@ -113,8 +119,7 @@ class Climatology:
                 t, c = self._sums((doy + s) % 366)
                 total += t
                 count += c
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, total / count, np.nan).astype(np.float32)
+        return _mean(total, count)
 
 
 def climatology(ds: xr.Dataset, train_start, train_end, window: int = 15) -> tuple[np.ndarray, np.ndarray]:

@@ -121,7 +121,8 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
                 truth = days[t - batch[0] + lead]
                 doy = dates[t + lead].timetuple().tm_yday - 1
                 reference = {"model": pred[k, li], "persistence": last_day, "climatology": clim.for_day(doy)}
-                clim_used[clim.source(doy)] = clim_used.get(clim.source(doy), 0) + 1
+                how = clim.source(doy)
+                clim_used[how] = clim_used.get(how, 0) + 1
                 for source, values in reference.items():
                     tables[lead][source].accumulate(values, truth)
                 if li == 0:
