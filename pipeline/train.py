@@ -41,6 +41,7 @@ from .model import ConvLSTMForecaster
 from .plots import plot_loss_curves
 from .sampler import WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, window_issues
 from .storage import atomic_output, check_writable, location
+from .verify import skill
 
 # Settings that fix the model's shape or its data: a resumed run must not change them.
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
@@ -104,10 +105,16 @@ def to_physical(values: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
     return torch.expm1((values.float() * stats["std"] + stats["mean"]).clamp(max=20.0))
 
 
+def loss_scale(stats: dict[str, float]) -> float:
+    """The mean square of the training values, which the physical-unit losses are divided by
+    so that they are of order one whatever the units (older checkpoints lack it: 1)."""
+    return float(stats.get("rms", 1.0)) ** 2
+
+
 def physical_loss(stats: dict[str, float]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The training objective: masked MSE in physical units (the score users read), divided
-    by the mean square of the training values so that it is of order one whatever the units."""
-    scale = float(stats.get("rms", 1.0)) ** 2
+    by :func:`loss_scale`."""
+    scale = loss_scale(stats)
 
     def loss(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_mse(to_physical(pred, stats), to_physical(y, stats), mask) / scale
@@ -153,8 +160,9 @@ def train_step(net: torch.nn.Module, optimiser: torch.optim.Optimizer, scaler: t
 
 def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> dict[str, float]:
-    """Validation scores in physical units (``stats``: the target's): the loss being
-    optimised (``val_loss``), the model's and persistence's MSE, and the skill
+    """Validation scores in physical units (``stats``: the target's): the MSE of the forecast
+    as users receive it (clipped at 0) on the training loss's scale (``val_loss``, what early
+    stopping follows), the model's and persistence's MSE, and the skill
     ``1 - MSE_model / MSE_persistence`` (``val_skill``), which is what ``runoff evaluate``
     reports. Under data-parallel training each rank scores its shard and the sums are combined."""
     model.eval()
@@ -173,8 +181,7 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
             sums[2] += (((last - truth) ** 2) * m).sum().double()
     count, sse, sse_p = ranks.sum(sums).tolist()
     count = max(count, 1.0)
-    return {"val_skill": 1.0 - sse / sse_p if sse_p > 0 else float("nan"),
-            "val_loss": sse / count / float(stats.get("rms", 1.0)) ** 2,
+    return {"val_skill": skill(sse, sse_p), "val_loss": sse / count / loss_scale(stats),
             "val_mse": sse / count, "persistence_mse": sse_p / count}
 
 
