@@ -57,7 +57,7 @@ from . import __version__
 from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, read_cube_info
 from .errors import RunoffError, RunoffWarning
 from .rasters import (DayFile, Grid, ReadOptions, check_grids, find_rasters, georeferencing_key, grid_error,
-                      RESAMPLING, list_days, raster_env, read_grid, read_raster, read_resampled)
+                      RESAMPLING, list_days, raster_env, read_grid, read_raster, resample_onto)
 from .storage import is_url, url_filesystem
 
 if TYPE_CHECKING:
@@ -257,11 +257,12 @@ class _GridCheck:
             read_raster(path, options, out=out, grid=self.grid)  # the same tags, byte for byte
             return
         resample = self.resample if variable != TARGET else None
-        if resample is not None:
-            if read_grid(path, options).matches(self.grid):
-                read_raster(path, options, out=out)
+        if resample is not None:  # one read: its own grid, then onto ours where they differ
+            values, file_grid, _ = read_raster(path, options)
+            if file_grid.matches(self.grid):
+                out[...] = values
             else:
-                read_resampled(path, options, self.grid, resample, out)
+                resample_onto(values, file_grid, self.grid, resample, out)
             return
         file_grid = read_raster(path, options, out=out)[1]
         if not file_grid.matches(self.grid):

@@ -424,14 +424,13 @@ def grid_error(path: Path, grid: Grid, expected: Grid, expected_from: str) -> Ru
 RESAMPLING = ("bilinear", "average", "nearest")
 
 
-def read_resampled(path: str | Path, options: ReadOptions, grid: Grid, method: str, out: np.ndarray) -> None:
-    """Read one day on its own grid, then resample it onto ``grid`` into ``out`` (rasterio's
-    warp, as rioxarray's ``reproject_match`` does), nodata staying NaN: e.g. a rain forecast
+def resample_onto(values: np.ndarray, source: Grid, grid: Grid, method: str, out: np.ndarray) -> None:
+    """Resample one day's ``values`` on ``source`` onto ``grid`` into ``out`` (rasterio's
+    warp, as rioxarray's ``reproject_match`` does), NaN staying nodata: e.g. a rain forecast
     that comes on a coarser grid than the runoff."""
     from rasterio.enums import Resampling
     from rasterio.warp import reproject
 
-    values, source, _ = read_raster(path, options)
     out[...] = np.nan
     with raster_env():
         reproject(values, out, src_transform=source.affine, src_crs=source.crs, src_nodata=np.nan,
