@@ -53,12 +53,16 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     from .cube import describe_cube
     from .ingest import ingest, parse_chunks
 
+    from .netcdf import NetcdfOptions, parse_variables
+
     chunks, storage_options = parse_chunks(args.chunks), _storage_options(args.storage_options)
+    netcdf = NetcdfOptions(variables=parse_variables(args.variable), aggregate=args.aggregate,
+                           day_start=args.day_start, stamp=args.stamp, units=args.units, crs=args.crs)
     with dask_client(args.scheduler) as client:
         report = ingest(args.input_dir, args.store, date_format=args.date_format, options=_read_options(args),
                         chunks=chunks, overwrite=args.overwrite, units=args.units,
                         long_name=args.long_name, progress=sys.stderr.isatty(),
-                        storage_options=storage_options, client=client, resample=args.resample)
+                        storage_options=storage_options, client=client, resample=args.resample, netcdf=netcdf)
     print(f"{report.store}: wrote {report.written} day(s), {report.skipped} already present; "
           f"{report.start} .. {report.end}, {len(report.missing_dates)} missing; variables {', '.join(report.variables)}")
     if args.info:
@@ -174,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("ingest", help="daily rasters -> georeferenced Zarr cube (create, append, resume)")
-    p.add_argument("input_dir", help="folder of daily rasters, or of one sub-folder per variable (Qs/, Rainf/...)")
+    p = sub.add_parser("ingest", help="daily rasters or NetCDF/HDF5 steps -> georeferenced Zarr cube "
+                       "(create, append, resume)")
+    p.add_argument("input_dir", help="folder of daily rasters or of NetCDF/HDF5 files (or one NetCDF file, or a "
+                   "quoted glob), or a folder of one such sub-folder per variable (Qs/, Rainf/...)")
     p.add_argument("store", help="Zarr cube to create or extend (path or fsspec URL)")
     _option(p, "date_format", help="strptime format of the date in file names, e.g. %%d.%%m.%%Y")
     _option(p, "band", type=int, help="band to read from multi-band files (1-based)")
@@ -183,7 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "crs", help="CRS for rasters without one, e.g. EPSG:4326 (PNG with a world file)")
     _option(p, "like", help="reference GeoTIFF giving CRS and transform to PNGs without a world file")
     _option(p, "chunks", help="chunk sizes, e.g. time=16,y=256,x=256")
-    _option(p, "units", help="units of qs when the files do not say (default: from tags, else kg m-2)")
+    _option(p, "units", help="rasters: units of qs when the files do not say (default: from tags, else kg m-2); "
+            "NetCDF: units to store, e.g. 'kg m-2' converts mm, m and kg m-2 s-1 to kg m-2 per day")
+    _option(p, "variable", help="NetCDF: the runoff variable (Qs_acc), or cube=file names for several "
+            "(qs=sum_runoff,rainf=Precipitation); default: the file's only (time, y, x) variable")
+    _option(p, "aggregate", choices=("sum", "mean"), help="NetCDF: how sub-daily steps make a day "
+            "(default from the units: amounts per step sum, rates and states average)")
+    _option(p, "day_start", type=int, default=0, help="NetCDF: hour (UTC) at which a day begins (default 0)")
+    _option(p, "stamp", choices=("auto", "start", "middle", "end"), default="auto",
+            help="NetCDF: which end of its interval a step's time marks (auto: time_bnds, else the end for "
+            "sub-daily steps and the day itself for daily ones)")
     _option(p, "long_name", help="long_name of qs")
     _option(p, "overwrite", action="store_true", help="replace days whose values changed")
     _option(p, "resample", help="bilinear, average or nearest: resample covariates and forcings on another grid "

@@ -40,7 +40,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping, Union
 
 import dask
 import dask.array as da
@@ -58,6 +58,7 @@ from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, read_cube_info
 from .errors import RunoffError, RunoffWarning
 from .rasters import (DayFile, Grid, ReadOptions, check_grids, find_rasters, georeferencing_key, grid_error,
                       RESAMPLING, list_days, raster_env, read_grid, read_raster, resample_onto)
+from .netcdf import NetcdfDay, NetcdfOptions, is_netcdf, open_files, open_netcdf_source
 from .storage import is_url, url_filesystem
 
 if TYPE_CHECKING:
@@ -282,9 +283,18 @@ class _FileRead:
     check: _GridCheck
     variable: str = TARGET
 
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
     def __call__(self, out: np.ndarray) -> str:
         self.check.read(self.path, self.options, out, self.variable)
         return self.path.name
+
+
+# A day's reader: fills the day's values into a float32 array, returns its provenance for
+# ``source_files``, and names its input in errors (``.source``).
+_DayRead = Union[_FileRead, NetcdfDay]
 
 
 @dataclass(frozen=True)
@@ -303,7 +313,7 @@ class _CubeRead:
 def _write_task(arr: zarr.Array, task: _Task) -> list[tuple[str, str, str, bool]]:
     """Read a task's days, write them into their slots; return (date, file, digest, all_nan)."""
     block = np.empty((len(task.slots), *arr.shape[1:]), np.float32)
-    with raster_env():
+    with raster_env(), open_files():
         names = [read(block[i]) for i, read in enumerate(task.reads)]
     start = 0
     for k in range(1, len(task.slots) + 1):  # contiguous runs of slots -> one slice write each
@@ -324,39 +334,42 @@ def _plan_tasks(variable: str, writes: dict[dt.date, _FileRead | _CubeRead], axi
             for _, dates in sorted(by_chunk.items())]
 
 
-def _changed_days(present: list[tuple[str, DayFile]], info: CubeInfo | None, options: ReadOptions,
-                  check: _GridCheck, overwrite: bool) -> set[tuple[str, dt.date]]:
-    """Compare files with the days ``info`` already records; return the (variable, date) to rewrite.
+def _changed_days(present: list[tuple[str, dt.date, "_DayRead"]], info: CubeInfo | None,
+                  overwrite: bool) -> set[tuple[str, dt.date]]:
+    """Compare days read anew with those ``info`` already records; return the (variable, date) to rewrite.
 
-    A differing day is an error naming the file unless ``overwrite``.
+    A differing day is an error naming its source unless ``overwrite``.
     """
     if not present:
         return set()
 
-    def compare(item: tuple[str, DayFile]) -> tuple[str, DayFile, bool]:
-        name, day = item
-        values = np.empty(check.grid.shape, np.float32)
-        with raster_env():
-            check.read(day.path, options, values, name)
-        return name, day, digest(values) == info.records[name].digest[day.date.isoformat()]
+    def compare(items: list[tuple[str, dt.date, _DayRead]]) -> list[tuple[str, dt.date, _DayRead, bool]]:
+        values = np.empty(info.grid.shape, np.float32)
+        same = []
+        with raster_env(), open_files():
+            for name, date, read in items:
+                read(values)
+                same.append((name, date, read, digest(values) == info.records[name].digest[date.isoformat()]))
+        return same
 
+    workers = os.cpu_count() or 2
+    chunks = [present[i::workers] for i in range(workers)]
     rewrite = set()
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        for name, day, same in pool.map(compare, present):
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for name, date, read, same in (item for chunk in pool.map(compare, chunks) for item in chunk):
             if same:
                 continue
             if not overwrite:
-                old = info.records[name].files[day.date.isoformat()]
-                raise RunoffError(f"{day.path}: its values differ from {day.date.isoformat()} already in the "
+                old = info.records[name].files[date.isoformat()]
+                raise RunoffError(f"{read.source}: its values differ from {date.isoformat()} already in the "
                                   f"cube (from {old}); pass --overwrite to replace that day")
-            rewrite.add((name, day.date))
+            rewrite.add((name, date))
     return rewrite
 
 
-def _plan_writes(group: zarr.Group, all_vars: list[str], variables: Mapping[str, list[DayFile]],
+def _plan_writes(group: zarr.Group, all_vars: list[str], readers: Mapping[str, Mapping[dt.date, "_DayRead"]],
                  axis: list[dt.date], info: CubeInfo | None, done: CubeInfo | None,
-                 old_group: zarr.Group | None, rewrite: set[tuple[str, dt.date]],
-                 options: ReadOptions, check: _GridCheck) -> tuple[list[_Task], int, int]:
+                 old_group: zarr.Group | None, rewrite: set[tuple[str, dt.date]]) -> tuple[list[_Task], int, int]:
     """Tasks for every day the target cube lacks; returns (tasks, days from files, files skipped).
 
     ``done`` records what the target already holds; when rebuilding (``old_group``), the
@@ -374,12 +387,12 @@ def _plan_writes(group: zarr.Group, all_vars: list[str], variables: Mapping[str,
                 if iso not in recorded:
                     day = dt.date.fromisoformat(iso)
                     writes[day] = _CubeRead(old_group[name], (day - info.start).days, source)
-        for day in variables.get(name, []):
-            iso = day.date.isoformat()
-            if (name, day.date) not in rewrite and (iso in recorded or iso in in_old):
+        for date, read in readers.get(name, {}).items():
+            iso = date.isoformat()
+            if (name, date) not in rewrite and (iso in recorded or iso in in_old):
                 skipped += 1
                 continue
-            writes[day.date] = _FileRead(day.path, options, check, name)
+            writes[date] = read
             written += 1
         tasks += _plan_tasks(name, writes, axis_index, group[name].chunks[0])
     return tasks, written, skipped
@@ -480,13 +493,60 @@ def _run_tasks(tasks: list[_Task], arrays: Mapping[str, zarr.Array], committer: 
         client.cancel(futures)
 
 
+@dataclass
+class _Input:
+    """The days an ingest can write, whatever files they come from: the grid they lie on,
+    a reader per variable and day, each variable's attributes, and the days that could
+    not be made (incomplete sub-daily steps), with the reason."""
+
+    grid: Grid
+    readers: dict[str, dict[dt.date, _DayRead]]
+    attrs: dict[str, dict]
+    incomplete: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def _raster_input(variables: Mapping[str, list[DayFile]], info: CubeInfo | None, store: str, options: ReadOptions,
+                  resample: str | None, units: str | None, long_name: str | None) -> _Input:
+    if info is not None:  # an existing cube must not change at all when a file is off-grid
+        checked = {name: files for name, files in variables.items() if resample is None or name == TARGET}
+        grid = check_grids((d.path for files in checked.values() for d in files), info.grid, options,
+                           expected_from=f"the cube {store}") if checked else info.grid
+        grid_from = f"the cube {store}"
+        reference = next((d.path for files in checked.values() for d in files), None)
+    else:  # a new cube is built aside, so each file's grid is checked as it is read
+        reference = variables[TARGET][0].path
+        grid, grid_from = read_grid(reference, options), f"the first file {reference}"
+    # the reference file lies on the grid: it was checked against the cube, or gave the grid
+    check = _GridCheck(grid, grid_from, georeferencing_key(reference) if reference else None, resample)
+    readers = {name: {d.date: _FileRead(d.path, options, check, name) for d in files}
+               for name, files in variables.items()}
+    attrs = {name: _variable_attrs(name, files, options, units, long_name) for name, files in variables.items()}
+    return _Input(grid, readers, attrs)
+
+
+def _netcdf_input(source: str | Path, info: CubeInfo | None, store: str, netcdf: NetcdfOptions,
+                  resample: str | None, long_name: str | None) -> _Input:
+    found = open_netcdf_source(source, netcdf, grid=info.grid if info else None, grid_from=f"the cube {store}",
+                               resample=resample)
+    if long_name:
+        found.attrs[TARGET]["long_name"] = long_name
+    readers = {name: {d.date: d for d in days} for name, days in found.days.items()}
+    return _Input(found.grid, readers, found.attrs, found.incomplete)
+
+
 def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None = None,
            options: ReadOptions = ReadOptions(), chunks: dict[str, int] | None = None,
            overwrite: bool = False, units: str | None = None, long_name: str | None = None,
            progress: bool = False, storage_options: dict | None = None,
            num_workers: int | None = None, client: "Client | None" = None,
-           resample: str | None = None) -> IngestReport:
-    """Ingest the rasters of ``input_dir`` into the cube ``store`` (created, extended or filled).
+           resample: str | None = None, netcdf: NetcdfOptions | None = None) -> IngestReport:
+    """Ingest the rasters or NetCDF/HDF5 files of ``input_dir`` into the cube ``store``
+    (created, extended or filled).
+
+    ``input_dir``: a folder of daily rasters, a folder (or file, or glob) of NetCDF/HDF5
+    files, or a folder of one such sub-folder per variable. ``netcdf`` says how NetCDF
+    steps become days (see :mod:`pipeline.netcdf`); ``units`` is the units label of qs
+    rasters, and for NetCDF the units to convert to unless ``netcdf`` gives them.
 
     ``resample`` (bilinear, average or nearest): covariates and forcings on another grid than
     ``qs`` (a coarser rain forecast) are resampled onto the cube's grid; without it, any
@@ -502,39 +562,38 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
     if resample is not None and resample not in RESAMPLING:
         raise RunoffError(f"--resample {resample!r}: choose {', '.join(RESAMPLING)}")
     chunks = chunks or dict(DEFAULT_CHUNKS)
-    variables = find_variables(input_dir, date_format)
+    from_netcdf = is_netcdf(input_dir)
+    variables = None if from_netcdf else find_variables(input_dir, date_format)
     with store_lock(store):
         if not is_url(store):
             _recover_local(Path(store))
         info = read_cube_info(store, storage_options) if _exists(store, storage_options) else None
-        if info is not None:  # an existing cube must not change at all when a file is off-grid
-            checked = {name: files for name, files in variables.items() if resample is None or name == TARGET}
-            grid = check_grids((d.path for files in checked.values() for d in files), info.grid, options,
-                               expected_from=f"the cube {store}") if checked else info.grid
-            grid_from = f"the cube {store}"
-            reference = next((d.path for files in checked.values() for d in files), None)
-        else:  # a new cube is built aside, so each file's grid is checked as it is read
-            reference = variables[TARGET][0].path
-            grid, grid_from = read_grid(reference, options), f"the first file {reference}"
-        # the reference file lies on the grid: it was checked against the cube, or gave the grid
-        check = _GridCheck(grid, grid_from, georeferencing_key(reference) if reference else None, resample)
-        dates = {d.date for files in variables.values() for d in files}
+        if from_netcdf:
+            netcdf = netcdf or NetcdfOptions(units=units, crs=options.crs)
+            days = _netcdf_input(input_dir, info, store, netcdf, resample, long_name)
+        else:
+            days = _raster_input(variables, info, store, options, resample, units, long_name)
+        grid, readers = days.grid, days.readers
+        dates = {d for by_date in readers.values() for d in by_date}
+        dates |= {dt.date.fromisoformat(iso) for reasons in days.incomplete.values() for iso in reasons}
         if info is not None:
             dates |= {info.start, info.end}
+        if not dates:
+            raise RunoffError(f"{input_dir}: no complete day to ingest")
         axis = _date_axis(min(dates), max(dates))
 
         # Compare with what is already there before writing anything.
-        present = [(name, day) for name, files in variables.items() for day in files
-                   if info is not None and name in info.records and day.date.isoformat() in info.records[name].digest]
-        rewrite = _changed_days(present, info, options, check, overwrite)
+        present = [(name, date, read) for name, by_date in readers.items() for date, read in by_date.items()
+                   if info is not None and name in info.records and date.isoformat() in info.records[name].digest]
+        rewrite = _changed_days(present, info, overwrite)
 
         rebuild = info is None or axis[0] < info.start
         if rebuild and is_url(store) and info is not None:
             raise RunoffError(f"{store}: new days before the cube's first day ({info.start}) need a rebuild, "
                               f"which is supported on local stores only; ingest into a new store")
         target = store if (info is not None and not rebuild) or is_url(store) else store + ".partial"
-        all_vars = sorted(set(variables) | (set(info.variables) if info else set()))
-        attrs = {name: _variable_attrs(name, files, options, units, long_name) for name, files in variables.items()}
+        all_vars = sorted(set(readers) | (set(info.variables) if info else set()))
+        attrs = dict(days.attrs)
         if info is not None:
             attrs.update({name: info.attrs[name] for name in info.variables})
 
@@ -547,10 +606,10 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
             _create_cube(target, grid, axis, {v: attrs[v] for v in all_vars}, chunks, storage_options)
             partial = None
         if partial is not None:  # a killed run's days whose files changed since are simply rewritten
-            resumed = [(n, d) for n, files in variables.items() for d in files
-                       if n in partial.records and d.date.isoformat() in partial.records[n].digest
-                       and (info is None or n not in info.records or d.date.isoformat() not in info.records[n].digest)]
-            rewrite |= _changed_days(resumed, partial, options, check, overwrite=True)
+            resumed = [(n, d, read) for n, by_date in readers.items() for d, read in by_date.items()
+                       if n in partial.records and d.isoformat() in partial.records[n].digest
+                       and (info is None or n not in info.records or d.isoformat() not in info.records[n].digest)]
+            rewrite |= _changed_days(resumed, partial, overwrite=True)
         group = zarr.open_group(target, mode="r+", use_consolidated=False, storage_options=storage_options)
         for name in all_vars:
             if name not in group:
@@ -558,8 +617,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         _resize_time(group, all_vars, axis)
         done = partial if target != store else info
         old_group = zarr.open_group(store, mode="r", use_consolidated=False, storage_options=storage_options) if rebuild and info else None
-        tasks, written, skipped = _plan_writes(group, all_vars, variables, axis, info, done, old_group,
-                                               rewrite, options, check)
+        tasks, written, skipped = _plan_writes(group, all_vars, readers, axis, info, done, old_group, rewrite)
 
         # the chunks written here hold data: zarr's all-NaN test of each chunk is wasted work (~30%)
         arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in all_vars}
@@ -577,7 +635,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
                 if Path(target).exists() or is_url(target):
                     committer.flush()
 
-        missing = _finish_attrs(group, all_vars, axis, committer.files)
+        missing = _finish_attrs(group, all_vars, axis, committer.files, days.incomplete)
         with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": we know
             warnings.simplefilter("ignore")
             # readers get one metadata document and a consistent snapshot; writers ignore it
@@ -590,6 +648,12 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         warnings.warn(f"{store}: {len(missing)} day(s) without a {TARGET} file are kept as NaN: {shown}",
                       RunoffWarning, stacklevel=2)
+    for name, reasons in days.incomplete.items():
+        if reasons:
+            shown = "; ".join(f"{d}: {r}" for d, r in list(reasons.items())[:5])
+            warnings.warn(f"{store}: {len(reasons)} day(s) of {name} with incomplete steps are missing days, "
+                          f"not summed short: {shown}" + (" ..." if len(reasons) > 5 else ""),
+                          RunoffWarning, stacklevel=2)
     for item in committer.all_nan:
         warnings.warn(f"{store}: day {item} holds no valid pixel (all nodata); kept as NaN",
                       RunoffWarning, stacklevel=2)
@@ -633,12 +697,16 @@ def _read_partial(target: str, storage_options: dict | None) -> CubeInfo | None:
 
 
 def _finish_attrs(group: zarr.Group, variables: list[str], axis: list[dt.date],
-                  files: Mapping[str, Mapping[str, str]]) -> list[str]:
-    """Write ``missing_dates`` per variable and, for the target, on the group."""
+                  files: Mapping[str, Mapping[str, str]], incomplete: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """Write ``missing_dates`` per variable and, for the target, on the group; and
+    ``missing_reasons`` for the missing days whose steps were incomplete (kept from
+    earlier runs while those days stay missing)."""
     missing_target: list[str] = []
     for name in variables:
         missing = [d.isoformat() for d in axis if d.isoformat() not in files[name]]
-        group[name].update_attributes({"missing_dates": missing})
+        reasons = {**group[name].attrs.get("missing_reasons", {}), **incomplete.get(name, {})}
+        group[name].update_attributes({"missing_dates": missing,
+                                       "missing_reasons": {d: reasons[d] for d in missing if d in reasons}})
         if name == TARGET:
             missing_target = missing
     group.update_attributes({"missing_dates": missing_target})

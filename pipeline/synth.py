@@ -266,3 +266,118 @@ def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width:
             if name == "qs":
                 written.append(path)
     return written
+
+
+# File layouts of land-surface-model output (see pipeline.netcdf): name pattern, hours per
+# step, variable, units, where the stamp lies in its interval, and how lat/lon are written.
+LSM_LAYOUTS = {
+    "gldas": dict(hours=3, variable="Qs_acc", units="kg m-2", stamp="end", coords="1d-ascending",
+                  name="GLDAS_NOAH025_3H.A{:%Y%m%d.%H%M}.021.nc4"),
+    "nldas": dict(hours=1, variable="Qs", units="kg m-2", stamp="end", coords="1d-ascending",
+                  name="NLDAS_NOAH0125_H.A{:%Y%m%d.%H%M}.002.nc"),
+    "lis": dict(hours=1, variable="Qs_tavg", units="kg m-2 s-1", stamp="end", coords="2d-float32",
+                name="LIS_HIST_{:%Y%m%d%H%M}.d01.nc"),
+    "multi": dict(hours=6, variable="runoff", units="mm", stamp="start", coords="1d-descending",
+                  name="run_{:%Y}.nc"),
+}
+
+
+@dataclass
+class LsmSteps:
+    """What :func:`write_lsm_files` wrote: the files, each step's interval start (UTC), the
+    values per step ``(steps, height, width)``, north-up (NaN outside the land mask), and the
+    cell-centre latitudes (descending) and longitudes of that north-up grid."""
+
+    paths: list[Path]
+    starts: np.ndarray
+    values: np.ndarray
+    lat: np.ndarray
+    lon: np.ndarray
+
+
+def write_lsm_files(out_dir: str | Path, layout: str, days: int = 3, height: int = 12, width: int = 16,
+                    start: str = "2010-12-30", seed: int = 0, resolution: float = 0.25,
+                    origin: tuple[float, float] = (-100.0, 45.0)) -> LsmSteps:
+    """Write sub-daily runoff as a land-surface model publishes it (``LSM_LAYOUTS``): one
+    NetCDF file per step (GLDAS, NLDAS, LIS) or one file with every step (``multi``:
+    6-hourly, time in float days since 0001-01-01 with ``time_bnds``, like VIC).
+
+    ``origin`` is the (lon, lat) of the grid's north-west corner.
+
+    >>> steps = write_lsm_files("data/gldas", "gldas", days=2)   # doctest: +SKIP
+    >>> len(steps.paths), steps.values.shape                     # doctest: +SKIP
+    (16, (16, 12, 16))
+    """
+    import netCDF4
+
+    spec = LSM_LAYOUTS[layout]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    step = np.timedelta64(spec["hours"], "h")
+    n = days * 24 // spec["hours"]
+    starts = np.datetime64(start, "h") + np.arange(n) * step
+    amounts = rng.gamma(0.4, 2.0, (n, height, width)).astype(np.float32)  # kg m-2 per step
+    amounts[:, : height // 4, : width // 3] = np.nan  # a masked corner (sea)
+    values = amounts / np.float32(spec["hours"] * 3600) if spec["units"].endswith("s-1") else amounts
+    lat = origin[1] - (np.arange(height) + 0.5) * resolution
+    lon = origin[0] + (np.arange(width) + 0.5) * resolution
+    stamps = starts + (step if spec["stamp"] == "end" else np.timedelta64(0, "h"))
+
+    def write(path: Path, index: slice) -> None:
+        with netCDF4.Dataset(path, "w") as ds:
+            ds.Conventions = "CF-1.8"
+            dims = _lsm_coordinates(ds, spec["coords"], lat, lon)
+            fill = np.float32(-9999.0)
+            if layout != "lis":
+                ds.createDimension("time", None)
+                time = ds.createVariable("time", "f8", ("time",))
+                time.standard_name, time.calendar = "time", "proleptic_gregorian"
+                time.units = "days since 0001-01-01 00:00:00" if layout == "multi" else "hours since 2000-01-01"
+                reference = np.datetime64("0001-01-01" if layout == "multi" else "2000-01-01", "s")
+                unit = np.timedelta64(1, "D" if layout == "multi" else "h")
+                time[:] = (stamps[index] - reference) / unit
+                if layout == "multi":
+                    time.bounds = "time_bnds"
+                    ds.createDimension("nv", 2)
+                    bounds = ds.createVariable("time_bnds", "f8", ("time", "nv"))
+                    bounds[:] = np.stack([starts[index], starts[index] + step], axis=1).astype("datetime64[s]") \
+                        .__sub__(reference) / unit
+                dims = ("time", *dims)
+            var = ds.createVariable(spec["variable"], "f4", dims, fill_value=fill, zlib=True)
+            var.units, var.long_name = spec["units"], "storm surface runoff"
+            block = values[index]
+            if spec["coords"] != "1d-descending":
+                block = block[:, ::-1]  # these files store latitude ascending
+            block = np.where(np.isnan(block), fill, block)
+            var[:] = block if layout != "lis" else block[0]
+
+    if layout == "multi":
+        paths = [out / spec["name"].format(starts[0].astype(dt.datetime))]
+        write(paths[0], slice(None))
+    else:
+        paths = [out / spec["name"].format(s.astype(dt.datetime)) for s in stamps]
+        for i, path in enumerate(paths):
+            write(path, slice(i, i + 1))
+    return LsmSteps(paths, starts, values, lat, lon)
+
+
+def _lsm_coordinates(ds, how: str, lat: np.ndarray, lon: np.ndarray) -> tuple[str, str]:
+    """Write lat/lon as the layout does; return the variable's spatial dimensions."""
+    if how == "2d-float32":  # NASA LIS: 2-D float32 lat/lon, latitude ascending
+        ds.createDimension("north_south", len(lat))
+        ds.createDimension("east_west", len(lon))
+        lat2, lon2 = np.meshgrid(lat[::-1], lon, indexing="ij")
+        for name, values, units in (("lat", lat2, "degrees_north"), ("lon", lon2, "degrees_east")):
+            var = ds.createVariable(name, "f4", ("north_south", "east_west"))
+            var.units, var.standard_name = units, "latitude" if name == "lat" else "longitude"
+            var[:] = values.astype(np.float32)
+        return ("north_south", "east_west")
+    ds.createDimension("lat", len(lat))
+    ds.createDimension("lon", len(lon))
+    for name, values, units in (("lat", lat if how == "1d-descending" else lat[::-1], "degrees_north"),
+                                ("lon", lon, "degrees_east")):
+        var = ds.createVariable(name, "f4" if name == "lon" else "f8", (name,))
+        var.units, var.standard_name = units, "latitude" if name == "lat" else "longitude"
+        var[:] = values
+    return ("lat", "lon")

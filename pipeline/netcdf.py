@@ -1,0 +1,789 @@
+"""NetCDF/HDF5 files of land-surface models -> daily maps, ready for :func:`pipeline.ingest.ingest`.
+
+GLDAS and NLDAS publish one file per 3-hourly or hourly step, NASA LIS one history file
+per output step (2-D ``lat``/``lon``, no time dimension), VIC and CWatM one file holding
+a whole run. :func:`open_netcdf_source` reads every file's header once (variable, time,
+coordinates), decides which steps make which day, and returns one :class:`NetcdfDay`
+per complete day: a small picklable reader that opens its files, sums or averages its
+steps and writes the day onto the cube's north-up grid.
+
+Conventions
+-----------
+* Time comes from the file's CF time coordinate, decoded by xarray (units and calendar
+  honoured), or from the file name (``A20101231.0300``, ``YYYYMMDDhhmm``, ``YYYYMMDD``)
+  when the file has none.
+* A step covers an interval: its ``time_bnds`` where the file has them; otherwise the stamp
+  marks the *end* of the interval for sub-daily steps (GLDAS, NLDAS and LIS stamp their
+  accumulations and averages so) and the day itself for daily steps; ``stamp`` overrides.
+  A step belongs to the day its interval's middle lies in, days starting at ``day_start``
+  hours UTC.
+* A day lacking any of its steps is not summed short: it is a missing day, with the reason.
+* Accumulations (kg m-2, mm, m per step) are summed, everything else (rates such as
+  kg m-2 s-1, instantaneous states) averaged, unless ``aggregate`` says otherwise.
+  ``units="kg m-2"`` converts water amounts and rates into kg m-2 per day.
+
+Example
+-------
+>>> source = open_netcdf_source("data/gldas", NetcdfOptions(variables={"qs": "Qs_acc"}))  # doctest: +SKIP
+>>> values = np.empty(source.grid.shape, np.float32)                                     # doctest: +SKIP
+>>> source.days["qs"][0](values)                                                         # doctest: +SKIP
+'GLDAS_NOAH025_3H.A20101231.0300.021.nc4, ...'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import glob
+import hashlib
+import multiprocessing
+import os
+import re
+import sys
+import threading
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import RunoffError, RunoffWarning
+from .rasters import Grid, grid_error, resample_onto
+
+NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5", ".he5")
+AGGREGATIONS = ("sum", "mean")
+STAMPS = ("auto", "start", "middle", "end")
+TARGET = "qs"
+_DAY = np.timedelta64(86400, "s")
+
+# File-name stamps, tried in order: GLDAS/NLDAS "A20101231.0300", LIS "201012310300", a date.
+_NAME_STAMPS = (
+    (re.compile(r"A(\d{8})\.(\d{4})(?!\d)"), "%Y%m%d%H%M"),
+    (re.compile(r"(?<!\d)(\d{12})(?!\d)"), "%Y%m%d%H%M"),
+    (re.compile(r"(?<!\d)(\d{8})(?!\d)"), "%Y%m%d"),
+)
+_LATITUDE = ("lat", "latitude", "nav_lat", "y", "rlat", "northing")
+_LONGITUDE = ("lon", "longitude", "nav_lon", "x", "rlon", "easting")
+
+# Water amounts per step in kg m-2, and rates in kg m-2 s-1 (1 mm of water = 1 kg m-2).
+_AMOUNTS = {"kgm-2": 1.0, "kg/m2": 1.0, "kg/m^2": 1.0, "kgm^-2": 1.0, "mm": 1.0, "m": 1000.0}
+_RATES = {"kgm-2s-1": 1.0, "kg/m2/s": 1.0, "kg/m^2/s": 1.0, "kgm^-2s^-1": 1.0, "mms-1": 1.0, "mm/s": 1.0,
+          "ms-1": 1000.0, "m/s": 1000.0}
+
+
+@dataclass(frozen=True)
+class NetcdfOptions:
+    """How to turn the files into days.
+
+    ``variables``: cube variable -> variable in the files (``{"qs": "Qs_acc"}``); None picks
+    the only variable with time and two spatial dimensions. ``aggregate``: sum or mean (default
+    from the units). ``day_start``: hour (UTC) at which a day begins. ``stamp``: which end of
+    its interval a step's time marks (auto: ``time_bnds``, else see the module notes).
+    ``units``: units to store (``"kg m-2"`` converts amounts and rates to kg m-2 per day).
+    ``crs``: CRS overriding the file's grid mapping.
+    """
+
+    variables: dict[str, str] | None = None
+    aggregate: str | None = None
+    day_start: int = 0
+    stamp: str = "auto"
+    units: str | None = None
+    crs: str | None = None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a file's (y, x) plane maps onto the north-up cube grid."""
+
+    transpose: bool = False  # the variable's dimensions are (x, y)
+    flip_y: bool = False     # latitude ascends with the row
+    flip_x: bool = False     # longitude descends with the column
+
+
+@dataclass(frozen=True)
+class NetcdfDay:
+    """One day: the steps (file, time indices) that make it and how to combine them.
+
+    Called with a float32 array of the cube grid's shape, it fills it and returns the
+    day's provenance (``file[indices], ...``) for the cube's ``source_files``.
+    """
+
+    date: dt.date
+    variable: str
+    steps: tuple[tuple[str, tuple[int, ...]], ...]
+    how: str
+    factor: float
+    layout: _Layout
+    resample: tuple[Grid, Grid, str] | None = None  # (file grid, cube grid, method)
+
+    @property
+    def source(self) -> str:
+        return ", ".join(_step_label(path, indices) for path, indices in self.steps)
+
+    def __call__(self, out: np.ndarray) -> str:
+        total, count = None, 0
+        for path, indices in self.steps:
+            block = _read_steps(path, self.variable, indices)
+            part = block.sum(axis=0, dtype=np.float64)
+            total = part if total is None else total + part
+            count += len(block)
+        values = total * (self.factor / (count if self.how == "mean" else 1))
+        if self.layout.transpose:
+            values = values.T
+        values = values[::-1 if self.layout.flip_y else 1, ::-1 if self.layout.flip_x else 1]
+        if self.resample is None:
+            if out.shape != values.shape:
+                raise RunoffError(f"{self.source}: {values.shape[0]}x{values.shape[1]} cells, "
+                                  f"expected {out.shape[0]}x{out.shape[1]}")
+            out[...] = values
+        else:
+            file_grid, grid, method = self.resample
+            resample_onto(values.astype(np.float32), file_grid, grid, method, out)
+        return ", ".join(_step_label(Path(path).name, indices) for path, indices in self.steps)
+
+
+@dataclass
+class NetcdfSource:
+    """What ingest needs from a set of NetCDF files: the grid, the days per cube variable, their
+    attributes, and the days that could not be made, with the reason (``{"qs": {"2010-12-31":
+    "7 of 8 3-hourly steps"}}``)."""
+
+    grid: Grid
+    days: dict[str, list[NetcdfDay]]
+    attrs: dict[str, dict]
+    incomplete: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Step:
+    path: str
+    index: int
+    stamp: np.datetime64
+    bounds: tuple[np.datetime64, np.datetime64] | None
+
+
+@dataclass(frozen=True)
+class _FileScan:
+    """One variable of one file, from its header: dimensions, attributes, time, coordinates."""
+
+    path: str
+    variable: str
+    shape: tuple[int, ...]
+    attrs: dict
+    stamps: np.ndarray                      # datetime64[s], one per step
+    bounds: np.ndarray | None               # datetime64[s], (steps, 2)
+    coords_key: str
+
+
+def is_netcdf(path: str | Path) -> bool:
+    """True for a NetCDF/HDF5 file, a glob of them, or a folder holding them (or sub-folders that do).
+
+    >>> is_netcdf("runs/VIC_streaminputs.nc")
+    True
+    """
+    text = str(path)
+    if any(c in text for c in "*?["):
+        return any(p.lower().endswith(NETCDF_SUFFIXES) for p in glob.glob(text))
+    p = Path(text)
+    if p.suffix.lower() in NETCDF_SUFFIXES:
+        return True
+    if not p.is_dir():
+        return False
+    return bool(_netcdf_files(p)) or any(_netcdf_files(s) for s in p.iterdir() if s.is_dir())
+
+
+def _netcdf_files(folder: Path) -> list[Path]:
+    with os.scandir(folder) as entries:
+        return sorted(folder / e.name for e in entries if not e.name.startswith(".")
+                      and e.name.lower().endswith(NETCDF_SUFFIXES) and e.is_file())
+
+
+def parse_variables(text: str | None) -> dict[str, str] | None:
+    """``--variable``: ``Qs_acc`` (the runoff) or ``qs=sum_runoff,rainf=Precipitation``.
+
+    >>> parse_variables("qs=sum_runoff,rainf=Precipitation")
+    {'qs': 'sum_runoff', 'rainf': 'Precipitation'}
+    """
+    if not text:
+        return None
+    mapping = {}
+    for part in text.split(","):
+        name, eq, variable = part.strip().rpartition("=")
+        if not eq:
+            name, variable = TARGET, part.strip()
+        if not variable or not re.fullmatch(r"[a-z][a-z0-9_]*", name.strip() or TARGET):
+            raise RunoffError(f"--variable {text!r}: expected NAME or qs=NAME,rainf=NAME2 "
+                              f"(cube names lower-case letters, digits and _)")
+        mapping[name.strip() or TARGET] = variable
+    if TARGET not in mapping:
+        raise RunoffError(f"--variable {text!r}: name the runoff variable, e.g. qs={next(iter(mapping.values()))}")
+    return mapping
+
+
+def _file_groups(source: str | Path, variables: dict[str, str] | None) -> dict[str, list[Path]] | list[Path]:
+    """The files: one list (each file may hold several of the wanted variables) or, for a
+    folder of sub-folders, one list per cube variable named after its sub-folder."""
+    text = str(source)
+    if any(c in text for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text) if p.lower().endswith(NETCDF_SUFFIXES))
+        if not files:
+            raise RunoffError(f"{text}: no NetCDF/HDF5 files match this pattern")
+        return files
+    path = Path(text)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise RunoffError(f"{path}: no such file or folder")
+    files = _netcdf_files(path)
+    if files:
+        return files
+    groups = {s.name.lower(): _netcdf_files(s) for s in sorted(path.iterdir()) if s.is_dir()}
+    groups = {name: files for name, files in groups.items() if files}
+    if not groups:
+        raise RunoffError(f"{path}: no {', '.join(NETCDF_SUFFIXES)} files here or in its sub-folders")
+    if TARGET not in groups:
+        raise RunoffError(f"{path}: sub-folders {', '.join(groups)} hold no Qs/ folder (the forecast target)")
+    return groups
+
+
+def _dataset(path: str):
+    import netCDF4
+
+    try:
+        return netCDF4.Dataset(path)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise RunoffError(f"{path}: not a readable NetCDF/HDF5 file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _time_dim(ds, var) -> str | None:
+    """The variable's time dimension: a dimension whose coordinate is CF time (or is named so)."""
+    for dim in var.dimensions:
+        coord = ds.variables.get(dim)
+        if dim.lower() in ("time", "t") or (coord is not None and (" since " in str(getattr(coord, "units", ""))
+                                                                  or getattr(coord, "axis", "") == "T")):
+            return dim
+    return None
+
+
+def _candidates(ds) -> list[str]:
+    """Data variables with time (or none, one step per file) and two spatial dimensions."""
+    names = []
+    for name, var in ds.variables.items():
+        if name in ds.dimensions or name.lower() in _LATITUDE + _LONGITUDE + ("time_bnds", "time_bounds"):
+            continue
+        spatial = len(var.dimensions) - (_time_dim(ds, var) is not None)
+        if spatial == 2 and var.dtype.kind in "fiu" and (len(var.dimensions) == 3 or "time" not in ds.variables):
+            names.append(name)
+    return names
+
+
+def choose_variable(path: str | Path, wanted: str | None = None) -> str:
+    """``wanted`` if ``path`` holds it, else the file's only runoff-like variable; else a clear error."""
+    with _dataset(str(path)) as ds:
+        if wanted is not None:
+            if wanted not in ds.variables:
+                raise RunoffError(f"{path}: no variable {wanted!r}; it holds {', '.join(ds.variables)}")
+            return wanted
+        found = _candidates(ds)
+    if len(found) != 1:
+        listed = ", ".join(found) if found else "none with time, y and x dimensions"
+        raise RunoffError(f"{path}: choose the runoff variable with --variable NAME (candidates: {listed})")
+    return found[0]
+
+
+def _coordinates(ds, var, path: str) -> tuple[np.ndarray, np.ndarray, _Layout, bool]:
+    """Cell-centre y and x of a variable's grid, its layout, and whether they are in degrees.
+
+    1-D coordinates of either orientation, or 2-D ``lat``/``lon`` that vary along one axis
+    each (NASA LIS); anything else is not a regular grid and is refused.
+    """
+    spatial = [d for d in var.dimensions if d != _time_dim(ds, var)]
+    first, second = spatial
+    one_d = [ds.variables.get(d) for d in spatial]
+    if all(c is not None and c.ndim == 1 for c in one_d):
+        a, b = (np.asarray(c[:], np.float64) for c in one_d)
+        is_x = [_is_longitude(d, c) for d, c in zip(spatial, one_d)]
+        transpose = is_x[0] and not is_x[1]
+        y, x = (b, a) if transpose else (a, b)
+        degrees = any(_degrees(c) for c in one_d)
+    else:
+        lat_name, lon_name = _two_d_names(ds, var, path)
+        lat, lon = (np.asarray(ds.variables[n][:], np.float64) for n in (lat_name, lon_name))
+        lat_dims = ds.variables[lat_name].dimensions
+        transpose = lat_dims[0] != first
+        if transpose:
+            lat, lon = lat.T, lon.T
+        tol = 0.01 * max(np.abs(np.diff(lat[:, 0])).max(initial=0), np.abs(np.diff(lon[0])).max(initial=0), 1e-12)
+        if np.abs(lat - lat[:, :1]).max() > tol or np.abs(lon - lon[:1]).max() > tol:
+            raise RunoffError(f"{path}: {lat_name}/{lon_name} are 2-D and do not form a regular lat/lon grid "
+                              f"(a curvilinear or rotated grid); reproject the files onto a regular grid first")
+        y, x, degrees = lat.mean(axis=1), lon.mean(axis=0), True
+    layout = _Layout(transpose=transpose, flip_y=len(y) > 1 and y[-1] > y[0], flip_x=len(x) > 1 and x[-1] < x[0])
+    return y, x, layout, degrees
+
+
+def _is_longitude(name: str, coord) -> bool:
+    units = str(getattr(coord, "units", "")).lower()
+    standard = str(getattr(coord, "standard_name", "")).lower()
+    return (name.lower() in _LONGITUDE or units.startswith("degrees_e") or standard in ("longitude",
+            "projection_x_coordinate", "grid_longitude") or getattr(coord, "axis", "") == "X")
+
+
+def _degrees(coord) -> bool:
+    units = str(getattr(coord, "units", "")).lower()
+    standard = str(getattr(coord, "standard_name", "")).lower()
+    return units.startswith("degree") or standard in ("latitude", "longitude")
+
+
+def _two_d_names(ds, var, path: str) -> tuple[str, str]:
+    listed = str(getattr(var, "coordinates", "")).split()
+    names = [n for n in listed if n in ds.variables] + [n for n in ds.variables if n not in listed]
+    lat = next((n for n in names if n.lower() in ("lat", "latitude", "nav_lat") and ds.variables[n].ndim == 2), None)
+    lon = next((n for n in names if n.lower() in ("lon", "longitude", "nav_lon") and ds.variables[n].ndim == 2), None)
+    if lat is None or lon is None:
+        raise RunoffError(f"{path}: {var.name} has no coordinates for its dimensions "
+                          f"{', '.join(var.dimensions)} (neither 1-D coordinates nor 2-D lat/lon)")
+    return lat, lon
+
+
+def _decode(values: np.ndarray, units: str, calendar: str, path: str) -> np.ndarray:
+    """CF time values -> datetime64[s] through xarray's decoder (any units and calendar)."""
+    from xarray.coding.times import decode_cf_datetime
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decoded = np.asarray(decode_cf_datetime(np.asarray(values), units, calendar))
+        if decoded.dtype.kind != "M":  # cftime dates of a non-standard calendar
+            decoded = np.array([np.datetime64(dt.datetime(t.year, t.month, t.day, t.hour, t.minute, t.second))
+                                for t in decoded.ravel()]).reshape(decoded.shape)
+    except Exception as exc:  # noqa: BLE001 (xarray and cftime raise many kinds)
+        raise RunoffError(f"{path}: its time coordinate cannot be decoded (units {units!r}, calendar "
+                          f"{calendar!r}: {_first_line(exc)})") from None
+    # float time values (days since 0001-01-01 in float32) miss whole minutes by a few seconds
+    seconds = decoded.astype("datetime64[s]").astype(np.int64)
+    return (np.round(seconds / 60) * 60).astype(np.int64).astype("datetime64[s]")
+
+
+def _name_stamp(path: str) -> np.datetime64 | None:
+    stem = Path(path).name
+    for pattern, fmt in _NAME_STAMPS:
+        for match in pattern.finditer(stem):
+            try:
+                return np.datetime64(dt.datetime.strptime("".join(match.groups()), fmt), "s")
+            except ValueError:
+                continue
+    return None
+
+
+def _scan_file(path: str, variables: tuple[str, ...], required: bool) -> list[_FileScan]:
+    """The header of one file for each of ``variables`` it holds (all of them if ``required``)."""
+    with _dataset(path) as ds:
+        missing = [v for v in variables if v not in ds.variables]
+        if missing and (required or len(missing) == len(variables)):
+            raise RunoffError(f"{path}: no variable {' or '.join(map(repr, missing))}; it holds "
+                              f"{', '.join(ds.variables)}")
+        scans = []
+        for name in variables:
+            if name in missing:
+                continue
+            var = ds.variables[name]
+            tdim = _time_dim(ds, var)
+            steps = ds.dimensions[tdim].size if tdim else 1
+            stamps, bounds = _times(ds, tdim, path, steps)
+            y, x, layout, degrees = _coordinates(ds, var, path)
+            key = hashlib.sha1(y.tobytes() + x.tobytes() + repr(layout).encode()).hexdigest()
+            attrs = {k: str(getattr(var, k)) for k in ("units", "long_name", "standard_name", "cell_methods",
+                                                       "grid_mapping") if hasattr(var, k)}
+            attrs["_degrees"] = degrees
+            scans.append(_FileScan(path, name, tuple(var.shape), attrs, stamps, bounds, key))
+        return scans
+
+
+def _times(ds, tdim: str | None, path: str, steps: int) -> tuple[np.ndarray, np.ndarray | None]:
+    coord = ds.variables.get(tdim or "time")
+    if coord is None or " since " not in str(getattr(coord, "units", "")):
+        stamp = _name_stamp(path)
+        if stamp is None:
+            raise RunoffError(f"{path}: no CF time coordinate and no date in the file name "
+                              f"(A20101231.0300, YYYYMMDDhhmm or YYYYMMDD)")
+        if steps != 1:
+            raise RunoffError(f"{path}: {steps} steps but no CF time coordinate to date them")
+        return np.array([stamp]), None
+    units, calendar = str(coord.units), str(getattr(coord, "calendar", "standard"))
+    try:
+        raw = np.ma.filled(np.ma.asarray(coord[:], dtype=np.float64), np.nan).reshape(-1)
+    except (OSError, RuntimeError) as exc:
+        raise RunoffError(f"{path}: cannot read its time coordinate ({_first_line(exc)})") from None
+    if not np.isfinite(raw).all():
+        raise RunoffError(f"{path}: its time coordinate has missing values")
+    stamps = _decode(raw, units, calendar, path)
+    bounds_var = ds.variables.get(str(getattr(coord, "bounds", "")))
+    bounds = None
+    if bounds_var is not None and bounds_var.shape == (len(raw), 2):
+        bounds = _decode(np.asarray(bounds_var[:], np.float64), str(getattr(bounds_var, "units", units)),
+                         str(getattr(bounds_var, "calendar", calendar)), path)
+    return stamps, bounds
+
+
+def _scan_all(paths: list[str], variables: tuple[str, ...], required: bool) -> list[_FileScan]:
+    """Every file's header, on forked processes where there are many files (one open each)."""
+    workers = min(os.cpu_count() or 1, max(1, len(paths) // 64))
+    if workers < 2 or sys.platform != "linux":
+        return [s for p in paths for s in _scan_file(p, variables, required)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        chunks = pool.map(_scan_file, paths, [variables] * len(paths), [required] * len(paths),
+                          chunksize=max(1, len(paths) // (workers * 8)))
+        return [s for scans in chunks for s in scans]
+
+
+# HDF5 as the wheels build it is not thread-safe: one thread inside the library at a time.
+_HDF5 = threading.RLock()
+_OPEN = threading.local()  # files kept open by open_files() in this thread: {path: Dataset}
+
+
+@contextlib.contextmanager
+def open_files() -> Iterator[None]:
+    """Keep the files read in this block open until it ends (one open per file, not per day).
+
+    A multi-year file compressed in long time chunks (VIC: 8036 steps per chunk) would
+    otherwise be opened, and its chunks decompressed, again for every day.
+    """
+    outer = getattr(_OPEN, "files", None)
+    _OPEN.files = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        if outer is None:
+            with _HDF5:
+                for ds in _OPEN.files.values():
+                    ds.close()
+            _OPEN.files = None
+
+
+def _read_steps(path: str, variable: str, indices: tuple[int, ...]) -> np.ndarray:
+    """Float32 values of the given time indices (NaN where masked), shape (steps, a, b)."""
+    cache = getattr(_OPEN, "files", None)
+    with _HDF5:
+        ds = cache.get(path) if cache is not None else None
+        if ds is None:
+            ds = _dataset(path)
+            if cache is not None:
+                cache[path] = ds
+        try:
+            var = ds.variables[variable]
+            if _time_dim(ds, var) is None:
+                raw = var[:][np.newaxis]
+            elif len(indices) > 1 and indices[-1] - indices[0] == len(indices) - 1:
+                raw = var[indices[0]:indices[-1] + 1]
+            else:
+                raw = var[list(indices)] if len(indices) > 1 else var[indices[0]][np.newaxis]
+        except (OSError, RuntimeError, IndexError) as exc:
+            raise RunoffError(f"{path}: cannot read {variable} ({_first_line(exc)})") from None
+        finally:
+            if cache is None:
+                ds.close()
+    values = np.ma.filled(np.ma.asarray(raw).astype(np.float32), np.nan)
+    return values.reshape(len(indices), *values.shape[-2:])
+
+
+def _step_label(path: str | Path, indices: tuple[int, ...]) -> str:
+    if len(indices) == 1:
+        return f"{path}[{indices[0]}]"
+    if indices[-1] - indices[0] == len(indices) - 1:
+        return f"{path}[{indices[0]}:{indices[-1] + 1}]"
+    return f"{path}[{','.join(map(str, indices))}]"
+
+
+def grid_from_coordinates(y: np.ndarray, x: np.ndarray, crs_wkt: str, path: str) -> Grid:
+    """The exact north-up :class:`Grid` of cell centres ``y`` and ``x`` (either orientation).
+
+    Float32 coordinates wobble by ~1e-5 degree: the resolution and origin are fitted, then
+    snapped to the nearest simple value (0.125, 1/12 of a degree, a multiple of half a cell)
+    within that wobble, so the transform does not drift.
+
+    >>> g = grid_from_coordinates(np.array([19.375, 19.2917, 19.2083]), np.arange(3) / 12 + 73.375,
+    ...                           "EPSG:4326", "f.nc")
+    >>> g.transform[0] * 12, g.transform[2] * 24, g.transform[5] * 24
+    (1.0, 1760.0, 465.0)
+    """
+    ya, ystep = _axis(np.sort(y)[::-1], "y/latitude", path)
+    xa, xstep = _axis(np.sort(x), "x/longitude", path)
+    from rasterio.crs import CRS
+
+    return Grid(CRS.from_user_input(crs_wkt).to_wkt(), (xstep, 0.0, xa, 0.0, ystep, ya), len(y), len(x))
+
+
+def _axis(centres: np.ndarray, name: str, path: str) -> tuple[float, float]:
+    """(edge of the first cell, signed cell size) of regularly spaced cell centres."""
+    n = len(centres)
+    if n < 2:
+        raise RunoffError(f"{path}: a single cell along {name}; the grid's resolution cannot be known")
+    step = (centres[-1] - centres[0]) / (n - 1)
+    fitted = centres[0] + np.arange(n) * step
+    wobble = np.abs(centres - fitted).max()
+    if wobble > 0.01 * abs(step):
+        raise RunoffError(f"{path}: {name} coordinates are not regularly spaced (off by up to "
+                          f"{wobble / abs(step):.0%} of a cell); only regular grids can be ingested")
+    tol = max(wobble, 1e-12 * abs(centres).max(), 1e-15) * 2 + 1e-7 * abs(step)
+    step = _snap(step, tol / n, fraction=True)
+    first = float(np.mean(centres - np.arange(n) * step))
+    edge = _snap(first - step / 2, tol, unit=abs(step) / 2)
+    return edge, step
+
+
+def _snap(value: float, tol: float, fraction: bool = False, unit: float | None = None) -> float:
+    """The simplest value within ``tol`` of ``value``: few decimals, else (a cell size) 1/k or
+    ±1/k, else a multiple of ``unit``."""
+    candidates = [round(value, k) for k in range(0, 10)]
+    if fraction and abs(value) > 1e-6 and round(1 / value) != 0:
+        candidates.append(1 / round(1 / value))
+    if unit:
+        candidates.append(round(value / unit) * unit)
+    for candidate in candidates:
+        if abs(candidate - value) <= tol:
+            return float(candidate)
+    return float(value)
+
+
+def _crs_of(path: str, scan: _FileScan, options: NetcdfOptions) -> str:
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    if options.crs:
+        try:
+            return CRS.from_user_input(options.crs).to_wkt()
+        except CRSError:
+            raise RunoffError(f"--crs {options.crs!r}: not a CRS that PROJ knows") from None
+    mapping = scan.attrs.get("grid_mapping")
+    if mapping:
+        with _dataset(path) as ds:
+            var = ds.variables.get(mapping)
+            attrs = {k: var.getncattr(k) for k in var.ncattrs()} if var is not None else {}
+        wkt = attrs.get("crs_wkt") or attrs.get("spatial_ref")
+        try:
+            if wkt:
+                return CRS.from_wkt(str(wkt)).to_wkt()
+            import pyproj
+
+            return pyproj.CRS.from_cf(attrs).to_wkt()
+        except Exception:  # noqa: BLE001 (pyproj raises its own CRSError and others)
+            raise RunoffError(f"{path}: grid_mapping {mapping!r} is not a CRS PROJ understands; pass --crs") from None
+    if scan.attrs["_degrees"]:
+        warnings.warn(f"{path}: no grid_mapping; latitude/longitude in degrees taken as EPSG:4326 "
+                      f"(pass --crs to set another)", RunoffWarning, stacklevel=3)
+        return CRS.from_epsg(4326).to_wkt()
+    raise RunoffError(f"{path}: projected x/y coordinates without a grid_mapping; pass --crs (e.g. --crs EPSG:32633)")
+
+
+def _normalise_units(units: str) -> str:
+    return units.lower().replace(" ", "").replace("**", "^").replace("kgm2", "kgm-2")
+
+
+def _aggregation(name: str, units: str, options: NetcdfOptions, step: np.timedelta64) -> tuple[str, float, str]:
+    """(sum or mean, factor to the requested units, the units stored)."""
+    key = _normalise_units(units)
+    how = options.aggregate or ("sum" if key in _AMOUNTS else "mean")
+    if options.units is None or _normalise_units(options.units) == key:
+        return how, 1.0, options.units or units
+    wanted = _normalise_units(options.units)
+    if wanted not in ("kgm-2", "mm"):
+        raise RunoffError(f"--units {options.units!r}: only 'kg m-2' (or 'mm', the same) can be converted to; "
+                          f"{name} is in {units!r}")
+    if key in _AMOUNTS:
+        if how != "sum" and step < _DAY:
+            raise RunoffError(f"--aggregate mean with --units {options.units!r}: {name} is an amount per step "
+                              f"({units!r}); summing its steps gives the daily amount")
+        return how, _AMOUNTS[key], options.units
+    if key in _RATES:
+        if how != "mean":
+            raise RunoffError(f"--aggregate sum with --units {options.units!r}: {name} is a rate ({units!r}); "
+                              f"the daily amount is its mean times 86400 s")
+        return how, _RATES[key] * 86400.0, options.units
+    raise RunoffError(f"--units {options.units!r}: cannot convert {name}'s units {units!r} "
+                      f"(known: kg m-2, mm, m per step or per day; kg m-2 s-1, mm s-1, m s-1)")
+
+
+def _step_length(steps: list[_Step], name: str) -> np.timedelta64:
+    """The common interval of the steps: from their bounds, else the most common gap between stamps."""
+    if all(s.bounds is not None for s in steps):
+        lengths = np.array([s.bounds[1] - s.bounds[0] for s in steps])
+    else:
+        stamps = np.unique(np.array([s.stamp for s in steps]))
+        if len(stamps) < 2:
+            return _DAY
+        lengths = np.diff(stamps)
+    values, counts = np.unique(lengths, return_counts=True)
+    step = values[counts.argmax()]
+    if step <= np.timedelta64(0, "s"):
+        raise RunoffError(f"{name}: time bounds of zero length")
+    if step > _DAY:
+        raise RunoffError(f"{name}: steps {step.astype(int) / 86400:g} days apart; daily or sub-daily steps are needed")
+    if (_DAY % step) != np.timedelta64(0, "s"):
+        raise RunoffError(f"{name}: steps of {step.astype(int) / 3600:g} h do not divide a day")
+    return step
+
+
+def _interval_middle(step: _Step, length: np.timedelta64, stamp: str) -> np.datetime64:
+    if stamp == "auto" and step.bounds is not None:
+        return step.bounds[0] + (step.bounds[1] - step.bounds[0]) // 2
+    if stamp == "auto":
+        stamp = "end" if length < _DAY else "start"
+    offset = {"start": length // 2, "middle": np.timedelta64(0, "s"), "end": -(length // 2)}[stamp]
+    return step.stamp + offset
+
+
+def _days_of(name: str, variable: str, steps: list[_Step], options: NetcdfOptions, how: str, factor: float,
+             layout: _Layout) -> tuple[list[NetcdfDay], dict[str, str]]:
+    """Group the steps into days; a day short of steps goes to the incomplete ones, with the reason."""
+    length = _step_length(steps, name)
+    per_day = int(_DAY // length)
+    start = np.timedelta64(options.day_start * 3600, "s")
+    by_day: dict[dt.date, dict[np.datetime64, _Step]] = {}
+    for step in steps:
+        middle = _interval_middle(step, length, options.stamp)
+        day = (middle - start).astype("datetime64[D]").item()
+        by_day.setdefault(day, {})[middle] = step
+    days, incomplete = [], {}
+    hours = f"{length.astype(int) / 3600:g}-hourly" if length < _DAY else "daily"
+    for day in sorted(by_day):
+        found = by_day[day]
+        if len(found) < per_day:
+            first = np.datetime64(day, "s") + start + length // 2
+            absent = [str(first + k * length - _stamp_offset(length, options.stamp))[:16]
+                      for k in range(per_day) if first + k * length not in found]
+            shown = ", ".join(absent[:3]) + (" ..." if len(absent) > 3 else "")
+            incomplete[day.isoformat()] = f"{len(found)} of {per_day} {hours} steps (missing {shown})"
+            continue
+        by_file: dict[str, list[int]] = {}
+        for middle in sorted(found):
+            by_file.setdefault(found[middle].path, []).append(found[middle].index)
+        days.append(NetcdfDay(day, variable, tuple((p, tuple(i)) for p, i in by_file.items()), how, factor, layout))
+    return days, incomplete
+
+
+def _stamp_offset(length: np.timedelta64, stamp: str) -> np.timedelta64:
+    """Middle of an interval minus its stamp, to name a missing step by the stamp it would carry."""
+    if stamp in ("auto", "end"):
+        stamp = "end" if length < _DAY else "start"
+    return {"start": length // 2, "middle": np.timedelta64(0, "s"), "end": -(length // 2)}[stamp]
+
+
+def _deduplicate(steps: list[_Step], name: str, variable: str) -> list[_Step]:
+    """One step per time stamp; two files with different values for one stamp are an error."""
+    kept: dict[np.datetime64, _Step] = {}
+    for step in steps:
+        other = kept.get(step.stamp)
+        if other is None:
+            kept[step.stamp] = step
+            continue
+        a, b = (_read_steps(s.path, variable, (s.index,)) for s in (other, step))
+        if a.shape != b.shape or not np.array_equal(a, b, equal_nan=True):
+            raise RunoffError(f"{step.path}: {name} at {str(step.stamp)[:16]} differs from the same step in "
+                              f"{other.path}; keep one of the two files")
+    return [kept[t] for t in sorted(kept)]
+
+
+def open_netcdf_source(source: str | Path, options: NetcdfOptions = NetcdfOptions(), grid: Grid | None = None,
+                       grid_from: str = "", resample: str | None = None) -> NetcdfSource:
+    """Scan the NetCDF/HDF5 files of ``source`` (a file, a glob, a folder or a folder of
+    sub-folders per variable) and plan the days of each cube variable.
+
+    ``grid``: the grid they must lie on (an existing cube's); qs must match it, other
+    variables are resampled onto it with ``resample`` or are an error. Raises
+    :class:`RunoffError` for any bad file or option, before anything is read in full.
+    """
+    if options.aggregate is not None and options.aggregate not in AGGREGATIONS:
+        raise RunoffError(f"--aggregate {options.aggregate!r}: choose sum or mean")
+    if options.stamp not in STAMPS:
+        raise RunoffError(f"--stamp {options.stamp!r}: choose {', '.join(STAMPS)}")
+    if not 0 <= options.day_start <= 23:
+        raise RunoffError(f"--day_start {options.day_start}: an hour from 0 to 23")
+    groups = _file_groups(source, options.variables)
+    wanted = dict(options.variables or {})
+    if isinstance(groups, dict):  # one sub-folder per cube variable
+        plan = {name: ([str(p) for p in files], choose_variable(files[0], wanted.get(name)), True)
+                for name, files in groups.items()}
+        unknown = sorted(set(wanted) - set(groups))
+        if unknown:
+            raise RunoffError(f"--variable {','.join(unknown)}: no such sub-folder in {source}")
+        scans = {name: _scan_all(files, (variable,), True) for name, (files, variable, _) in plan.items()}
+    else:
+        names = [str(p) for p in groups]
+        if not wanted:
+            wanted = {TARGET: choose_variable(names[0])}
+        variables = tuple(dict.fromkeys(wanted.values()))
+        found = _scan_all(names, variables, len(variables) == 1)
+        scans = {name: [s for s in found if s.variable == variable] for name, variable in wanted.items()}
+        for name, variable in wanted.items():
+            if not scans[name]:
+                raise RunoffError(f"{source}: no file holds the variable {variable!r} (--variable {name}={variable})")
+
+    days, attrs, incomplete = {}, {}, {}
+    target_grid = grid
+    for name in [TARGET] + sorted(n for n in scans if n != TARGET):
+        file_scans = scans[name]
+        variable_grid, layout = _common_grid(file_scans, options)
+        first = file_scans[0]
+        if target_grid is None:
+            target_grid, grid_from = variable_grid, f"the first file {first.path}"
+        on_grid = variable_grid.matches(target_grid)
+        if not on_grid and (name == TARGET or resample is None):
+            raise grid_error(Path(first.path), variable_grid, target_grid, grid_from)
+        steps = _deduplicate([_Step(s.path, i, s.stamps[i], None if s.bounds is None else tuple(s.bounds[i]))
+                              for s in file_scans for i in range(len(s.stamps))], name, first.variable)
+        length = _step_length(steps, f"{first.path} ({first.variable})")
+        units = first.attrs.get("units", "")
+        how, factor, stored_units = _aggregation(first.variable, units, options, length)
+        if options.aggregate is not None and length == _DAY:
+            warnings.warn(f"{source}: {first.variable} is already daily; --aggregate {options.aggregate} "
+                          f"has no effect", RunoffWarning, stacklevel=2)
+        made, incomplete[name] = _days_of(name, first.variable, steps, options, how, factor, layout)
+        if not on_grid:
+            made = [replace(d, resample=(variable_grid, target_grid, resample)) for d in made]
+        days[name] = made
+        per_day = int(_DAY // length)
+        attrs[name] = {
+            "units": stored_units,
+            "long_name": first.attrs.get("long_name") or first.attrs.get("standard_name") or first.variable,
+            "source_variable": first.variable,
+            "aggregation": f"{how} of {per_day} steps of {length.astype(int) / 3600:g} h" if per_day > 1
+            else "daily values as published",
+        }
+        if not attrs[name]["long_name"].strip():
+            attrs[name]["long_name"] = first.variable
+    return NetcdfSource(target_grid, days, attrs, incomplete)
+
+
+def _common_grid(scans: list[_FileScan], options: NetcdfOptions) -> tuple[Grid, _Layout]:
+    """The grid every file of one variable lies on; a file on another grid is an error."""
+    first = scans[0]
+    grids: dict[str, tuple[Grid, _Layout]] = {}
+
+    def grid_of(scan: _FileScan) -> tuple[Grid, _Layout]:
+        if scan.coords_key not in grids:
+            with _dataset(scan.path) as ds:
+                y, x, layout, _ = _coordinates(ds, ds.variables[scan.variable], scan.path)
+            grids[scan.coords_key] = (grid_from_coordinates(y, x, _crs_of(scan.path, scan, options), scan.path),
+                                      layout)
+        return grids[scan.coords_key]
+
+    grid, layout = grid_of(first)
+    for scan in _distinct(scans):
+        other, other_layout = grid_of(scan)
+        if not other.matches(grid) or other_layout != layout:
+            raise grid_error(Path(scan.path), other, grid, f"the first file {first.path}")
+    return grid, layout
+
+
+def _distinct(scans: Iterable[_FileScan]) -> list[_FileScan]:
+    seen: dict[str, _FileScan] = {}
+    for scan in scans:
+        seen.setdefault(scan.coords_key, scan)
+    return list(seen.values())
