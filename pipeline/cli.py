@@ -48,6 +48,17 @@ def _storage_options(text: str | None) -> dict | None:
     return value
 
 
+def _start_date(text: str | None):
+    import datetime as dt
+
+    if text is None:
+        return None
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise RunoffError(f"--start {text!r}: expected a date YYYY-MM-DD") from None
+
+
 def cmd_ingest(args: argparse.Namespace) -> None:
     from .cluster import dask_client
     from .cube import describe_cube
@@ -62,7 +73,8 @@ def cmd_ingest(args: argparse.Namespace) -> None:
         report = ingest(args.input_dir, args.store, date_format=args.date_format, options=_read_options(args),
                         chunks=chunks, overwrite=args.overwrite, units=args.units,
                         long_name=args.long_name, progress=sys.stderr.isatty(),
-                        storage_options=storage_options, client=client, resample=args.resample, netcdf=netcdf)
+                        storage_options=storage_options, client=client, resample=args.resample, netcdf=netcdf,
+                        start=_start_date(args.start))
     print(f"{report.store}: wrote {report.written} day(s), {report.skipped} already present; "
           f"{report.start} .. {report.end}, {len(report.missing_dates)} missing; variables {', '.join(report.variables)}")
     if args.info:
@@ -184,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "quoted glob), or a folder of one such sub-folder per variable (Qs/, Rainf/...)")
     p.add_argument("store", help="Zarr cube to create or extend (path or fsspec URL)")
     _option(p, "date_format", help="strptime format of the date in file names, e.g. %%d.%%m.%%Y")
+    _option(p, "start", help="date (YYYY-MM-DD) of step 1 of a PCRaster map stack (IW000000.001, ...)")
     _option(p, "band", type=int, help="band to read from multi-band files (1-based)")
     _option(p, "png_scale", type=float, help="physical value of the largest PNG code (value = code/max*scale)")
     _option(p, "crs", help="CRS for rasters without one, e.g. EPSG:4326 (PNG with a world file)")
@@ -193,11 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
             "NetCDF: units to store, e.g. 'kg m-2' converts mm, m and kg m-2 s-1 to kg m-2 per day")
     _option(p, "variable", help="NetCDF: the runoff variable (Qs_acc), or cube=file names for several "
             "(qs=sum_runoff,rainf=Precipitation); default: the file's only (time, y, x) variable")
-    _option(p, "aggregate", choices=("sum", "mean"), help="NetCDF: how sub-daily steps make a day "
-            "(default from the units: amounts per step sum, rates and states average)")
+    _option(p, "aggregate", help="NetCDF: how sub-daily steps make a day "
+            "sum or mean (default from the units: amounts per step sum, rates and states average)")
     _option(p, "day_start", type=int, default=0, help="NetCDF: hour (UTC) at which a day begins (default 0)")
-    _option(p, "stamp", choices=("auto", "start", "middle", "end"), default="auto",
-            help="NetCDF: which end of its interval a step's time marks (auto: time_bnds, else the end for "
+    _option(p, "stamp", default="auto",
+            help="NetCDF: auto, start, middle or end: which end of its interval a step's time marks (auto: time_bnds, else the end for "
             "sub-daily steps and the day itself for daily ones)")
     _option(p, "long_name", help="long_name of qs")
     _option(p, "overwrite", action="store_true", help="replace days whose values changed")

@@ -118,18 +118,20 @@ def digest(values: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(values, np.float32).data).hexdigest()[:16]
 
 
-def find_variables(input_dir: str | Path, date_format: str | None = None) -> dict[str, list[DayFile]]:
+def find_variables(input_dir: str | Path, date_format: str | None = None,
+                   start: dt.date | None = None) -> dict[str, list[DayFile]]:
     """Rasters per variable: files directly in ``input_dir`` are ``qs``; otherwise one
-    sub-folder per variable (``Qs/``, ``Rainf/``...), named by its lower-cased name."""
+    sub-folder per variable (``Qs/``, ``Rainf/``...), named by its lower-cased name.
+    ``start``: the date of step 1 of PCRaster map stacks."""
     folder = Path(input_dir)
     if not folder.is_dir():
         raise RunoffError(f"{folder}: no such folder")
     if find_rasters(folder):
-        return {TARGET: list_days(folder, date_format)}
+        return {TARGET: list_days(folder, date_format, start)}
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and find_rasters(p))
     if not subdirs:
-        raise RunoffError(f"{folder}: no *.tif, *.tiff or *.png files here or in its sub-folders")
-    variables = {p.name.lower(): list_days(p, date_format) for p in subdirs}
+        raise RunoffError(f"{folder}: no rasters or NetCDF/HDF5 files here or in its sub-folders")
+    variables = {p.name.lower(): list_days(p, date_format, start) for p in subdirs}
     if TARGET not in variables:
         raise RunoffError(f"{folder}: sub-folders {', '.join(p.name for p in subdirs)} hold no Qs/ folder "
                           f"(the forecast target)")
@@ -539,7 +541,8 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
            overwrite: bool = False, units: str | None = None, long_name: str | None = None,
            progress: bool = False, storage_options: dict | None = None,
            num_workers: int | None = None, client: "Client | None" = None,
-           resample: str | None = None, netcdf: NetcdfOptions | None = None) -> IngestReport:
+           resample: str | None = None, netcdf: NetcdfOptions | None = None,
+           start: dt.date | None = None) -> IngestReport:
     """Ingest the rasters or NetCDF/HDF5 files of ``input_dir`` into the cube ``store``
     (created, extended or filled).
 
@@ -547,6 +550,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
     files, or a folder of one such sub-folder per variable. ``netcdf`` says how NetCDF
     steps become days (see :mod:`pipeline.netcdf`); ``units`` is the units label of qs
     rasters, and for NetCDF the units to convert to unless ``netcdf`` gives them.
+    ``start``: the date of step 1 of PCRaster map stacks (``IW000000.001`` ...).
 
     ``resample`` (bilinear, average or nearest): covariates and forcings on another grid than
     ``qs`` (a coarser rain forecast) are resampled onto the cube's grid; without it, any
@@ -563,7 +567,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         raise RunoffError(f"--resample {resample!r}: choose {', '.join(RESAMPLING)}")
     chunks = chunks or dict(DEFAULT_CHUNKS)
     from_netcdf = is_netcdf(input_dir)
-    variables = None if from_netcdf else find_variables(input_dir, date_format)
+    variables = None if from_netcdf else find_variables(input_dir, date_format, start)
     with store_lock(store):
         if not is_url(store):
             _recover_local(Path(store))

@@ -29,7 +29,11 @@ from rasterio.transform import Affine
 
 from .errors import RunoffError
 
-RASTER_SUFFIXES = (".tif", ".tiff", ".png")
+# GeoTIFF, PNG and the single-band GDAL formats hydrological models write: Esri ASCII grids,
+# PCRaster maps, ERDAS Imagine, VRT, ENVI/BIL, Idrisi, SAGA, JPEG 2000.
+RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".asc", ".map", ".img", ".vrt", ".bil", ".rst", ".sdat", ".jp2")
+# A PCRaster map stack names step N in an 8.3 name: IW000000.001 is step 1, IW000001.001 step 1001.
+_STACK_NAME = re.compile(r"^[A-Za-z_]+(\d*)\.(\d{3})$")
 
 # Tried in this order on the file name; the first pattern that gives a real date wins.
 _DATE_PATTERNS = (
@@ -147,12 +151,13 @@ class DayFile:
 
 
 def find_rasters(folder: str | Path) -> list[Path]:
-    """Return the GeoTIFF and PNG files directly in ``folder`` (any case, hidden files skipped), sorted."""
+    """Return the raster files (``RASTER_SUFFIXES``, any case, and PCRaster map stacks)
+    directly in ``folder``, hidden files skipped, sorted."""
     folder = Path(folder)
     with os.scandir(folder) as entries:  # scandir knows file types without a stat per file
         return sorted(folder / e.name for e in entries
-                      if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in RASTER_SUFFIXES
-                      and e.is_file())
+                      if not e.name.startswith(".") and (os.path.splitext(e.name)[1].lower() in RASTER_SUFFIXES
+                                                         or _STACK_NAME.match(e.name)) and e.is_file())
 
 
 def _format_regex(date_format: str) -> re.Pattern:
@@ -209,8 +214,20 @@ def _tag_date(path: Path) -> dt.date | None:
         return None
 
 
-def list_days(folder: str | Path, date_format: str | None = None) -> list[DayFile]:
+def stack_step(name: str) -> int | None:
+    """The step of a PCRaster map stack file name, or None.
+
+    >>> stack_step("IW000000.001"), stack_step("IW000001.001"), stack_step("QS_20210314.tif")
+    (1, 1001, None)
+    """
+    match = _STACK_NAME.match(name)
+    return int(match.group(1) + match.group(2)) if match else None
+
+
+def list_days(folder: str | Path, date_format: str | None = None, start: dt.date | None = None) -> list[DayFile]:
     """Every raster in ``folder`` with its date, sorted by date.
+
+    PCRaster map stacks carry a step number only: step N is ``start`` + N - 1 days.
 
     Raises :class:`RunoffError` for an empty or missing folder, a file without a
     parseable date, and two files for one date.
@@ -220,10 +237,16 @@ def list_days(folder: str | Path, date_format: str | None = None) -> list[DayFil
         raise RunoffError(f"{folder}: no such folder")
     files = find_rasters(folder)
     if not files:
-        raise RunoffError(f"{folder}: no *.tif, *.tiff or *.png files in this folder")
+        raise RunoffError(f"{folder}: no raster files ({', '.join(RASTER_SUFFIXES)} or a PCRaster stack) "
+                          f"in this folder")
     days: dict[dt.date, Path] = {}
     for path in files:
-        date = parse_date(path.name, date_format) or _tag_date(path)
+        step = stack_step(path.name)
+        if step is not None and start is None:
+            raise RunoffError(f"{path}: step {step} of a PCRaster map stack; pass --start YYYY-MM-DD "
+                              f"(the date of step 1)")
+        date = start + dt.timedelta(days=step - 1) if step is not None else \
+            parse_date(path.name, date_format) or _tag_date(path)
         if date is None:
             how = f"--date_format {date_format!r}" if date_format else \
                 "YYYYMMDD, YYYY-MM-DD, YYYY_MM_DD, YYYYDDD or TIFFTAG_DATETIME"

@@ -331,3 +331,27 @@ def test_resample_brings_a_coarser_forcing_onto_the_runoff_grid(tmp_path, run_cl
     assert rain.shape == (3, 16, 20)
     np.testing.assert_array_equal(rain, np.repeat(np.repeat(coarse, 2, axis=1), 2, axis=2))
     assert ds.rainf.rio.transform() == ds.qs.rio.transform()
+
+
+def test_a_pcraster_map_stack_is_dated_from_start_and_keeps_its_grid(tmp_path, run_cli):
+    from rasterio.transform import from_origin
+
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    days = np.random.default_rng(0).gamma(0.5, 2.0, (3, 6, 8)).astype(np.float32)
+    names = ["IW000000.001", "IW000000.002", "IW000000.003"]
+    for name, values in zip(names, days):
+        with rasterio.open(stack / name, "w", driver="PCRaster", height=6, width=8, count=1, dtype="float32",
+                           transform=from_origin(500000, 4800000, 1000, 1000), PCRASTER_VALUESCALE="VS_SCALAR") as dst:
+            dst.write(values, 1)
+    store = tmp_path / "qs.zarr"
+    undated = run_cli("ingest", stack, store, "--crs", "EPSG:32631")
+    assert undated.status == 2 and "--start YYYY-MM-DD" in one_error_line(undated.err)
+    assert not store.exists()
+    result = run_cli("ingest", stack, store, "--crs", "EPSG:32631", "--start", "2001-03-01")
+    assert result.status == 0, result.err
+    ds = xr.open_zarr(store, decode_coords="all", consolidated=False)
+    assert [str(d)[:10] for d in ds.time.values] == ["2001-03-01", "2001-03-02", "2001-03-03"]
+    np.testing.assert_array_equal(ds.qs.values, days)
+    assert tuple(ds.qs.rio.transform())[:6] == (1000.0, 0.0, 500000.0, 0.0, -1000.0, 4800000.0)
+    assert ds.qs.rio.crs.to_epsg() == 32631 and ds.qs.attrs["source_files"]["2001-03-02"] == "IW000000.002"

@@ -1,0 +1,228 @@
+"""`runoff ingest` on NetCDF files as land-surface models publish them: GLDAS-like 3-hourly
+files, LIS-like hourly files with 2-D float32 lat/lon and a rate, one multi-year file in
+float days since 0001-01-01; daily sums and means, the grid, missing steps, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import netCDF4
+import numpy as np
+import pytest
+import rioxarray  # noqa: F401
+import xarray as xr
+from rasterio.crs import CRS
+
+from pipeline.synth import write_lsm_files
+
+from .conftest import one_error_line, tree_digest
+
+
+def _daily(steps, per_step: float = 1.0, how: str = "sum") -> dict[str, np.ndarray]:
+    """numpy's daily totals (or means) of the steps, by the day their interval starts in."""
+    days = steps.starts.astype("datetime64[D]")
+    out = {}
+    for day in np.unique(days):
+        block = steps.values[days == day].astype(np.float64) * per_step
+        out[str(day)] = block.sum(0) if how == "sum" else block.mean(0)
+    return out
+
+
+def _open(store: Path) -> xr.Dataset:
+    return xr.open_zarr(store, decode_coords="all", consolidated=False)
+
+
+def _assert_grid(ds: xr.Dataset, steps, resolution: float = 0.25) -> None:
+    """The cube's transform is exactly the one the coordinates imply, north up."""
+    transform = ds.qs.rio.transform()
+    west, north = steps.lon[0] - resolution / 2, steps.lat[0] + resolution / 2
+    assert tuple(transform)[:6] == (resolution, 0.0, west, 0.0, -resolution, north)
+    assert ds.qs.rio.crs == CRS.from_epsg(4326)
+    np.testing.assert_allclose(ds.y.values, steps.lat)
+    np.testing.assert_allclose(ds.x.values, steps.lon)
+
+
+def test_gldas_3_hourly_files_sum_to_days_on_the_grid_of_their_coordinates(tmp_path, run_cli):
+    steps = write_lsm_files(tmp_path / "gldas", "gldas", days=3, seed=1)
+    store = tmp_path / "qs.zarr"
+    result = run_cli("ingest", tmp_path / "gldas", store, "--variable", "Qs_acc")
+    assert result.status == 0, result.err
+    assert "wrote 3 day(s)" in result.out and "EPSG:4326" in result.err  # no grid_mapping: said so
+    ds = _open(store)
+    _assert_grid(ds, steps)
+    truth = _daily(steps)
+    for day, expected in truth.items():
+        np.testing.assert_allclose(ds.qs.sel(time=day).values, expected, rtol=1e-6, equal_nan=True)
+    # the 03:00 file holds 00:00-03:00 and the next day's 00:00 file holds 21:00-24:00
+    sources = ds.qs.attrs["source_files"]["2010-12-30"]
+    assert sources.startswith("GLDAS_NOAH025_3H.A20101230.0300.021.nc4[0]")
+    assert sources.endswith("GLDAS_NOAH025_3H.A20101231.0000.021.nc4[0]") and sources.count("nc4") == 8
+    assert ds.qs.attrs["units"] == "kg m-2" and ds.qs.attrs["source_variable"] == "Qs_acc"
+    assert ds.qs.attrs["aggregation"] == "sum of 8 steps of 3 h"
+    assert ds.rio.crs == CRS.from_epsg(4326)  # the rio round trip: CRS and transform from the cube alone
+
+    again = run_cli("ingest", tmp_path / "gldas", store, "--variable", "Qs_acc")
+    assert again.status == 0 and "wrote 0 day(s), 3 already present" in again.out
+
+
+def test_a_day_with_a_missing_step_is_a_missing_day_with_its_reason(tmp_path, run_cli):
+    steps = write_lsm_files(tmp_path / "gldas", "gldas", days=3, seed=2)
+    lost = steps.paths[8 + 5]  # the sixth 3-hour step of 2010-12-31
+    lost.unlink()
+    store = tmp_path / "qs.zarr"
+    result = run_cli("ingest", tmp_path / "gldas", store)
+    assert result.status == 0, result.err
+    assert lost.name == "GLDAS_NOAH025_3H.A20101231.1800.021.nc4"
+    assert "2010-12-31: 7 of 8 3-hourly steps (missing 2010-12-31T18:00)" in result.err
+    ds = _open(store)
+    assert ds.attrs["missing_dates"] == ["2010-12-31"]
+    assert ds.qs.attrs["missing_reasons"]["2010-12-31"].startswith("7 of 8 3-hourly steps (missing 2010-12-31T18:00")
+    assert np.isnan(ds.qs.sel(time="2010-12-31").values).all()
+    np.testing.assert_allclose(ds.qs.sel(time="2011-01-01").values, _daily(steps)["2011-01-01"], rtol=1e-6)
+
+    write_lsm_files(tmp_path / "again", "gldas", days=3, seed=2)  # the step arrives later: the day is filled
+    shutil.copy(tmp_path / "again" / lost.name, lost)
+    filled = run_cli("ingest", tmp_path / "gldas", store)
+    assert filled.status == 0 and "wrote 1 day(s)" in filled.out
+    ds = _open(store)
+    assert ds.attrs["missing_dates"] == [] and ds.qs.attrs["missing_reasons"] == {}
+    np.testing.assert_allclose(ds.qs.sel(time="2010-12-31").values, _daily(steps)["2010-12-31"], rtol=1e-6,
+                               equal_nan=True)
+
+
+def test_lis_hourly_rates_with_2d_float32_lat_lon_average_to_kg_per_day(tmp_path, run_cli):
+    steps = write_lsm_files(tmp_path / "lis", "lis", days=2, seed=3, resolution=0.01, origin=(-97.13, 38.52))
+    with netCDF4.Dataset(steps.paths[0]) as ds:  # float32 coordinates do wobble
+        assert np.abs(ds["lon"][0].astype(np.float64) - steps.lon).max() > 1e-7
+    store = tmp_path / "qs.zarr"
+    result = run_cli("ingest", tmp_path / "lis", store, "--units", "kg m-2")
+    assert result.status == 0, result.err
+    ds = _open(store)
+    _assert_grid(ds, steps, resolution=0.01)
+    # a mean rate in kg m-2 s-1 times 86400 s is the day's amount in kg m-2
+    for day, expected in _daily(steps, per_step=86400.0, how="mean").items():
+        np.testing.assert_allclose(ds.qs.sel(time=day).values, expected, rtol=1e-5, equal_nan=True)
+    assert ds.qs.attrs["units"] == "kg m-2" and ds.qs.attrs["aggregation"] == "mean of 24 steps of 1 h"
+
+    kept = tmp_path / "kept.zarr"  # without --units the rate is averaged and kept as a rate
+    assert run_cli("ingest", tmp_path / "lis", kept).status == 0
+    rate = _open(kept)
+    assert rate.qs.attrs["units"] == "kg m-2 s-1"
+    np.testing.assert_allclose(rate.qs.values * 86400, ds.qs.values, rtol=1e-5)
+
+
+@pytest.mark.parametrize("calendar", ["proleptic_gregorian", "standard"])
+def test_a_multi_year_file_in_days_since_year_1_matches_xarray(tmp_path, run_cli, calendar):
+    steps = write_lsm_files(tmp_path / "run", "multi", days=5, seed=4, start="2003-02-26")
+    with netCDF4.Dataset(steps.paths[0], "r+") as ds:  # the calendar decides which dates those are
+        ds["time"].calendar = ds["time_bnds"].calendar = calendar
+    store = tmp_path / "qs.zarr"
+    result = run_cli("ingest", steps.paths[0], store, "--day_start", "0")
+    assert result.status == 0, result.err
+    cube = _open(store)
+    expected = xr.open_dataset(steps.paths[0]).runoff.resample(time="1D").sum(skipna=False)
+    assert [str(d)[:10] for d in cube.time.values] == [str(d)[:10] for d in expected.time.values]
+    if calendar == "standard":  # the mixed Julian/Gregorian calendar puts year 1 two days apart
+        assert str(cube.time.values[0])[:10] == "2003-02-24"
+    np.testing.assert_allclose(cube.qs.values, expected.values, rtol=1e-6, equal_nan=True)
+    assert cube.qs.attrs["source_files"][str(cube.time.values[1])[:10]] == "run_2003.nc[4:8]"
+    _assert_grid(cube, steps)
+
+
+def test_subfolders_per_variable_and_a_day_start(tmp_path, run_cli):
+    write_lsm_files(tmp_path / "in" / "Qs", "gldas", days=3, seed=5)
+    rain = write_lsm_files(tmp_path / "in" / "Rainf", "gldas", days=3, seed=6)
+    store = tmp_path / "qs.zarr"
+    result = run_cli("ingest", tmp_path / "in", store, "--day_start", "6")
+    assert result.status == 0, result.err
+    ds = _open(store)
+    assert set(ds.data_vars) == {"qs", "rainf"}
+    # days from 06 to 06 UTC: the first day lacks its first two steps, the last its last six
+    assert ds.attrs["missing_dates"] == ["2010-12-29", "2011-01-01"]
+    starts = rain.starts - np.timedelta64(6, "h")
+    day = starts.astype("datetime64[D]") == np.datetime64("2010-12-30")
+    np.testing.assert_allclose(ds.rainf.sel(time="2010-12-30").values, rain.values[day].sum(0), rtol=1e-6,
+                               equal_nan=True)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _change_grid(path: Path) -> None:
+    with netCDF4.Dataset(path, "r+") as ds:
+        ds["lon"][:] = ds["lon"][:] + 0.5
+
+
+def _irregular(path: Path) -> None:
+    with netCDF4.Dataset(path, "r+") as ds:
+        lat = ds["lat"][:]
+        lat[-1] += 0.1
+        ds["lat"][:] = lat
+
+
+def _bad_time(path: Path) -> None:
+    with netCDF4.Dataset(path, "r+") as ds:
+        ds["time"].units = "fortnights since the flood"
+
+
+def _duplicate_hour(path: Path) -> None:
+    copy = path.with_name(path.name.replace(".021.", ".022."))
+    shutil.copy(path, copy)
+    with netCDF4.Dataset(copy, "r+") as ds:
+        ds["Qs_acc"][0, 5, 5] = 123.0
+
+
+@pytest.mark.parametrize("damage, option, words", [
+    (_truncate, (), "not a readable NetCDF/HDF5 file"),
+    (_change_grid, (), "differs from the first file"),
+    (_irregular, (), "not regularly spaced"),
+    (_bad_time, (), "time coordinate cannot be decoded"),
+    (_duplicate_hour, (), "differs from the same step in"),
+    (None, ("--variable", "Rainf"), "no variable 'Rainf'"),
+    (None, ("--units", "furlongs"), "--units 'furlongs'"),
+])
+def test_bad_netcdf_input_is_one_line_naming_it_and_the_cube_is_unchanged(tmp_path, run_cli, damage, option, words):
+    steps = write_lsm_files(tmp_path / "in", "gldas", days=2, seed=7)
+    store = tmp_path / "qs.zarr"
+    first = write_lsm_files(tmp_path / "first", "gldas", days=2, seed=7, start="2010-12-20")
+    assert run_cli("ingest", tmp_path / "first", store).status == 0
+    before = tree_digest(store)
+    victim = steps.paths[3]
+    if damage is not None:
+        damage(victim)
+    result = run_cli("ingest", tmp_path / "in", store, *option)
+    assert result.status == 2
+    line = one_error_line("\n".join(x for x in result.err.splitlines() if "warning" not in x))
+    assert words in line, line
+    if damage is not None:
+        assert victim.name in line
+    assert tree_digest(store) == before
+    assert first.paths  # the cube still holds the first batch only
+
+
+def test_the_only_candidate_variable_is_chosen_and_several_are_listed(tmp_path, run_cli):
+    steps = write_lsm_files(tmp_path / "in", "multi", days=2, seed=8)
+    with netCDF4.Dataset(steps.paths[0], "r+") as ds:
+        extra = ds.createVariable("Rainf", "f4", ("time", "lat", "lon"))
+        extra[:] = np.ones(extra.shape, np.float32)
+    result = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr")
+    assert result.status == 2
+    assert "--variable NAME (candidates: runoff, Rainf)" in one_error_line(result.err)
+    both = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr", "--variable", "qs=runoff,rainf=Rainf")
+    assert both.status == 0, both.err
+    assert set(_open(tmp_path / "qs.zarr").data_vars) == {"qs", "rainf"}
+
+
+def test_aggregate_on_daily_data_is_a_note_not_an_error(tmp_path, run_cli):
+    steps = write_lsm_files(tmp_path / "in", "multi", days=4, seed=9)
+    daily = tmp_path / "daily.nc"
+    xr.open_dataset(steps.paths[0]).drop_vars("time_bnds").runoff.resample(time="1D").sum(skipna=False) \
+        .to_dataset().to_netcdf(daily)
+    result = run_cli("ingest", daily, tmp_path / "qs.zarr", "--aggregate", "sum")
+    assert result.status == 0, result.err
+    assert "already daily; --aggregate sum has no effect" in result.err
+    cube = _open(tmp_path / "qs.zarr")
+    assert cube.sizes["time"] == 4 and cube.qs.attrs["aggregation"] == "daily values as published"
