@@ -126,10 +126,13 @@ class NetcdfDay:
         total, count = None, 0
         for path, indices in self.steps:
             block = _read_steps(path, self.variable, indices)
-            part = block.sum(axis=0, dtype=np.float64)
-            total = part if total is None else total + part
+            if total is None:
+                total = np.zeros(block.shape[1:], np.float64)
+            for step in block:  # NaN (masked) in any step stays NaN
+                np.add(total, step, out=total)
             count += len(block)
-        values = total * (self.factor / (count if self.how == "mean" else 1))
+        total *= self.factor / (count if self.how == "mean" else 1)
+        values = total
         if self.layout.transpose:
             values = values.T
         values = values[::-1 if self.layout.flip_y else 1, ::-1 if self.layout.flip_x else 1]
@@ -172,9 +175,18 @@ class _FileScan:
     variable: str
     shape: tuple[int, ...]
     attrs: dict
-    stamps: np.ndarray                      # datetime64[s], one per step
-    bounds: np.ndarray | None               # datetime64[s], (steps, 2)
+    stamps: np.ndarray | _CfTime            # datetime64[s], one per step (CF values until decoded)
+    bounds: np.ndarray | _CfTime | None     # datetime64[s], (steps, 2)
     coords_key: str
+
+
+@dataclass(frozen=True)
+class _CfTime:
+    """CF time values as the file holds them; decoded for many files at once (see _decode_scans)."""
+
+    values: np.ndarray
+    units: str
+    calendar: str
 
 
 def is_netcdf(path: str | Path) -> bool:
@@ -307,14 +319,14 @@ def _coordinates(ds, var, path: str) -> tuple[np.ndarray, np.ndarray, _Layout, b
     first, second = spatial
     one_d = [ds.variables.get(d) for d in spatial]
     if all(c is not None and c.ndim == 1 for c in one_d):
-        a, b = (np.asarray(c[:], np.float64) for c in one_d)
+        a, b = (_unmasked(c) for c in one_d)
         is_x = [_is_longitude(d, c) for d, c in zip(spatial, one_d)]
         transpose = is_x[0] and not is_x[1]
         y, x = (b, a) if transpose else (a, b)
         degrees = any(_degrees(c) for c in one_d)
     else:
         lat_name, lon_name = _two_d_names(ds, var, path)
-        lat, lon = (np.asarray(ds.variables[n][:], np.float64) for n in (lat_name, lon_name))
+        lat, lon = (_unmasked(ds.variables[n]) for n in (lat_name, lon_name))
         lat_dims = ds.variables[lat_name].dimensions
         transpose = lat_dims[0] != first
         if transpose:
@@ -326,6 +338,11 @@ def _coordinates(ds, var, path: str) -> tuple[np.ndarray, np.ndarray, _Layout, b
         y, x, degrees = lat.mean(axis=1), lon.mean(axis=0), True
     layout = _Layout(transpose=transpose, flip_y=len(y) > 1 and y[-1] > y[0], flip_x=len(x) > 1 and x[-1] < x[0])
     return y, x, layout, degrees
+
+
+def _unmasked(var) -> np.ndarray:
+    var.set_auto_mask(False)  # coordinates have no fill values; masked arrays cost more than the read
+    return np.asarray(var[:], np.float64)
 
 
 def _is_longitude(name: str, coord) -> bool:
@@ -418,42 +435,69 @@ def _times(ds, tdim: str | None, path: str, steps: int) -> tuple[np.ndarray, np.
         return np.array([stamp]), None
     units, calendar = str(coord.units), str(getattr(coord, "calendar", "standard"))
     try:
-        raw = np.ma.filled(np.ma.asarray(coord[:], dtype=np.float64), np.nan).reshape(-1)
+        coord.set_auto_mask(False)
+        raw = np.asarray(coord[:], np.float64).reshape(-1)
     except (OSError, RuntimeError) as exc:
         raise RunoffError(f"{path}: cannot read its time coordinate ({_first_line(exc)})") from None
-    if not np.isfinite(raw).all():
+    fill = getattr(coord, "_FillValue", None)
+    if not np.isfinite(raw).all() or (fill is not None and (raw == fill).any()):
         raise RunoffError(f"{path}: its time coordinate has missing values")
-    stamps = _decode(raw, units, calendar, path)
     bounds_var = ds.variables.get(str(getattr(coord, "bounds", "")))
     bounds = None
     if bounds_var is not None and bounds_var.shape == (len(raw), 2):
-        bounds = _decode(np.asarray(bounds_var[:], np.float64), str(getattr(bounds_var, "units", units)),
-                         str(getattr(bounds_var, "calendar", calendar)), path)
-    return stamps, bounds
+        bounds_var.set_auto_mask(False)
+        bounds = _CfTime(np.asarray(bounds_var[:], np.float64), str(getattr(bounds_var, "units", units)),
+                         str(getattr(bounds_var, "calendar", calendar)))
+    return _CfTime(raw, units, calendar), bounds
+
+
+def _decode_scans(scans: list[_FileScan]) -> list[_FileScan]:
+    """Decode every scan's CF times, one xarray call per (units, calendar) rather than per file."""
+    groups: dict[tuple[str, str], list[tuple[int, str, _CfTime]]] = {}
+    for i, scan in enumerate(scans):
+        for field_name in ("stamps", "bounds"):
+            value = getattr(scan, field_name)
+            if isinstance(value, _CfTime):
+                groups.setdefault((value.units, value.calendar), []).append((i, field_name, value))
+    decoded: dict[tuple[int, str], np.ndarray] = {}
+    for (units, calendar), items in groups.items():
+        try:
+            flat = _decode(np.concatenate([v.values.ravel() for _, _, v in items]), units, calendar, "")
+        except RunoffError:  # name the file: decode them one by one
+            for i, _, value in items:
+                _decode(value.values, units, calendar, scans[i].path)
+            raise
+        start = 0
+        for i, field_name, value in items:
+            decoded[i, field_name] = flat[start:start + value.values.size].reshape(value.values.shape)
+            start += value.values.size
+    return [replace(scan, stamps=decoded.get((i, "stamps"), scan.stamps),
+                    bounds=decoded.get((i, "bounds"), scan.bounds)) for i, scan in enumerate(scans)]
 
 
 def _scan_all(paths: list[str], variables: tuple[str, ...], required: bool) -> list[_FileScan]:
     """Every file's header, on forked processes where there are many files (one open each)."""
     workers = min(os.cpu_count() or 1, max(1, len(paths) // 64))
     if workers < 2 or sys.platform != "linux":
-        return [s for p in paths for s in _scan_file(p, variables, required)]
+        return _decode_scans([s for p in paths for s in _scan_file(p, variables, required)])
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         chunks = pool.map(_scan_file, paths, [variables] * len(paths), [required] * len(paths),
                           chunksize=max(1, len(paths) // (workers * 8)))
-        return [s for scans in chunks for s in scans]
+        return _decode_scans([s for scans in chunks for s in scans])
 
 
 # HDF5 as the wheels build it is not thread-safe: one thread inside the library at a time.
 _HDF5 = threading.RLock()
-_OPEN = threading.local()  # files kept open by open_files() in this thread: {path: Dataset}
+_OPEN = threading.local()  # the file open_files() keeps open in this thread: {path: Dataset}, at most one
 
 
 @contextlib.contextmanager
 def open_files() -> Iterator[None]:
-    """Keep the files read in this block open until it ends (one open per file, not per day).
+    """Keep the last file read in this block open until another is read or the block ends.
 
     A multi-year file compressed in long time chunks (VIC: 8036 steps per chunk) would
-    otherwise be opened, and its chunks decompressed, again for every day.
+    otherwise be opened, and its chunks decompressed, again for every day; files of one
+    step each gain nothing from staying open.
     """
     outer = getattr(_OPEN, "files", None)
     _OPEN.files = {} if outer is None else outer
@@ -475,6 +519,9 @@ def _read_steps(path: str, variable: str, indices: tuple[int, ...]) -> np.ndarra
         if ds is None:
             ds = _dataset(path)
             if cache is not None:
+                for other in cache.values():
+                    other.close()
+                cache.clear()
                 cache[path] = ds
         try:
             var = ds.variables[variable]
@@ -489,8 +536,9 @@ def _read_steps(path: str, variable: str, indices: tuple[int, ...]) -> np.ndarra
         finally:
             if cache is None:
                 ds.close()
-    values = np.ma.filled(np.ma.asarray(raw).astype(np.float32), np.nan)
-    return values.reshape(len(indices), *values.shape[-2:])
+    if np.ma.isMaskedArray(raw):
+        raw = raw.astype(np.float32, copy=False).filled(np.nan)
+    return np.asarray(raw, np.float32).reshape(len(indices), *raw.shape[-2:])
 
 
 def _step_label(path: str | Path, indices: tuple[int, ...]) -> str:
