@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
             "NetCDF: units to store, e.g. 'kg m-2' converts mm, m and kg m-2 s-1 to kg m-2 per day")
     _option(p, "variable", help="NetCDF: the runoff variable (Qs_acc), or cube=file names for several "
             "(qs=sum_runoff,rainf=Precipitation); default: the file's only (time, y, x) variable")
-    _option(p, "aggregate", help="NetCDF: how sub-daily steps make a day "
+    _option(p, "aggregate", help="NetCDF: how sub-daily steps make a day, "
             "sum or mean (default from the units: amounts per step sum, rates and states average)")
     _option(p, "day_start", type=int, default=0, help="NetCDF: hour (UTC) at which a day begins (default 0)")
     _option(p, "stamp", default="auto",

@@ -666,20 +666,22 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
 
 def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage_options: dict | None = None,
                 progress: bool = False, option: str = "--data_dir") -> str:
-    """The cube behind ``--data_dir``: a cube as it is, or a folder of rasters ingested
-    (idempotently) into ``stores/<folder name>.zarr`` first."""
+    """The cube behind ``--data_dir``: a cube as it is, or a folder of rasters or NetCDF files
+    (or one NetCDF file) ingested (idempotently) into ``stores/<name>.zarr`` first, with the
+    defaults of ``runoff ingest``."""
     path = str(data_dir)
     if is_url(path) or (Path(path) / "zarr.json").exists():
         return path
     if not Path(path).exists():
         raise RunoffError(f"{option} {path}: no such cube or folder")
-    if Path(path).is_dir() and not path.rstrip("/").endswith(".zarr"):
-        store = Path(stores_dir) / f"{Path(path).resolve().name}.zarr"
+    if (Path(path).is_dir() and not path.rstrip("/").endswith(".zarr")) or is_netcdf(path):
+        name = Path(path).resolve().name if Path(path).is_dir() else Path(path).stem
+        store = Path(stores_dir) / f"{name}.zarr"
         report = ingest(path, store, progress=progress, storage_options=storage_options)
         if report.written:
             print(f"{option} {path}: ingested {report.written} day(s) into {store}")
         return str(store)
-    raise RunoffError(f"{option} {path}: neither a Zarr cube nor a folder of rasters")
+    raise RunoffError(f"{option} {path}: neither a Zarr cube nor a folder of rasters or NetCDF files")
 
 
 def _exists(store: str, storage_options: dict | None) -> bool:

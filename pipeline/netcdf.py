@@ -13,8 +13,9 @@ Conventions
   honoured), or from the file name (``A20101231.0300``, ``YYYYMMDDhhmm``, ``YYYYMMDD``)
   when the file has none.
 * A step covers an interval: its ``time_bnds`` where the file has them; otherwise the stamp
-  marks the *end* of the interval for sub-daily steps (GLDAS, NLDAS and LIS stamp their
-  accumulations and averages so) and the day itself for daily steps; ``stamp`` overrides.
+  marks the *end* of the interval for sub-daily steps (GLDAS and LIS stamp their
+  accumulations and averages so; NLDAS stamps the start of its hour, and its files are
+  recognised by name) and the day itself for daily steps; ``stamp`` overrides.
   A step belongs to the day its interval's middle lies in, days starting at ``day_start``
   hours UTC.
 * A day lacking any of its steps is not summed short: it is a missing day, with the reason.
@@ -64,6 +65,7 @@ _NAME_STAMPS = (
     (re.compile(r"(?<!\d)(\d{12})(?!\d)"), "%Y%m%d%H%M"),
     (re.compile(r"(?<!\d)(\d{8})(?!\d)"), "%Y%m%d"),
 )
+_STAMPS_AT_START = ("NLDAS_",)  # products whose sub-daily stamps mark the start of the interval
 _LATITUDE = ("lat", "latitude", "nav_lat", "y", "rlat", "northing")
 _LONGITUDE = ("lon", "longitude", "nav_lon", "x", "rlon", "easting")
 
@@ -678,13 +680,26 @@ def _step_length(steps: list[_Step], name: str) -> np.timedelta64:
     return step
 
 
+def _stamp_position(stamp: str, length: np.timedelta64, path: str) -> str:
+    """Where a step's time lies in its interval when the file has no ``time_bnds``: as given,
+    else by product (NLDAS stamps the start of its hour), else the end of a sub-daily
+    interval (GLDAS, LIS) and the start of a daily one (the day itself)."""
+    if stamp != "auto":
+        return stamp
+    if Path(path).name.startswith(_STAMPS_AT_START):
+        return "start"
+    return "end" if length < _DAY else "start"
+
+
+def _to_middle(length: np.timedelta64, position: str) -> np.timedelta64:
+    """Middle of an interval minus its stamp."""
+    return {"start": length // 2, "middle": np.timedelta64(0, "s"), "end": -(length // 2)}[position]
+
+
 def _interval_middle(step: _Step, length: np.timedelta64, stamp: str) -> np.datetime64:
     if stamp == "auto" and step.bounds is not None:
         return step.bounds[0] + (step.bounds[1] - step.bounds[0]) // 2
-    if stamp == "auto":
-        stamp = "end" if length < _DAY else "start"
-    offset = {"start": length // 2, "middle": np.timedelta64(0, "s"), "end": -(length // 2)}[stamp]
-    return step.stamp + offset
+    return step.stamp + _to_middle(length, _stamp_position(stamp, length, step.path))
 
 
 def _days_of(name: str, variable: str, steps: list[_Step], options: NetcdfOptions, how: str, factor: float,
@@ -704,7 +719,8 @@ def _days_of(name: str, variable: str, steps: list[_Step], options: NetcdfOption
         found = by_day[day]
         if len(found) < per_day:
             first = np.datetime64(day, "s") + start + length // 2
-            absent = [str(first + k * length - _stamp_offset(length, options.stamp))[:16]
+            offset = _to_middle(length, _stamp_position(options.stamp, length, steps[0].path))
+            absent = [str(first + k * length - offset)[:16]
                       for k in range(per_day) if first + k * length not in found]
             shown = ", ".join(absent[:3]) + (" ..." if len(absent) > 3 else "")
             incomplete[day.isoformat()] = f"{len(found)} of {per_day} {hours} steps (missing {shown})"
@@ -714,13 +730,6 @@ def _days_of(name: str, variable: str, steps: list[_Step], options: NetcdfOption
             by_file.setdefault(found[middle].path, []).append(found[middle].index)
         days.append(NetcdfDay(day, variable, tuple((p, tuple(i)) for p, i in by_file.items()), how, factor, layout))
     return days, incomplete
-
-
-def _stamp_offset(length: np.timedelta64, stamp: str) -> np.timedelta64:
-    """Middle of an interval minus its stamp, to name a missing step by the stamp it would carry."""
-    if stamp in ("auto", "end"):
-        stamp = "end" if length < _DAY else "start"
-    return {"start": length // 2, "middle": np.timedelta64(0, "s"), "end": -(length // 2)}[stamp]
 
 
 def _deduplicate(steps: list[_Step], name: str, variable: str) -> list[_Step]:

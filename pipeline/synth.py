@@ -273,7 +273,7 @@ def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width:
 LSM_LAYOUTS = {
     "gldas": dict(hours=3, variable="Qs_acc", units="kg m-2", stamp="end", coords="1d-ascending",
                   name="GLDAS_NOAH025_3H.A{:%Y%m%d.%H%M}.021.nc4"),
-    "nldas": dict(hours=1, variable="Qs", units="kg m-2", stamp="end", coords="1d-ascending",
+    "nldas": dict(hours=1, variable="Qs", units="kg m-2", stamp="start", coords="1d-ascending",
                   name="NLDAS_NOAH0125_H.A{:%Y%m%d.%H%M}.002.nc"),
     "lis": dict(hours=1, variable="Qs_tavg", units="kg m-2 s-1", stamp="end", coords="2d-float32",
                 name="LIS_HIST_{:%Y%m%d%H%M}.d01.nc"),

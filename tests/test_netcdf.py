@@ -226,3 +226,16 @@ def test_aggregate_on_daily_data_is_a_note_not_an_error(tmp_path, run_cli):
     assert "already daily; --aggregate sum has no effect" in result.err
     cube = _open(tmp_path / "qs.zarr")
     assert cube.sizes["time"] == 4 and cube.qs.attrs["aggregation"] == "daily values as published"
+
+
+def test_nldas_hours_are_stamped_at_their_start_and_stamp_overrides(tmp_path, run_cli):
+    steps = write_lsm_files(tmp_path / "in", "nldas", days=2, seed=10)
+    assert steps.paths[0].name == "NLDAS_NOAH0125_H.A20101230.0000.002.nc"
+    result = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr")
+    assert result.status == 0, result.err
+    cube = _open(tmp_path / "qs.zarr")
+    for day, expected in _daily(steps).items():
+        np.testing.assert_allclose(cube.qs.sel(time=day).values, expected, rtol=1e-6, equal_nan=True)
+    # read as stamped at the end, the 00:00 file belongs to the day before, which is then incomplete
+    shifted = run_cli("ingest", tmp_path / "in", tmp_path / "end.zarr", "--stamp", "end")
+    assert shifted.status == 0 and "2010-12-29: 1 of 24 1-hourly steps" in shifted.err
