@@ -732,6 +732,18 @@ def _days_of(name: str, variable: str, steps: list[_Step], options: NetcdfOption
     return days, incomplete
 
 
+def _check_names(scans: list[_FileScan]) -> None:
+    """Warn where a one-step file's decoded time and the date in its name are a day or more
+    apart: the sign of a calendar or reference date read wrongly (by the writer or here)."""
+    for scan in scans:
+        named = _name_stamp(scan.path) if len(scan.stamps) == 1 else None
+        if named is not None and abs(scan.stamps[0] - named) >= _DAY:
+            warnings.warn(f"{scan.path}: its time coordinate decodes to {str(scan.stamps[0])[:16]} but its name "
+                          f"says {str(named)[:16]}; check the file's time units and calendar (the coordinate is used)",
+                          RunoffWarning, stacklevel=4)
+            return
+
+
 def _deduplicate(steps: list[_Step], name: str, variable: str) -> list[_Step]:
     """One step per time stamp; two files with different values for one stamp are an error."""
     kept: dict[np.datetime64, _Step] = {}
@@ -793,6 +805,7 @@ def open_netcdf_source(source: str | Path, options: NetcdfOptions = NetcdfOption
         on_grid = variable_grid.matches(target_grid)
         if not on_grid and (name == TARGET or resample is None):
             raise grid_error(Path(first.path), variable_grid, target_grid, grid_from)
+        _check_names(file_scans)
         steps = _deduplicate([_Step(s.path, i, s.stamps[i], None if s.bounds is None else tuple(s.bounds[i]))
                               for s in file_scans for i in range(len(s.stamps))], name, first.variable)
         length = _step_length(steps, f"{first.path} ({first.variable})")

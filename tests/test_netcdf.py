@@ -175,8 +175,14 @@ def _duplicate_hour(path: Path) -> None:
         ds["Qs_acc"][0, 5, 5] = 123.0
 
 
+def _drop_variable(path: Path) -> None:
+    with netCDF4.Dataset(path, "r+") as ds:
+        ds.renameVariable("Qs_acc", "Qsb_acc")
+
+
 @pytest.mark.parametrize("damage, option, words", [
     (_truncate, (), "not a readable NetCDF/HDF5 file"),
+    (_drop_variable, (), "no variable 'Qs_acc'"),
     (_change_grid, (), "differs from the first file"),
     (_irregular, (), "not regularly spaced"),
     (_bad_time, (), "time coordinate cannot be decoded"),
@@ -239,3 +245,50 @@ def test_nldas_hours_are_stamped_at_their_start_and_stamp_overrides(tmp_path, ru
     # read as stamped at the end, the 00:00 file belongs to the day before, which is then incomplete
     shifted = run_cli("ingest", tmp_path / "in", tmp_path / "end.zarr", "--stamp", "end")
     assert shifted.status == 0 and "2010-12-29: 1 of 24 1-hourly steps" in shifted.err
+
+
+def test_projected_x_y_with_a_cf_grid_mapping_and_packed_integers(tmp_path, run_cli):
+    import pyproj
+
+    path = tmp_path / "utm.nc"
+    x = 500_000 + 250.0 * (np.arange(6) + 0.5)
+    y = 5_200_000 + 250.0 * (np.arange(5) + 0.5)  # ascending northings: the cube flips them north up
+    values = np.random.default_rng(11).uniform(0, 30, (2, 5, 6))
+    with netCDF4.Dataset(path, "w") as ds:
+        ds.createDimension("time", 2)
+        ds.createDimension("y", 5)
+        ds.createDimension("x", 6)
+        t = ds.createVariable("time", "i4", ("time",))
+        t.units, t.calendar = "days since 2020-06-01", "standard"
+        t[:] = [0, 1]
+        for name, coords in (("y", y), ("x", x)):
+            var = ds.createVariable(name, "f8", (name,))
+            var.units, var.standard_name = "m", f"projection_{name}_coordinate"
+            var[:] = coords
+        crs = ds.createVariable("transverse_mercator", "i4")
+        cf = pyproj.CRS.from_epsg(32633).to_cf()
+        cf.pop("crs_wkt")  # the CF parameters alone must do
+        crs.setncatts(cf)
+        qs = ds.createVariable("qs", "i2", ("time", "y", "x"), fill_value=np.int16(-32767))
+        qs.scale_factor, qs.add_offset, qs.units = 0.01, 0.0, "kg m-2"
+        qs.grid_mapping = "transverse_mercator"
+        qs[:] = values
+        qs[0, 0, 0] = np.ma.masked
+    store = tmp_path / "qs.zarr"
+    result = run_cli("ingest", path, store)
+    assert result.status == 0, result.err
+    cube = _open(store)
+    assert cube.qs.rio.crs.to_epsg() == 32633
+    assert tuple(cube.qs.rio.transform())[:6] == (250.0, 0.0, 500_000.0, 0.0, -250.0, 5_201_250.0)
+    expected = np.round(values[:, ::-1] / 0.01) * 0.01
+    expected[0, -1, 0] = np.nan  # the masked cell, at the bottom once north up
+    np.testing.assert_allclose(cube.qs.values, expected, atol=1e-5)
+
+
+def test_a_time_coordinate_that_disagrees_with_the_file_name_is_named_in_a_warning(tmp_path, run_cli):
+    steps = write_lsm_files(tmp_path / "in", "gldas", days=1, seed=12)
+    with netCDF4.Dataset(steps.paths[2], "r+") as ds:  # a wrong reference date in one file
+        ds["time"].units = "hours since 2000-01-03"
+    result = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr")
+    assert f"{steps.paths[2]}: its time coordinate decodes to" in result.err and "check the file's time units" \
+        in result.err
