@@ -558,10 +558,11 @@ def grid_from_coordinates(y: np.ndarray, x: np.ndarray, crs_wkt: str, path: str)
     snapped to the nearest simple value (0.125, 1/12 of a degree, a multiple of half a cell)
     within that wobble, so the transform does not drift.
 
-    >>> g = grid_from_coordinates(np.array([19.375, 19.2917, 19.2083]), np.arange(3) / 12 + 73.375,
-    ...                           "EPSG:4326", "f.nc")
-    >>> g.transform[0] * 12, g.transform[2] * 24, g.transform[5] * 24
-    (1.0, 1760.0, 465.0)
+    >>> lat = (19.375 - np.arange(31) / 12).astype(np.float32)    # 5 arc-minutes, stored as float32
+    >>> lon = (73.375 + np.arange(33) / 12).astype(np.float32)
+    >>> g = grid_from_coordinates(lat.astype(float), lon.astype(float), "EPSG:4326", "f.nc")
+    >>> g.transform[0] == 1 / 12, g.transform[2] == 1760 / 24, g.transform[5] == 466 / 24
+    (True, True, True)
     """
     ya, ystep = _axis(np.sort(y)[::-1], "y/latitude", path)
     xa, xstep = _axis(np.sort(x), "x/longitude", path)
@@ -589,13 +590,16 @@ def _axis(centres: np.ndarray, name: str, path: str) -> tuple[float, float]:
 
 
 def _snap(value: float, tol: float, fraction: bool = False, unit: float | None = None) -> float:
-    """The simplest value within ``tol`` of ``value``: few decimals, else (a cell size) 1/k or
-    ±1/k, else a multiple of ``unit``."""
-    candidates = [round(value, k) for k in range(0, 10)]
+    """The simplest value within ``tol`` of ``value``: up to 4 decimals, else (a cell size)
+    1/k or (an edge) a multiple of ``unit``, else more decimals."""
+    candidates = [round(value, k) for k in range(0, 5)]
     if fraction and abs(value) > 1e-6 and round(1 / value) != 0:
         candidates.append(1 / round(1 / value))
     if unit:
-        candidates.append(round(value / unit) * unit)
+        per_unit = round(1 / unit)  # a unit of 1/k (half a 1/12-degree cell: 1/24): divide by k, exactly
+        candidates.append(round(value * per_unit) / per_unit if abs(1 / unit - per_unit) < 1e-9
+                          else round(value / unit) * unit)
+    candidates += [round(value, k) for k in range(5, 10)]
     for candidate in candidates:
         if abs(candidate - value) <= tol:
             return float(candidate)

@@ -248,7 +248,7 @@ def test_bad_input_is_one_line_exit_2_and_cube_unchanged(case, series_copy, tmp_
 def test_empty_folder_and_non_cube_store(tmp_path, series_dir, run_cli):
     (tmp_path / "empty").mkdir()
     result = run_cli("ingest", tmp_path / "empty", tmp_path / "qs.zarr")
-    assert result.status == 2 and "no *.tif" in one_error_line(result.err)
+    assert result.status == 2 and "no rasters or NetCDF/HDF5 files" in one_error_line(result.err)
     assert not (tmp_path / "qs.zarr").exists()
 
     not_cube = tmp_path / "notes"

@@ -103,7 +103,7 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
     blocker.write_text("x")
     return {
         "unknown store": (["--data_dir", tmp_path / "nowhere.zarr"], "no such cube or folder"),
-        "not a cube": (["--data_dir", not_cube], "no *.tif"),
+        "not a cube": (["--data_dir", not_cube], "no rasters or NetCDF/HDF5 files"),
         "input_days too long": (["--data_dir", small_cube, "--input_days", "100"], "no complete window"),
         "lead too far": (["--data_dir", small_cube, "--lead", "110"], "no complete window"),
         "corrupt checkpoint": (["--data_dir", small_cube, "--resume", corrupt], "corrupt.pth"),
