@@ -1,6 +1,7 @@
 """Reference forecasts a model must beat: persistence (tomorrow looks like today) and
-climatology (the mean of the training days around the same day of year), and the event
-thresholds the scores use by default.
+climatology (the mean of the training days around the same day of year), their
+ensembles for probabilistic scores (:class:`ClimatologyEnsemble`,
+:class:`PersistenceEnsemble`), and the event thresholds the scores use by default.
 
 Both read the cube day by day: memory holds a few maps, never the training split.
 
@@ -23,6 +24,7 @@ import numpy as np
 import xarray as xr
 
 SOURCES = ("model", "persistence", "climatology")
+ENSEMBLE_MEMBERS = 30  # members of each reference ensemble
 
 
 def _day_of_year(times: xr.DataArray) -> np.ndarray:
@@ -120,6 +122,83 @@ class Climatology:
                 total += t
                 count += c
         return _mean(total, count)
+
+
+def _spread_picks(count: int, members: int) -> np.ndarray:
+    """``members`` indices spread evenly over ``count`` items (repeating some when fewer)."""
+    return np.linspace(0, count - 1, members).round().astype(int)
+
+
+class ClimatologyEnsemble:
+    """The climatological ensemble for a day of year: ``members`` training days within
+    ``±window`` days of it (widened as :class:`Climatology` does: ±``wide``, then every
+    training day), spread evenly over those days, as maps (members, H, W).
+
+    >>> import numpy as np, pandas as pd, xarray as xr
+    >>> times = pd.date_range("2019-01-01", periods=60, freq="D")
+    >>> values = np.arange(60, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    >>> ds = xr.Dataset({"qs": (("time", "y", "x"), values)}, coords={"time": times})
+    >>> members = ClimatologyEnsemble(ds, "2019-01-01", "2019-02-15", members=4).for_day(20)
+    >>> members.shape, members[:, 0, 0].tolist()
+    ((4, 2, 2), [5.0, 15.0, 25.0, 35.0])
+    """
+
+    def __init__(self, ds: xr.Dataset, train_start: str | dt.date, train_end: str | dt.date, window: int = 15,
+                 wide: int = 45, members: int = ENSEMBLE_MEMBERS, variable: str = "qs") -> None:
+        self.days = ds[variable].sel(time=slice(str(train_start), str(train_end)))
+        self.doy = _day_of_year(self.days.time)
+        self.window, self.wide, self.members = window, wide, members
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _candidates(self, doy: int) -> np.ndarray:
+        for width in (self.window, self.wide):
+            gap = np.abs((self.doy - doy + 183) % 366 - 183)  # circular distance in days
+            found = np.flatnonzero(gap <= width)
+            if found.size:
+                return found
+        return np.arange(self.days.shape[0])
+
+    def for_day(self, doy: int) -> np.ndarray:
+        """Members (M, H, W) for day of year ``doy`` (0-based), float32; the last few cached."""
+        if doy not in self._maps:
+            found = self._candidates(doy)
+            picks = found[_spread_picks(found.size, self.members)]  # sorted: one read of those days
+            self._maps[doy] = np.asarray(self.days.data[picks], np.float32)
+            if len(self._maps) > 8:
+                self._maps.popitem(last=False)
+        return self._maps[doy]
+
+
+class PersistenceEnsemble:
+    """Today's map plus the errors persistence made at each lead on ``members`` training
+    days spread over the split (``y[t + lead] - y[t]``, whole maps, so that the errors keep
+    their spatial pattern), clipped at 0: the spread persistence has earned.
+
+    >>> import numpy as np, pandas as pd, xarray as xr
+    >>> times = pd.date_range("2019-01-01", periods=40, freq="D")
+    >>> values = np.arange(40, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    >>> ds = xr.Dataset({"qs": (("time", "y", "x"), values)}, coords={"time": times})
+    >>> ensemble = PersistenceEnsemble(ds, "2019-01-01", "2019-01-30", leads=[1, 2], members=3)
+    >>> ensemble.members(np.zeros((2, 2), np.float32), 2)[:, 0, 0].tolist()
+    [2.0, 2.0, 2.0]
+    """
+
+    def __init__(self, ds: xr.Dataset, train_start: str | dt.date, train_end: str | dt.date,
+                 leads: list[int], members: int = ENSEMBLE_MEMBERS, variable: str = "qs") -> None:
+        days = ds[variable].sel(time=slice(str(train_start), str(train_end)))
+        issues = np.arange(days.shape[0] - max(leads))
+        if issues.size == 0:
+            raise ValueError("the training split is shorter than the longest lead")
+        picks = issues[_spread_picks(issues.size, members)]
+        self._errors = {}
+        for lead in leads:
+            today = np.asarray(days.data[picks], np.float32)
+            later = np.asarray(days.data[picks + lead], np.float32)
+            self._errors[lead] = later - today
+
+    def members(self, today: np.ndarray, lead: int) -> np.ndarray:
+        """Members (M, H, W) for ``lead`` from today's map (H, W)."""
+        return np.maximum(today[None] + self._errors[lead], 0)
 
 
 def climatology(ds: xr.Dataset, train_start, train_end, window: int = 15) -> tuple[np.ndarray, np.ndarray]:

@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "predict_delta", action=argparse.BooleanOptionalAction, default=None,
             help="forecast the change from the last input day, so that an untrained model is persistence "
                  "(default; --no-predict_delta to forecast the map itself)")
+    _option(p, "probabilistic", action="store_true", default=None,
+            help="forecast a distribution per pixel and lead (20 quantiles, trained by the pinball loss, i.e. "
+                 "the CRPS); predict then writes quantile and exceedance maps, evaluate scores CRPS and Brier")
     _option(p, "max_train_windows", type=int, help="cap on training windows per epoch")
     _option(p, "precision", choices=("auto", "fp32", "bf16", "fp16"),
             help="mixed precision: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU/MPS), fp32, bf16, fp16")

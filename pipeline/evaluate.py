@@ -7,6 +7,13 @@ Writes ``metrics.json``, ``metrics.md`` (one table per lead),
 ``skill_by_lead.png`` and the per-pixel NSE and KGE maps of the first lead as a GeoTIFF (on
 the cube's grid) and a PNG.
 
+A probabilistic checkpoint is also scored as an ensemble (its quantiles as equally likely
+members) against two reference ensembles (:mod:`pipeline.baselines`): the climatological
+one (training days around the same day of year) and the persistence one (today's map
+plus persistence's training errors at that lead). Per lead: CRPS and its skill against
+both, spread/skill, the Brier score and its skill (against the climatological ensemble) at
+each threshold, and ``ensemble_lead{L}.png`` (rank histogram and reliability diagram).
+
 Example
 -------
 >>> report = evaluate("checkpoints/best.pth", "stores/qs.zarr", split="test")   # doctest: +SKIP
@@ -19,17 +26,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .baselines import SOURCES, Climatology, wet_thresholds
+from .baselines import SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, wet_thresholds
 from .checkpoint import read_checkpoint
 from .cube import TARGET, Split, cube_dates, cube_grid, open_cube
 from .errors import RunoffError
 from .export import write_geotiff
 from .inference import Forecaster, read_days
 from .ingest import ensure_cube
-from .plots import plot_map, plot_skill_by_lead
+from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
 from .sampler import WindowSpec, window_issues
 from .storage import atomic_output, check_writable, location
-from .verify import PixelScores, ScoreTable, skill
+from .verify import EnsembleScores, PixelScores, ScoreTable, skill
 
 
 @dataclass
@@ -44,6 +51,7 @@ class EvaluationReport:
 
 
 _MAIN_COLUMNS = ("mse", "rmse", "mae", "bias", "nse", "kge", "skill_vs_persistence", "skill_vs_climatology")
+_ENSEMBLE_PREFIXES = ("crps", "brier", "spread_skill")
 
 
 def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
@@ -54,10 +62,16 @@ def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
 
 
 def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str) -> list[str]:
-    """One line per lead: the model's MSE skill against both baselines, and its inputs."""
-    return [f"lead {lead}: skill vs persistence {rows['model']['skill_vs_persistence']:+.3f}, "
-            f"vs climatology {rows['model']['skill_vs_climatology']:+.3f}  ({inputs})"
-            for lead, rows in metrics.items()]
+    """One line per lead: the model's MSE skill against both baselines (and its CRPS skill,
+    when probabilistic), and its inputs."""
+    lines = []
+    for lead, rows in metrics.items():
+        model = rows["model"]
+        crps = (f"; CRPS skill vs persistence {model['crps_skill_vs_persistence']:+.3f}, vs climatology "
+                f"{model['crps_skill_vs_climatology']:+.3f}" if "crps" in model else "")
+        lines.append(f"lead {lead}: skill vs persistence {model['skill_vs_persistence']:+.3f}, "
+                     f"vs climatology {model['skill_vs_climatology']:+.3f}{crps}  ({inputs})")
+    return lines
 
 
 def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, windows: int, skill_lines: list[str],
@@ -69,11 +83,15 @@ def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, win
         lines += skill_lines + [""]
     for lead, rows in metrics.items():
         lines += [f"## Lead {lead} day(s)", ""] + _table(rows, list(_MAIN_COLUMNS)) + [""]
+        ensemble = [k for k in rows["model"] if k.startswith(_ENSEMBLE_PREFIXES)]
+        if ensemble:
+            lines += [f"Probabilistic scores, lead {lead} (model: its quantiles as members; persistence and "
+                      f"climatology: their ensembles):", ""] + _table(rows, ensemble) + [""]
         if categorical:
-            extra = [k for k in rows["model"] if k not in _MAIN_COLUMNS]
+            extra = [k for k in rows["model"] if k not in _MAIN_COLUMNS and k not in ensemble]
             lines += [f"Events at thresholds (kg m-2), lead {lead}:", ""] + _table(rows, extra) + [""]
-    lines.append("skill = 1 - MSE_model / MSE_baseline. Every source is scored on the same windows and the same "
-                 "valid pixels.")
+    lines.append("skill = 1 - MSE_model / MSE_baseline (CRPS and Brier skill alike). Every source is scored on "
+                 "the same windows and the same valid pixels.")
     lines += notes
     return "\n".join(lines)
 
@@ -109,11 +127,17 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     forecaster = Forecaster.load(ckpt, device, batch_size=batch_size)
     leads = list(spec.leads)
     tables = {lead: {s: ScoreTable(thresholds) for s in SOURCES} for lead in leads}
+    probabilistic = forecaster.probabilistic
+    if probabilistic:
+        ensembles = {lead: {s: EnsembleScores(thresholds) for s in SOURCES} for lead in leads}
+        clim_members = ClimatologyEnsemble(ds, train_range.start, train_range.end)
+        persistence_members = PersistenceEnsemble(ds, train_range.start, train_range.end, leads)
     pixels = PixelScores(grid.shape)  # the model's per-pixel NSE and KGE at the first lead
     from tqdm import tqdm
 
     bar = tqdm(total=len(issues), desc="evaluate", unit="window", disable=not progress)
-    for batch, pred in forecaster.forecasts(ds, issues):
+    for batch, out in forecaster.forecasts(ds, issues, members=probabilistic):
+        pred = out.mean(axis=2) if probabilistic else out  # a probabilistic model's point forecast: its mean
         days = read_days(ds, TARGET, batch[0], batch[-1] + max(leads))  # truth and persistence of the batch
         for k, t in enumerate(batch):
             last_day = days[t - batch[0]]
@@ -127,6 +151,10 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
                     tables[lead][source].accumulate(values, truth)
                 if li == 0:
                     pixels.accumulate(pred[k, li], truth)
+                if probabilistic:
+                    ensembles[lead]["model"].accumulate(out[k, li], truth)
+                    ensembles[lead]["climatology"].accumulate(clim_members.for_day(doy), truth)
+                    ensembles[lead]["persistence"].accumulate(persistence_members.members(last_day, lead), truth)
         bar.update(len(batch))
     bar.close()
     metrics: dict[int, dict[str, dict[str, float]]] = {}
@@ -135,6 +163,8 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
         for s in SOURCES:
             for base in ("persistence", "climatology"):
                 rows[s][f"skill_vs_{base}"] = skill(rows[s]["mse"], rows[base]["mse"])
+        if probabilistic:
+            _add_ensemble_scores(rows, {s: ensembles[lead][s].compute() for s in SOURCES}, thresholds)
         metrics[lead] = rows
     n = len(issues)
     long_names = {v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}
@@ -147,6 +177,11 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     files = _write_outputs(metrics, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
         "thresholds": thresholds, "checkpoint": str(weights_path), "cube": str(store)})
+    if probabilistic:
+        for lead in leads:
+            files.append(plot_ensemble_diagnostics(
+                ensembles[lead]["model"].ranks, ensembles[lead]["model"].reliability(),
+                output_dir / f"ensemble_lead{lead}.png", title=f"lead {lead} d, {split} split, {n} windows"))
     for name, values in pixels.compute().items():
         label = name.upper()
         tags = {"metric": f"{label} per pixel", "lead_days": leads[0], "split": split,
@@ -158,6 +193,19 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
                               title=f"{label} per pixel, lead {leads[0]} d, {split} split", label=label,
                               vmin=-1.0, vmax=1, cmap="RdYlGn"))
     return EvaluationReport(metrics, markdown, summary, files, n)
+
+
+def _add_ensemble_scores(rows: dict[str, dict[str, float]], scores: dict[str, dict[str, float]],
+                         thresholds: list[float]) -> None:
+    """Each source's ensemble scores into its row, with CRPS skill against both reference
+    ensembles and Brier skill against the climatological one."""
+    for source, values in scores.items():
+        rows[source].update(values)
+        for base in ("persistence", "climatology"):
+            rows[source][f"crps_skill_vs_{base}"] = skill(values["crps"], scores[base]["crps"])
+        for thr in thresholds:
+            key = f"brier@{thr:g}"
+            rows[source][f"brier_skill@{thr:g}"] = skill(values[key], scores["climatology"][key])
 
 
 def _write_outputs(metrics: dict, markdown: str, output_dir: Path, meta: dict) -> list[Path]:

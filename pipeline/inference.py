@@ -56,15 +56,15 @@ def _forward(model: ConvLSTMForecaster, x: np.ndarray, forcings: np.ndarray | No
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
     with autocast_for(device):
-        out = model(tensor(x), None if forcings is None or forcings.shape[2] == 0 else tensor(forcings))
-    return out.float()[:, :, 0].cpu().numpy()
+        out = model(tensor(x), None if forcings is None or forcings.shape[2] == 0 else tensor(forcings)).float()
+    return (out if model.config.quantiles else out[:, :, 0]).cpu().numpy()
 
 
 @torch.no_grad()
 def forecast_batch(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device, tile: int = 512,
                    margin: int | None = None, ramp: int = 8, forcings: np.ndarray | None = None) -> np.ndarray:
     """Model output for windows ``x`` (B, T, C, H, W) and their ``forcings`` (B, D, F, H, W)
-    (normalised, NaN -> 0): (B, L, H, W)."""
+    (normalised, NaN -> 0): (B, L, H, W), or (B, L, Q, H, W) for a probabilistic model."""
     model.eval()
     b, days, _, h, w = x.shape
     if h <= tile and w <= tile:
@@ -73,7 +73,8 @@ def forecast_batch(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devic
     overlap = 2 * margin + ramp
     if tile <= overlap:
         raise RunoffError(f"--tile {tile}: must exceed the tile overlap of {overlap} px for this model")
-    total = np.zeros((b, model.config.leads, h, w), np.float64)
+    per_lead = (model.config.quantiles,) if model.config.quantiles else ()
+    total = np.zeros((b, model.config.leads, *per_lead, h, w), np.float64)
     weight = np.zeros((h, w), np.float64)
     th, tw = min(tile, h), min(tile, w)
     for y0 in _tile_starts(h, tile, overlap):
@@ -139,24 +140,33 @@ class Forecaster:
         dev = pick_device(device)
         return cls(checkpoint, checkpoint.build_model().to(dev).eval(), dev, batch_size, tile)
 
-    def forecast(self, ds: xr.Dataset, issues: Sequence[int]) -> np.ndarray:
+    @property
+    def probabilistic(self) -> bool:
+        return bool(self.model.config.quantiles)
+
+    def forecast(self, ds: xr.Dataset, issues: Sequence[int], members: bool = False) -> np.ndarray:
         """Forecasts (B, L, H, W) in physical units for the issue days ``issues`` (time
         indices), clipped at 0, NaN where the target had no data on any input day (the
-        sea, outside the domain)."""
+        sea, outside the domain). A probabilistic model's is the mean of its quantiles;
+        with ``members`` it gives the quantiles themselves, (B, L, Q, H, W), increasing."""
         ckpt = self.checkpoint
         x = window_inputs(ds, ckpt.variables, ckpt.norm_stats, issues, ckpt.input_days)
         ahead = stack_days(ds, ckpt.forcings, ckpt.norm_stats, issues, range(1, max(ckpt.leads) + 1))
         nodata = np.isnan(x[:, :, 0]).all(axis=1)  # (B, H, W)
         out = forecast_batch(self.model, np.nan_to_num(x, nan=0.0), self.device, tile=self.tile,
                              forcings=np.nan_to_num(ahead, nan=0.0))
-        values = denormalise(out, ckpt.norm_stats[TARGET])
-        values[np.broadcast_to(nodata[:, None], values.shape)] = np.nan
+        values = denormalise(out, ckpt.norm_stats[TARGET])  # monotone: quantiles stay quantiles
+        if self.probabilistic and not members:
+            values = values.mean(axis=2)
+        mask = nodata.reshape(nodata.shape[0], 1, *([1] * (values.ndim - 4)), *nodata.shape[1:])
+        values[np.broadcast_to(mask, values.shape)] = np.nan
         return values
 
-    def forecasts(self, ds: xr.Dataset, issues: Sequence[int]) -> Iterator[tuple[list[int], np.ndarray]]:
+    def forecasts(self, ds: xr.Dataset, issues: Sequence[int], members: bool = False
+                  ) -> Iterator[tuple[list[int], np.ndarray]]:
         """:meth:`forecast` in batches of ``batch_size`` issue days: yields each batch's
-        issue indices and its forecasts (B, L, H, W)."""
+        issue indices and its forecasts (B, L, H, W), or with ``members`` (B, L, Q, H, W)."""
         issues = [int(t) for t in issues]
         for start in range(0, len(issues), self.batch_size):
             chunk = issues[start:start + self.batch_size]
-            yield chunk, self.forecast(ds, chunk)
+            yield chunk, self.forecast(ds, chunk, members)

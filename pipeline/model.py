@@ -12,6 +12,12 @@ as box means over ``forcing_scales`` pixels (stride 1, so that tiles still agree
 default the network forecasts the change from the last input day of the target, and its
 output layer starts at zero, so an untrained model is persistence.
 
+A probabilistic model (``quantiles=Q``) emits, per pixel and lead, Q quantiles at the levels
+:func:`quantile_levels` (``(k + 0.5) / Q``): a centre plus Q - 1 non-negative increments
+(softplus), so the quantiles never cross. Trained by the pinball loss they form the
+forecast distribution, which can put its mass at zero and keep a long right tail; their
+mean is the deterministic forecast.
+
 Example
 -------
 >>> import torch
@@ -21,6 +27,8 @@ torch.Size([4, 2, 1, 33, 47])
 >>> rain = ConvLSTMForecaster(in_channels=1, leads=2, forcing_channels=2)   # rain on lead days 1, 2
 >>> rain(torch.zeros(4, 6, 1, 33, 47), torch.zeros(4, 2, 1, 33, 47)).shape
 torch.Size([4, 2, 1, 33, 47])
+>>> ConvLSTMForecaster(in_channels=1, leads=2, quantiles=20)(torch.zeros(4, 6, 1, 33, 47)).shape
+torch.Size([4, 2, 20, 33, 47])
 """
 
 from __future__ import annotations
@@ -30,6 +38,18 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+QUANTILES = 20  # quantile levels of a probabilistic model: 0.025, 0.075, ..., 0.975
+_SPACING_OFFSET = 3.0  # softplus(-3) = 0.05: an untrained model's quantiles lie close together
+
+
+def quantile_levels(count: int) -> torch.Tensor:
+    """The ``count`` evenly spaced levels ``(k + 0.5) / count`` a probabilistic model emits.
+
+    >>> quantile_levels(4).tolist()
+    [0.125, 0.375, 0.625, 0.875]
+    """
+    return (torch.arange(count, dtype=torch.float32) + 0.5) / count
 
 
 def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -94,6 +114,7 @@ class ModelConfig:
     head_kernel: int = 5
     forcing_channels: int = 0  # forcing variables x lead days entering the head
     forcing_scales: list[int] = field(default_factory=lambda: [1, 9, 33, 65])  # box sizes the head sees them at
+    quantiles: int = 0  # 0: one value per pixel and lead; Q: Q quantiles (a probabilistic model)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,12 +127,14 @@ class ConvLSTMForecaster(nn.Module):
     ``num_layers`` times) or one int per layer. With ``predict_delta`` (the default) the
     network predicts the change from the last input day of channel 0 (the target variable)
     and starts as persistence. ``forcing_channels``: the size of the flattened forcings
-    ``(B, days, variables, H, W)`` given to :meth:`forward`.
+    ``(B, days, variables, H, W)`` given to :meth:`forward`. ``quantiles``: Q > 1 makes
+    the output ``(B, L, Q, H, W)``, Q increasing quantiles per pixel and lead.
     """
 
     def __init__(self, in_channels: int = 1, hidden_channels: int | Sequence[int] = 16, kernel_size: int = 3,
                  num_layers: int = 1, leads: int = 1, predict_delta: bool = True, head_kernel: int = 5,
-                 forcing_channels: int = 0, forcing_scales: Sequence[int] = (1, 9, 33, 65)) -> None:
+                 forcing_channels: int = 0, forcing_scales: Sequence[int] = (1, 9, 33, 65),
+                 quantiles: int = 0) -> None:
         super().__init__()
         hidden = [hidden_channels] * num_layers if isinstance(hidden_channels, int) else list(hidden_channels)
         if not hidden or min(hidden) < 1 or leads < 1 or in_channels < 1:
@@ -120,15 +143,17 @@ class ConvLSTMForecaster(nn.Module):
             raise ValueError(f"head_kernel must be odd to keep the map size, got {head_kernel}")
         if any(k < 1 or k % 2 == 0 for k in forcing_scales):
             raise ValueError(f"forcing_scales must be odd sizes >= 1, got {list(forcing_scales)}")
+        if quantiles == 1 or quantiles < 0:
+            raise ValueError(f"quantiles must be 0 (deterministic) or >= 2, got {quantiles}")
         self.config = ModelConfig(in_channels, hidden, kernel_size, leads, predict_delta, head_kernel,
-                                  forcing_channels, list(forcing_scales))
+                                  forcing_channels, list(forcing_scales), quantiles)
         self.cells = nn.ModuleList(
             ConvLSTMCell(c_in, c_out, kernel_size)
             for c_in, c_out in zip([in_channels] + hidden[:-1], hidden))
         self.head = nn.Sequential(
             nn.Conv2d(hidden[-1] + forcing_channels * len(forcing_scales), hidden[-1], head_kernel,
                       padding=head_kernel // 2), nn.GELU(),
-            nn.Conv2d(hidden[-1], leads, kernel_size=1))
+            nn.Conv2d(hidden[-1], leads * max(quantiles, 1), kernel_size=1))
         if predict_delta:  # no change yet: the untrained model is persistence
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
@@ -138,7 +163,7 @@ class ConvLSTMForecaster(nn.Module):
         cfg = ModelConfig(**config)
         return cls(cfg.in_channels, cfg.hidden_channels, cfg.kernel_size, leads=cfg.leads,
                    predict_delta=cfg.predict_delta, head_kernel=cfg.head_kernel, forcing_channels=cfg.forcing_channels,
-                   forcing_scales=cfg.forcing_scales)
+                   forcing_scales=cfg.forcing_scales, quantiles=cfg.quantiles)
 
     def receptive_radius(self, input_days: int) -> int:
         """How far (pixels) an output pixel sees: every step of every layer widens the
@@ -149,7 +174,8 @@ class ConvLSTMForecaster(nn.Module):
 
     def forward(self, x: torch.Tensor, forcings: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (B, T, C, H, W) past days; ``forcings`` (B, D, F, H, W) with D x F =
-        ``forcing_channels``, or None when the model has none. Returns (B, L, 1, H, W)."""
+        ``forcing_channels``, or None when the model has none. Returns (B, L, 1, H, W), or
+        (B, L, Q, H, W) for a probabilistic model."""
         if x.dim() != 5:
             raise ValueError(f"expected input (batch, time, channels, height, width), got {tuple(x.shape)}")
         expected = self.config.forcing_channels
@@ -165,7 +191,16 @@ class ConvLSTMForecaster(nn.Module):
         if forcings is not None and expected:
             flat = forcings.flatten(1, 2).to(layer_input.dtype)
             layer_input = torch.cat([layer_input] + [box_mean(flat, k) for k in self.config.forcing_scales], dim=1)
-        out = self.head(layer_input).unsqueeze(2)  # (B, L, 1, H, W)
+        out = self.head(layer_input)
+        b, _, h, w = out.shape
+        q = self.config.quantiles
+        if q:  # a centre and Q - 1 increments: quantiles that never cross, centred on the centre
+            out = out.view(b, self.config.leads, q, h, w)
+            steps = torch.nn.functional.softplus(out[:, :, 1:] - _SPACING_OFFSET)
+            offsets = torch.cat([torch.zeros_like(out[:, :, :1]), steps.cumsum(dim=2)], dim=2)
+            out = out[:, :, :1] + offsets - offsets.mean(dim=2, keepdim=True)
+        else:
+            out = out.unsqueeze(2)  # (B, L, 1, H, W)
         if self.config.predict_delta:
             out = out + x[:, -1, :1].unsqueeze(1)
         return out

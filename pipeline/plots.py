@@ -1,4 +1,5 @@
-"""Figures: loss curves (training), side-by-side maps (inference), skill by lead (evaluation)."""
+"""Figures: loss curves (training), side-by-side maps (inference), skill by lead, rank histograms
+and reliability diagrams (evaluation)."""
 
 from __future__ import annotations
 
@@ -122,4 +123,30 @@ def plot_skill_by_lead(metrics: dict, path: str | Path) -> Path:
     for a in (ax, ax_nse):
         a.grid(alpha=0.3)
         a.legend()
+    return _save(fig, path)
+
+
+def plot_ensemble_diagnostics(ranks, reliability: dict, path: str | Path, *, title: str,
+                              min_count: int = 100) -> Path:
+    """Rank histogram (flat for a reliable ensemble) beside the reliability diagram at each
+    threshold (observed frequency against forecast probability; bins holding fewer than
+    ``min_count`` pixels are drawn hollow)."""
+    import numpy as np
+
+    fig, (ax_rank, ax_rel) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    ranks = np.asarray(ranks, np.float64)
+    ax_rank.bar(np.arange(ranks.size), ranks / max(ranks.sum(), 1), width=1.0, color="tab:blue", alpha=0.8)
+    ax_rank.axhline(1 / ranks.size, color="black", lw=0.8, ls="--", label="reliable")
+    ax_rank.set(xlabel="rank of the truth among the members", ylabel="share of pixels", title="rank histogram")
+    ax_rank.legend()
+    ax_rel.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--")
+    for (threshold, table), colour in zip(reliability.items(), ("tab:orange", "tab:green", "tab:red", "tab:purple")):
+        count, forecast, observed = table
+        full = count >= min_count
+        ax_rel.plot(forecast[full], observed[full], "o-", color=colour, label=f"> {threshold:g}")
+        ax_rel.plot(forecast[~full], observed[~full], "o", mfc="none", color=colour)
+    ax_rel.set(xlabel="forecast probability", ylabel="observed frequency", title="reliability", xlim=(0, 1),
+               ylim=(0, 1))
+    ax_rel.legend(title="threshold")
+    fig.suptitle(title)
     return _save(fig, path)

@@ -37,7 +37,7 @@ from .device import autocast_for, grad_scaler, keep_freed_memory, loader_batches
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError
 from .ingest import ensure_cube
-from .model import ConvLSTMForecaster
+from .model import QUANTILES, ConvLSTMForecaster, quantile_levels
 from .plots import plot_loss_curves
 from .sampler import WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, window_issues
 from .storage import atomic_output, check_writable, location
@@ -45,7 +45,7 @@ from .verify import skill
 
 # Settings that fix the model's shape or its data: a resumed run must not change them.
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
-                     "forcings", "predict_delta")
+                     "forcings", "predict_delta", "probabilistic")
 
 
 @dataclass
@@ -75,6 +75,7 @@ class TrainConfig:
     covariates: list[str] = field(default_factory=list)  # past days only
     forcings: list[str] = field(default_factory=list)  # on the lead days: known ahead (a rain forecast)
     predict_delta: bool = True  # forecast the change from the last day: untrained = persistence
+    probabilistic: bool = False  # QUANTILES quantiles per pixel and lead, trained by the pinball loss
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
     max_train_windows: int | None = None
@@ -122,6 +123,28 @@ def physical_loss(stats: dict[str, float]) -> Callable[[torch.Tensor, torch.Tens
     return loss
 
 
+def pinball(quantiles: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Pinball loss of quantiles (..., Q, H, W) at :func:`~pipeline.model.quantile_levels`
+    against ``truth`` (..., 1, H, W), averaged over the levels: (..., 1, H, W). Twice it is
+    the CRPS of the distribution the quantiles describe, as Q grows."""
+    levels = quantile_levels(quantiles.shape[-3]).to(quantiles.device).view(-1, 1, 1)
+    error = truth - quantiles
+    return torch.maximum(levels * error, (levels - 1) * error).mean(dim=-3, keepdim=True)
+
+
+def quantile_loss(stats: dict[str, float]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The probabilistic objective: masked pinball loss in physical units, divided by the
+    training values' root mean square (the pinball loss is in data units, not squared)."""
+    scale = loss_scale(stats) ** 0.5
+
+    def loss(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(pred.dtype)
+        per_pixel = pinball(to_physical(pred, stats), to_physical(y, stats))
+        return (per_pixel * m).sum() / m.sum().clamp(min=1.0) / scale
+
+    return loss
+
+
 def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> TrainConfig:
     """Settings of a resumed run: the checkpoint's, except what the user set explicitly
     (and that may change); shape and data settings must match."""
@@ -160,13 +183,16 @@ def train_step(net: torch.nn.Module, optimiser: torch.optim.Optimizer, scaler: t
 
 def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> dict[str, float]:
-    """Validation scores in physical units (``stats``: the target's): the MSE of the forecast
-    as users receive it (clipped at 0) on the training loss's scale (``val_loss``, what early
-    stopping follows), the model's and persistence's MSE, and the skill
-    ``1 - MSE_model / MSE_persistence`` (``val_skill``), which is what ``runoff evaluate``
-    reports. Under data-parallel training each rank scores its shard and the sums are combined."""
+    """Validation scores in physical units (``stats``: the target's): the model's and
+    persistence's MSE and the skill ``1 - MSE_model / MSE_persistence`` (``val_skill``), which
+    is what ``runoff evaluate`` reports, of the forecast as users receive it (clipped at 0;
+    a probabilistic model's: the mean of its quantiles); and ``val_loss``, what early stopping
+    follows, on the training loss's scale: that MSE, or for a probabilistic model its pinball
+    loss (half its CRPS). Under data-parallel training each rank scores its shard and the
+    sums are combined."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # valid pixels, SSE model, SSE persistence
+    # valid pixels, SSE model, SSE persistence, pinball sum
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in loader_batches(loader, device):
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
@@ -174,15 +200,20 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
             with autocast_for(device, precision):
                 pred = model(x, forcings)
             m, truth = mask.float(), to_physical(y, stats)
-            forecast = to_physical(pred, stats).clamp(min=0)  # as users receive it
+            values = to_physical(pred, stats).clamp(min=0)  # as users receive it
+            forecast = values.mean(dim=2, keepdim=True)
             last = to_physical(x[:, -1:, :1], stats).clamp(min=0).expand_as(truth)
             sums[0] += m.sum().double()
             sums[1] += (((forecast - truth) ** 2) * m).sum().double()
             sums[2] += (((last - truth) ** 2) * m).sum().double()
-    count, sse, sse_p = ranks.sum(sums).tolist()
+            if values.shape[2] > 1:
+                sums[3] += (pinball(values, truth) * m).sum().double()
+    count, sse, sse_p, pinball_sum = ranks.sum(sums).tolist()
     count = max(count, 1.0)
-    return {"val_skill": skill(sse, sse_p), "val_loss": sse / count / loss_scale(stats),
-            "val_mse": sse / count, "persistence_mse": sse_p / count}
+    val_loss = (pinball_sum / count / loss_scale(stats) ** 0.5 if model.config.quantiles
+                else sse / count / loss_scale(stats))
+    return {"val_skill": skill(sse, sse_p), "val_loss": val_loss, "val_mse": sse / count,
+            "persistence_mse": sse_p / count}
 
 
 def _write_history(history: list[dict], output_dir: Path) -> None:
@@ -352,7 +383,8 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = ConvLSTMForecaster(len(variables), config.hidden_channels, config.kernel_size, config.num_layers,
                                leads=len(config.leads), predict_delta=config.predict_delta,
-                               forcing_channels=max(config.leads) * len(config.forcings)).to(ranks.device)
+                               forcing_channels=max(config.leads) * len(config.forcings),
+                               quantiles=QUANTILES if config.probabilistic else 0).to(ranks.device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5,
                                                            patience=max(1, config.patience // 3))
@@ -363,7 +395,8 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
                         variables=variables, forcings=config.forcings, grid=grid, data=store, splits=splits,
                         train_config=asdict(config), world_size=ranks.world_size)
     run = _Run(config, ranks, model, net, optimiser, scheduler, grad_scaler(ranks.device, config.precision),
-               train_set, train_loader, val_loader, record, physical_loss(stats[TARGET]),
+               train_set, train_loader, val_loader, record,
+               (quantile_loss if config.probabilistic else physical_loss)(stats[TARGET]),
                ds[TARGET].attrs.get("units", "kg m-2"), checkpoint_dir, output_dir, progress and ranks.is_main)
     run.log(Checkpoint(record).inputs_note({v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}))
     run.last_path = checkpoint_dir / "model_epoch0.pth"

@@ -10,9 +10,12 @@ scores. Memory does not grow with the number of maps (the pysteps verification h
   over square neighbourhoods of given sizes.
 - :class:`PixelScores`: per-pixel NSE and KGE maps over the time axis.
 - :class:`ScoreTable`: all of the above for one forecast source.
+- :class:`EnsembleScores`: CRPS, spread/skill, rank histogram, and Brier score and
+  reliability at thresholds, of an ensemble (members, or the quantiles of a probabilistic
+  forecast taken as equally likely members).
 
 The functions :func:`mse`, :func:`nse`, :func:`kge`, :func:`contingency`, :func:`fss`,
-:func:`nse_map`, :func:`kge_map`... are one-shot shortcuts over the same accumulators.
+:func:`nse_map`, :func:`kge_map`, :func:`crps`... are one-shot shortcuts over the same accumulators.
 
 >>> import numpy as np
 >>> truth = np.array([1.0, 2.0, 3.0, np.nan]); pred = np.array([1.0, 2.0, 4.0, 9.0])
@@ -205,6 +208,110 @@ class ScoreTable:
 
 
 # --- one-shot shortcuts -------------------------------------------------------------------
+
+RELIABILITY_BINS = 10
+
+
+class EnsembleScores:
+    """Scores of an ensemble forecast ``members`` (M, ...) against ``truth`` (...), pooled
+    over valid pixels (every member and the truth finite):
+
+    * ``crps``: the continuous ranked probability score of the members' empirical
+      distribution, ``mean|X - y| - mean|X - X'| / 2`` (in data units; 0 is perfect);
+    * ``spread_skill``: ``sqrt((M + 1) / M * mean variance) / RMSE of the ensemble mean``
+      (1 for a reliable ensemble, below 1 when it is too narrow);
+    * ``rank_histogram``: where the truth falls among the sorted members (ties, such as a
+      dry truth among dry members, share their ranks at random), M + 1 counts;
+    * at each threshold: the Brier score ``brier@{thr}`` of the probability ``P(X > thr)``
+      and the reliability table (forecast probability in ``RELIABILITY_BINS`` bins: count,
+      mean probability, observed frequency).
+
+    >>> truth = np.array([0.0, 1.0, 4.0])
+    >>> members = np.array([[0.0, 0.0, 3.0], [0.0, 2.0, 5.0]])
+    >>> round(EnsembleScores([2.0]).accumulate(members, truth).compute()["crps"], 4)
+    0.3333
+    """
+
+    def __init__(self, thresholds: Sequence[float] = (), seed: int = 0) -> None:
+        self.thresholds = [float(t) for t in thresholds]
+        self.count = 0
+        self.crps_sum = self.variance_sum = self.error_sum = 0.0
+        self.members: int | None = None
+        self.ranks: np.ndarray | None = None
+        self.brier = np.zeros(len(self.thresholds))
+        self.bins = np.zeros((len(self.thresholds), 3, RELIABILITY_BINS))  # count, sum p, sum observed
+        self._rng = np.random.default_rng(seed)
+
+    def accumulate(self, members: np.ndarray, truth: np.ndarray) -> "EnsembleScores":
+        members, truth = np.asarray(members, np.float64), np.asarray(truth, np.float64)
+        m = members.shape[0]
+        if self.members is None:
+            self.members, self.ranks = m, np.zeros(m + 1, np.int64)
+        elif m != self.members:
+            raise ValueError(f"an ensemble of {m} members after one of {self.members}")
+        flat = members.reshape(m, -1)
+        y = truth.reshape(-1)
+        ok = np.isfinite(y) & np.isfinite(flat).all(axis=0)
+        x, y = np.sort(flat[:, ok], axis=0), y[ok]
+        if not y.size:
+            return self
+        # sum over pairs |x_i - x_j| = 2 * sum_i (2i - m + 1) x_(i) for sorted x (i from 0)
+        weights = (2 * np.arange(m) - m + 1)[:, None]
+        self.crps_sum += float((np.abs(x - y).mean(axis=0) - (weights * x).sum(axis=0) / m**2).sum())
+        self.variance_sum += float(x.var(axis=0, ddof=1).sum()) if m > 1 else 0.0
+        self.error_sum += float(((x.mean(axis=0) - y) ** 2).sum())
+        below, ties = (x < y).sum(axis=0), (x == y).sum(axis=0)
+        ranks = below + np.floor(self._rng.random(y.size) * (ties + 1)).astype(np.int64)
+        self.ranks += np.bincount(ranks, minlength=m + 1)
+        self.count += y.size
+        for k, thr in enumerate(self.thresholds):
+            p, o = (x > thr).mean(axis=0), (y > thr).astype(np.float64)
+            self.brier[k] += float(((p - o) ** 2).sum())
+            b = np.minimum((p * RELIABILITY_BINS).astype(np.int64), RELIABILITY_BINS - 1)
+            self.bins[k, 0] += np.bincount(b, minlength=RELIABILITY_BINS)
+            self.bins[k, 1] += np.bincount(b, weights=p, minlength=RELIABILITY_BINS)
+            self.bins[k, 2] += np.bincount(b, weights=o, minlength=RELIABILITY_BINS)
+        return self
+
+    def merge(self, other: "EnsembleScores") -> "EnsembleScores":
+        if other.members is not None:
+            if self.members is None:
+                self.members, self.ranks = other.members, np.zeros_like(other.ranks)
+            self.ranks += other.ranks
+        self.count += other.count
+        self.crps_sum += other.crps_sum
+        self.variance_sum += other.variance_sum
+        self.error_sum += other.error_sum
+        self.brier += other.brier
+        self.bins += other.bins
+        return self
+
+    def compute(self) -> dict[str, float]:
+        n, m = self.count, self.members or 1
+        scores = {"crps": _ratio(self.crps_sum, n),
+                  "spread_skill": _ratio(np.sqrt((m + 1) / m * self.variance_sum), np.sqrt(self.error_sum))}
+        for k, thr in enumerate(self.thresholds):
+            scores[f"brier@{thr:g}"] = _ratio(self.brier[k], n)
+        return scores
+
+    def reliability(self) -> dict[float, np.ndarray]:
+        """Per threshold, rows (count, mean forecast probability, observed frequency) x bins."""
+        out = {}
+        for k, thr in enumerate(self.thresholds):
+            count = self.bins[k, 0]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[thr] = np.stack([count, self.bins[k, 1] / count, self.bins[k, 2] / count])
+        return out
+
+
+def crps(members: np.ndarray, truth: np.ndarray) -> float:
+    """CRPS of the ensemble ``members`` (M, ...) against ``truth``, pooled (see :class:`EnsembleScores`).
+
+    >>> crps(np.array([[1.0], [1.0]]), np.array([3.0]))
+    2.0
+    """
+    return EnsembleScores().accumulate(members, truth).compute()["crps"]
+
 
 def mse(pred: np.ndarray, truth: np.ndarray) -> float:
     """Mean squared error."""
