@@ -96,6 +96,11 @@ class Checkpoint:
         return list(self.state.get("forcings", []))
 
     @property
+    def quantiles(self) -> int:
+        """Quantiles per pixel and lead of a probabilistic model; 0 for a deterministic one."""
+        return int(self.state.get("model_config", {}).get("quantiles", 0))
+
+    @property
     def norm_stats(self) -> dict[str, dict[str, float]]:
         return self.state["norm_stats"]
 

@@ -100,6 +100,16 @@ def cmd_synth(args: argparse.Namespace) -> None:
         print(f"ingest them with: runoff ingest {args.out_dir} STORE --crs {args.crs} --png_scale {args.png_scale:g}")
 
 
+def _float_list(text: str | None, option: str, expected: str) -> list[float] | None:
+    """``"5,20"`` -> [5.0, 20.0]; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise RunoffError(f"{option} {text!r}: expected {expected}") from None
+
+
 def _int_list(text: str, option: str) -> list[int]:
     """``"16"`` -> [16]; ``"16,32"`` -> [16, 32]; ``"1-6"`` -> [1, ..., 6]."""
     values: list[int] = []
@@ -153,7 +163,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         report = predict(args.weights_path, args.input_dir, args.output_dir, dates=args.dates, last=args.last,
                          split=args.split, fmt=args.format, tile=args.tile, plots_dir=args.plots_dir,
                          max_plots=args.max_plots, device=args.device, batch_size=args.batch_size,
-                         storage_options=storage_options,
+                         quantiles=_float_list(args.quantiles, "--quantiles", "levels such as 0.1,0.5,0.9"),
+                         exceedance=_float_list(args.exceedance, "--exceedance", "thresholds in data units, e.g. 5,20"),
+                         members=args.members, storage_options=storage_options,
                          progress=sys.stderr.isatty())
     print(f"{len(report.geotiffs)} forecast GeoTIFF(s) for {len(report.issues)} issue day(s) "
           f"({report.issues[0]} .. {report.issues[-1]}) in {args.output_dir}")
@@ -167,12 +179,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .cluster import dask_client
     from .evaluate import evaluate
 
-    thresholds = None
-    if args.thresholds:
-        try:
-            thresholds = [float(v) for v in args.thresholds.split(",")]
-        except ValueError:
-            raise RunoffError(f"--thresholds {args.thresholds!r}: expected numbers in data units, e.g. 5,20") from None
+    thresholds = _float_list(args.thresholds, "--thresholds", "numbers in data units, e.g. 5,20")
     storage_options = _storage_options(args.storage_options)
     with dask_client(args.scheduler):  # the cube's reads and the climatology run on the cluster
         report = evaluate(args.weights_path, args.data_dir, split=args.split, output_dir=args.output_dir,
@@ -275,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "format", choices=("tif", "netcdf"), default="tif", help="netcdf: also one CF NetCDF of all forecasts")
     _option(p, "tile", type=int, default=512, help="predict larger grids in overlapping tiles of this size")
     _option(p, "batch_size", type=int, default=8, help="issue days per forward pass (default 8)")
+    _option(p, "quantiles", help="probabilistic checkpoints: quantile maps to write (default 0.1,0.5,0.9)")
+    _option(p, "exceedance", help="probabilistic checkpoints: write P(QS > threshold) maps, thresholds in data units "
+            "(default: the training p90 and p99 of wet pixels)")
+    _option(p, "members", type=int, help="probabilistic checkpoints: N ensemble members into the NetCDF output "
+            "(with --format netcdf)")
     _option(p, "plots_dir", default="outputs/plots", help="where the side-by-side figures go")
     _option(p, "max_plots", type=int, default=8, help="figures spread over the forecasts (0: none, -1: all)")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")

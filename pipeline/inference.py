@@ -170,3 +170,29 @@ class Forecaster:
         for start in range(0, len(issues), self.batch_size):
             chunk = issues[start:start + self.batch_size]
             yield chunk, self.forecast(ds, chunk, members)
+
+
+def quantile_maps(members: np.ndarray, levels: Sequence[float]) -> np.ndarray:
+    """Quantiles at ``levels`` of a probabilistic forecast's Q increasing members (Q, H, W),
+    taken at the levels ``(k + 0.5) / Q``: linear between them, the outer members beyond.
+
+    >>> quantile_maps(np.arange(4, dtype=np.float32).reshape(4, 1, 1), [0.125, 0.5, 0.99])[:, 0, 0].tolist()
+    [0.0, 1.5, 3.0]
+    """
+    q = members.shape[0]
+    out = []
+    for level in levels:
+        position = min(max(level * q - 0.5, 0.0), q - 1.0)
+        lo = int(np.floor(position))
+        hi, frac = min(lo + 1, q - 1), np.float32(position - lo)
+        out.append(members[lo] + frac * (members[hi] - members[lo]))
+    return np.stack(out).astype(np.float32)
+
+
+def exceedance_maps(members: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Probability (0..1) that the value exceeds each threshold: the share of the Q members
+    above it (as ``runoff evaluate`` scores it), NaN where the members are. (T, H, W)."""
+    nodata = np.isnan(members).any(axis=0)
+    out = np.stack([(members > thr).mean(axis=0) for thr in thresholds]).astype(np.float32)
+    out[:, nodata] = np.nan
+    return out

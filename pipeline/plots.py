@@ -95,6 +95,33 @@ def plot_comparison(prediction, grid, path: str | Path, *, valid_date: str, issu
     return _save(fig, path)
 
 
+def plot_probabilistic(quantiles, probability, threshold: float, grid, path: str | Path, *, valid_date: str,
+                       issue_date: str, lead: int, truth=None, units: str = "kg m-2") -> Path:
+    """Truth | median | 10-90% spread | probability of exceeding ``threshold``, for one
+    probabilistic forecast (``quantiles``: its 0.1, 0.5 and 0.9 quantile maps)."""
+    import numpy as np
+
+    extent = _extent_km(grid)
+    axis_unit = "deg" if grid.crs.is_geographic else "km"
+    low, median, high = quantiles
+    panels = [("truth", truth)] if truth is not None else []
+    panels += [("median", median), ("10-90% spread", high - low), (f"P(QS > {threshold:.3g})", probability)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.2), squeeze=False, layout="constrained")
+    finite = np.concatenate([f[np.isfinite(f)] for f in (median, truth) if f is not None])
+    vmax = max(float(np.percentile(finite, 99.5)) if finite.size else 1.0, 1e-3)
+    for ax, (label, field) in zip(axes[0], panels):
+        is_probability = label.startswith("P(")
+        cmap = plt.get_cmap("magma_r" if is_probability else "YlGnBu").copy()
+        cmap.set_bad("lightgrey")
+        top = 1.0 if is_probability else (max(float(np.nanpercentile(field, 99.5)), 1e-3)
+                                          if label.startswith("10-90") else vmax)
+        im = ax.imshow(field, extent=extent, cmap=cmap, vmin=0, vmax=top, interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.85, label="probability" if is_probability else f"QS [{units}]")
+        ax.set(title=label if label != "median" else f"median for {valid_date}\nissued {issue_date}, lead {lead} d",
+               xlabel=f"x [{axis_unit}]", ylabel=f"y [{axis_unit}]")
+    return _save(fig, path)
+
+
 def plot_map(values, grid, path: str | Path, *, title: str, label: str, vmin: float | None = None,
              vmax: float | None = None, cmap: str = "viridis") -> Path:
     """One georeferenced map with a colour bar (e.g. the per-pixel NSE)."""

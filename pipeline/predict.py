@@ -6,6 +6,13 @@ pass, tiled on large grids); each map is de-normalised, clipped at 0, masked whe
 input has no data (the sea), and written as ``QS_{valid YYYYMMDD}_lead{L}.tif`` on
 exactly the cube's grid.
 
+A probabilistic checkpoint's map is the mean of its quantiles; beside it, per valid day and
+lead, go quantile maps ``..._q{10,50,90}.tif`` (``quantiles``) and exceedance
+probabilities ``..._p{thr}.tif`` (``exceedance``, in data units; by default the 90th and
+99th percentiles of the wet training pixels), optionally ``members`` ensemble members in
+the NetCDF output (the quantiles at N evenly spaced levels), and figures truth | median |
+10-90% spread | exceedance probability.
+
 Example
 -------
 >>> report = predict("checkpoints/best.pth", "data/test", "outputs/predictions")  # doctest: +SKIP
@@ -26,9 +33,10 @@ from .checkpoint import Checkpoint, read_checkpoint
 from .cube import TARGET, cube_dates, cube_grid, open_cube
 from .errors import RunoffError, RunoffWarning
 from .export import write_geotiff, write_netcdf
-from .inference import Forecaster
+from .baselines import wet_thresholds
+from .inference import Forecaster, exceedance_maps, quantile_maps
 from .ingest import ensure_cube
-from .plots import plot_comparison
+from .plots import plot_comparison, plot_probabilistic
 from .sampler import WindowSpec, window_issues
 from .storage import check_writable, file_sha256, location
 from .verify import mse, nse
@@ -41,6 +49,7 @@ class Forecast:
     issue: dt.date
     leads: list[int]
     values: np.ndarray  # (L, H, W) float32, NaN where there is no data
+    members: np.ndarray | None = None  # (L, N, H, W): ensemble members of a probabilistic forecast
 
 
 @dataclass
@@ -70,6 +79,7 @@ def _select_issues(dates: list[dt.date], candidates: list[int], spec_dates: str 
 def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | Path = "outputs/predictions", *,
             dates: str | None = None, last: bool = False, split: str | None = None, fmt: str = "tif", tile: int = 512,
             plots_dir: str | Path = "outputs/plots", max_plots: int = 8, device: str = "auto", batch_size: int = 8,
+            quantiles: list[float] | None = None, exceedance: list[float] | None = None, members: int | None = None,
             storage_options: dict | None = None, progress: bool = False) -> PredictReport:
     """Forecast from ``input_dir`` with the checkpoint ``weights_path``; see the module docstring.
 
@@ -77,11 +87,13 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     ``split``: only windows whose target days lie in the checkpoint's train, val or test split;
     ``fmt``: ``tif`` or ``netcdf`` (GeoTIFFs plus one NetCDF of all forecasts);
     ``max_plots``: side-by-side figures, spread over the forecasts (-1: all, 0: none);
-    ``batch_size``: issue days per forward pass; ``tile``: largest tile side in pixels.
+    ``batch_size``: issue days per forward pass; ``tile``: largest tile side in pixels;
+    ``quantiles``, ``exceedance``, ``members``: what a probabilistic checkpoint writes besides.
     """
     if fmt not in ("tif", "netcdf"):
         raise RunoffError(f"--format {fmt!r}: choose tif or netcdf")
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
+    _check_probabilistic_options(ckpt, str(weights_path), quantiles, exceedance, members, fmt)
     output_dir, plots_dir = location(output_dir, storage_options), location(plots_dir, storage_options)
     check_writable(output_dir, "--output_dir")
     if max_plots:
@@ -99,31 +111,49 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     units = ds[TARGET].attrs.get("units", "kg m-2")
     missing = set(ds.attrs.get("missing_dates", []))
     plot_every = _plot_stride(len(issues) * len(leads), max_plots)
+    probabilistic = forecaster.probabilistic
+    if probabilistic:
+        quantiles = quantiles or [0.1, 0.5, 0.9]
+        train = ckpt.splits["train"]
+        exceedance = exceedance or wet_thresholds(ds, train.start, train.end)
     geotiffs, figures, forecasts = [], [], []
     from tqdm import tqdm
 
     k = 0
     bar = tqdm(total=len(issues), desc="predict", unit="day", disable=not progress)
-    for batch, maps in forecaster.forecasts(ds, issues):
-        for t, values in zip(batch, maps):
+    for batch, out in forecaster.forecasts(ds, issues, members=probabilistic):
+        maps = out.mean(axis=2) if probabilistic else out
+        for b, (t, values) in enumerate(zip(batch, maps)):
             issued = all_dates[t]
             for li, lead in enumerate(leads):
                 valid = issued + dt.timedelta(days=lead)
                 tags = {"issue_date": issued.isoformat(), "valid_date": valid.isoformat(), "lead_days": lead,
                         "units": units, "checkpoint_sha256": sha, "package_version": __version__,
                         "source": f"runoff-forecast ConvLSTM, {weights_path.name}"}
-                geotiffs.append(write_geotiff(values[li], grid, output_dir / f"QS_{valid:%Y%m%d}_lead{lead}.tif",
-                                              tags, description=f"QS forecast, lead {lead} d", units=units))
+                stem = output_dir / f"QS_{valid:%Y%m%d}_lead{lead}"
+                what = "mean of the forecast distribution" if probabilistic else "QS forecast"
+                geotiffs.append(write_geotiff(values[li], grid, stem.with_suffix(".tif"), tags,
+                                              description=f"{what}, lead {lead} d", units=units))
+                if probabilistic:
+                    geotiffs += _write_distribution(out[b, li], stem, grid, tags, units, quantiles, exceedance)
                 if plot_every and (k % plot_every == 0 or (t == issues[-1] and li == len(leads) - 1)):
                     truth = _truth(ds, all_dates, valid, missing)
                     scores = None if truth is None else {"mse": mse(values[li], truth), "nse": nse(values[li], truth)}
-                    figures.append(plot_comparison(values[li], grid,
-                                                   plots_dir / f"compare_{valid:%Y%m%d}_lead{lead}.png",
-                                                   valid_date=valid.isoformat(), issue_date=issued.isoformat(),
-                                                   lead=lead, truth=truth, units=units, scores=scores))
+                    path = plots_dir / f"compare_{valid:%Y%m%d}_lead{lead}.png"
+                    context = dict(valid_date=valid.isoformat(), issue_date=issued.isoformat(), lead=lead,
+                                   truth=truth, units=units)
+                    figures.append(
+                        plot_probabilistic(quantile_maps(out[b, li], [0.1, 0.5, 0.9]),
+                                           exceedance_maps(out[b, li], exceedance[:1])[0], exceedance[0], grid,
+                                           path, **context) if probabilistic
+                        else plot_comparison(values[li], grid, path, scores=scores, **context))
                 k += 1
             if fmt == "netcdf":
-                forecasts.append(Forecast(issued, leads, values))
+                ensemble = None
+                if members:
+                    levels = (np.arange(members) + 0.5) / members
+                    ensemble = np.stack([quantile_maps(out[b, li], levels) for li in range(len(leads))])
+                forecasts.append(Forecast(issued, leads, values, ensemble))
         bar.update(len(batch))
     bar.close()
     netcdf = None
@@ -131,6 +161,45 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
         netcdf = write_netcdf(_forecast_dataset(forecasts, units, sha), grid,
                               output_dir / f"QS_forecasts_{all_dates[issues[0]]:%Y%m%d}_{all_dates[issues[-1]]:%Y%m%d}.nc")
     return PredictReport(geotiffs, figures, netcdf, [all_dates[t] for t in issues])
+
+
+def _check_probabilistic_options(ckpt: Checkpoint, weights: str, quantiles: list[float] | None,
+                                 exceedance: list[float] | None, members: int | None, fmt: str) -> None:
+    """One clear error for each probabilistic option that cannot be honoured, before anything is written."""
+    given = [name for name, value in (("--quantiles", quantiles), ("--exceedance", exceedance),
+                                      ("--members", members)) if value is not None]
+    if given and not ckpt.quantiles:
+        raise RunoffError(f"{', '.join(given)}: {weights} is a deterministic checkpoint (train with --probabilistic)")
+    if quantiles is not None and (any(not 0 < q < 1 for q in quantiles)
+                                  or any(b <= a for a, b in zip(quantiles, quantiles[1:]))):
+        raise RunoffError(f"--quantiles {','.join(f'{q:g}' for q in quantiles)}: levels must lie in (0, 1), "
+                          f"in increasing order")
+    if exceedance is not None and any(thr < 0 for thr in exceedance):
+        raise RunoffError(f"--exceedance {','.join(f'{t:g}' for t in exceedance)}: thresholds must be >= 0 "
+                          f"(data units)")
+    if members is not None and members < 2:
+        raise RunoffError(f"--members {members}: an ensemble needs at least 2 members")
+    if members is not None and fmt != "netcdf":
+        raise RunoffError("--members: the members go into the NetCDF output; add --format netcdf")
+
+
+def _write_distribution(members: np.ndarray, stem: Path, grid, tags: dict, units: str, quantiles: list[float],
+                        exceedance: list[float]) -> list[Path]:
+    """Quantile and exceedance-probability COGs of one forecast's members (Q, H, W)."""
+    written = []
+    for level, values in zip(quantiles, quantile_maps(members, quantiles)):
+        name = f"{level * 100:g}".replace(".", "_")
+        written.append(write_geotiff(values, grid, stem.with_name(f"{stem.name}_q{name}.tif"),
+                                     {**tags, "quantile": f"{level:g}"},
+                                     description=f"{level:g} quantile of the forecast, lead {tags['lead_days']} d",
+                                     units=units))
+    for threshold, values in zip(exceedance, exceedance_maps(members, exceedance)):
+        name = f"{threshold:g}".replace(".", "_")
+        written.append(write_geotiff(values, grid, stem.with_name(f"{stem.name}_p{name}.tif"),
+                                     {**tags, "units": "1", "threshold": f"{threshold:g} {units}"},
+                                     description=f"probability that QS exceeds {threshold:g} {units}, lead "
+                                                 f"{tags['lead_days']} d", units="1"))
+    return written
 
 
 def _issue_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.date], input_dir: str, dates: str | None,
@@ -201,9 +270,14 @@ def _forecast_dataset(forecasts: list[Forecast], units: str, sha: str) -> xr.Dat
     times = np.array([np.datetime64(f.issue, "ns") for f in forecasts])
     values = np.stack([f.values for f in forecasts])
     valid = times[:, None] + np.array([np.timedelta64(lead, "D") for lead in leads])[None, :]
+    data_vars = {"qs_forecast": (("time", "lead", "y", "x"), values,
+                                 {"long_name": "forecast storm surface runoff", "units": units})}
+    if forecasts[0].members is not None:
+        data_vars["qs_members"] = (("time", "lead", "member", "y", "x"), np.stack([f.members for f in forecasts]),
+                                   {"long_name": "ensemble members of the forecast (its quantiles at evenly "
+                                                 "spaced levels)", "units": units})
     ds = xr.Dataset(
-        {"qs_forecast": (("time", "lead", "y", "x"), values,
-                         {"long_name": "forecast storm surface runoff", "units": units})},
+        data_vars,
         coords={"time": ("time", times, {"long_name": "issue day (last input day)"}),
                 "lead": ("lead", np.array(leads, np.int32), {"long_name": "lead time", "units": "days"}),
                 "valid_time": (("time", "lead"), valid, {"long_name": "day the forecast is for"})})

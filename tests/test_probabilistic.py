@@ -1,0 +1,152 @@
+"""Probabilistic forecasts: quantiles that never cross, ensemble scores against brute force,
+and `train --probabilistic` -> `predict` (quantile and exceedance maps, members) ->
+`evaluate` (CRPS, Brier, spread/skill, rank histogram, reliability), with bad options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import xarray as xr
+
+from pipeline.model import ConvLSTMForecaster
+from pipeline.synth import write_series
+from pipeline.verify import EnsembleScores
+
+from .conftest import one_error_line
+
+
+def test_quantiles_never_cross_and_an_untrained_model_is_centred_on_persistence():
+    torch.manual_seed(0)
+    model = ConvLSTMForecaster(in_channels=1, leads=2, quantiles=20)
+    x = torch.randn(3, 6, 1, 12, 14)
+    out = model(x)
+    assert out.shape == (3, 2, 20, 12, 14)
+    torch.testing.assert_close(out.mean(dim=2), x[:, -1, :1].expand(3, 2, 12, 14))
+    with torch.no_grad():  # whatever the weights, the quantiles stay in order
+        for p in model.parameters():
+            p.normal_()
+    assert (model(x).diff(dim=2) >= 0).all()
+
+
+def _brute_crps(members: np.ndarray, truth: np.ndarray) -> float:
+    """mean|X - y| - mean|X - X'| / 2 over every pair, pixel by pixel."""
+    first = np.abs(members - truth[None]).mean(axis=0)
+    pairs = np.abs(members[:, None] - members[None, :]).mean(axis=(0, 1))
+    return float((first - pairs / 2).mean())
+
+
+def test_ensemble_scores_equal_brute_force_and_merge():
+    rng = np.random.default_rng(0)
+    members = np.maximum(rng.normal(1.0, 1.0, (7, 30, 40)), 0)
+    truth = np.maximum(rng.normal(1.0, 1.0, (30, 40)), 0)
+    one = EnsembleScores([0.5, 2.0]).accumulate(members, truth).compute()
+    assert one["crps"] == pytest.approx(_brute_crps(members, truth))
+    for thr in (0.5, 2.0):
+        p = (members > thr).mean(axis=0)
+        assert one[f"brier@{thr:g}"] == pytest.approx(float(((p - (truth > thr)) ** 2).mean()))
+    halves = EnsembleScores([0.5, 2.0]).accumulate(members[:, :15], truth[:15])
+    halves.merge(EnsembleScores([0.5, 2.0]).accumulate(members[:, 15:], truth[15:]))
+    assert halves.compute() == pytest.approx(one)
+
+
+def test_a_calibrated_ensemble_has_a_flat_rank_histogram_and_unit_spread_skill():
+    rng = np.random.default_rng(1)
+    centre = rng.gamma(1.0, 2.0, (200, 50))  # truth and members: the same distribution around a centre
+    members = np.maximum(centre[None] + rng.normal(0, 1, (49, 200, 50)), 0)
+    truth = np.maximum(centre + rng.normal(0, 1, (200, 50)), 0)
+    scores = EnsembleScores([1.0])
+    scores.accumulate(members, truth)
+    shares = scores.ranks / scores.ranks.sum()
+    assert np.abs(shares * 50 - 1).max() < 0.35  # 50 ranks, each about a fiftieth (zeros tie at random)
+    assert scores.compute()["spread_skill"] == pytest.approx(1.0, abs=0.05)
+    count, forecast, observed = scores.reliability()[1.0]
+    full = count >= 500
+    assert np.abs(forecast[full] - observed[full]).max() < 0.05  # a member share of k/M is about k/M likely
+
+
+@pytest.fixture(scope="module")
+def probabilistic(tmp_path_factory) -> Path:
+    """A probabilistic model trained for three epochs on a river-regime cube with rain."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("probabilistic")
+    write_series(root / "in", days=100, height=24, width=32, seed=3, regime="river", covariates=["rainf"])
+    assert main(["ingest", str(root / "in"), str(root / "qs.zarr")]) == 0
+    assert main(["train", "--data_dir", str(root / "qs.zarr"), "--probabilistic", "--forcings", "rainf",
+                 "--leads", "1,2", "--epochs", "3", "--patch", "16", "--hidden_channels", "8",
+                 "--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(root / "train")]) == 0
+    return root
+
+
+def test_predict_writes_quantile_and_exceedance_maps_and_members(probabilistic, tmp_path, run_cli):
+    root = probabilistic
+    out = tmp_path / "pred"
+    result = run_cli("predict", "--weights_path", root / "ckpt" / "best.pth", "--input_dir", root / "qs.zarr",
+                     "--output_dir", out, "--dates", "2019-03-20", "--format", "netcdf", "--members", "5", "--exceedance", "1,10",
+                     "--plots_dir", tmp_path / "plots")
+    assert result.status == 0, result.err
+    valid = sorted(out.glob("QS_*_lead1.tif"))[0].stem
+    files = {p.name for p in out.glob(f"{valid}*.tif")}
+    assert files == {f"{valid}.tif", f"{valid}_q10.tif", f"{valid}_q50.tif", f"{valid}_q90.tif", f"{valid}_p1.tif",
+                     f"{valid}_p10.tif"}
+
+    def read(name: str) -> tuple[np.ndarray, dict]:
+        with rasterio.open(out / name) as src:
+            return src.read(1, masked=True).filled(np.nan), src.tags()
+
+    (q10, _), (q50, _), (q90, tags) = (read(f"{valid}_q{q}.tif") for q in (10, 50, 90))
+    mean, _ = read(f"{valid}.tif")
+    ok = np.isfinite(mean)
+    assert ok.any() and (~ok).any()  # the sea stays nodata
+    assert (q10[ok] <= q50[ok]).all() and (q50[ok] <= q90[ok]).all() and tags["quantile"] == "0.9"
+    p1, ptags = read(f"{valid}_p1.tif")
+    p10, _ = read(f"{valid}_p10.tif")
+    assert ((p1[ok] >= 0) & (p1[ok] <= 1)).all() and (p10[ok] <= p1[ok]).all() and ptags["threshold"] == "1 kg m-2"
+    nc = xr.open_dataset(next(out.glob("QS_forecasts_*.nc")))
+    assert nc.qs_members.dims == ("time", "lead", "member", "y", "x") and nc.sizes["member"] == 5
+    assert (nc.qs_members.diff("member").fillna(0) >= 0).all()
+    assert any(p.name.startswith("compare_") for p in (tmp_path / "plots").iterdir())
+
+
+def test_evaluate_scores_crps_brier_and_reliability_against_reference_ensembles(probabilistic, tmp_path, run_cli):
+    root = probabilistic
+    result = run_cli("evaluate", "--weights_path", root / "ckpt" / "best.pth", "--data_dir", root / "qs.zarr",
+                     "--output_dir", tmp_path / "eval", "--thresholds", "1,10")
+    assert result.status == 0, result.err
+    assert "CRPS skill vs persistence" in result.out.splitlines()[0]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["leads"]
+    for lead in ("1", "2"):
+        model = metrics[lead]["model"]
+        for key in ("crps", "crps_skill_vs_climatology", "crps_skill_vs_persistence", "spread_skill",
+                    "brier@1", "brier@10", "brier_skill@1"):
+            assert np.isfinite(model[key]), key
+        assert metrics[lead]["climatology"]["crps_skill_vs_climatology"] == 0
+        assert (tmp_path / "eval" / f"ensemble_lead{lead}.png").stat().st_size > 0
+    assert "Probabilistic scores, lead 1" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--quantiles", "0,0.5"], "must lie in (0, 1)"),
+    (["--quantiles", "0.9,0.1"], "in increasing order"),
+    (["--exceedance", "-1"], "must be >= 0"),
+    (["--members", "1", "--format", "netcdf"], "at least 2 members"),
+    (["--members", "4"], "add --format netcdf"),
+])
+def test_bad_probabilistic_options_are_one_line_and_write_nothing(probabilistic, tmp_path, run_cli, options, words):
+    root = probabilistic
+    result = run_cli("predict", "--weights_path", root / "ckpt" / "best.pth", "--input_dir", root / "qs.zarr",
+                     "--output_dir", tmp_path / "pred", "--dates", "2019-03-20", *options)
+    assert result.status == 2 and words in one_error_line(result.err)
+    assert not (tmp_path / "pred").exists() or not any((tmp_path / "pred").iterdir())
+
+
+def test_probabilistic_options_with_a_deterministic_checkpoint(trained, tmp_path, run_cli):
+    result = run_cli("predict", "--weights_path", trained / "ckpt" / "best.pth", "--input_dir", trained / "qs.zarr",
+                     "--output_dir", tmp_path / "pred", "--last", "--quantiles", "0.5")
+    assert result.status == 2 and "deterministic checkpoint" in one_error_line(result.err)
+    assert not (tmp_path / "pred").exists() or not any((tmp_path / "pred").iterdir())
