@@ -22,11 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine  # noqa: E402
+from common import machine, river_cube  # noqa: E402
 
 from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.ingest import ingest  # noqa: E402
-from pipeline.synth import write_series  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
 
 
@@ -58,10 +56,7 @@ def main() -> int:
         tmp = Path(tmp)
         cube = args.cube
         if cube is None:
-            write_series(tmp / "in", days=args.days, height=args.height, width=args.width, seed=args.seed,
-                         regime="river", covariates=["rainf", "rainf_fc"])
-            cube = str(tmp / "qs.zarr")
-            ingest(tmp / "in", cube)
+            cube = river_cube(tmp, args.days, args.height, args.width, args.seed)
         table = {}
         for name in chosen:
             started = time.perf_counter()

@@ -71,3 +71,13 @@ def cube_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=224)
     p.add_argument("--width", type=int, default=464)
     return p
+
+
+def river_cube(folder: Path, days: int, height: int, width: int, seed: int = 0) -> str:
+    """A synthetic river-regime cube with its rain and a noisy rain forecast (``rainf``,
+    ``rainf_fc``) at ``folder/qs.zarr``, as `runoff synth --regime river` writes it."""
+    write_series(folder / "in", days=days, height=height, width=width, seed=seed, regime="river",
+                 covariates=["rainf", "rainf_fc"])
+    store = str(folder / "qs.zarr")
+    ingest(folder / "in", store)
+    return store

@@ -23,7 +23,7 @@ Example
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .baselines import SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, wet_thresholds
@@ -48,6 +48,7 @@ class EvaluationReport:
     summary: str  # the continuous scores only, for the terminal
     files: list[Path]
     windows: int
+    ensemble: dict[int, dict] = field(default_factory=dict)  # probabilistic: rank histogram, reliability per lead
 
 
 _MAIN_COLUMNS = ("mse", "rmse", "mae", "bias", "nse", "kge", "skill_vs_persistence", "skill_vs_climatology")
@@ -174,9 +175,10 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
         "that many days of the same day of year; the training mean where none lies within ±45 days)."]
     markdown = _markdown(metrics, chosen, n, skill_lines, notes)
     summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, [], notes, categorical=False)
+    diagnostics = {lead: _diagnostics(ensembles[lead]["model"]) for lead in leads} if probabilistic else {}
     files = _write_outputs(metrics, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
-        "thresholds": thresholds, "checkpoint": str(weights_path), "cube": str(store)})
+        "thresholds": thresholds, "checkpoint": str(weights_path), "cube": str(store)}, diagnostics)
     if probabilistic:
         for lead in leads:
             files.append(plot_ensemble_diagnostics(
@@ -192,7 +194,15 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
         files.append(plot_map(values, grid, stem.with_suffix(".png"),
                               title=f"{label} per pixel, lead {leads[0]} d, {split} split", label=label,
                               vmin=-1.0, vmax=1, cmap="RdYlGn"))
-    return EvaluationReport(metrics, markdown, summary, files, n)
+    return EvaluationReport(metrics, markdown, summary, files, n, diagnostics)
+
+
+def _diagnostics(scores: EnsembleScores) -> dict:
+    """The model's rank histogram and reliability tables, as plain lists for metrics.json."""
+    return {"rank_histogram": scores.ranks.tolist(),
+            "reliability": {f"{thr:g}": {"count": table[0].tolist(), "forecast_probability": table[1].tolist(),
+                                         "observed_frequency": table[2].tolist()}
+                            for thr, table in scores.reliability().items()}}
 
 
 def _add_ensemble_scores(rows: dict[str, dict[str, float]], scores: dict[str, dict[str, float]],
@@ -208,10 +218,12 @@ def _add_ensemble_scores(rows: dict[str, dict[str, float]], scores: dict[str, di
             rows[source][f"brier_skill@{thr:g}"] = skill(values[key], scores["climatology"][key])
 
 
-def _write_outputs(metrics: dict, markdown: str, output_dir: Path, meta: dict) -> list[Path]:
+def _write_outputs(metrics: dict, markdown: str, output_dir: Path, meta: dict, diagnostics: dict) -> list[Path]:
     json_path, md_path = output_dir / "metrics.json", output_dir / "metrics.md"
-    for path, text in ((json_path, json.dumps({"meta": meta, "leads": {str(k): v for k, v in metrics.items()}},
-                                               indent=2, allow_nan=True)), (md_path, markdown + "\n")):
+    document = {"meta": meta, "leads": {str(k): v for k, v in metrics.items()}}
+    if diagnostics:
+        document["ensemble"] = {str(k): v for k, v in diagnostics.items()}
+    for path, text in ((json_path, json.dumps(document, indent=2, allow_nan=True)), (md_path, markdown + "\n")):
         with atomic_output(path) as tmp:
             tmp.write_text(text)
     skill = plot_skill_by_lead(metrics, output_dir / "skill_by_lead.png")

@@ -150,3 +150,19 @@ def test_probabilistic_options_with_a_deterministic_checkpoint(trained, tmp_path
                      "--output_dir", tmp_path / "pred", "--last", "--quantiles", "0.5")
     assert result.status == 2 and "deterministic checkpoint" in one_error_line(result.err)
     assert not (tmp_path / "pred").exists() or not any((tmp_path / "pred").iterdir())
+
+
+def test_a_probabilistic_run_resumes_exactly(tmp_path):
+    from pipeline.train import TrainConfig, train
+
+    write_series(tmp_path / "in", days=60, height=20, width=24, seed=5)
+    common = dict(data_dir=str(tmp_path / "in"), patch=16, hidden_channels=[4], batch_size=4, probabilistic=True,
+                  device="cpu")
+    train(TrainConfig(**common, epochs=2, checkpoint_dir=str(tmp_path / "full"), output_dir=str(tmp_path / "o1")))
+    train(TrainConfig(**common, epochs=1, checkpoint_dir=str(tmp_path / "part"), output_dir=str(tmp_path / "o2")))
+    train(TrainConfig(**common, epochs=2, resume=str(tmp_path / "part" / "model_epoch1.pth"),
+                      checkpoint_dir=str(tmp_path / "part"), output_dir=str(tmp_path / "o2")), {"epochs", "resume"})
+    a, b = (torch.load(tmp_path / d / "model_epoch2.pth", weights_only=True) for d in ("full", "part"))
+    assert a["model_config"]["quantiles"] == 20
+    for name, tensor in a["model_state"].items():
+        assert torch.equal(tensor, b["model_state"][name]), name

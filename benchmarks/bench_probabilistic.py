@@ -1,0 +1,135 @@
+"""The probabilistic model against its targets, as ``runoff evaluate`` scores it (test split),
+with the rain of the forecast days as a forcing (observed: a perfect forecast).
+
+    python benchmarks/bench_probabilistic.py                  # synthetic river regime
+    python benchmarks/bench_probabilistic.py --cube stores/cwatm.zarr --patch 32 \\
+        --train_end 2000-08-31 --val_end 2000-09-20       # a real cube (CWatM, monsoon split)
+
+Trains a deterministic and a probabilistic model with the same settings, evaluates both,
+and prints per lead: CRPS skill against the climatological and the persistence ensembles
+(targets > 0.3 and > 0), the spread/skill ratio (0.8 .. 1.2 at leads 1 and 6), the largest
+gap between forecast probability and observed frequency in reliability bins of >= 100
+pixels (<= 0.1), and the MSE of the median and of the mean against the deterministic
+model's (median within 10%); then the training cost per epoch (<= 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, river_cube  # noqa: E402
+
+from pipeline.checkpoint import read_checkpoint  # noqa: E402
+from pipeline.cube import TARGET, open_cube  # noqa: E402
+from pipeline.evaluate import evaluate  # noqa: E402
+from pipeline.inference import Forecaster, quantile_maps, read_days  # noqa: E402
+from pipeline.sampler import WindowSpec, window_issues  # noqa: E402
+from pipeline.train import TrainConfig, train  # noqa: E402
+
+
+def median_mse(weights: Path, store: str, leads: list[int]) -> dict[int, float]:
+    """MSE of the probabilistic model's median on the test split, per lead (valid pixels)."""
+    ckpt = read_checkpoint(weights)
+    ds = open_cube(store)
+    spec = WindowSpec(ckpt.input_days, tuple(ckpt.leads), tuple(ckpt.variables), tuple(ckpt.forcings))
+    issues = window_issues(ds, ckpt.splits["test"], spec)
+    sse, count = np.zeros(len(leads)), np.zeros(len(leads))
+    for batch, members in Forecaster.load(ckpt, "cpu").forecasts(ds, issues, members=True):
+        days = read_days(ds, TARGET, batch[0], batch[-1] + max(leads))
+        for k, t in enumerate(batch):
+            for li, lead in enumerate(leads):
+                median = quantile_maps(members[k, li], [0.5])[0]
+                truth = days[t - batch[0] + lead]
+                ok = np.isfinite(median) & np.isfinite(truth)
+                sse[li] += float(((median[ok] - truth[ok]) ** 2).sum())
+                count[li] += ok.sum()
+    return {lead: sse[i] / max(count[i], 1) for i, lead in enumerate(leads)}
+
+
+def reliability_gap(ensemble: dict, min_count: int = 100) -> float:
+    """Largest |forecast probability - observed frequency| over the bins holding >= min_count pixels."""
+    gaps = [0.0]
+    for table in ensemble["reliability"].values():
+        count, p, o = (np.asarray(table[k], np.float64) for k in ("count", "forecast_probability",
+                                                                  "observed_frequency"))
+        full = count >= min_count
+        if full.any():
+            gaps.append(float(np.abs(p[full] - o[full]).max()))
+    return max(gaps)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cube", help="a cube to measure on (default: a synthetic river-regime cube)")
+    p.add_argument("--rain", default="rainf", help="the cube's rain variable")
+    p.add_argument("--days", type=int, default=730)
+    p.add_argument("--height", type=int, default=48)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--leads", default="1-6")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--patience", type=int, default=6)
+    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--train_end")
+    p.add_argument("--val_end")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    lo, _, hi = args.leads.partition("-")
+    leads = list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in args.leads.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cube = args.cube or river_cube(tmp, args.days, args.height, args.width, args.seed)
+        runs = {}
+        for name, probabilistic in (("deterministic", False), ("probabilistic", True)):
+            config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
+                                 patch=args.patch, forcings=[args.rain], probabilistic=probabilistic,
+                                 train_end=args.train_end, val_end=args.val_end, seed=args.seed,
+                                 checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
+            started = time.perf_counter()
+            result = train(config)
+            seconds = time.perf_counter() - started
+            report = evaluate(result.best_checkpoint, cube, split="test", output_dir=tmp / name / "eval")
+            runs[name] = (result, report, seconds)
+            print(f"{name}: {result.epochs_run} epochs (best {result.best_epoch}), {seconds:.0f} s",
+                  file=sys.stderr)
+        medians = median_mse(runs["probabilistic"][0].best_checkpoint, cube, leads)
+    det, prob = runs["deterministic"][1].metrics, runs["probabilistic"][1].metrics
+    ensemble = runs["probabilistic"][1].ensemble
+    print(f"{machine()}; cube: {args.cube or f'synthetic river regime {args.days} d {args.height}x{args.width}'}; "
+          f"rain: {args.rain} (observed, a perfect forecast); {args.epochs} epochs max, patch {args.patch}")
+    print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "
+          "| median MSE / deterministic | mean MSE / deterministic |")
+    print("|---|---|---|---|---|---|---|")
+    rows = {}
+    for lead in leads:
+        model, reference = prob[lead]["model"], det[lead]["model"]["mse"]
+        rows[lead] = (model["crps_skill_vs_climatology"], model["crps_skill_vs_persistence"], model["spread_skill"],
+                      reliability_gap(ensemble[lead]), medians[lead] / reference, model["mse"] / reference)
+        print(f"| {lead} | " + " | ".join(f"{v:+.3f}" if i < 2 else f"{v:.3f}" for i, v in enumerate(rows[lead]))
+              + " |")
+    # training throughput of epochs 2+ (epoch 1 also pays the first reads and the start-up)
+    cost = [1 / np.mean([h["samples_per_s"] for h in runs[n][0].history[1:] or runs[n][0].history])
+            for n in ("deterministic", "probabilistic")]
+    checks = [
+        ("CRPS skill > 0.3 vs climatology at every lead", all(r[0] > 0.3 for r in rows.values())),
+        ("CRPS skill > 0 vs persistence at every lead", all(r[1] > 0 for r in rows.values())),
+        (f"spread/skill in 0.8 .. 1.2 at leads {leads[0]} and {leads[-1]}",
+         all(0.8 <= rows[lead][2] <= 1.2 for lead in (leads[0], leads[-1]))),
+        ("reliability within 0.1 of the diagonal (bins >= 100 pixels)", all(r[3] <= 0.1 for r in rows.values())),
+        ("median MSE within 10% of the deterministic model's", all(r[4] <= 1.1 for r in rows.values())),
+        (f"training time per window {cost[1] * 1e3:.2f} ms against {cost[0] * 1e3:.2f} ms: "
+         f"{cost[1] / cost[0]:.2f}x (<= 2x)", cost[1] <= 2 * cost[0]),
+    ]
+    print("\n".join(f"{what}: {'yes' if ok else 'NO'}" for what, ok in checks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
