@@ -236,7 +236,7 @@ def parse_variables(text: str | None) -> dict[str, str] | None:
     return mapping
 
 
-def _file_groups(source: str | Path, variables: dict[str, str] | None) -> dict[str, list[Path]] | list[Path]:
+def _file_groups(source: str | Path) -> dict[str, list[Path]] | list[Path]:
     """The files: one list (each file may hold several of the wanted variables) or, for a
     folder of sub-folders, one list per cube variable named after its sub-folder."""
     text = str(source)
@@ -706,10 +706,10 @@ def _interval_middle(step: _Step, length: np.timedelta64, stamp: str) -> np.date
     return step.stamp + _to_middle(length, _stamp_position(stamp, length, step.path))
 
 
-def _days_of(name: str, variable: str, steps: list[_Step], options: NetcdfOptions, how: str, factor: float,
-             layout: _Layout) -> tuple[list[NetcdfDay], dict[str, str]]:
-    """Group the steps into days; a day short of steps goes to the incomplete ones, with the reason."""
-    length = _step_length(steps, name)
+def _days_of(variable: str, steps: list[_Step], length: np.timedelta64, options: NetcdfOptions, how: str,
+             factor: float, layout: _Layout) -> tuple[list[NetcdfDay], dict[str, str]]:
+    """Group the steps (``length`` apart) into days; a day short of steps goes to the
+    incomplete ones, with the reason."""
     per_day = int(_DAY // length)
     start = np.timedelta64(options.day_start * 3600, "s")
     by_day: dict[dt.date, dict[np.datetime64, _Step]] = {}
@@ -778,61 +778,67 @@ def open_netcdf_source(source: str | Path, options: NetcdfOptions = NetcdfOption
         raise RunoffError(f"--stamp {options.stamp!r}: choose {', '.join(STAMPS)}")
     if not 0 <= options.day_start <= 23:
         raise RunoffError(f"--day_start {options.day_start}: an hour from 0 to 23")
-    groups = _file_groups(source, options.variables)
-    wanted = dict(options.variables or {})
+    scans = _scan_sources(source, dict(options.variables or {}))
+    days, attrs, incomplete = {}, {}, {}
+    for name in [TARGET] + sorted(n for n in scans if n != TARGET):
+        found, grid, grid_from = _variable_days(name, scans[name], options, grid, grid_from, resample)
+        days[name], attrs[name], incomplete[name] = found
+    return NetcdfSource(grid, days, attrs, incomplete)
+
+
+def _scan_sources(source: str | Path, wanted: dict[str, str]) -> dict[str, list[_FileScan]]:
+    """Every file's header, per cube variable: from its sub-folder, or from the files that
+    hold the variable ``wanted`` names for it (by default the only candidate, as qs)."""
+    groups = _file_groups(source)
     if isinstance(groups, dict):  # one sub-folder per cube variable
-        plan = {name: ([str(p) for p in files], choose_variable(files[0], wanted.get(name)), True)
-                for name, files in groups.items()}
         unknown = sorted(set(wanted) - set(groups))
         if unknown:
             raise RunoffError(f"--variable {','.join(unknown)}: no such sub-folder in {source}")
-        scans = {name: _scan_all(files, (variable,), True) for name, (files, variable, _) in plan.items()}
-    else:
-        names = [str(p) for p in groups]
-        if not wanted:
-            wanted = {TARGET: choose_variable(names[0])}
-        variables = tuple(dict.fromkeys(wanted.values()))
-        found = _scan_all(names, variables, len(variables) == 1)
-        scans = {name: [s for s in found if s.variable == variable] for name, variable in wanted.items()}
-        for name, variable in wanted.items():
-            if not scans[name]:
-                raise RunoffError(f"{source}: no file holds the variable {variable!r} (--variable {name}={variable})")
+        return {name: _scan_all([str(p) for p in files], (choose_variable(files[0], wanted.get(name)),), True)
+                for name, files in groups.items()}
+    names = [str(p) for p in groups]
+    wanted = wanted or {TARGET: choose_variable(names[0])}
+    variables = tuple(dict.fromkeys(wanted.values()))
+    found = _scan_all(names, variables, len(variables) == 1)
+    scans = {name: [s for s in found if s.variable == variable] for name, variable in wanted.items()}
+    for name, variable in wanted.items():
+        if not scans[name]:
+            raise RunoffError(f"{source}: no file holds the variable {variable!r} (--variable {name}={variable})")
+    return scans
 
-    days, attrs, incomplete = {}, {}, {}
-    target_grid = grid
-    for name in [TARGET] + sorted(n for n in scans if n != TARGET):
-        file_scans = scans[name]
-        variable_grid, layout = _common_grid(file_scans, options)
-        first = file_scans[0]
-        if target_grid is None:
-            target_grid, grid_from = variable_grid, f"the first file {first.path}"
-        on_grid = variable_grid.matches(target_grid)
-        if not on_grid and (name == TARGET or resample is None):
-            raise grid_error(Path(first.path), variable_grid, target_grid, grid_from)
-        _check_names(file_scans)
-        steps = _deduplicate([_Step(s.path, i, s.stamps[i], None if s.bounds is None else tuple(s.bounds[i]))
-                              for s in file_scans for i in range(len(s.stamps))], name, first.variable)
-        length = _step_length(steps, f"{first.path} ({first.variable})")
-        units = first.attrs.get("units", "")
-        how, factor, stored_units = _aggregation(first.variable, units, options, length)
-        if options.aggregate is not None and length == _DAY:
-            warnings.warn(f"{source}: {first.variable} is already daily; --aggregate {options.aggregate} "
-                          f"has no effect", RunoffWarning, stacklevel=2)
-        made, incomplete[name] = _days_of(name, first.variable, steps, options, how, factor, layout)
-        if not on_grid:
-            made = [replace(d, resample=(variable_grid, target_grid, resample)) for d in made]
-        days[name] = made
-        per_day = int(_DAY // length)
-        attrs[name] = {
-            "units": stored_units,
-            "long_name": first.attrs.get("long_name") or first.attrs.get("standard_name") or first.variable,
-            "source_variable": first.variable,
-            "aggregation": f"{how} of {per_day} steps of {length.astype(int) / 3600:g} h" if per_day > 1
-            else "daily values as published",
-        }
-        if not attrs[name]["long_name"].strip():
-            attrs[name]["long_name"] = first.variable
-    return NetcdfSource(target_grid, days, attrs, incomplete)
+
+def _variable_days(name: str, scans: list[_FileScan], options: NetcdfOptions, grid: Grid | None, grid_from: str,
+                   resample: str | None) -> tuple[tuple[list[NetcdfDay], dict, dict[str, str]], Grid, str]:
+    """One cube variable's days, attributes and incomplete days; and the cube's grid (this
+    variable's, when no grid is set yet) with where it comes from."""
+    variable_grid, layout = _common_grid(scans, options)
+    first = scans[0]
+    if grid is None:
+        grid, grid_from = variable_grid, f"the first file {first.path}"
+    on_grid = variable_grid.matches(grid)
+    if not on_grid and (name == TARGET or resample is None):
+        raise grid_error(Path(first.path), variable_grid, grid, grid_from)
+    _check_names(scans)
+    steps = _deduplicate([_Step(s.path, i, s.stamps[i], None if s.bounds is None else tuple(s.bounds[i]))
+                          for s in scans for i in range(len(s.stamps))], name, first.variable)
+    length = _step_length(steps, f"{first.path} ({first.variable})")
+    how, factor, units = _aggregation(first.variable, first.attrs.get("units", ""), options, length)
+    if options.aggregate is not None and length == _DAY:
+        warnings.warn(f"{first.path}: {first.variable} is already daily; --aggregate {options.aggregate} "
+                      f"has no effect", RunoffWarning, stacklevel=3)
+    days, incomplete = _days_of(first.variable, steps, length, options, how, factor, layout)
+    if not on_grid:
+        days = [replace(d, resample=(variable_grid, grid, resample)) for d in days]
+    per_day = int(_DAY // length)
+    attrs = {
+        "units": units,
+        "long_name": (first.attrs.get("long_name") or first.attrs.get("standard_name") or "").strip()
+        or first.variable,
+        "source_variable": first.variable,
+        "aggregation": f"{how} of {per_day} steps of {length.astype(int) / 3600:g} h" if per_day > 1
+        else "daily values as published",
+    }
+    return (days, attrs, incomplete), grid, grid_from
 
 
 def _common_grid(scans: list[_FileScan], options: NetcdfOptions) -> tuple[Grid, _Layout]:
