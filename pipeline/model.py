@@ -16,7 +16,9 @@ A probabilistic model (``quantiles=Q``) emits, per pixel and lead, Q quantiles a
 :func:`quantile_levels` (``(k + 0.5) / Q``): a centre plus Q - 1 non-negative increments
 (softplus), so the quantiles never cross. Trained by the pinball loss they form the
 forecast distribution, which can put its mass at zero and keep a long right tail; their
-mean is the deterministic forecast.
+mean is the deterministic forecast. A buffer ``spread_scale`` (one factor per lead, 1
+while training) widens or narrows them around their centre once training has calibrated
+it on the validation split.
 
 Example
 -------
@@ -157,6 +159,8 @@ class ConvLSTMForecaster(nn.Module):
         if predict_delta:  # no change yet: the untrained model is persistence
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
+        if quantiles:  # per lead, a factor on the quantiles' spread, calibrated after training
+            self.register_buffer("spread_scale", torch.ones(leads))
 
     @classmethod
     def from_config(cls, config: dict) -> "ConvLSTMForecaster":
@@ -198,7 +202,8 @@ class ConvLSTMForecaster(nn.Module):
             out = out.view(b, self.config.leads, q, h, w)
             steps = torch.nn.functional.softplus(out[:, :, 1:] - _SPACING_OFFSET)
             offsets = torch.cat([torch.zeros_like(out[:, :, :1]), steps.cumsum(dim=2)], dim=2)
-            out = out[:, :, :1] + offsets - offsets.mean(dim=2, keepdim=True)
+            spread = self.spread_scale.to(out.dtype).view(1, -1, 1, 1, 1)
+            out = out[:, :, :1] + spread * (offsets - offsets.mean(dim=2, keepdim=True))
         else:
             out = out.unsqueeze(2)  # (B, L, 1, H, W)
         if self.config.predict_delta:

@@ -216,6 +216,51 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
             "persistence_mse": sse_p / count}
 
 
+SPREAD_FACTORS = tuple(round(0.5 + 0.1 * k, 1) for k in range(26))  # 0.5 .. 3.0, tried per lead
+
+
+def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
+                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> torch.Tensor:
+    """A probabilistic model's ``spread_scale`` that minimises the validation pinball loss
+    (the CRPS): per lead, the factor of ``SPREAD_FACTORS`` on the quantiles' spread around
+    their centre (in the model's log space, so a multiplicative widening in data units) that
+    scores best, times the current scale. A quantile model fitted on training windows is
+    often too narrow on new ones, and more so at long leads."""
+    model.eval()
+    factors = torch.tensor(SPREAD_FACTORS, device=device).view(-1, 1, 1, 1, 1)
+    sums = torch.zeros(len(SPREAD_FACTORS), model.config.leads, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in loader_batches(loader, device):
+            x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
+                                                                            batch.forcings))
+            with autocast_for(device, precision):
+                q = model(x, forcings).float()
+            centre, truth, m = q.mean(dim=2, keepdim=True), to_physical(y, stats), mask.float()
+            for i, factor in enumerate(factors):
+                values = to_physical(centre + factor * (q - centre), stats).clamp(min=0)
+                sums[i] += (pinball(values, truth) * m).sum(dim=(0, 2, 3, 4)).double()
+    best = torch.tensor(SPREAD_FACTORS, device=device)[ranks.sum(sums).argmin(dim=0)]
+    return model.spread_scale * best.to(model.spread_scale.dtype)
+
+
+def _calibrate_best(run: "_Run") -> None:
+    """Calibrate the spread of the best epoch's weights on the validation split, and write
+    it into ``best.pth`` (epoch checkpoints keep the spread as trained)."""
+    if run.best_state is None:  # no improvement in this session: best.pth stays as it is
+        return
+    run.model.load_state_dict(run.best_state)
+    scale = calibrate_spread(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET],
+                             run.ranks, run.config.precision)
+    run.model.spread_scale.copy_(scale)
+    run.log("spread calibrated on the validation split (best.pth): " +
+            ", ".join(f"lead {lead} x{s:.2f}" for lead, s in zip(run.config.leads, scale.tolist())))
+    if run.ranks.is_main:
+        best = run.checkpoint_dir / "best.pth"
+        state = load_checkpoint(best)
+        state["model_state"] = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
+        save_checkpoint(state, best)
+
+
 def _write_history(history: list[dict], output_dir: Path) -> None:
     with atomic_output(output_dir / "history.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
@@ -261,6 +306,8 @@ def _fit(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progress:
     if run.stopped and run.history[-1]["epoch"] < config.epochs and ranks.is_main:
         print(f"early stopping: no validation improvement for {config.patience} epochs "
               f"(best epoch {run.best_epoch})", file=sys.stderr)
+    if config.probabilistic:
+        _calibrate_best(run)
     return run.result(len(run.history))
 
 
@@ -290,6 +337,7 @@ class _Run:
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
     last_path: Path | None = None
+    best_state: dict | None = None  # the best epoch's weights of this session (probabilistic runs)
 
     @property
     def stopped(self) -> bool:
@@ -468,6 +516,8 @@ def _end_epoch(run: _Run, epoch: int, fitted: dict, val: dict[str, float]) -> No
     improved = val["val_loss"] < run.best_val
     if improved:
         run.best_val, run.best_epoch, run.bad_epochs = val["val_loss"], epoch, 0
+        if run.config.probabilistic:  # calibrated at the end: keep the weights (every rank has them)
+            run.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     else:
         run.bad_epochs += 1
     run.history.append({"epoch": epoch, "train_loss": fitted["train_loss"], **val, "lr": lr,

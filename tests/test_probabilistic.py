@@ -166,3 +166,18 @@ def test_a_probabilistic_run_resumes_exactly(tmp_path):
     assert a["model_config"]["quantiles"] == 20
     for name, tensor in a["model_state"].items():
         assert torch.equal(tensor, b["model_state"][name]), name
+
+
+def test_the_spread_of_best_pth_is_calibrated_on_the_validation_split(tmp_path, capsys):
+    from pipeline.train import TrainConfig, train
+
+    write_series(tmp_path / "in", days=60, height=20, width=24, seed=6)
+    # a learning rate so small that the model stays as initialised: quantiles packed tight
+    # around persistence, far narrower than persistence's errors
+    train(TrainConfig(data_dir=str(tmp_path / "in"), patch=16, hidden_channels=[4], batch_size=4, epochs=1,
+                      lr=1e-9, leads=[1, 2], probabilistic=True, device="cpu",
+                      checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")))
+    assert "spread calibrated on the validation split (best.pth): lead 1 x" in capsys.readouterr().out
+    best = torch.load(tmp_path / "ckpt" / "best.pth", weights_only=True)["model_state"]["spread_scale"]
+    epoch = torch.load(tmp_path / "ckpt" / "model_epoch1.pth", weights_only=True)["model_state"]["spread_scale"]
+    assert (best > 1).all() and torch.equal(epoch, torch.ones(2))
