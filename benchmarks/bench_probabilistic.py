@@ -105,15 +105,15 @@ def main() -> int:
     print(f"{machine()}; cube: {args.cube or f'synthetic river regime {args.days} d {args.height}x{args.width}'}; "
           f"rain: {args.rain} (observed, a perfect forecast); {args.epochs} epochs max, patch {args.patch}")
     print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "
-          "| median MSE / deterministic | mean MSE / deterministic |")
-    print("|---|---|---|---|---|---|---|")
+          "| median MSE / deterministic | mean MSE / deterministic | MSE skill vs persistence: deterministic, mean |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = {}
     for lead in leads:
         model, reference = prob[lead]["model"], det[lead]["model"]["mse"]
         rows[lead] = (model["crps_skill_vs_climatology"], model["crps_skill_vs_persistence"], model["spread_skill"],
                       reliability_gap(ensemble[lead]), medians[lead] / reference, model["mse"] / reference)
         print(f"| {lead} | " + " | ".join(f"{v:+.3f}" if i < 2 else f"{v:.3f}" for i, v in enumerate(rows[lead]))
-              + " |")
+              + f" | {det[lead]['model']['skill_vs_persistence']:+.3f}, {model['skill_vs_persistence']:+.3f} |")
     # training throughput of epochs 2+ (epoch 1 also pays the first reads and the start-up)
     cost = [1 / np.mean([h["samples_per_s"] for h in runs[n][0].history[1:] or runs[n][0].history])
             for n in ("deterministic", "probabilistic")]
@@ -128,6 +128,11 @@ def main() -> int:
          f"{cost[1] / cost[0]:.2f}x (<= 2x)", cost[1] <= 2 * cost[0]),
     ]
     print("\n".join(f"{what}: {'yes' if ok else 'NO'}" for what, ok in checks))
+    for lead in (leads[0], leads[-1]):
+        for threshold, table in ensemble[lead]["reliability"].items():
+            cells = [f"{p:.2f}->{o:.2f} ({int(c)})" for c, p, o in
+                     zip(table["count"], table["forecast_probability"], table["observed_frequency"]) if c]
+            print(f"reliability, lead {lead}, > {threshold}: forecast -> observed (pixels): " + ", ".join(cells))
     return 0
 
 
