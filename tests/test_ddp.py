@@ -60,6 +60,15 @@ def test_two_ranks_train_disjoint_windows_and_resume_exactly(cube, tmp_path, run
     assert len(list((tmp_path / "pred").glob("QS_*_lead1.tif"))) == 1
 
 
+def test_two_ranks_train_and_calibrate_a_probabilistic_model(cube, tmp_path):
+    run = _torchrun(cube, tmp_path / "prob", "--epochs", "1", "--probabilistic")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("spread calibrated on the validation split") == 1  # rank 0 logs, both ranks score
+    state = load_checkpoint(tmp_path / "prob" / "ckpt" / "best.pth")
+    assert state["world_size"] == 2 and state["model_config"]["quantiles"] == 20
+    assert state["model_state"]["spread_scale"].shape == (1,)
+
+
 RELEASE_CHECK = r"""
 import gc, sys
 import torch.distributed as dist
