@@ -292,3 +292,20 @@ def test_a_time_coordinate_that_disagrees_with_the_file_name_is_named_in_a_warni
     result = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr")
     assert f"{steps.paths[2]}: its time coordinate decodes to" in result.err and "check the file's time units" \
         in result.err
+
+
+def test_a_forcing_on_a_coarser_grid_is_resampled_onto_the_runoff_grid_or_refused(tmp_path, run_cli):
+    write_lsm_files(tmp_path / "in" / "Qs", "gldas", days=2, seed=13, height=12, width=16, resolution=0.25)
+    rain = write_lsm_files(tmp_path / "in" / "Rainf", "gldas", days=2, seed=14, height=6, width=8, resolution=0.5)
+    refused = run_cli("ingest", tmp_path / "in", tmp_path / "no.zarr")
+    assert refused.status == 2 and "differs from the first file" in one_error_line(
+        "\n".join(x for x in refused.err.splitlines() if "warning" not in x))
+    assert not (tmp_path / "no.zarr").exists()
+    result = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr", "--resample", "nearest")
+    assert result.status == 0, result.err
+    cube = _open(tmp_path / "qs.zarr")
+    assert cube.rainf.shape == cube.qs.shape == (2, 12, 16)
+    # nearest: each 0.5-degree cell covers 2x2 cells of the 0.25-degree grid
+    coarse_day = _daily(rain)["2010-12-30"]
+    np.testing.assert_allclose(cube.rainf.sel(time="2010-12-30").values, np.kron(coarse_day, np.ones((2, 2))),
+                               rtol=1e-6, equal_nan=True)
