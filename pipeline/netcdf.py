@@ -50,13 +50,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .cube import TARGET
 from .errors import RunoffError, RunoffWarning
 from .rasters import Grid, grid_error, resample_onto
 
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5", ".he5")
 AGGREGATIONS = ("sum", "mean")
 STAMPS = ("auto", "start", "middle", "end")
-TARGET = "qs"
 _DAY = np.timedelta64(86400, "s")
 
 # File-name stamps, tried in order: GLDAS/NLDAS "A20101231.0300", LIS "201012310300", a date.
