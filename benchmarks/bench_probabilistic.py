@@ -15,7 +15,6 @@ model's (median within 10%); then the training cost per epoch (<= 2x).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, river_cube  # noqa: E402
+from common import machine, parse_leads, river_cube, skill_parser  # noqa: E402
 
 from pipeline.checkpoint import read_checkpoint  # noqa: E402
 from pipeline.cube import TARGET, open_cube  # noqa: E402
@@ -67,22 +66,8 @@ def reliability_gap(ensemble: dict, min_count: int = 100) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cube", help="a cube to measure on (default: a synthetic river-regime cube)")
-    p.add_argument("--rain", default="rainf", help="the cube's rain variable")
-    p.add_argument("--days", type=int, default=730)
-    p.add_argument("--height", type=int, default=48)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--leads", default="1-6")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--patience", type=int, default=6)
-    p.add_argument("--patch", type=int, default=64)
-    p.add_argument("--train_end")
-    p.add_argument("--val_end")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    lo, _, hi = args.leads.partition("-")
-    leads = list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in args.leads.split(",")]
+    args = skill_parser(__doc__).parse_args()
+    leads = parse_leads(args.leads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cube = args.cube or river_cube(tmp, args.days, args.height, args.width, args.seed)

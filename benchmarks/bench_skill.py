@@ -14,7 +14,6 @@ vs both at every lead; past only: >= 0 vs persistence at every lead).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -22,41 +21,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, river_cube  # noqa: E402
+from common import machine, parse_leads, river_cube, skill_parser  # noqa: E402
 
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cube", help="a cube to measure on (default: a synthetic river-regime cube)")
+    p = skill_parser(__doc__)
     p.add_argument("--runs", default="rain,forecast,past", help="rain, forecast (noisy rain), past")
-    p.add_argument("--rain", default="rainf", help="the cube's rain variable")
     p.add_argument("--rain_forecast", default="rainf_fc", help="its noisy forecast (synthetic cube)")
-    p.add_argument("--days", type=int, default=730)
-    p.add_argument("--height", type=int, default=48)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--leads", default="1-6")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--patience", type=int, default=6)
     p.add_argument("--hidden_channels", type=int, default=16)
-    p.add_argument("--patch", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--train_end")
-    p.add_argument("--val_end")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    lo, _, hi = args.leads.partition("-")
-    leads = list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in args.leads.split(",")]
+    leads = parse_leads(args.leads)
     runs = {"rain": [args.rain], "forecast": [args.rain_forecast], "past": []}
     chosen = [r.strip() for r in args.runs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cube = args.cube
-        if cube is None:
-            cube = river_cube(tmp, args.days, args.height, args.width, args.seed)
+        cube = args.cube or river_cube(tmp, args.days, args.height, args.width, args.seed)
         table = {}
         for name in chosen:
             started = time.perf_counter()

@@ -81,3 +81,28 @@ def river_cube(folder: Path, days: int, height: int, width: int, seed: int = 0) 
     store = str(folder / "qs.zarr")
     ingest(folder / "in", store)
     return store
+
+
+def skill_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options the skill benchmarks share: the cube (a real one, or the synthetic river
+    regime's size), its rain, the leads, the training length and patch, the splits, the seed."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cube", help="a cube to measure on (default: a synthetic river-regime cube)")
+    p.add_argument("--rain", default="rainf", help="the cube's rain variable")
+    p.add_argument("--days", type=int, default=730)
+    p.add_argument("--height", type=int, default=48)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--leads", default="1-6", help="1-6 or 1,2,6")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--patience", type=int, default=6)
+    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--train_end")
+    p.add_argument("--val_end")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_leads(text: str) -> list[int]:
+    """``"1-6"`` -> [1, ..., 6]; ``"1,2,6"`` -> [1, 2, 6]."""
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in text.split(",")]

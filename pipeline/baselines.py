@@ -190,11 +190,8 @@ class PersistenceEnsemble:
         if issues.size == 0:
             raise ValueError("the training split is shorter than the longest lead")
         picks = issues[_spread_picks(issues.size, members)]
-        self._errors = {}
-        for lead in leads:
-            today = np.asarray(days.data[picks], np.float32)
-            later = np.asarray(days.data[picks + lead], np.float32)
-            self._errors[lead] = later - today
+        today = np.asarray(days.data[picks], np.float32)  # read once for every lead
+        self._errors = {lead: np.asarray(days.data[picks + lead], np.float32) - today for lead in leads}
 
     def members(self, today: np.ndarray, lead: int) -> np.ndarray:
         """Members (M, H, W) for ``lead`` from today's map (H, W)."""

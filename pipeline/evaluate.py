@@ -31,7 +31,7 @@ from .checkpoint import read_checkpoint
 from .cube import TARGET, Split, cube_dates, cube_grid, open_cube
 from .errors import RunoffError
 from .export import write_geotiff
-from .inference import Forecaster, read_days
+from .inference import Forecaster, point_forecast, read_days
 from .ingest import ensure_cube
 from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
 from .sampler import WindowSpec, window_issues
@@ -138,7 +138,7 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
 
     bar = tqdm(total=len(issues), desc="evaluate", unit="window", disable=not progress)
     for batch, out in forecaster.forecasts(ds, issues, members=probabilistic):
-        pred = out.mean(axis=2) if probabilistic else out  # a probabilistic model's point forecast: its mean
+        pred = point_forecast(out) if probabilistic else out
         days = read_days(ds, TARGET, batch[0], batch[-1] + max(leads))  # truth and persistence of the batch
         for k, t in enumerate(batch):
             last_day = days[t - batch[0]]

@@ -157,7 +157,7 @@ class Forecaster:
                              forcings=np.nan_to_num(ahead, nan=0.0))
         values = denormalise(out, ckpt.norm_stats[TARGET])  # monotone: quantiles stay quantiles
         if self.probabilistic and not members:
-            values = values.mean(axis=2)
+            values = point_forecast(values)
         mask = nodata.reshape(nodata.shape[0], 1, *([1] * (values.ndim - 4)), *nodata.shape[1:])
         values[np.broadcast_to(mask, values.shape)] = np.nan
         return values
@@ -170,6 +170,12 @@ class Forecaster:
         for start in range(0, len(issues), self.batch_size):
             chunk = issues[start:start + self.batch_size]
             yield chunk, self.forecast(ds, chunk, members)
+
+
+def point_forecast(members: np.ndarray) -> np.ndarray:
+    """A probabilistic forecast's single map: the mean of its quantiles (B, L, Q, H, W) ->
+    (B, L, H, W), the value that minimises the expected squared error."""
+    return members.mean(axis=2)
 
 
 def quantile_maps(members: np.ndarray, levels: Sequence[float]) -> np.ndarray:

@@ -34,7 +34,7 @@ from .cube import TARGET, cube_dates, cube_grid, open_cube
 from .errors import RunoffError, RunoffWarning
 from .export import write_geotiff, write_netcdf
 from .baselines import wet_thresholds
-from .inference import Forecaster, exceedance_maps, quantile_maps
+from .inference import Forecaster, exceedance_maps, point_forecast, quantile_maps
 from .ingest import ensure_cube
 from .plots import plot_comparison, plot_probabilistic
 from .sampler import WindowSpec, window_issues
@@ -122,7 +122,7 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     k = 0
     bar = tqdm(total=len(issues), desc="predict", unit="day", disable=not progress)
     for batch, out in forecaster.forecasts(ds, issues, members=probabilistic):
-        maps = out.mean(axis=2) if probabilistic else out
+        maps = point_forecast(out) if probabilistic else out
         for b, (t, values) in enumerate(zip(batch, maps)):
             issued = all_dates[t]
             for li, lead in enumerate(leads):

@@ -51,28 +51,30 @@ def test_benchmark_prints_a_row_with_a_measured_figure_for_each_comparison(scrip
         assert re.fullmatch(r"\d+(\.\d+)?(x|%| maps/s| MB peak RSS)", matching[0]["measured"].strip()), matching[0]
 
 
-def test_skill_benchmark_prints_skill_per_lead_and_the_targets():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_skill.py"), "--days", "80", "--height", "24",
-                          "--width", "32", "--epochs", "1", "--leads", "1-2", "--runs", "rain,forecast,past"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+def _stdout_lines(script: str, *args: str) -> list[str]:
+    """Run a benchmark script; assert it exits 0 and return its stdout's lines."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
-    assert any(line.startswith("| lead | rain: vs persistence") for line in lines), out.stdout
+    return out.stdout.splitlines()
+
+
+def test_skill_benchmark_prints_skill_per_lead_and_the_targets():
+    lines = _stdout_lines("bench_skill.py", "--days", "80", "--height", "24", "--width", "32", "--epochs", "1",
+                          "--leads", "1-2", "--runs", "rain,forecast,past")
+    assert any(line.startswith("| lead | rain: vs persistence") for line in lines), lines
     rows = [line for line in lines if re.match(r"^\| [12] \| [+-]\d\.\d{3} \|", line)]
-    assert len(rows) == 2, out.stdout
+    assert len(rows) == 2, lines
     assert any(line.startswith("rain: lead 1 vs persistence") for line in lines)
     assert any(line.startswith("past only: worst lead") for line in lines)
 
 
 def test_probabilistic_benchmark_prints_scores_per_lead_and_the_targets():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_probabilistic.py"), "--days", "100",
-                          "--height", "24", "--width", "32", "--epochs", "1", "--patch", "16", "--leads", "1,2"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
-    assert any(line.startswith("| lead | CRPS skill vs climatology") for line in lines), out.stdout
+    lines = _stdout_lines("bench_probabilistic.py", "--days", "100", "--height", "24", "--width", "32", "--epochs", "1",
+                          "--patch", "16", "--leads", "1,2")
+    assert any(line.startswith("| lead | CRPS skill vs climatology") for line in lines), lines
     rows = [line for line in lines if re.match(r"^\| [12] \| [+-]\d\.\d{3} \| [+-]\d\.\d{3} \| \d", line)]
-    assert len(rows) == 2, out.stdout
+    assert len(rows) == 2, lines
     for target in ("CRPS skill > 0.3 vs climatology", "spread/skill in 0.8 .. 1.2", "median MSE within 10%",
                    "training time per window"):
         assert any(line.startswith(target) and line.endswith((": yes", ": NO")) for line in lines), target
