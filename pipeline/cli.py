@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "predict_delta", action=argparse.BooleanOptionalAction, default=None,
             help="forecast the change from the last input day, so that an untrained model is persistence "
                  "(default; --no-predict_delta to forecast the map itself)")
+    _option(p, "linear_response", action=argparse.BooleanOptionalAction, default=None,
+            help="form that change in physical units, linear in the last two days and the forcings, with gains "
+                 "the network sets per pixel (default; --no-linear_response for a change in the log space)")
     _option(p, "probabilistic", action="store_true", default=None,
             help="forecast a distribution per pixel and lead (20 quantiles, trained by the pinball loss, i.e. "
                  "the CRPS); predict then writes quantile and exceedance maps, evaluate scores CRPS and Brier")

@@ -12,6 +12,15 @@ as box means over ``forcing_scales`` pixels (stride 1, so that tiles still agree
 default the network forecasts the change from the last input day of the target, and its
 output layer starts at zero, so an untrained model is persistence.
 
+With ``linear_response`` the change is formed in physical units, as a linear response whose
+gains the network sets per pixel and lead: ``q(t+L) = q(t) + sum_k a_k q(t-k) + sum_j b_j
+F_j + c``, over the last :data:`RESPONSE_DAYS` days of the target and every forcing
+feature (each lead day, variable and box size) in its own units. A linear store drains
+by a fixed share of its water and fills in proportion to the rain over its area, in
+physical units; in the log space the network reads its inputs in, the same response is
+curved and the few wet cells that dominate the MSE are the hardest to fit. ``stats``
+(the target's normalisation statistics, then each forcing's) convert between the two.
+
 A probabilistic model (``quantiles=Q``) emits, per pixel and lead, Q quantiles at the levels
 :func:`quantile_levels` (``(k + 0.5) / Q``): a centre plus Q - 1 non-negative increments
 (softplus), so the quantiles never cross. Trained by the pinball loss they form the
@@ -41,6 +50,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+RESPONSE_DAYS = 2  # past days of the target a linear response reads: its level and its trend
 QUANTILES = 20  # quantile levels of a probabilistic model: 0.025, 0.075, ..., 0.975
 _SPACING_OFFSET = 3.0  # softplus(-3) = 0.05: an untrained model's quantiles lie close together
 
@@ -117,6 +127,8 @@ class ModelConfig:
     forcing_channels: int = 0  # forcing variables x lead days entering the head
     forcing_scales: list[int] = field(default_factory=lambda: [1, 9, 33, 65])  # box sizes the head sees them at
     quantiles: int = 0  # 0: one value per pixel and lead; Q: Q quantiles (a probabilistic model)
+    linear_response: bool = False  # the change as a linear response in physical units (needs stats)
+    stats: list[dict[str, float]] = field(default_factory=list)  # mean, std, rms: target, then each forcing
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,12 +143,16 @@ class ConvLSTMForecaster(nn.Module):
     and starts as persistence. ``forcing_channels``: the size of the flattened forcings
     ``(B, days, variables, H, W)`` given to :meth:`forward`. ``quantiles``: Q > 1 makes
     the output ``(B, L, Q, H, W)``, Q increasing quantiles per pixel and lead.
+    ``linear_response`` (with ``stats``: the normalisation statistics of the target, then of
+    each forcing variable) forms the change in physical units, linear in the last days and
+    the forcings; the output stays in the normalised space the inputs are in.
     """
 
     def __init__(self, in_channels: int = 1, hidden_channels: int | Sequence[int] = 16, kernel_size: int = 3,
                  num_layers: int = 1, leads: int = 1, predict_delta: bool = True, head_kernel: int = 5,
                  forcing_channels: int = 0, forcing_scales: Sequence[int] = (1, 9, 33, 65),
-                 quantiles: int = 0) -> None:
+                 quantiles: int = 0, linear_response: bool = False,
+                 stats: Sequence[dict[str, float]] = ()) -> None:
         super().__init__()
         hidden = [hidden_channels] * num_layers if isinstance(hidden_channels, int) else list(hidden_channels)
         if not hidden or min(hidden) < 1 or leads < 1 or in_channels < 1:
@@ -147,15 +163,23 @@ class ConvLSTMForecaster(nn.Module):
             raise ValueError(f"forcing_scales must be odd sizes >= 1, got {list(forcing_scales)}")
         if quantiles == 1 or quantiles < 0:
             raise ValueError(f"quantiles must be 0 (deterministic) or >= 2, got {quantiles}")
+        if linear_response and not predict_delta:
+            raise ValueError("linear_response forms the change from the last day: it needs predict_delta")
+        if linear_response and (not stats or forcing_channels % max(len(stats) - 1, 1)):
+            raise ValueError("linear_response needs stats for the target and each forcing variable")
         self.config = ModelConfig(in_channels, hidden, kernel_size, leads, predict_delta, head_kernel,
-                                  forcing_channels, list(forcing_scales), quantiles)
+                                  forcing_channels, list(forcing_scales), quantiles, linear_response,
+                                  [dict(v) for v in stats])
+        # per lead: Q quantile values, or a linear response's gains and offset plus Q - 1 increments
+        terms = RESPONSE_DAYS + forcing_channels * len(forcing_scales) + 1 if linear_response else 1
+        self.outputs_per_lead = terms + max(quantiles, 1) - 1
         self.cells = nn.ModuleList(
             ConvLSTMCell(c_in, c_out, kernel_size)
             for c_in, c_out in zip([in_channels] + hidden[:-1], hidden))
         self.head = nn.Sequential(
             nn.Conv2d(hidden[-1] + forcing_channels * len(forcing_scales), hidden[-1], head_kernel,
                       padding=head_kernel // 2), nn.GELU(),
-            nn.Conv2d(hidden[-1], leads * max(quantiles, 1), kernel_size=1))
+            nn.Conv2d(hidden[-1], leads * self.outputs_per_lead, kernel_size=1))
         if predict_delta:  # no change yet: the untrained model is persistence
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
@@ -167,7 +191,8 @@ class ConvLSTMForecaster(nn.Module):
         cfg = ModelConfig(**config)
         return cls(cfg.in_channels, cfg.hidden_channels, cfg.kernel_size, leads=cfg.leads,
                    predict_delta=cfg.predict_delta, head_kernel=cfg.head_kernel, forcing_channels=cfg.forcing_channels,
-                   forcing_scales=cfg.forcing_scales, quantiles=cfg.quantiles)
+                   forcing_scales=cfg.forcing_scales, quantiles=cfg.quantiles,
+                   linear_response=cfg.linear_response, stats=cfg.stats)
 
     def receptive_radius(self, input_days: int) -> int:
         """How far (pixels) an output pixel sees: every step of every layer widens the
@@ -192,20 +217,55 @@ class ConvLSTMForecaster(nn.Module):
             for k, cell in enumerate(self.cells):
                 states[k] = cell(layer_input, states[k])
                 layer_input = states[k][0]
-        if forcings is not None and expected:
-            flat = forcings.flatten(1, 2).to(layer_input.dtype)
-            layer_input = torch.cat([layer_input] + [box_mean(flat, k) for k in self.config.forcing_scales], dim=1)
+        flat = forcings.flatten(1, 2) if forcings is not None and expected else None
+        if flat is not None:
+            layer_input = torch.cat([layer_input] + [box_mean(flat.to(layer_input.dtype), k)
+                                                     for k in self.config.forcing_scales], dim=1)
         out = self.head(layer_input)
         b, _, h, w = out.shape
+        out = out.view(b, self.config.leads, self.outputs_per_lead, h, w)
+        if self.config.linear_response:
+            centre = self._linear_response(out, x, forcings if flat is not None else None)
+            out = torch.cat([centre, out[:, :, self.outputs_per_lead - max(self.config.quantiles, 1) + 1:]], dim=2)
+        elif self.config.predict_delta:
+            out = torch.cat([out[:, :, :1] + x[:, -1, :1].unsqueeze(1), out[:, :, 1:]], dim=2)
         q = self.config.quantiles
         if q:  # a centre and Q - 1 increments: quantiles that never cross, centred on the centre
-            out = out.view(b, self.config.leads, q, h, w)
             steps = torch.nn.functional.softplus(out[:, :, 1:] - _SPACING_OFFSET)
             offsets = torch.cat([torch.zeros_like(out[:, :, :1]), steps.cumsum(dim=2)], dim=2)
             spread = self.spread_scale.to(out.dtype).view(1, -1, 1, 1, 1)
             out = out[:, :, :1] + spread * (offsets - offsets.mean(dim=2, keepdim=True))
-        else:
-            out = out.unsqueeze(2)  # (B, L, 1, H, W)
-        if self.config.predict_delta:
-            out = out + x[:, -1, :1].unsqueeze(1)
         return out
+
+    def _linear_response(self, out: torch.Tensor, x: torch.Tensor, forcings: torch.Tensor | None) -> torch.Tensor:
+        """The forecast (B, L, 1, H, W) in normalised space from the gains and offset in
+        ``out[:, :, :terms]``: the last days of the target and the forcing features, each
+        in physical units over its training rms, weighted per pixel and lead."""
+        target, *forcing_stats = self.config.stats
+        past = to_physical(x[:, -RESPONSE_DAYS:, 0].float(), target) / target["rms"]  # (B, K, H, W)
+        features = [past.flip(1)]  # today first
+        if forcings is not None:
+            b, days, variables, h, w = forcings.shape
+            physical = torch.stack([to_physical(forcings[:, :, v].float(), s) / s["rms"]
+                                    for v, s in enumerate(forcing_stats)], dim=2).view(b, days * variables, h, w)
+            features += [box_mean(physical, k) for k in self.config.forcing_scales]
+        features.append(torch.ones_like(past[:, :1]))
+        features = torch.cat(features, dim=1).unsqueeze(1)  # (B, 1, terms, H, W)
+        gains = out[:, :, :features.shape[2]].float()
+        change = (gains * features).sum(dim=2, keepdim=True)  # (B, L, 1, H, W), over the target's rms
+        today = past[:, -1:].unsqueeze(1) * target["rms"]
+        # the change of the log value, added to today's: no change is exactly persistence
+        logged = signed_log1p(today + change * target["rms"]) - signed_log1p(today)
+        return (x[:, -1:, :1].float() + logged / target["std"]).to(out.dtype)
+
+
+def to_physical(values: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
+    """Normalised space -> physical units: ``expm1(values * std + mean)``, not clipped at 0
+    (a forecast below 0 keeps a gradient towards the truth; inference clips)."""
+    return torch.expm1((values.float() * stats["std"] + stats["mean"]).clamp(max=20.0))
+
+
+def signed_log1p(values: torch.Tensor) -> torch.Tensor:
+    """``log1p`` for values >= 0 and the identity below: the inverse of :func:`to_physical`'s
+    ``expm1`` down to 0, with slope 1 on both sides, so a negative forecast keeps its gradient."""
+    return torch.where(values >= 0, torch.log1p(values.clamp(min=0)), values)

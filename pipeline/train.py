@@ -37,7 +37,7 @@ from .device import autocast_for, grad_scaler, keep_freed_memory, loader_batches
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError
 from .ingest import ensure_cube
-from .model import QUANTILES, ConvLSTMForecaster, quantile_levels
+from .model import QUANTILES, ConvLSTMForecaster, quantile_levels, to_physical
 from .plots import plot_loss_curves
 from .sampler import WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, window_issues
 from .storage import atomic_output, check_writable, location
@@ -45,7 +45,7 @@ from .verify import skill
 
 # Settings that fix the model's shape or its data: a resumed run must not change them.
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
-                     "forcings", "predict_delta", "probabilistic")
+                     "forcings", "predict_delta", "linear_response", "probabilistic")
 
 
 @dataclass
@@ -75,6 +75,7 @@ class TrainConfig:
     covariates: list[str] = field(default_factory=list)  # past days only
     forcings: list[str] = field(default_factory=list)  # on the lead days: known ahead (a rain forecast)
     predict_delta: bool = True  # forecast the change from the last day: untrained = persistence
+    linear_response: bool = True  # that change linear in physical units, with gains set per pixel (needs predict_delta)
     probabilistic: bool = False  # QUANTILES quantiles per pixel and lead, trained by the pinball loss
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
@@ -98,12 +99,6 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     """Mean squared error over the valid pixels only (sea and nodata do not count)."""
     mask = mask.to(pred.dtype)
     return ((pred - target) ** 2 * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def to_physical(values: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
-    """Model space -> physical units, as :func:`~pipeline.cube.denormalise` but not clipped
-    at 0: a forecast below 0 still has a gradient towards the truth (inference clips)."""
-    return torch.expm1((values.float() * stats["std"] + stats["mean"]).clamp(max=20.0))
 
 
 def loss_scale(stats: dict[str, float]) -> float:
@@ -432,7 +427,9 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
     model = ConvLSTMForecaster(len(variables), config.hidden_channels, config.kernel_size, config.num_layers,
                                leads=len(config.leads), predict_delta=config.predict_delta,
                                forcing_channels=max(config.leads) * len(config.forcings),
-                               quantiles=QUANTILES if config.probabilistic else 0).to(ranks.device)
+                               quantiles=QUANTILES if config.probabilistic else 0,
+                               linear_response=config.linear_response and config.predict_delta,
+                               stats=[stats[v] for v in [TARGET, *config.forcings]]).to(ranks.device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5,
                                                            patience=max(1, config.patience // 3))

@@ -81,3 +81,32 @@ def test_forcings_enter_the_forecast_and_are_checked():
 def test_even_kernel_is_refused():
     with pytest.raises(ValueError, match="odd"):
         ConvLSTMCell(1, 4, kernel_size=4)
+
+
+def test_linear_response_is_linear_in_physical_units():
+    """Hand-set gains: the forecast is 0.9 x today plus 2 x the lead day's rain, in physical
+    units, whatever the log-space normalisation of either variable."""
+    qs, rain = {"mean": 0.7, "std": 1.3, "rms": 4.0}, {"mean": 0.4, "std": 0.8, "rms": 2.0}
+    model = ConvLSTMForecaster(leads=1, hidden_channels=4, forcing_channels=1, forcing_scales=[1],
+                               linear_response=True, stats=[qs, rain])
+    with torch.no_grad():  # gains: [today, yesterday, rain at 1 px, offset]; the features are over each rms
+        model.head[-1].weight.zero_()
+        model.head[-1].bias.copy_(torch.tensor([-0.1, 0.0, 2.0 * rain["rms"] / qs["rms"], 0.0]))
+    today, rain_ahead = torch.rand(2, 1, 7, 9) * 20, torch.rand(2, 1, 7, 9) * 5
+    normalised = lambda v, s: (torch.log1p(v) - s["mean"]) / s["std"]  # noqa: E731
+    x = normalised(today, qs).unsqueeze(1).expand(2, 6, 1, 7, 9)
+    out = model(x, normalised(rain_ahead, rain).unsqueeze(1))
+    physical = torch.expm1(out * qs["std"] + qs["mean"])
+    torch.testing.assert_close(physical[:, 0], 0.9 * today + 2.0 * rain_ahead, rtol=1e-4, atol=1e-4)
+
+
+def test_untrained_linear_response_is_persistence_and_options_are_checked():
+    stats = [{"mean": 0.5, "std": 1.0, "rms": 3.0}]
+    model = ConvLSTMForecaster(leads=3, quantiles=4, linear_response=True, stats=stats)
+    x = torch.randn(2, 6, 1, 5, 6)
+    torch.testing.assert_close(model(x).mean(dim=2), x[:, -1, :1].expand(2, 3, 5, 6))
+    assert model(x).shape == (2, 3, 4, 5, 6)
+    with pytest.raises(ValueError, match="needs predict_delta"):
+        ConvLSTMForecaster(predict_delta=False, linear_response=True, stats=stats)
+    with pytest.raises(ValueError, match="needs stats"):
+        ConvLSTMForecaster(linear_response=True)
