@@ -4,6 +4,7 @@ being forecast as a forcing (observed: a perfect forecast), a noisy forecast of 
 and past days only.
 
     python benchmarks/bench_skill.py                      # synthetic river regime (runoff synth --regime river)
+    python benchmarks/bench_skill.py --regime cells       # runoff where the rain falls, no rivers
     python benchmarks/bench_skill.py --cube stores/bhima.zarr --runs rain,past \\
         --rain precipitation --train_end 2000-08-31 --val_end 2000-09-20   # a real cube
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, parse_leads, river_cube, skill_parser  # noqa: E402
+from common import machine, parse_leads, skill_parser, synthetic_regime_cube  # noqa: E402
 
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
@@ -40,7 +41,7 @@ def main() -> int:
     chosen = [r.strip() for r in args.runs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cube = args.cube or river_cube(tmp, args.days, args.height, args.width, args.seed)
+        cube = args.cube or synthetic_regime_cube(tmp, args.days, args.height, args.width, args.seed, args.regime)
         table = {}
         for name in chosen:
             started = time.perf_counter()
@@ -54,7 +55,7 @@ def main() -> int:
             table[name] = report.metrics
             print(f"{name}: {result.epochs_run} epochs (best {result.best_epoch}), "
                   f"{time.perf_counter() - started:.0f} s, {report.windows} test windows", file=sys.stderr)
-    print(f"{machine()}; cube: {args.cube or f'synthetic river regime {args.days} d {args.height}x{args.width}'}; "
+    print(f"{machine()}; cube: {args.cube or f'synthetic {args.regime} regime {args.days} d {args.height}x{args.width}'}; "
           f"{args.epochs} epochs max, {args.hidden_channels} hidden, patch {args.patch}")
     header = "| lead | " + " | ".join(f"{n}: vs persistence | {n}: vs climatology" for n in chosen) + " |"
     print(header)

@@ -73,10 +73,12 @@ def cube_parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def river_cube(folder: Path, days: int, height: int, width: int, seed: int = 0) -> str:
-    """A synthetic river-regime cube with its rain and a noisy rain forecast (``rainf``,
-    ``rainf_fc``) at ``folder/qs.zarr``, as `runoff synth --regime river` writes it."""
-    write_series(folder / "in", days=days, height=height, width=width, seed=seed, regime="river",
+def synthetic_regime_cube(folder: Path, days: int, height: int, width: int, seed: int = 0,
+                          regime: str = "river") -> str:
+    """A synthetic cube of ``regime`` (river or cells) with its rain and a noisy rain
+    forecast (``rainf``, ``rainf_fc``) at ``folder/qs.zarr``, as `runoff synth --regime`
+    writes it."""
+    write_series(folder / "in", days=days, height=height, width=width, seed=seed, regime=regime,
                  covariates=["rainf", "rainf_fc"])
     store = str(folder / "qs.zarr")
     ingest(folder / "in", store)
@@ -84,10 +86,11 @@ def river_cube(folder: Path, days: int, height: int, width: int, seed: int = 0) 
 
 
 def skill_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The options the skill benchmarks share: the cube (a real one, or the synthetic river
-    regime's size), its rain, the leads, the training length and patch, the splits, the seed."""
+    """The options the skill benchmarks share: the cube (a real one, or a synthetic regime
+    and its size), its rain, the leads, the training length and patch, the splits, the seed."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cube", help="a cube to measure on (default: a synthetic river-regime cube)")
+    p.add_argument("--cube", help="a cube to measure on (default: a synthetic cube of --regime)")
+    p.add_argument("--regime", default="river", choices=("river", "cells"), help="the synthetic regime")
     p.add_argument("--rain", default="rainf", help="the cube's rain variable")
     p.add_argument("--days", type=int, default=730)
     p.add_argument("--height", type=int, default=48)
