@@ -47,6 +47,9 @@ from .verify import skill
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
                      "forcings", "predict_delta", "linear_response", "probabilistic")
 
+# What a checkpoint older than a setting did, where that differs from the setting's default.
+_BEFORE_THE_SETTING = {"linear_response": False}
+
 
 @dataclass
 class TrainConfig:
@@ -143,7 +146,7 @@ def quantile_loss(stats: dict[str, float]) -> Callable[[torch.Tensor, torch.Tens
 def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> TrainConfig:
     """Settings of a resumed run: the checkpoint's, except what the user set explicitly
     (and that may change); shape and data settings must match."""
-    saved = state["train_config"]
+    saved = {**_BEFORE_THE_SETTING, **state["train_config"]}
     for key in _FROZEN_ON_RESUME:
         was = saved.get(key, getattr(TrainConfig(), key))  # checkpoints older than the setting had its default
         if key in explicit and getattr(config, key) != was:

@@ -216,3 +216,19 @@ def test_training_with_worker_processes(small_cube, tmp_path):
         ranks = [load_checkpoint(ckpt / f"model_epoch{e}.pth")["epoch_windows"] for e in (1, 2)]
         seen[workers] = [sorted(t for rank in windows for t in rank) for windows in ranks]
     assert seen[2] == seen[0] and len(seen[0][0]) > 10
+
+
+def test_a_checkpoint_from_before_the_linear_response_resumes_as_it_was_trained(small_cube, tmp_path):
+    """Checkpoints written before ``linear_response`` existed formed the change in log space;
+    resuming one keeps that model, not the new default."""
+    common = dict(data_dir=small_cube, batch_size=4, hidden_channels=[4], patch=16, device="cpu",
+                  checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"))
+    first = train(TrainConfig(epochs=1, linear_response=False, **common))
+    state = load_checkpoint(first.last_checkpoint)
+    for config in (state["train_config"], state["model_config"]):
+        del config["linear_response"]
+    del state["model_config"]["stats"]
+    torch.save(state, tmp_path / "old.pth")
+    resumed = train(TrainConfig(epochs=2, resume=str(tmp_path / "old.pth"), **common), explicit={"epochs"})
+    assert resumed.epochs_run == 2
+    assert load_checkpoint(resumed.last_checkpoint)["model_config"]["linear_response"] is False
