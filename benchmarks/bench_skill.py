@@ -15,6 +15,7 @@ vs both at every lead; past only: >= 0 vs persistence at every lead).
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -35,6 +36,8 @@ def main() -> int:
     p.add_argument("--hidden_channels", type=int, default=16)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--linear_response", action=argparse.BooleanOptionalAction, default=True,
+                   help="the default; --no-linear_response forms the change in log space")
     args = p.parse_args()
     leads = parse_leads(args.leads)
     runs = {"rain": [args.rain], "forecast": [args.rain_forecast], "past": []}
@@ -47,16 +50,17 @@ def main() -> int:
             started = time.perf_counter()
             config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
                                  hidden_channels=[args.hidden_channels], patch=args.patch, batch_size=args.batch_size,
-                                 lr=args.lr, forcings=runs[name], train_end=args.train_end, val_end=args.val_end,
-                                 seed=args.seed, checkpoint_dir=str(tmp / name / "ckpt"),
-                                 output_dir=str(tmp / name / "out"))
+                                 lr=args.lr, linear_response=args.linear_response, forcings=runs[name],
+                                 train_end=args.train_end, val_end=args.val_end, seed=args.seed,
+                                 checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
             result = train(config)
             report = evaluate(result.best_checkpoint, cube, split="test", output_dir=tmp / name / "eval")
             table[name] = report.metrics
             print(f"{name}: {result.epochs_run} epochs (best {result.best_epoch}), "
                   f"{time.perf_counter() - started:.0f} s, {report.windows} test windows", file=sys.stderr)
     print(f"{machine()}; cube: {args.cube or f'synthetic {args.regime} regime {args.days} d {args.height}x{args.width}'}; "
-          f"{args.epochs} epochs max, {args.hidden_channels} hidden, patch {args.patch}")
+          f"{args.epochs} epochs max, {args.hidden_channels} hidden, patch {args.patch}, "
+          f"change {'as a linear response in physical units' if args.linear_response else 'in log space'}")
     header = "| lead | " + " | ".join(f"{n}: vs persistence | {n}: vs climatology" for n in chosen) + " |"
     print(header)
     print("|---" * (1 + 2 * len(chosen)) + "|")
