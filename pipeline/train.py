@@ -215,18 +215,24 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
 
 
 SPREAD_FACTORS = tuple(round(0.5 + 0.1 * k, 1) for k in range(26))  # 0.5 .. 3.0, tried per lead
+CRPS_TOLERANCE = 0.01  # factors within 1% of the best validation CRPS count as equally good
 
 
 def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                      stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> torch.Tensor:
-    """A probabilistic model's ``spread_scale`` that minimises the validation pinball loss
-    (the CRPS): per lead, the factor of ``SPREAD_FACTORS`` on the quantiles' spread around
-    their centre (in the model's log space, so a multiplicative widening in data units) that
-    scores best, times the current scale. A quantile model fitted on training windows is
-    often too narrow on new ones, and more so at long leads."""
+    """A probabilistic model's ``spread_scale``, per lead: a factor of ``SPREAD_FACTORS`` on
+    the quantiles' spread around their centre (in the model's log space, so a multiplicative
+    widening in data units), times the current scale.
+
+    Of the factors whose validation pinball loss (the CRPS) is within ``CRPS_TOLERANCE`` of
+    the best, the one whose spread/skill ratio is closest to 1. Near its minimum the CRPS
+    in data units barely changes with the spread, and a short validation split cannot tell
+    those factors apart; the spread/skill ratio can, and a quantile model fitted on
+    training windows is usually too narrow on new ones, more so at long leads."""
     model.eval()
     factors = torch.tensor(SPREAD_FACTORS, device=device).view(-1, 1, 1, 1, 1)
-    sums = torch.zeros(len(SPREAD_FACTORS), model.config.leads, dtype=torch.float64, device=device)
+    # per factor and lead: pinball sum, members' variance sum, squared error of their mean
+    sums = torch.zeros(3, len(SPREAD_FACTORS), model.config.leads, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in loader_batches(loader, device):
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
@@ -236,8 +242,16 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
             centre, truth, m = q.mean(dim=2, keepdim=True), to_physical(y, stats), mask.float()
             for i, factor in enumerate(factors):
                 values = to_physical(centre + factor * (q - centre), stats).clamp(min=0)
-                sums[i] += (pinball(values, truth) * m).sum(dim=(0, 2, 3, 4)).double()
-    best = torch.tensor(SPREAD_FACTORS, device=device)[ranks.sum(sums).argmin(dim=0)]
+                mean = values.mean(dim=2, keepdim=True)
+                for k, per_pixel in enumerate((pinball(values, truth), values.var(dim=2, keepdim=True),
+                                               (mean - truth) ** 2)):
+                    sums[k, i] += (per_pixel * m).sum(dim=(0, 2, 3, 4)).double()
+    crps, variance, error = ranks.sum(sums)
+    members = model.config.quantiles
+    ratio = ((members + 1) / members * variance / error.clamp(min=1e-12)).sqrt()  # as verify.EnsembleScores
+    near_best = crps <= crps.min(dim=0).values * (1 + CRPS_TOLERANCE)
+    mismatch = torch.where(near_best, ratio.log().abs(), torch.full_like(ratio, float("inf")))
+    best = torch.tensor(SPREAD_FACTORS, device=device)[mismatch.argmin(dim=0)]
     return model.spread_scale * best.to(model.spread_scale.dtype)
 
 

@@ -181,3 +181,38 @@ def test_the_spread_of_best_pth_is_calibrated_on_the_validation_split(tmp_path, 
     best = torch.load(tmp_path / "ckpt" / "best.pth", weights_only=True)["model_state"]["spread_scale"]
     epoch = torch.load(tmp_path / "ckpt" / "model_epoch1.pth", weights_only=True)["model_state"]["spread_scale"]
     assert (best > 1).all() and torch.equal(epoch, torch.ones(2))
+
+
+def test_calibration_picks_the_spread_skill_nearest_one_among_factors_as_good_by_crps():
+    """On windows whose truth scatters log-normally around persistence, far wider than an
+    untrained model's quantiles: the chosen factor widens them, scores a validation CRPS
+    within the tolerance of the best factor's, and its spread/skill (scored by
+    verify.EnsembleScores, not by the calibration's own sums) is at least as close to 1."""
+    from pipeline.model import to_physical
+    from pipeline.sampler import Window, collate_windows
+    from pipeline.train import CRPS_TOLERANCE, SPREAD_FACTORS, calibrate_spread
+
+    torch.manual_seed(0)
+    stats = {"mean": 0.0, "std": 1.0, "rms": 1.0}
+    model = ConvLSTMForecaster(in_channels=1, leads=1, hidden_channels=2, quantiles=20)
+    today = torch.log1p(torch.full((6, 1, 10, 12), 10.0))
+    windows = [Window(today, torch.log1p(10 * torch.exp(0.6 * torch.randn(1, 1, 10, 12))),
+                      torch.ones(1, 1, 10, 12, dtype=torch.bool), i, torch.zeros(1, 0, 10, 12)) for i in range(64)]
+    batches = [collate_windows(windows[i:i + 8]) for i in range(0, 64, 8)]
+    chosen = calibrate_spread(model, batches, torch.device("cpu"), stats).item()
+
+    def scores(factor: float) -> dict:
+        model.spread_scale.fill_(factor)
+        ensemble = EnsembleScores()
+        with torch.no_grad():
+            for b in batches:
+                members = to_physical(model(b.x), stats).clamp(min=0)[:, 0].transpose(0, 1)  # (M, B, H, W)
+                ensemble.accumulate(members.numpy(), to_physical(b.y, stats)[:, 0, 0].numpy())
+        return ensemble.compute()
+
+    by_factor = {f: scores(f) for f in SPREAD_FACTORS}
+    best_crps = min(by_factor, key=lambda f: by_factor[f]["crps"])
+    mismatch = {f: abs(np.log(s["spread_skill"])) for f, s in by_factor.items()}
+    assert chosen > 1.2
+    assert by_factor[round(chosen, 1)]["crps"] <= by_factor[best_crps]["crps"] * (1 + 2 * CRPS_TOLERANCE)
+    assert mismatch[round(chosen, 1)] <= mismatch[best_crps] + 1e-9
