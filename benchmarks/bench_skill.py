@@ -34,6 +34,7 @@ def main() -> int:
     p.add_argument("--runs", default="rain,forecast,past", help="rain, forecast (noisy rain), past")
     p.add_argument("--rain_forecast", default="rainf_fc", help="its noisy forecast (synthetic cube)")
     p.add_argument("--hidden_channels", type=int, default=16)
+    p.add_argument("--num_layers", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--linear_response", action=argparse.BooleanOptionalAction, default=True,
@@ -49,7 +50,8 @@ def main() -> int:
         for name in chosen:
             started = time.perf_counter()
             config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
-                                 hidden_channels=[args.hidden_channels], patch=args.patch, batch_size=args.batch_size,
+                                 hidden_channels=[args.hidden_channels] * args.num_layers, patch=args.patch,
+                                 batch_size=args.batch_size,
                                  lr=args.lr, linear_response=args.linear_response, forcings=runs[name],
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
                                  checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
@@ -59,7 +61,7 @@ def main() -> int:
             print(f"{name}: {result.epochs_run} epochs (best {result.best_epoch}), "
                   f"{time.perf_counter() - started:.0f} s, {report.windows} test windows", file=sys.stderr)
     print(f"{machine()}; cube: {args.cube or f'synthetic {args.regime} regime {args.days} d {args.height}x{args.width}'}; "
-          f"{args.epochs} epochs max, {args.hidden_channels} hidden, patch {args.patch}, "
+          f"{args.epochs} epochs max, {args.num_layers} x {args.hidden_channels} hidden, patch {args.patch}, "
           f"change {'as a linear response in physical units' if args.linear_response else 'in log space'}")
     header = "| lead | " + " | ".join(f"{n}: vs persistence | {n}: vs climatology" for n in chosen) + " |"
     print(header)

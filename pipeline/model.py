@@ -170,9 +170,9 @@ class ConvLSTMForecaster(nn.Module):
         self.config = ModelConfig(in_channels, hidden, kernel_size, leads, predict_delta, head_kernel,
                                   forcing_channels, list(forcing_scales), quantiles, linear_response,
                                   [dict(v) for v in stats])
-        # per lead: Q quantile values, or a linear response's gains and offset plus Q - 1 increments
-        terms = RESPONSE_DAYS + forcing_channels * len(forcing_scales) + 1 if linear_response else 1
-        self.outputs_per_lead = terms + max(quantiles, 1) - 1
+        # per lead: a value (or a linear response's gains and offset), then Q - 1 increments
+        self.response_terms = RESPONSE_DAYS + forcing_channels * len(forcing_scales) + 1 if linear_response else 1
+        self.outputs_per_lead = self.response_terms + max(quantiles, 1) - 1
         self.cells = nn.ModuleList(
             ConvLSTMCell(c_in, c_out, kernel_size)
             for c_in, c_out in zip([in_channels] + hidden[:-1], hidden))
@@ -226,7 +226,7 @@ class ConvLSTMForecaster(nn.Module):
         out = out.view(b, self.config.leads, self.outputs_per_lead, h, w)
         if self.config.linear_response:
             centre = self._linear_response(out, x, forcings if flat is not None else None)
-            out = torch.cat([centre, out[:, :, self.outputs_per_lead - max(self.config.quantiles, 1) + 1:]], dim=2)
+            out = torch.cat([centre, out[:, :, self.response_terms:]], dim=2)
         elif self.config.predict_delta:
             out = torch.cat([out[:, :, :1] + x[:, -1, :1].unsqueeze(1), out[:, :, 1:]], dim=2)
         q = self.config.quantiles
@@ -239,8 +239,8 @@ class ConvLSTMForecaster(nn.Module):
 
     def _linear_response(self, out: torch.Tensor, x: torch.Tensor, forcings: torch.Tensor | None) -> torch.Tensor:
         """The forecast (B, L, 1, H, W) in normalised space from the gains and offset in
-        ``out[:, :, :terms]``: the last days of the target and the forcing features, each
-        in physical units over its training rms, weighted per pixel and lead."""
+        ``out[:, :, :response_terms]``: the last days of the target and the forcing features,
+        each in physical units over its training rms, weighted per pixel and lead."""
         target, *forcing_stats = self.config.stats
         past = to_physical(x[:, -RESPONSE_DAYS:, 0].float(), target) / target["rms"]  # (B, K, H, W)
         features = [past.flip(1)]  # today first
@@ -251,7 +251,7 @@ class ConvLSTMForecaster(nn.Module):
             features += [box_mean(physical, k) for k in self.config.forcing_scales]
         features.append(torch.ones_like(past[:, :1]))
         features = torch.cat(features, dim=1).unsqueeze(1)  # (B, 1, terms, H, W)
-        gains = out[:, :, :features.shape[2]].float()
+        gains = out[:, :, :self.response_terms].float()
         change = (gains * features).sum(dim=2, keepdim=True)  # (B, L, 1, H, W), over the target's rms
         today = past[:, -1:].unsqueeze(1) * target["rms"]
         # the change of the log value, added to today's: no change is exactly persistence
