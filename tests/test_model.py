@@ -106,6 +106,7 @@ def test_untrained_linear_response_is_persistence_and_options_are_checked():
     x = torch.randn(2, 6, 1, 5, 6)
     torch.testing.assert_close(model(x).mean(dim=2), x[:, -1, :1].expand(2, 3, 5, 6))
     assert model(x).shape == (2, 3, 4, 5, 6)
+    torch.testing.assert_close(model(x[:, -1:]).mean(dim=2), x[:, -1, :1].expand(2, 3, 5, 6))  # one input day
     with pytest.raises(ValueError, match="needs predict_delta"):
         ConvLSTMForecaster(predict_delta=False, linear_response=True, stats=stats)
     with pytest.raises(ValueError, match="needs stats"):
