@@ -242,10 +242,10 @@ class ConvLSTMForecaster(nn.Module):
         ``out[:, :, :response_terms]``: the last days of the target and the forcing features,
         each in physical units over its training rms, weighted per pixel and lead."""
         target, *forcing_stats = self.config.stats
-        days = x[:, -RESPONSE_DAYS:, 0]
-        if days.shape[1] < RESPONSE_DAYS:  # fewer input days: the first stands in for the days before it
-            days = torch.cat([days[:, :1]] * (RESPONSE_DAYS - days.shape[1]) + [days], dim=1)
-        past = to_physical(days.float(), target) / target["rms"]  # (B, K, H, W)
+        recent = x[:, -RESPONSE_DAYS:, 0]
+        if recent.shape[1] < RESPONSE_DAYS:  # fewer input days: the first stands in for the days before it
+            recent = torch.cat([recent[:, :1]] * (RESPONSE_DAYS - recent.shape[1]) + [recent], dim=1)
+        past = to_physical(recent.float(), target) / target["rms"]  # (B, K, H, W)
         features = [past.flip(1)]  # today first
         if forcings is not None:
             b, days, variables, h, w = forcings.shape
