@@ -165,7 +165,9 @@ class ConvLSTMForecaster(nn.Module):
             raise ValueError(f"quantiles must be 0 (deterministic) or >= 2, got {quantiles}")
         if linear_response and not predict_delta:
             raise ValueError("linear_response forms the change from the last day: it needs predict_delta")
-        if linear_response and (not stats or forcing_channels % max(len(stats) - 1, 1)):
+        forcing_variables = len(stats) - 1
+        if linear_response and (forcing_variables < 0 or (forcing_channels > 0) != (forcing_variables > 0)
+                                or (forcing_variables and forcing_channels % forcing_variables)):
             raise ValueError("linear_response needs stats for the target and each forcing variable")
         self.config = ModelConfig(in_channels, hidden, kernel_size, leads, predict_delta, head_kernel,
                                   forcing_channels, list(forcing_scales), quantiles, linear_response,
@@ -217,15 +219,16 @@ class ConvLSTMForecaster(nn.Module):
             for k, cell in enumerate(self.cells):
                 states[k] = cell(layer_input, states[k])
                 layer_input = states[k][0]
-        flat = forcings.flatten(1, 2) if forcings is not None and expected else None
-        if flat is not None:
-            layer_input = torch.cat([layer_input] + [box_mean(flat.to(layer_input.dtype), k)
-                                                     for k in self.config.forcing_scales], dim=1)
+        if not expected:
+            forcings = None  # an empty tensor from a sampler without forcings
+        if forcings is not None:
+            flat = forcings.flatten(1, 2).to(layer_input.dtype)
+            layer_input = torch.cat([layer_input] + [box_mean(flat, k) for k in self.config.forcing_scales], dim=1)
         out = self.head(layer_input)
         b, _, h, w = out.shape
         out = out.view(b, self.config.leads, self.outputs_per_lead, h, w)
         if self.config.linear_response:
-            centre = self._linear_response(out, x, forcings if flat is not None else None)
+            centre = self._linear_response(out, x, forcings)
             out = torch.cat([centre, out[:, :, self.response_terms:]], dim=2)
         elif self.config.predict_delta:
             out = torch.cat([out[:, :, :1] + x[:, -1, :1].unsqueeze(1), out[:, :, 1:]], dim=2)

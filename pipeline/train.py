@@ -41,7 +41,7 @@ from .model import QUANTILES, ConvLSTMForecaster, quantile_levels, to_physical
 from .plots import plot_loss_curves
 from .sampler import WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, window_issues
 from .storage import atomic_output, check_writable, location
-from .verify import skill
+from .verify import skill, spread_skill_ratio
 
 # Settings that fix the model's shape or its data: a resumed run must not change them.
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
@@ -247,8 +247,7 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
                                                (mean - truth) ** 2)):
                     sums[k, i] += (per_pixel * m).sum(dim=(0, 2, 3, 4)).double()
     crps, variance, error = ranks.sum(sums)
-    members = model.config.quantiles
-    ratio = ((members + 1) / members * variance / error.clamp(min=1e-12)).sqrt()  # as verify.EnsembleScores
+    ratio = spread_skill_ratio(variance, error.clamp(min=1e-12), model.config.quantiles)
     near_best = crps <= crps.min(dim=0).values * (1 + CRPS_TOLERANCE)
     mismatch = torch.where(near_best, ratio.log().abs(), torch.full_like(ratio, float("inf")))
     best = torch.tensor(SPREAD_FACTORS, device=device)[mismatch.argmin(dim=0)]

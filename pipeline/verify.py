@@ -289,7 +289,8 @@ class EnsembleScores:
     def compute(self) -> dict[str, float]:
         n, m = self.count, self.members or 1
         scores = {"crps": _ratio(self.crps_sum, n),
-                  "spread_skill": _ratio(np.sqrt((m + 1) / m * self.variance_sum), np.sqrt(self.error_sum))}
+                  "spread_skill": spread_skill_ratio(self.variance_sum, self.error_sum, m)
+                  if self.error_sum > 0 else _NAN}
         for k, thr in enumerate(self.thresholds):
             scores[f"brier@{thr:g}"] = _ratio(self.brier[k], n)
         return scores
@@ -365,6 +366,17 @@ def nse_map(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def kge_map(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Per-pixel KGE over the time axis of (N, H, W) stacks; NaN where undefined."""
     return PixelScores(np.shape(truth)[-2:]).accumulate(pred, truth).compute()["kge"]
+
+
+def spread_skill_ratio(variance_sum, error_sum, members: int):
+    """``sqrt((M + 1) / M * variance_sum / error_sum)``: an ensemble's spread over the RMSE of
+    its mean, from the sums over pixels of the members' variance (ddof 1) and of the mean's
+    squared error; 1 for a reliable ensemble of M members. Elementwise on arrays and tensors.
+
+    >>> spread_skill_ratio(4.0, 5.0, 4)
+    1.0
+    """
+    return ((members + 1) / members * variance_sum / error_sum) ** 0.5
 
 
 def skill(score: float, reference: float) -> float:

@@ -111,3 +111,5 @@ def test_untrained_linear_response_is_persistence_and_options_are_checked():
         ConvLSTMForecaster(predict_delta=False, linear_response=True, stats=stats)
     with pytest.raises(ValueError, match="needs stats"):
         ConvLSTMForecaster(linear_response=True)
+    with pytest.raises(ValueError, match="needs stats"):  # forcings, but no statistics of theirs
+        ConvLSTMForecaster(leads=2, forcing_channels=2, linear_response=True, stats=stats)
