@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, parse_leads, skill_parser, synthetic_regime_cube  # noqa: E402
+from common import machine, parse_leads, skill_cube, skill_parser  # noqa: E402
 
 from pipeline.checkpoint import read_checkpoint  # noqa: E402
 from pipeline.cube import TARGET, open_cube  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> int:
     leads = parse_leads(args.leads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cube = args.cube or synthetic_regime_cube(tmp, args.days, args.height, args.width, args.seed, args.regime)
+        cube, described = skill_cube(args, tmp)
         runs = {}
         for name, probabilistic in (("deterministic", False), ("probabilistic", True)):
             config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
@@ -87,7 +87,7 @@ def main() -> int:
         medians = median_mse(runs["probabilistic"][0].best_checkpoint, cube, leads)
     det, prob = runs["deterministic"][1].metrics, runs["probabilistic"][1].metrics
     ensemble = runs["probabilistic"][1].ensemble
-    print(f"{machine()}; cube: {args.cube or f'synthetic {args.regime} regime {args.days} d {args.height}x{args.width}'}; "
+    print(f"{machine()}; cube: {described}; "
           f"rain: {args.rain} (observed, a perfect forecast); {args.epochs} epochs max, patch {args.patch}")
     print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "
           "| median MSE / deterministic | mean MSE / deterministic | MSE skill vs persistence: deterministic, mean |")

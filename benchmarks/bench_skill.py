@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, parse_leads, skill_parser, synthetic_regime_cube  # noqa: E402
+from common import machine, parse_leads, skill_cube, skill_parser  # noqa: E402
 
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> int:
     chosen = [r.strip() for r in args.runs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cube = args.cube or synthetic_regime_cube(tmp, args.days, args.height, args.width, args.seed, args.regime)
+        cube, described = skill_cube(args, tmp)
         table = {}
         for name in chosen:
             started = time.perf_counter()
@@ -60,7 +60,7 @@ def main() -> int:
             table[name] = report.metrics
             print(f"{name}: {result.epochs_run} epochs (best {result.best_epoch}), "
                   f"{time.perf_counter() - started:.0f} s, {report.windows} test windows", file=sys.stderr)
-    print(f"{machine()}; cube: {args.cube or f'synthetic {args.regime} regime {args.days} d {args.height}x{args.width}'}; "
+    print(f"{machine()}; cube: {described}; "
           f"{args.epochs} epochs max, {args.num_layers} x {args.hidden_channels} hidden, patch {args.patch}, "
           f"change {'as a linear response in physical units' if args.linear_response else 'in log space'}")
     header = "| lead | " + " | ".join(f"{n}: vs persistence | {n}: vs climatology" for n in chosen) + " |"

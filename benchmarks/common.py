@@ -85,6 +85,15 @@ def synthetic_regime_cube(folder: Path, days: int, height: int, width: int, seed
     return store
 
 
+def skill_cube(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
+    """The cube a skill benchmark measures on (``--cube``, or a synthetic one of ``--regime``
+    written under ``folder``) and the words naming it in the table's heading."""
+    if args.cube:
+        return args.cube, args.cube
+    store = synthetic_regime_cube(folder, args.days, args.height, args.width, args.seed, args.regime)
+    return store, f"synthetic {args.regime} regime {args.days} d {args.height}x{args.width}"
+
+
 def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     """The options the skill benchmarks share: the cube (a real one, or a synthetic regime
     and its size), its rain, the leads, the training length and patch, the splits, the seed."""
