@@ -26,7 +26,7 @@ import xarray as xr
 
 from .checkpoint import Checkpoint
 from .cube import TARGET, denormalise, normalise
-from .device import autocast_for, pick_device
+from .device import autocast_for, keep_freed_memory, pick_device
 from .errors import RunoffError
 from .model import ConvLSTMForecaster
 
@@ -138,6 +138,8 @@ class Forecaster:
         if batch_size < 1:
             raise RunoffError(f"--batch_size {batch_size}: must be >= 1")
         dev = pick_device(device)
+        if dev.type == "cpu":  # a batch's activations are freed and asked for again every pass
+            keep_freed_memory()
         return cls(checkpoint, checkpoint.build_model().to(dev).eval(), dev, batch_size, tile)
 
     @property
