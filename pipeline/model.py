@@ -129,6 +129,7 @@ class ModelConfig:
     quantiles: int = 0  # 0: one value per pixel and lead; Q: Q quantiles (a probabilistic model)
     linear_response: bool = False  # the change as a linear response in physical units (needs stats)
     stats: list[dict[str, float]] = field(default_factory=list)  # mean, std, rms: target, then each forcing
+    quantile_location: bool = False  # quantiles placed by a location of their own, off the centre
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,7 +153,7 @@ class ConvLSTMForecaster(nn.Module):
                  num_layers: int = 1, leads: int = 1, predict_delta: bool = True, head_kernel: int = 5,
                  forcing_channels: int = 0, forcing_scales: Sequence[int] = (1, 9, 33, 65),
                  quantiles: int = 0, linear_response: bool = False,
-                 stats: Sequence[dict[str, float]] = ()) -> None:
+                 stats: Sequence[dict[str, float]] = (), quantile_location: bool = False) -> None:
         super().__init__()
         hidden = [hidden_channels] * num_layers if isinstance(hidden_channels, int) else list(hidden_channels)
         if not hidden or min(hidden) < 1 or leads < 1 or in_channels < 1:
@@ -171,10 +172,10 @@ class ConvLSTMForecaster(nn.Module):
             raise ValueError("linear_response needs stats for the target and each forcing variable")
         self.config = ModelConfig(in_channels, hidden, kernel_size, leads, predict_delta, head_kernel,
                                   forcing_channels, list(forcing_scales), quantiles, linear_response,
-                                  [dict(v) for v in stats])
-        # per lead: a value (or a linear response's gains and offset), then Q - 1 increments
+                                  [dict(v) for v in stats], bool(quantiles and quantile_location))
+        # per lead: a value (or a linear response's gains and offset), the quantiles' location, Q - 1 increments
         self.response_terms = RESPONSE_DAYS + forcing_channels * len(forcing_scales) + 1 if linear_response else 1
-        self.outputs_per_lead = self.response_terms + max(quantiles, 1) - 1
+        self.outputs_per_lead = self.response_terms + self.config.quantile_location + max(quantiles, 1) - 1
         self.cells = nn.ModuleList(
             ConvLSTMCell(c_in, c_out, kernel_size)
             for c_in, c_out in zip([in_channels] + hidden[:-1], hidden))
@@ -194,7 +195,7 @@ class ConvLSTMForecaster(nn.Module):
         return cls(cfg.in_channels, cfg.hidden_channels, cfg.kernel_size, leads=cfg.leads,
                    predict_delta=cfg.predict_delta, head_kernel=cfg.head_kernel, forcing_channels=cfg.forcing_channels,
                    forcing_scales=cfg.forcing_scales, quantiles=cfg.quantiles,
-                   linear_response=cfg.linear_response, stats=cfg.stats)
+                   linear_response=cfg.linear_response, stats=cfg.stats, quantile_location=cfg.quantile_location)
 
     def receptive_radius(self, input_days: int) -> int:
         """How far (pixels) an output pixel sees: every step of every layer widens the
@@ -203,10 +204,12 @@ class ConvLSTMForecaster(nn.Module):
         forcing = max(self.config.forcing_scales) // 2 if self.config.forcing_channels else 0
         return max(recurrence, forcing) + self.config.head_kernel // 2
 
-    def forward(self, x: torch.Tensor, forcings: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, forcings: torch.Tensor | None = None, with_centre: bool = False
+                ) -> torch.Tensor:
         """``x`` (B, T, C, H, W) past days; ``forcings`` (B, D, F, H, W) with D x F =
         ``forcing_channels``, or None when the model has none. Returns (B, L, 1, H, W), or
-        (B, L, Q, H, W) for a probabilistic model."""
+        (B, L, Q, H, W) for a probabilistic model; ``with_centre`` puts a probabilistic
+        model's centre before its quantiles, (B, L, 1 + Q, H, W), for its training loss."""
         if x.dim() != 5:
             raise ValueError(f"expected input (batch, time, channels, height, width), got {tuple(x.shape)}")
         expected = self.config.forcing_channels
@@ -232,13 +235,18 @@ class ConvLSTMForecaster(nn.Module):
             out = torch.cat([centre, out[:, :, self.response_terms:]], dim=2)
         elif self.config.predict_delta:
             out = torch.cat([out[:, :, :1] + x[:, -1, :1].unsqueeze(1), out[:, :, 1:]], dim=2)
-        q = self.config.quantiles
-        if q:  # a centre and Q - 1 increments: quantiles that never cross, centred on the centre
-            steps = torch.nn.functional.softplus(out[:, :, 1:] - _SPACING_OFFSET)
-            offsets = torch.cat([torch.zeros_like(out[:, :, :1]), steps.cumsum(dim=2)], dim=2)
-            spread = self.spread_scale.to(out.dtype).view(1, -1, 1, 1, 1)
-            out = out[:, :, :1] + spread * (offsets - offsets.mean(dim=2, keepdim=True))
-        return out
+        if not self.config.quantiles:
+            return out
+        # Q - 1 increments: quantiles that never cross, spread around their location: the
+        # centre, or with quantile_location an offset from it (the centre trained apart)
+        centre, location, increments = out[:, :, :1], out[:, :, :1], out[:, :, 1:]
+        if self.config.quantile_location:
+            location, increments = centre.detach() + out[:, :, 1:2], out[:, :, 2:]
+        steps = torch.nn.functional.softplus(increments - _SPACING_OFFSET)
+        offsets = torch.cat([torch.zeros_like(centre), steps.cumsum(dim=2)], dim=2)
+        spread = self.spread_scale.to(out.dtype).view(1, -1, 1, 1, 1)
+        quantiles = location + spread * (offsets - offsets.mean(dim=2, keepdim=True))
+        return torch.cat([centre, quantiles], dim=2) if with_centre else quantiles
 
     def _linear_response(self, out: torch.Tensor, x: torch.Tensor, forcings: torch.Tensor | None) -> torch.Tensor:
         """The forecast (B, L, 1, H, W) in normalised space from the gains and offset in

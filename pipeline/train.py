@@ -45,7 +45,7 @@ from .verify import skill, spread_skill_ratio
 
 # Settings that fix the model's shape or its data: a resumed run must not change them.
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
-                     "forcings", "predict_delta", "linear_response", "probabilistic")
+                     "forcings", "predict_delta", "linear_response", "probabilistic", "quantile_location")
 
 # What a checkpoint older than a setting did, where that differs from the setting's default.
 _BEFORE_THE_SETTING = {"linear_response": False}
@@ -80,6 +80,7 @@ class TrainConfig:
     predict_delta: bool = True  # forecast the change from the last day: untrained = persistence
     linear_response: bool = True  # that change linear in physical units, with gains set per pixel (needs predict_delta)
     probabilistic: bool = False  # QUANTILES quantiles per pixel and lead, trained by the pinball loss
+    quantile_location: bool = False  # probabilistic: a centre trained by the MSE, the quantiles placed off it
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
     max_train_windows: int | None = None
@@ -143,6 +144,26 @@ def quantile_loss(stats: dict[str, float]) -> Callable[[torch.Tensor, torch.Tens
     return loss
 
 
+def located_quantile_loss(stats: dict[str, float]
+                          ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The objective of a model with ``quantile_location``, whose output (``with_centre``)
+    is its centre then its quantiles: the centre's :func:`physical_loss` (the MSE, as a
+    deterministic model is trained) plus the quantiles' :func:`quantile_loss`."""
+    mse, pinball_loss = physical_loss(stats), quantile_loss(stats)
+
+    def loss(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mse(pred[:, :, :1], y, mask) + pinball_loss(pred[:, :, 1:], y, mask)
+
+    return loss
+
+
+def _objective(model: ConvLSTMForecaster) -> Callable[[dict[str, float]], Callable]:
+    """The training loss's builder for ``model``: MSE, pinball, or both (a located quantile model)."""
+    if model.config.quantile_location:
+        return located_quantile_loss
+    return quantile_loss if model.config.quantiles else physical_loss
+
+
 def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> TrainConfig:
     """Settings of a resumed run: the checkpoint's, except what the user set explicitly
     (and that may change); shape and data settings must match."""
@@ -162,14 +183,14 @@ def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> Train
 def train_step(net: torch.nn.Module, optimiser: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, precision: str = "auto",
                clip_grad: float = 1.0, forcings: torch.Tensor | None = None,
-               loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = masked_mse
-               ) -> torch.Tensor:
+               loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = masked_mse,
+               with_centre: bool = False) -> torch.Tensor:
     """One optimisation step on a batch already on the model's device: forward under
     autocast, ``loss_fn`` (in fp32), backward, gradient clipping, optimiser step. Returns the
     detached loss, still on the device (reading it would synchronise)."""
     optimiser.zero_grad(set_to_none=True)
     with autocast_for(x.device, precision):
-        pred = net(x, forcings)
+        pred = net(x, forcings, with_centre=True) if with_centre else net(x, forcings)
     loss = loss_fn(pred.float(), y, mask)
     scaler.scale(loss).backward()
     scaler.unscale_(optimiser)
@@ -186,19 +207,24 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
     is what ``runoff evaluate`` reports, of the forecast as users receive it (clipped at 0;
     a probabilistic model's: the mean of its quantiles); and ``val_loss``, what early stopping
     follows, on the training loss's scale: that MSE, or for a probabilistic model its pinball
-    loss (half its CRPS). Under data-parallel training each rank scores its shard and the
+    loss (half its CRPS), plus its centre's MSE where the centre is trained apart
+    (``quantile_location``). Under data-parallel training each rank scores its shard and the
     sums are combined."""
     model.eval()
-    # valid pixels, SSE model, SSE persistence, pinball sum
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    located = model.config.quantile_location
+    # valid pixels, SSE model, SSE persistence, pinball sum, SSE of a located model's centre
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in loader_batches(loader, device):
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
                                                                             batch.forcings))
             with autocast_for(device, precision):
-                pred = model(x, forcings)
+                pred = model(x, forcings, with_centre=True) if located else model(x, forcings)
             m, truth = mask.float(), to_physical(y, stats)
             values = to_physical(pred, stats).clamp(min=0)  # as users receive it
+            if located:
+                sums[4] += (((values[:, :, :1] - truth) ** 2) * m).sum().double()
+                values = values[:, :, 1:]
             forecast = values.mean(dim=2, keepdim=True)
             last = to_physical(x[:, -1:, :1], stats).clamp(min=0).expand_as(truth)
             sums[0] += m.sum().double()
@@ -206,10 +232,10 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
             sums[2] += (((last - truth) ** 2) * m).sum().double()
             if values.shape[2] > 1:
                 sums[3] += (pinball(values, truth) * m).sum().double()
-    count, sse, sse_p, pinball_sum = ranks.sum(sums).tolist()
+    count, sse, sse_p, pinball_sum, sse_centre = ranks.sum(sums).tolist()
     count = max(count, 1.0)
-    val_loss = (pinball_sum / count / loss_scale(stats) ** 0.5 if model.config.quantiles
-                else sse / count / loss_scale(stats))
+    val_loss = (pinball_sum / count / loss_scale(stats) ** 0.5 + sse_centre / count / loss_scale(stats)
+                if model.config.quantiles else sse / count / loss_scale(stats))
     return {"val_skill": skill(sse, sse_p), "val_loss": val_loss, "val_mse": sse / count,
             "persistence_mse": sse_p / count}
 
@@ -447,7 +473,8 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
                                forcing_channels=max(config.leads) * len(config.forcings),
                                quantiles=QUANTILES if config.probabilistic else 0,
                                linear_response=config.linear_response and config.predict_delta,
-                               stats=[stats[v] for v in [TARGET, *config.forcings]]).to(ranks.device)
+                               stats=[stats[v] for v in [TARGET, *config.forcings]],
+                               quantile_location=config.quantile_location).to(ranks.device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5,
                                                            patience=max(1, config.patience // 3))
@@ -459,7 +486,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
                         train_config=asdict(config), world_size=ranks.world_size)
     run = _Run(config, ranks, model, net, optimiser, scheduler, grad_scaler(ranks.device, config.precision),
                train_set, train_loader, val_loader, record,
-               (quantile_loss if config.probabilistic else physical_loss)(stats[TARGET]),
+               _objective(model)(stats[TARGET]),
                ds[TARGET].attrs.get("units", "kg m-2"), checkpoint_dir, output_dir, progress and ranks.is_main)
     run.log(Checkpoint(record).inputs_note({v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}))
     run.last_path = checkpoint_dir / "model_epoch0.pth"
@@ -509,7 +536,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
                 waited_s += time.perf_counter() - waited
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (x, y, mask, forcings))
             totals[0] += train_step(run.net, run.optimiser, run.scaler, x, y, mask, config.precision,
-                                    config.clip_grad, forcings, run.loss)
+                                    config.clip_grad, forcings, run.loss, run.model.config.quantile_location)
             totals[1] += 1
             totals[2] += x.shape[0]
             seen.append(issue)

@@ -216,3 +216,57 @@ def test_calibration_picks_the_spread_skill_nearest_one_among_factors_as_good_by
     assert chosen > 1.2
     assert by_factor[round(chosen, 1)]["crps"] <= by_factor[best_crps]["crps"] * (1 + 2 * CRPS_TOLERANCE)
     assert mismatch[round(chosen, 1)] <= mismatch[best_crps] + 1e-9
+
+
+def test_a_located_model_trains_its_centre_by_the_mse_and_places_its_quantiles_off_it():
+    """With ``quantile_location`` the quantiles move with their own location output, the
+    centre does not; the pinball loss reaches only the quantiles' outputs (the centre's
+    gains get no gradient from it), the MSE only the centre's; and a checkpoint config
+    without the key rebuilds the centred model it was."""
+    from pipeline.train import located_quantile_loss, physical_loss, quantile_loss
+
+    torch.manual_seed(0)
+    stats = [{"mean": 0.5, "std": 1.0, "rms": 2.0}]
+    model = ConvLSTMForecaster(leads=1, quantiles=20, linear_response=True, stats=stats, quantile_location=True)
+    x, y = torch.randn(2, 6, 1, 9, 10), torch.randn(2, 1, 1, 9, 10)
+    mask = torch.ones_like(y, dtype=torch.bool)
+    before = model(x, with_centre=True).detach()
+    location = model.response_terms  # the channel after the centre's gains and offset
+    with torch.no_grad():
+        model.head[-1].bias[location] = 0.3
+    after = model(x, with_centre=True).detach()
+    torch.testing.assert_close(after[:, :, :1], before[:, :, :1])
+    torch.testing.assert_close(after[:, :, 1:], before[:, :, 1:] + 0.3)
+
+    def head_gradient(loss_fn, part: slice) -> torch.Tensor:
+        model.zero_grad()
+        loss_fn(stats[0])(model(x, with_centre=True)[:, :, part], y, mask).backward()
+        return model.head[-1].bias.grad.clone()
+
+    centre_terms = slice(0, model.response_terms)
+    from_pinball = head_gradient(quantile_loss, slice(1, None))
+    from_mse = head_gradient(physical_loss, slice(0, 1))
+    assert from_pinball[centre_terms].abs().max() == 0 and from_pinball[location:].abs().max() > 0
+    assert from_mse[centre_terms].abs().max() > 0 and from_mse[location:].abs().max() == 0
+    model.zero_grad()
+    located_quantile_loss(stats[0])(model(x, with_centre=True), y, mask).backward()
+    torch.testing.assert_close(model.head[-1].bias.grad, from_pinball + from_mse)
+
+    older = {k: v for k, v in model.config.to_dict().items() if k != "quantile_location"}
+    rebuilt = ConvLSTMForecaster.from_config(older)
+    assert not rebuilt.config.quantile_location and rebuilt.outputs_per_lead == model.outputs_per_lead - 1
+
+
+def test_train_with_quantile_location_writes_a_located_checkpoint_that_predict_reads(tmp_path, run_cli):
+    from pipeline.train import TrainConfig, train
+
+    write_series(tmp_path / "in", days=60, height=20, width=24, seed=7)
+    result = train(TrainConfig(data_dir=str(tmp_path / "in"), patch=16, hidden_channels=[4], batch_size=4, epochs=1,
+                               leads=[1, 2], probabilistic=True, quantile_location=True, device="cpu",
+                               checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")))
+    state = torch.load(result.best_checkpoint, weights_only=True)
+    assert state["model_config"]["quantile_location"] and np.isfinite(result.history[-1]["train_loss"])
+    done = run_cli("predict", "--weights_path", result.best_checkpoint, "--input_dir", tmp_path / "in",
+                   "--output_dir", tmp_path / "pred", "--last", "--quantiles", "0.1,0.9")
+    assert done.status == 0, done.err
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*_q*.tif"))
