@@ -27,7 +27,9 @@ A probabilistic model (``quantiles=Q``) emits, per pixel and lead, Q quantiles a
 forecast distribution, which can put its mass at zero and keep a long right tail; their
 mean is the deterministic forecast. A buffer ``spread_scale`` (one factor per lead, 1
 while training) widens or narrows them around their centre once training has calibrated
-it on the validation split.
+it on the validation split. With ``quantile_location`` the quantiles sit off the centre by a
+location output of their own: the centre is then trained apart (by the MSE, as a
+deterministic model's), and ``forward(..., with_centre=True)`` returns it before them.
 
 Example
 -------

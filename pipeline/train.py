@@ -320,6 +320,8 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         config = _merge_resume(config, explicit if explicit is not None else set(), resume_state)
     if "linear_response" in (explicit or set()) and config.linear_response and not config.predict_delta:
         raise RunoffError("--linear_response forms the change from the last day: it cannot go with --no-predict_delta")
+    if config.quantile_location and not config.probabilistic:
+        raise RunoffError("--quantile_location places a probabilistic model's quantiles: it needs --probabilistic")
     _validate(config)
     # the run lives in _fit's frame only: gone when the process group is released
     with data_parallel(config.device) as ranks, contextlib.ExitStack() as on_exit:
