@@ -271,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "the CRPS); predict then writes quantile and exceedance maps, evaluate scores CRPS and Brier")
     _option(p, "quantile_location", action="store_true", default=None,
             help="probabilistic: train the centre by the MSE, as a deterministic model, and place the quantiles "
-                 "off it by a location of their own (better reliability and long-lead medians, worse lead-1 CRPS: "
-                 "docs/skill.md)")
+                 "off it by a location of their own (medians within a few %% of the deterministic MSE and closer "
+                 "reliability at long leads, a worse CRPS at most leads: docs/skill.md)")
     _option(p, "max_train_windows", type=int, help="cap on training windows per epoch")
     _option(p, "precision", choices=("auto", "fp32", "bf16", "fp16"),
             help="mixed precision: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU/MPS), fp32, bf16, fp16")
