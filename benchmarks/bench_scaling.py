@@ -67,7 +67,7 @@ def patch_costs(patches: list[int], root: Path, steps: int) -> tuple[list[float]
     stats = normalisation_stats(ds, ["qs"], split)
     issues = window_issues(ds, split, spec)
     rates, step_s = [], []
-    keep_freed_memory()  # as `runoff train` does on CPU
+    keep_freed_memory(torch.device("cpu"))  # as `runoff train` does on CPU
     for patch in patches:
         sampler = WindowSampler(store, issues, spec, stats, patch=patch, shuffle=True)
         sum(1 for _ in sampler)  # the first pass decodes; measure the passes after it

@@ -41,8 +41,9 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks for reuse instead of unmapping them (Linux only).
+def keep_freed_memory(device: torch.device) -> bool:
+    """Ask glibc to keep freed blocks for reuse instead of unmapping them, for work on a
+    CPU ``device`` (Linux only; nothing for an accelerator, whose buffers glibc never sees).
 
     A CPU training step or forward pass allocates and frees the same large activation
     buffers each time; by default glibc hands blocks over 32 MB back to the kernel and every
@@ -51,7 +52,7 @@ def keep_freed_memory() -> bool:
     against 2.27 in batches of 8 (PyTorch's CPU tuning guide suggests jemalloc/tcmalloc for
     the same reason). Returns whether it applied.
     """
-    if not sys.platform.startswith("linux"):
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
     import ctypes
 

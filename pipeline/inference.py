@@ -138,8 +138,7 @@ class Forecaster:
         if batch_size < 1:
             raise RunoffError(f"--batch_size {batch_size}: must be >= 1")
         dev = pick_device(device)
-        if dev.type == "cpu":  # a batch's activations are freed and asked for again every pass
-            keep_freed_memory()
+        keep_freed_memory(dev)  # a batch's activations are freed and asked for again every pass
         return cls(checkpoint, checkpoint.build_model().to(dev).eval(), dev, batch_size, tile)
 
     @property

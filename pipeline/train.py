@@ -190,7 +190,7 @@ def train_step(net: torch.nn.Module, optimiser: torch.optim.Optimizer, scaler: t
     detached loss, still on the device (reading it would synchronise)."""
     optimiser.zero_grad(set_to_none=True)
     with autocast_for(x.device, precision):
-        pred = net(x, forcings, with_centre=True) if with_centre else net(x, forcings)
+        pred = net(x, forcings, with_centre=with_centre)
     loss = loss_fn(pred.float(), y, mask)
     scaler.scale(loss).backward()
     scaler.unscale_(optimiser)
@@ -219,7 +219,7 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
                                                                             batch.forcings))
             with autocast_for(device, precision):
-                pred = model(x, forcings, with_centre=True) if located else model(x, forcings)
+                pred = model(x, forcings, with_centre=located)
             m, truth = mask.float(), to_physical(y, stats)
             values = to_physical(pred, stats).clamp(min=0)  # as users receive it
             if located:
@@ -433,8 +433,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
                on_exit: contextlib.ExitStack) -> _Run:
     """Open the cube, cut the splits into windows, build the samplers, loaders, model and
     optimiser (from ``resume_state`` when resuming)."""
-    if ranks.device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(ranks.device)
     checkpoint_dir = location(config.checkpoint_dir, config.storage_options)
     output_dir = location(config.output_dir, config.storage_options)
     store = _cube_for_ranks(config, ranks, checkpoint_dir, output_dir, progress)
