@@ -10,7 +10,8 @@ Trains a deterministic and a probabilistic model with the same settings, evaluat
 and prints per lead: CRPS skill against the climatological and the persistence ensembles
 (targets > 0.3 and > 0), the spread/skill ratio (0.8 .. 1.2 at leads 1 and 6), the largest
 gap between forecast probability and observed frequency in reliability bins of >= 100
-pixels (<= 0.1), and the MSE of the median and of the mean against the deterministic
+pixels (<= 0.1) and how much of it lies outside the observed frequency's 5-95% band over
+resampled test days (what the test days can tell from chance), and the MSE of the median and of the mean against the deterministic
 model's (median within 10%); then the training cost per epoch (<= 2x).
 """
 
@@ -33,6 +34,7 @@ from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.inference import Forecaster, quantile_maps, read_days  # noqa: E402
 from pipeline.sampler import WindowSpec, window_issues  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
+from pipeline.verify import RELIABILITY_ROWS, reliability_gap  # noqa: E402
 
 
 def median_mse(weights: Path, store: str, leads: list[int]) -> dict[int, float]:
@@ -54,16 +56,13 @@ def median_mse(weights: Path, store: str, leads: list[int]) -> dict[int, float]:
     return {lead: sse[i] / max(count[i], 1) for i, lead in enumerate(leads)}
 
 
-def reliability_gap(ensemble: dict, min_count: int = 100) -> float:
-    """Largest |forecast probability - observed frequency| over the bins holding >= min_count pixels."""
-    gaps = [0.0]
-    for table in ensemble["reliability"].values():
-        count, p, o = (np.asarray(table[k], np.float64) for k in ("count", "forecast_probability",
-                                                                  "observed_frequency"))
-        full = count >= min_count
-        if full.any():
-            gaps.append(float(np.abs(p[full] - o[full]).max()))
-    return max(gaps)
+def reliability_gaps(ensemble: dict) -> tuple[float, float]:
+    """The largest gap from the diagonal over every threshold's bins of >= 100 pixels, and
+    the largest part of it outside the observed frequency's 5-95% band over resampled days."""
+    tables = [np.array([table[row] for row in RELIABILITY_ROWS], np.float64)
+              for table in ensemble["reliability"].values()]
+    return tuple(max([reliability_gap(t, beyond_band=beyond) for t in tables], default=0.0)
+                 for beyond in (False, True))
 
 
 def main() -> int:
@@ -79,7 +78,7 @@ def main() -> int:
         for name, probabilistic in (("deterministic", False), ("probabilistic", True)):
             config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
                                  patch=args.patch, forcings=[args.rain], probabilistic=probabilistic,
-                                 quantile_location=args.quantile_location,
+                                 quantile_location=probabilistic and args.quantile_location,
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
                                  checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
             started = time.perf_counter()
@@ -96,13 +95,15 @@ def main() -> int:
           f"rain: {args.rain} (observed, a perfect forecast); {args.epochs} epochs max, patch {args.patch}"
           + ("; quantiles located off an MSE-trained centre" if args.quantile_location else ""))
     print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "
-          "| median MSE / deterministic | mean MSE / deterministic | MSE skill vs persistence: deterministic, mean |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| median MSE / deterministic | mean MSE / deterministic | reliability gap beyond the 5-95% band "
+          "| MSE skill vs persistence: deterministic, mean |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for lead in leads:
         model, reference = prob[lead]["model"], det[lead]["model"]["mse"]
+        gap, beyond_band = reliability_gaps(ensemble[lead])
         rows[lead] = (model["crps_skill_vs_climatology"], model["crps_skill_vs_persistence"], model["spread_skill"],
-                      reliability_gap(ensemble[lead]), medians[lead] / reference, model["mse"] / reference)
+                      gap, medians[lead] / reference, model["mse"] / reference, beyond_band)
         print(f"| {lead} | " + " | ".join(f"{v:+.3f}" if i < 2 else f"{v:.3f}" for i, v in enumerate(rows[lead]))
               + f" | {det[lead]['model']['skill_vs_persistence']:+.3f}, {model['skill_vs_persistence']:+.3f} |")
     # training throughput of epochs 2+ (epoch 1 also pays the first reads and the start-up)
@@ -114,6 +115,8 @@ def main() -> int:
         (f"spread/skill in 0.8 .. 1.2 at leads {leads[0]} and {leads[-1]}",
          all(0.8 <= rows[lead][2] <= 1.2 for lead in (leads[0], leads[-1]))),
         ("reliability within 0.1 of the diagonal (bins >= 100 pixels)", all(r[3] <= 0.1 for r in rows.values())),
+        ("(beside the target) the diagonal inside every such bin's 5-95% band",
+         all(r[6] == 0 for r in rows.values())),
         ("median MSE within 10% of the deterministic model's", all(r[4] <= 1.1 for r in rows.values())),
         (f"training time per window {cost[1] * 1e3:.2f} ms against {cost[0] * 1e3:.2f} ms: "
          f"{cost[1] / cost[0]:.2f}x (<= 2x)", cost[1] <= 2 * cost[0]),
@@ -121,9 +124,9 @@ def main() -> int:
     print("\n".join(f"{what}: {'yes' if ok else 'NO'}" for what, ok in checks))
     for lead in (leads[0], leads[-1]):
         for threshold, table in ensemble[lead]["reliability"].items():
-            cells = [f"{p:.2f}->{o:.2f} ({int(c)})" for c, p, o in
-                     zip(table["count"], table["forecast_probability"], table["observed_frequency"]) if c]
-            print(f"reliability, lead {lead}, > {threshold}: forecast -> observed (pixels): " + ", ".join(cells))
+            cells = [f"{p:.2f}->{o:.2f} [{lo:.2f}, {hi:.2f}] ({int(c)})" for c, p, o, lo, hi in
+                     zip(*(table[row] for row in RELIABILITY_ROWS)) if c]
+            print(f"reliability, lead {lead}, > {threshold}: forecast -> observed [5-95% band] (pixels): " + ", ".join(cells))
     return 0
 
 

@@ -36,7 +36,7 @@ from .ingest import ensure_cube
 from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
 from .sampler import WindowSpec, window_issues
 from .storage import atomic_output, check_writable, location
-from .verify import EnsembleScores, PixelScores, ScoreTable, skill
+from .verify import RELIABILITY_ROWS, EnsembleScores, PixelScores, ScoreTable, skill
 
 
 @dataclass
@@ -198,10 +198,10 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
 
 
 def _diagnostics(scores: EnsembleScores) -> dict:
-    """The model's rank histogram and reliability tables, as plain lists for metrics.json."""
+    """The model's rank histogram and reliability tables (with the observed frequency's
+    5-95% band over resampled test days), as plain lists for metrics.json."""
     return {"rank_histogram": scores.ranks.tolist(),
-            "reliability": {f"{thr:g}": {"count": table[0].tolist(), "forecast_probability": table[1].tolist(),
-                                         "observed_frequency": table[2].tolist()}
+            "reliability": {f"{thr:g}": dict(zip(RELIABILITY_ROWS, (row.tolist() for row in table)))
                             for thr, table in scores.reliability().items()}}
 
 

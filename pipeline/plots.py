@@ -156,8 +156,9 @@ def plot_skill_by_lead(metrics: dict, path: str | Path) -> Path:
 def plot_ensemble_diagnostics(ranks, reliability: dict, path: str | Path, *, title: str,
                               min_count: int = 100) -> Path:
     """Rank histogram (flat for a reliable ensemble) beside the reliability diagram at each
-    threshold (observed frequency against forecast probability; bins holding fewer than
-    ``min_count`` pixels are drawn hollow)."""
+    threshold (observed frequency against forecast probability, with bars over its 5-95%
+    band across resampled days; bins holding fewer than ``min_count`` pixels are drawn
+    hollow)."""
     import numpy as np
 
     fig, (ax_rank, ax_rel) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
@@ -168,9 +169,11 @@ def plot_ensemble_diagnostics(ranks, reliability: dict, path: str | Path, *, tit
     ax_rank.legend()
     ax_rel.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--")
     for (threshold, table), colour in zip(reliability.items(), ("tab:orange", "tab:green", "tab:red", "tab:purple")):
-        count, forecast, observed = table
+        count, forecast, observed, low, high = table
         full = count >= min_count
-        ax_rel.plot(forecast[full], observed[full], "o-", color=colour, label=f"> {threshold:g}")
+        band = np.maximum([observed[full] - low[full], high[full] - observed[full]], 0)
+        ax_rel.errorbar(forecast[full], observed[full], yerr=band, fmt="o-", color=colour, capsize=2,
+                        label=f"> {threshold:g}")
         ax_rel.plot(forecast[~full], observed[~full], "o", mfc="none", color=colour)
     ax_rel.set(xlabel="forecast probability", ylabel="observed frequency", title="reliability", xlim=(0, 1),
                ylim=(0, 1))

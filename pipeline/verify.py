@@ -210,6 +210,10 @@ class ScoreTable:
 # --- one-shot shortcuts -------------------------------------------------------------------
 
 RELIABILITY_BINS = 10
+RELIABILITY_RESAMPLES = 200  # Poisson-bootstrap replicates behind the reliability band
+# the rows of a reliability table, as metrics.json names them
+RELIABILITY_ROWS = ("count", "forecast_probability", "observed_frequency", "observed_frequency_5",
+                    "observed_frequency_95")
 
 
 class EnsembleScores:
@@ -224,7 +228,13 @@ class EnsembleScores:
       dry truth among dry members, share their ranks at random), M + 1 counts;
     * at each threshold: the Brier score ``brier@{thr}`` of the probability ``P(X > thr)``
       and the reliability table (forecast probability in ``RELIABILITY_BINS`` bins: count,
-      mean probability, observed frequency).
+      mean probability, observed frequency, and the 5-95% band of that frequency).
+
+    The band is how far the observed frequency moves when the maps are resampled (a
+    Poisson bootstrap, streamed: each ``accumulate`` call draws its weight in every
+    replicate). Pixels of one map are not independent, so pass one map (one issue day and
+    lead) per call: the band then treats days as the independent units, and is wider
+    than a count of pixels alone would suggest.
 
     >>> truth = np.array([0.0, 1.0, 4.0])
     >>> members = np.array([[0.0, 0.0, 3.0], [0.0, 2.0, 5.0]])
@@ -240,7 +250,10 @@ class EnsembleScores:
         self.ranks: np.ndarray | None = None
         self.brier = np.zeros(len(self.thresholds))
         self.bins = np.zeros((len(self.thresholds), 3, RELIABILITY_BINS))  # count, sum p, sum observed
+        # per threshold, the count and the observed sum of each bin in each bootstrap replicate
+        self.resampled = np.zeros((len(self.thresholds), 2, RELIABILITY_RESAMPLES, RELIABILITY_BINS))
         self._rng = np.random.default_rng(seed)
+        self._resample_rng = np.random.default_rng([seed, 1])  # its own stream: ranks stay as they were
 
     def accumulate(self, members: np.ndarray, truth: np.ndarray) -> "EnsembleScores":
         members, truth = np.asarray(members, np.float64), np.asarray(truth, np.float64)
@@ -264,13 +277,18 @@ class EnsembleScores:
         ranks = below + np.floor(self._rng.random(y.size) * (ties + 1)).astype(np.int64)
         self.ranks += np.bincount(ranks, minlength=m + 1)
         self.count += y.size
+        weights = self._resample_rng.poisson(1.0, RELIABILITY_RESAMPLES)[:, None] if self.thresholds else None
         for k, thr in enumerate(self.thresholds):
             p, o = (x > thr).mean(axis=0), (y > thr).astype(np.float64)
             self.brier[k] += float(((p - o) ** 2).sum())
             b = np.minimum((p * RELIABILITY_BINS).astype(np.int64), RELIABILITY_BINS - 1)
-            self.bins[k, 0] += np.bincount(b, minlength=RELIABILITY_BINS)
+            count = np.bincount(b, minlength=RELIABILITY_BINS)
+            observed = np.bincount(b, weights=o, minlength=RELIABILITY_BINS)
+            self.bins[k, 0] += count
             self.bins[k, 1] += np.bincount(b, weights=p, minlength=RELIABILITY_BINS)
-            self.bins[k, 2] += np.bincount(b, weights=o, minlength=RELIABILITY_BINS)
+            self.bins[k, 2] += observed
+            self.resampled[k, 0] += weights * count
+            self.resampled[k, 1] += weights * observed
         return self
 
     def merge(self, other: "EnsembleScores") -> "EnsembleScores":
@@ -284,6 +302,7 @@ class EnsembleScores:
         self.error_sum += other.error_sum
         self.brier += other.brier
         self.bins += other.bins
+        self.resampled += other.resampled
         return self
 
     def compute(self) -> dict[str, float]:
@@ -296,13 +315,42 @@ class EnsembleScores:
         return scores
 
     def reliability(self) -> dict[float, np.ndarray]:
-        """Per threshold, rows (count, mean forecast probability, observed frequency) x bins."""
+        """Per threshold, rows (count, mean forecast probability, observed frequency, its 5%
+        and 95% resampled values) x bins; NaN where a bin is empty."""
         out = {}
         for k, thr in enumerate(self.thresholds):
             count = self.bins[k, 0]
+            resampled_count, resampled_observed = self.resampled[k]
             with np.errstate(invalid="ignore", divide="ignore"):
-                out[thr] = np.stack([count, self.bins[k, 1] / count, self.bins[k, 2] / count])
+                frequencies = resampled_observed / resampled_count
+                band = [np.full(RELIABILITY_BINS, np.nan) for _ in range(2)]
+                for i in np.flatnonzero(count):
+                    kept = frequencies[:, i][np.isfinite(frequencies[:, i])]
+                    band[0][i], band[1][i] = np.quantile(kept, [0.05, 0.95]) if kept.size else (np.nan, np.nan)
+                out[thr] = np.stack([count, self.bins[k, 1] / count, self.bins[k, 2] / count, *band])
         return out
+
+
+def reliability_gap(table: np.ndarray, min_count: int = 100, beyond_band: bool = False) -> float:
+    """The largest distance from the diagonal in a reliability table of
+    :meth:`EnsembleScores.reliability`, over the bins holding at least ``min_count``
+    pixels: |mean forecast probability - observed frequency|, or with ``beyond_band`` how
+    far the mean probability lies outside the observed frequency's 5-95% band (0 where the
+    band holds it: a gap the test days cannot tell from chance). 0 when no bin is that full.
+
+    >>> table = np.array([[500, 300], [0.15, 0.55], [0.10, 0.80], [0.05, 0.70], [0.14, 0.90]])
+    >>> round(reliability_gap(table), 2), round(reliability_gap(table, beyond_band=True), 2)
+    (0.25, 0.15)
+    """
+    count, forecast, observed, low, high = np.asarray(table, np.float64)
+    full = count >= min_count
+    if not full.any():
+        return 0.0
+    if beyond_band:
+        gaps = np.maximum(np.maximum(low - forecast, forecast - high), 0.0)
+    else:
+        gaps = np.abs(forecast - observed)
+    return float(gaps[full].max())
 
 
 def crps(members: np.ndarray, truth: np.ndarray) -> float:

@@ -71,10 +71,10 @@ def test_skill_benchmark_prints_skill_per_lead_and_the_targets():
 
 def test_probabilistic_benchmark_prints_scores_per_lead_and_the_targets():
     lines = _stdout_lines("bench_probabilistic.py", "--days", "100", "--height", "24", "--width", "32", "--epochs", "1",
-                          "--patch", "16", "--leads", "1,2")
+                          "--patch", "16", "--leads", "1,2", "--quantile_location")
     assert any(line.startswith("| lead | CRPS skill vs climatology") for line in lines), lines
     rows = [line for line in lines if re.match(r"^\| [12] \| [+-]\d\.\d{3} \| [+-]\d\.\d{3} \| \d", line)]
     assert len(rows) == 2, lines
     for target in ("CRPS skill > 0.3 vs climatology", "spread/skill in 0.8 .. 1.2", "median MSE within 10%",
-                   "training time per window"):
+                   "training time per window", "(beside the target) the diagonal inside"):
         assert any(line.startswith(target) and line.endswith((": yes", ": NO")) for line in lines), target

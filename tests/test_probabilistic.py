@@ -15,7 +15,7 @@ import xarray as xr
 
 from pipeline.model import ConvLSTMForecaster
 from pipeline.synth import write_series
-from pipeline.verify import EnsembleScores
+from pipeline.verify import EnsembleScores, reliability_gap
 
 from .conftest import one_error_line
 
@@ -64,9 +64,44 @@ def test_a_calibrated_ensemble_has_a_flat_rank_histogram_and_unit_spread_skill()
     shares = scores.ranks / scores.ranks.sum()
     assert np.abs(shares * 50 - 1).max() < 0.35  # 50 ranks, each about a fiftieth (zeros tie at random)
     assert scores.compute()["spread_skill"] == pytest.approx(1.0, abs=0.05)
-    count, forecast, observed = scores.reliability()[1.0]
+    count, forecast, observed, low, high = scores.reliability()[1.0]
     full = count >= 500
     assert np.abs(forecast[full] - observed[full]).max() < 0.05  # a member share of k/M is about k/M likely
+    assert (low[full] <= observed[full]).all() and (observed[full] <= high[full]).all()
+
+
+def test_the_reliability_band_holds_a_calibrated_forecast_and_excludes_a_biased_one():
+    """Maps whose pixels share their day's weather: a forecast probability p is right on
+    average, but within a day the outcomes move together, so the band must be wide enough
+    for days, not pixels; a forecast shifted by 0.25 must fall outside it."""
+    rng = np.random.default_rng(4)
+    days, members = 120, 10
+    calibrated, biased = EnsembleScores([0.5]), EnsembleScores([0.5])
+    for _ in range(days):
+        p = rng.integers(0, members + 1, (30, 40)) / members  # forecast probability of each pixel
+        members_above = (np.arange(members)[:, None, None] < p * members)
+        ensemble = np.where(members_above, 1.0, 0.0)
+        day = rng.normal(0, 1)  # one shock for the whole map: its pixels are not independent
+        truth = (rng.normal(0, 1, p.shape) * 0.3 + day < _probit(p)).astype(np.float64)
+        calibrated.accumulate(ensemble, truth)
+        shifted = np.where(np.arange(members)[:, None, None] < np.clip(p - 0.25, 0, 1) * members, 1.0, 0.0)
+        biased.accumulate(shifted, truth)
+    table = calibrated.reliability()[0.5]
+    count, forecast, observed, low, high = table
+    uncertain = (count >= 100) & (forecast > 0.05) & (forecast < 0.95)  # outcomes of p = 0 or 1 never vary
+    assert (high[uncertain] - low[uncertain]).min() > 0.05  # wider than ~10000 independent pixels per bin give
+    assert reliability_gap(table, beyond_band=True) == 0.0
+    assert reliability_gap(biased.reliability()[0.5], beyond_band=True) > 0.05
+    halves = EnsembleScores([0.5]).merge(calibrated)
+    assert np.array_equal(halves.resampled, calibrated.resampled)
+
+
+def _probit(p: np.ndarray) -> np.ndarray:
+    """The standard normal quantile of p, with a standard deviation of 1.044 = sqrt(1 + 0.3**2):
+    a pixel's outcome is below it with probability p once the day's and the pixel's noise add up."""
+    from scipy.special import ndtri
+
+    return ndtri(np.clip(p, 1e-6, 1 - 1e-6)) * np.sqrt(1 + 0.3 ** 2)
 
 
 @pytest.fixture(scope="module")
