@@ -69,6 +69,8 @@ def main() -> int:
     parser = skill_parser(__doc__)
     parser.add_argument("--quantile_location", action="store_true",
                         help="the probabilistic model's centre trained by the MSE, its quantiles placed off it")
+    parser.add_argument("--calibration", default="spread_skill", choices=("spread_skill", "brier"),
+                        help="how the spread factor is picked among the near-best by validation CRPS")
     args = parser.parse_args()
     leads = parse_leads(args.leads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +81,7 @@ def main() -> int:
             config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
                                  patch=args.patch, forcings=[args.rain], probabilistic=probabilistic,
                                  quantile_location=probabilistic and args.quantile_location,
+                                 calibration=args.calibration,
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
                                  checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
             started = time.perf_counter()
@@ -93,7 +96,8 @@ def main() -> int:
     ensemble = runs["probabilistic"][1].ensemble
     print(f"{machine()}; cube: {described}; "
           f"rain: {args.rain} (observed, a perfect forecast); {args.epochs} epochs max, patch {args.patch}"
-          + ("; quantiles located off an MSE-trained centre" if args.quantile_location else ""))
+          + ("; quantiles located off an MSE-trained centre" if args.quantile_location else "")
+          + f"; spread calibration: {args.calibration}")
     print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "
           "| median MSE / deterministic | mean MSE / deterministic | reliability gap beyond the 5-95% band "
           "| MSE skill vs persistence: deterministic, mean |")

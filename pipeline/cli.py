@@ -191,8 +191,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse without the usage dump on a bad option: one error line naming it, exit 2
+    (``runoff COMMAND --help`` still shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="runoff", description="Forecast gridded surface runoff (QS) "
+    parser = _OneLineParser(prog="runoff", description="Forecast gridded surface runoff (QS) "
                                      "from daily GeoTIFF/PNG maps with a ConvLSTM.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -273,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="probabilistic: train the centre by the MSE, as a deterministic model, and place the quantiles "
                  "off it by a location of their own (medians within a few %% of the deterministic MSE and closer "
                  "reliability at long leads, a worse CRPS at most leads: docs/skill.md)")
+    _option(p, "calibration", choices=("spread_skill", "brier"),
+            help="probabilistic: of the spread factors within 1%% of the best validation CRPS, take the one whose "
+                 "spread/skill is nearest 1 (spread_skill, default) or whose Brier score at the wet p90 and p99 is "
+                 "lowest (brier: more reliable exceedance maps)")
     _option(p, "max_train_windows", type=int, help="cap on training windows per epoch")
     _option(p, "precision", choices=("auto", "fp32", "bf16", "fp16"),
             help="mixed precision: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU/MPS), fp32, bf16, fp16")
@@ -338,7 +350,10 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``runoff`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad option (its line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     warnings.showwarning = _one_line_warning
     warnings.simplefilter("ignore")  # libraries' notices are for developers, not for CLI users
     warnings.simplefilter("always", RunoffWarning)

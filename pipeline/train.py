@@ -31,6 +31,7 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from .baselines import wet_thresholds
 from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint
 from .cube import TARGET, cube_dates, cube_grid, make_splits, open_cube
 from .device import autocast_for, grad_scaler, keep_freed_memory, loader_batches, queue_marker
@@ -81,6 +82,7 @@ class TrainConfig:
     linear_response: bool = True  # that change linear in physical units, with gains set per pixel (needs predict_delta)
     probabilistic: bool = False  # QUANTILES quantiles per pixel and lead, trained by the pinball loss
     quantile_location: bool = False  # probabilistic: a centre trained by the MSE, the quantiles placed off it
+    calibration: str = "spread_skill"  # probabilistic: how calibrate_spread picks its factor (CALIBRATIONS)
     clip_grad: float = 1.0
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
     max_train_windows: int | None = None
@@ -242,23 +244,33 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
 
 SPREAD_FACTORS = tuple(round(0.5 + 0.1 * k, 1) for k in range(26))  # 0.5 .. 3.0, tried per lead
 CRPS_TOLERANCE = 0.01  # factors within 1% of the best validation CRPS count as equally good
+CALIBRATIONS = ("spread_skill", "brier")  # the tie-breaks of calibrate_spread
 
 
 def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
-                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> torch.Tensor:
+                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
+                     rule: str = "spread_skill", thresholds: tuple[float, ...] = ()) -> torch.Tensor:
     """A probabilistic model's ``spread_scale``, per lead: a factor of ``SPREAD_FACTORS`` on
     the quantiles' spread around their centre (in the model's log space, so a multiplicative
     widening in data units), times the current scale.
 
-    Of the factors whose validation pinball loss (the CRPS) is within ``CRPS_TOLERANCE`` of
-    the best, the one whose spread/skill ratio is closest to 1. Near its minimum the CRPS
-    in data units barely changes with the spread, and a short validation split cannot tell
-    those factors apart; the spread/skill ratio can, and a quantile model fitted on
-    training windows is usually too narrow on new ones, more so at long leads."""
+    Near its minimum the CRPS in data units barely changes with the spread, and a short
+    validation split cannot tell those factors apart. So of the factors whose validation
+    pinball loss (the CRPS) is within ``CRPS_TOLERANCE`` of the best, ``rule`` takes:
+
+    * ``spread_skill``: the one whose spread/skill ratio is closest to 1 (a quantile model
+      fitted on training windows is usually too narrow on new ones, more so at long leads);
+    * ``brier``: the one with the lowest Brier score of ``P(X > threshold)`` summed over
+      ``thresholds`` (the exceedance maps' own: the wet p90 and p99 of the training split),
+      so that those probabilities are as reliable as the validation days can make them."""
+    if rule not in CALIBRATIONS or (rule == "brier" and not thresholds):
+        raise ValueError(f"rule {rule!r} with thresholds {thresholds}: one of {CALIBRATIONS}, brier with thresholds")
     model.eval()
     factors = torch.tensor(SPREAD_FACTORS, device=device).view(-1, 1, 1, 1, 1)
-    # per factor and lead: pinball sum, members' variance sum, squared error of their mean
-    sums = torch.zeros(3, len(SPREAD_FACTORS), model.config.leads, dtype=torch.float64, device=device)
+    # per factor and lead: pinball sum, members' variance sum, squared error of their mean,
+    # then the Brier sum at each threshold
+    sums = torch.zeros(3 + len(thresholds), len(SPREAD_FACTORS), model.config.leads, dtype=torch.float64,
+                       device=device)
     with torch.no_grad():
         for batch in loader_batches(loader, device):
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
@@ -269,13 +281,18 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
             for i, factor in enumerate(factors):
                 values = to_physical(centre + factor * (q - centre), stats).clamp(min=0)
                 mean = values.mean(dim=2, keepdim=True)
+                briers = [((values > thr).float().mean(dim=2, keepdim=True) - (truth > thr).float()) ** 2
+                          for thr in thresholds]
                 for k, per_pixel in enumerate((pinball(values, truth), values.var(dim=2, keepdim=True),
-                                               (mean - truth) ** 2)):
+                                               (mean - truth) ** 2, *briers)):
                     sums[k, i] += (per_pixel * m).sum(dim=(0, 2, 3, 4)).double()
-    crps, variance, error = ranks.sum(sums)
-    ratio = spread_skill_ratio(variance, error.clamp(min=1e-12), model.config.quantiles)
+    crps, variance, error, *briers = ranks.sum(sums)
     near_best = crps <= crps.min(dim=0).values * (1 + CRPS_TOLERANCE)
-    mismatch = torch.where(near_best, ratio.log().abs(), torch.full_like(ratio, float("inf")))
+    if rule == "brier":
+        mismatch = torch.stack(briers).sum(dim=0)
+    else:
+        mismatch = spread_skill_ratio(variance, error.clamp(min=1e-12), model.config.quantiles).log().abs()
+    mismatch = torch.where(near_best, mismatch, torch.full_like(mismatch, float("inf")))
     best = torch.tensor(SPREAD_FACTORS, device=device)[mismatch.argmin(dim=0)]
     return model.spread_scale * best.to(model.spread_scale.dtype)
 
@@ -287,7 +304,7 @@ def _calibrate_best(run: "_Run") -> None:
         return
     run.model.load_state_dict(run.best_state)
     scale = calibrate_spread(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET],
-                             run.ranks, run.config.precision)
+                             run.ranks, run.config.precision, run.config.calibration, run.thresholds)
     run.model.spread_scale.copy_(scale)
     run.log("spread calibrated on the validation split (best.pth): " +
             ", ".join(f"lead {lead} x{s:.2f}" for lead, s in zip(run.config.leads, scale.tolist())))
@@ -322,6 +339,9 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         raise RunoffError("--linear_response forms the change from the last day: it cannot go with --no-predict_delta")
     if config.quantile_location and not config.probabilistic:
         raise RunoffError("--quantile_location places a probabilistic model's quantiles: it needs --probabilistic")
+    if config.calibration != "spread_skill" and not config.probabilistic:
+        raise RunoffError(f"--calibration {config.calibration} calibrates a probabilistic model's spread: "
+                          f"it needs --probabilistic")
     _validate(config)
     # the run lives in _fit's frame only: gone when the process group is released
     with data_parallel(config.device) as ranks, contextlib.ExitStack() as on_exit:
@@ -379,6 +399,7 @@ class _Run:
     history: list[dict] = field(default_factory=list)
     last_path: Path | None = None
     best_state: dict | None = None  # the best epoch's weights of this session (probabilistic runs)
+    thresholds: tuple[float, ...] = ()  # probabilistic: the wet p90 and p99 of the training split
 
     @property
     def stopped(self) -> bool:
@@ -491,6 +512,8 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
                ds[TARGET].attrs.get("units", "kg m-2"), checkpoint_dir, output_dir, progress and ranks.is_main)
     run.log(Checkpoint(record).inputs_note({v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}))
     run.last_path = checkpoint_dir / "model_epoch0.pth"
+    if config.probabilistic and config.calibration == "brier":
+        run.thresholds = tuple(wet_thresholds(ds, splits["train"].start, splits["train"].end))
     if resume_state is not None:
         run.resume_from(resume_state)
         run.last_path = location(config.resume, config.storage_options)
@@ -595,6 +618,7 @@ def _validate(config: TrainConfig) -> None:
         (config.patience >= 1, "--patience", config.patience, "must be >= 1"),
         (config.patch >= 4, "--patch", config.patch, "must be >= 4 pixels"),
         (config.num_workers >= 0, "--num_workers", config.num_workers, "must be >= 0"),
+        (config.calibration in CALIBRATIONS, "--calibration", config.calibration, f"must be one of {CALIBRATIONS}"),
     ]
     for ok, option, value, why in checks:
         if not ok:

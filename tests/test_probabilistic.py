@@ -218,14 +218,10 @@ def test_the_spread_of_best_pth_is_calibrated_on_the_validation_split(tmp_path, 
     assert (best > 1).all() and torch.equal(epoch, torch.ones(2))
 
 
-def test_calibration_picks_the_spread_skill_nearest_one_among_factors_as_good_by_crps():
-    """On windows whose truth scatters log-normally around persistence, far wider than an
-    untrained model's quantiles: the chosen factor widens them, scores a validation CRPS
-    within the tolerance of the best factor's, and its spread/skill (scored by
-    verify.EnsembleScores, not by the calibration's own sums) is at least as close to 1."""
-    from pipeline.model import to_physical
+def _calibration_case() -> tuple[ConvLSTMForecaster, list, dict]:
+    """An untrained one-lead model and validation batches whose truth scatters log-normally
+    (sigma 0.6) around persistence (10 kg m-2), far wider than the model's quantiles."""
     from pipeline.sampler import Window, collate_windows
-    from pipeline.train import CRPS_TOLERANCE, SPREAD_FACTORS, calibrate_spread
 
     torch.manual_seed(0)
     stats = {"mean": 0.0, "std": 1.0, "rms": 1.0}
@@ -233,24 +229,58 @@ def test_calibration_picks_the_spread_skill_nearest_one_among_factors_as_good_by
     today = torch.log1p(torch.full((6, 1, 10, 12), 10.0))
     windows = [Window(today, torch.log1p(10 * torch.exp(0.6 * torch.randn(1, 1, 10, 12))),
                       torch.ones(1, 1, 10, 12, dtype=torch.bool), i, torch.zeros(1, 0, 10, 12)) for i in range(64)]
-    batches = [collate_windows(windows[i:i + 8]) for i in range(0, 64, 8)]
-    chosen = calibrate_spread(model, batches, torch.device("cpu"), stats).item()
+    return model, [collate_windows(windows[i:i + 8]) for i in range(0, 64, 8)], stats
+
+
+def _scores_by_factor(model: ConvLSTMForecaster, batches: list, stats: dict, thresholds=()) -> dict:
+    """verify.EnsembleScores of the model's quantiles at every spread factor (not the calibration's own sums)."""
+    from pipeline.model import to_physical
+    from pipeline.train import SPREAD_FACTORS
 
     def scores(factor: float) -> dict:
         model.spread_scale.fill_(factor)
-        ensemble = EnsembleScores()
+        ensemble = EnsembleScores(thresholds)
         with torch.no_grad():
             for b in batches:
                 members = to_physical(model(b.x), stats).clamp(min=0)[:, 0].transpose(0, 1)  # (M, B, H, W)
                 ensemble.accumulate(members.numpy(), to_physical(b.y, stats)[:, 0, 0].numpy())
         return ensemble.compute()
 
-    by_factor = {f: scores(f) for f in SPREAD_FACTORS}
+    return {f: scores(f) for f in SPREAD_FACTORS}
+
+
+def test_calibration_picks_the_spread_skill_nearest_one_among_factors_as_good_by_crps():
+    """The chosen factor widens the quantiles, scores a validation CRPS within the
+    tolerance of the best factor's, and its spread/skill is at least as close to 1."""
+    from pipeline.train import CRPS_TOLERANCE, calibrate_spread
+
+    model, batches, stats = _calibration_case()
+    chosen = calibrate_spread(model, batches, torch.device("cpu"), stats).item()
+    by_factor = _scores_by_factor(model, batches, stats)
     best_crps = min(by_factor, key=lambda f: by_factor[f]["crps"])
     mismatch = {f: abs(np.log(s["spread_skill"])) for f, s in by_factor.items()}
     assert chosen > 1.2
     assert by_factor[round(chosen, 1)]["crps"] <= by_factor[best_crps]["crps"] * (1 + 2 * CRPS_TOLERANCE)
     assert mismatch[round(chosen, 1)] <= mismatch[best_crps] + 1e-9
+
+
+def test_the_brier_calibration_picks_the_most_reliable_exceedance_among_factors_as_good_by_crps():
+    """With ``rule="brier"`` the factor is, of those within the CRPS tolerance, the one
+    whose P(X > 20 kg m-2) has the lowest Brier score; here not the spread/skill rule's."""
+    from pipeline.train import CRPS_TOLERANCE, calibrate_spread
+
+    model, batches, stats = _calibration_case()
+    cpu = torch.device("cpu")
+    by_ratio = round(calibrate_spread(model, batches, cpu, stats).item(), 1)
+    by_brier = round(calibrate_spread(model, batches, cpu, stats, rule="brier", thresholds=(20.0,)).item(), 1)
+    by_factor = _scores_by_factor(model, batches, stats, thresholds=(20.0,))
+    best_crps = min(s["crps"] for s in by_factor.values())
+    near_best = [f for f, s in by_factor.items() if s["crps"] <= best_crps * (1 + 2 * CRPS_TOLERANCE)]
+    assert by_brier in near_best and by_brier != by_ratio
+    assert by_factor[by_brier]["brier@20"] < by_factor[by_ratio]["brier@20"]
+    assert by_factor[by_brier]["brier@20"] <= min(by_factor[f]["brier@20"] for f in near_best) + 1e-4
+    with pytest.raises(ValueError, match="brier with thresholds"):
+        calibrate_spread(model, batches, cpu, stats, rule="brier")
 
 
 def test_a_located_model_trains_its_centre_by_the_mse_and_places_its_quantiles_off_it():

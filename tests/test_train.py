@@ -115,13 +115,17 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
         "linear response without delta": (["--data_dir", small_cube, "--linear_response", "--no-predict_delta"],
                                           "--no-predict_delta"),
         "quantile location without quantiles": (["--data_dir", small_cube, "--quantile_location"], "--probabilistic"),
+        "calibration without quantiles": (["--data_dir", small_cube, "--calibration", "brier"], "--probabilistic"),
+        "unknown calibration": (["--data_dir", small_cube, "--probabilistic", "--calibration", "crps"],
+                                "--calibration"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown store", "not a cube", "input_days too long", "lead too far",
                                   "corrupt checkpoint", "checkpoint dir not writable", "even kernel", "bad leads",
                                   "fp16 on cpu", "linear response without delta",
-                                  "quantile location without quantiles"])
+                                  "quantile location without quantiles", "calibration without quantiles",
+                                  "unknown calibration"])
 def test_bad_input_is_one_line_exit_2(case, small_cube, tmp_path, run_cli):
     args, words = _bad_train_cases(small_cube, tmp_path)[case]
     result = run_cli("train", "--epochs", "1", "--checkpoint_dir", tmp_path / "ckpt", "--output_dir",
