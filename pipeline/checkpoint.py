@@ -37,6 +37,7 @@ import datetime as dt
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -134,6 +135,14 @@ class Checkpoint:
         trained = self.grid
         if not trained.matches(grid):
             raise RunoffError(f"{checkpoint}: trained on grid {trained.describe()}, but {data} is on {grid.describe()}")
+
+    def check_variables(self, names: Sequence[str], data: str) -> None:
+        """One clear error when the cube ``data`` (an option and its value), holding the
+        variables ``names``, lacks an input or a forcing of the model."""
+        lacking = [v for v in [*self.variables, *self.forcings] if v not in set(names)]
+        if lacking:
+            raise RunoffError(f"{data}: the model needs variable(s) {', '.join(lacking)}, which the cube lacks "
+                              f"(it has {', '.join(names)})")
 
     def build_model(self) -> ConvLSTMForecaster:
         """The model with its trained weights (on the CPU, in training mode)."""

@@ -103,6 +103,9 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
              progress: bool = False) -> EvaluationReport:
     """Score the checkpoint on ``split`` (train, val, test or all) of ``data_dir``;
     ``batch_size`` windows per forward pass and per accumulator update."""
+    if thresholds is not None and any(thr < 0 for thr in thresholds):
+        raise RunoffError(f"--thresholds {','.join(f'{t:g}' for t in thresholds)}: thresholds must be >= 0 "
+                          f"(data units)")
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
     output_dir = location(output_dir, storage_options)
     check_writable(output_dir, "--output_dir")
@@ -110,6 +113,7 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     ds = open_cube(store, storage_options)
     grid = cube_grid(ds)
     ckpt.check_grid(grid, f"--weights_path {weights_path}", f"--data_dir {data_dir}")
+    ckpt.check_variables(list(ds.data_vars), f"--data_dir {data_dir}")
     dates = cube_dates(ds)
     ranges = ckpt.splits
     ranges["all"] = Split("all", dates[0], dates[-1])

@@ -92,6 +92,8 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     """
     if fmt not in ("tif", "netcdf"):
         raise RunoffError(f"--format {fmt!r}: choose tif or netcdf")
+    if max_plots < -1:
+        raise RunoffError(f"--max_plots {max_plots}: a number of figures, 0 for none or -1 for all")
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
     _check_probabilistic_options(ckpt, str(weights_path), quantiles, exceedance, members, fmt)
     output_dir, plots_dir = location(output_dir, storage_options), location(plots_dir, storage_options)
@@ -207,9 +209,7 @@ def _issue_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.date], inpu
     """Time indices of the issue days to forecast: complete input days, then ``--split``,
     ``--dates`` and ``--last``; one clear error when none is left."""
     variables, input_days = ckpt.variables, ckpt.input_days
-    missing_vars = [v for v in variables if v not in ds.data_vars]
-    if missing_vars:
-        raise RunoffError(f"--input_dir {input_dir}: the model needs variable(s) {', '.join(missing_vars)}")
+    ckpt.check_variables(list(ds.data_vars), f"--input_dir {input_dir}")
     missing = set(ds.attrs.get("missing_dates", []))
     present = [d.isoformat() not in missing for d in all_dates]
     candidates = [t for t in range(input_days - 1, len(all_dates)) if all(present[t - input_days + 1:t + 1])]
@@ -236,8 +236,6 @@ def _check_forcing_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.dat
     """One clear error, naming the date, when a forcing has no value on a lead day of the
     forecast issued at ``t`` (operationally: its forecast is not ingested yet)."""
     for name in ckpt.forcings:
-        if name not in ds.data_vars:
-            raise RunoffError(f"--input_dir {input_dir}: the model needs the forcing {name}, which the cube lacks")
         missing = set(ds[name].attrs.get("missing_dates", []))
         for ahead in range(1, max(ckpt.leads) + 1):
             day = all_dates[t] + dt.timedelta(days=ahead)

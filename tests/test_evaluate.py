@@ -39,3 +39,7 @@ def test_explicit_thresholds_and_bad_split(trained, tmp_path, run_cli):
     bad = run_cli("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir", trained / "qs.zarr",
                   "--split", "later", "--output_dir", tmp_path / "x")
     assert bad.status == 2 and "--split" in one_error_line(bad.err)
+    negative = run_cli("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir", trained / "qs.zarr",
+                       "--thresholds", "5,-1", "--output_dir", tmp_path / "y")
+    assert negative.status == 2 and "--thresholds 5,-1" in one_error_line(negative.err)
+    assert not (tmp_path / "y").exists() or not list((tmp_path / "y").iterdir())

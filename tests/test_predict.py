@@ -102,6 +102,7 @@ def test_bad_input_one_line_exit_2_no_partial_outputs(trained, tmp_path, run_cli
          ["--output_dir"]),
         (["--weights_path", ckpt, "--input_dir", trained / "qs.zarr", "--dates", "2030-01-01:2030-02-01"],
          ["--dates"]),
+        (["--weights_path", ckpt, "--input_dir", trained / "qs.zarr", "--max_plots", "-5"], ["--max_plots -5"]),
     ]
     for args, words in cases:
         out = tmp_path / "out"

@@ -163,6 +163,9 @@ def test_evaluate_scores_crps_brier_and_reliability_against_reference_ensembles(
         assert metrics[lead]["climatology"]["crps_skill_vs_climatology"] == 0
         assert (tmp_path / "eval" / f"ensemble_lead{lead}.png").stat().st_size > 0
     assert "Probabilistic scores, lead 1" in (tmp_path / "eval" / "metrics.md").read_text()
+    runoff_only = run_cli("evaluate", "--weights_path", root / "ckpt" / "best.pth", "--data_dir", root / "in" / "Qs",
+                          "--output_dir", tmp_path / "eval_runoff_only")
+    assert runoff_only.status == 2 and "needs variable(s) rainf" in one_error_line(runoff_only.err)
 
 
 @pytest.mark.parametrize("options, words", [
