@@ -536,6 +536,18 @@ def _netcdf_input(source: str | Path, info: CubeInfo | None, store: str, netcdf:
     return _Input(found.grid, readers, found.attrs, found.incomplete)
 
 
+def _refuse_netcdf_options(input_dir: str | Path, netcdf: NetcdfOptions) -> None:
+    """One clear error when NetCDF-only settings come with rasters, which would ignore them
+    (their variables are named by their sub-folders, their days by their file names)."""
+    given = [option for option, value, default in (("--variable", netcdf.variables, None),
+                                                   ("--aggregate", netcdf.aggregate, None),
+                                                   ("--day_start", netcdf.day_start, 0),
+                                                   ("--stamp", netcdf.stamp, "auto")) if value != default]
+    if given:
+        raise RunoffError(f"{', '.join(given)}: NetCDF/HDF5 settings, but {input_dir} holds rasters (their "
+                          f"variables are named by their sub-folders, their days by their file names)")
+
+
 def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None = None,
            options: ReadOptions = ReadOptions(), chunks: dict[str, int] | None = None,
            overwrite: bool = False, units: str | None = None, long_name: str | None = None,
@@ -567,6 +579,8 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         raise RunoffError(f"--resample {resample!r}: choose {', '.join(RESAMPLING)}")
     chunks = chunks or dict(DEFAULT_CHUNKS)
     from_netcdf = is_netcdf(input_dir)
+    if not from_netcdf and netcdf is not None:
+        _refuse_netcdf_options(input_dir, netcdf)
     variables = None if from_netcdf else find_variables(input_dir, date_format, start)
     with store_lock(store):
         if not is_url(store):

@@ -261,6 +261,11 @@ def test_empty_folder_and_non_cube_store(tmp_path, series_dir, run_cli):
     result = run_cli("info", tmp_path / "nothing.zarr")
     assert result.status == 2 and "no such cube" in one_error_line(result.err)
 
+    # NetCDF settings that rasters would silently ignore
+    result = run_cli("ingest", series_dir, tmp_path / "qs.zarr", "--variable", "qs=Qs_acc", "--day_start", "6")
+    assert result.status == 2 and "--variable, --day_start: NetCDF/HDF5 settings" in one_error_line(result.err)
+    assert not (tmp_path / "qs.zarr").exists()
+
 
 def test_multi_band_with_band_option(tmp_path, series_dir, run_cli):
     folder = tmp_path / "in"
