@@ -81,7 +81,7 @@ def main() -> int:
             config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
                                  patch=args.patch, forcings=[args.rain], probabilistic=probabilistic,
                                  quantile_location=probabilistic and args.quantile_location,
-                                 calibration=args.calibration,
+                                 calibration=args.calibration if probabilistic else "spread_skill",
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
                                  checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
             started = time.perf_counter()
