@@ -173,7 +173,7 @@ def plot_ensemble_diagnostics(ranks, reliability: dict, path: str | Path, *, tit
         full = count >= min_count
         band = np.maximum([observed[full] - low[full], high[full] - observed[full]], 0)
         ax_rel.errorbar(forecast[full], observed[full], yerr=band, fmt="o-", color=colour, capsize=2,
-                        label=f"> {threshold:g}")
+                        label=f"> {threshold:.3g}")
         ax_rel.plot(forecast[~full], observed[~full], "o", mfc="none", color=colour)
     ax_rel.set(xlabel="forecast probability", ylabel="observed frequency", title="reliability", xlim=(0, 1),
                ylim=(0, 1))
