@@ -33,7 +33,7 @@ from pipeline.cube import TARGET, open_cube  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.inference import Forecaster, quantile_maps, read_days  # noqa: E402
 from pipeline.sampler import WindowSpec, window_issues  # noqa: E402
-from pipeline.train import TrainConfig, train  # noqa: E402
+from pipeline.train import CALIBRATIONS, TrainConfig, train  # noqa: E402
 from pipeline.verify import RELIABILITY_ROWS, reliability_gap  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def main() -> int:
     parser = skill_parser(__doc__)
     parser.add_argument("--quantile_location", action="store_true",
                         help="the probabilistic model's centre trained by the MSE, its quantiles placed off it")
-    parser.add_argument("--calibration", default="spread_skill", choices=("spread_skill", "brier"),
+    parser.add_argument("--calibration", default="spread_skill", choices=CALIBRATIONS,
                         help="how the spread factor is picked among the near-best by validation CRPS")
     args = parser.parse_args()
     leads = parse_leads(args.leads)

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import OrderedDict
+from typing import Sequence
 
 import numpy as np
 import xarray as xr
+
+from .errors import RunoffError
 
 SOURCES = ("model", "persistence", "climatology")
 ENSEMBLE_MEMBERS = 30  # members of each reference ensemble
@@ -206,6 +209,13 @@ def climatology(ds: xr.Dataset, train_start, train_end, window: int = 15) -> tup
     shape = clim.days.shape[1:]
     maps = np.stack([clim.for_day(d) if covered[d] else np.full(shape, np.nan, np.float32) for d in range(366)])
     return maps, covered
+
+
+def check_thresholds(thresholds: Sequence[float] | None, option: str) -> None:
+    """One clear error naming ``option`` when user thresholds (data units) go below 0,
+    which runoff never does."""
+    if thresholds is not None and any(thr < 0 for thr in thresholds):
+        raise RunoffError(f"{option} {','.join(f'{t:g}' for t in thresholds)}: thresholds must be >= 0 (data units)")
 
 
 def wet_thresholds(ds: xr.Dataset, train_start, train_end, quantiles=(0.9, 0.99), max_days: int = 120,

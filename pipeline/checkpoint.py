@@ -139,7 +139,8 @@ class Checkpoint:
     def check_variables(self, names: Sequence[str], data: str) -> None:
         """One clear error when the cube ``data`` (an option and its value), holding the
         variables ``names``, lacks an input or a forcing of the model."""
-        lacking = [v for v in [*self.variables, *self.forcings] if v not in set(names)]
+        present = set(names)
+        lacking = [v for v in [*self.variables, *self.forcings] if v not in present]
         if lacking:
             raise RunoffError(f"{data}: the model needs variable(s) {', '.join(lacking)}, which the cube lacks "
                               f"(it has {', '.join(names)})")

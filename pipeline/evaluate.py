@@ -26,7 +26,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .baselines import SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, wet_thresholds
+from .baselines import (SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, check_thresholds,
+                        wet_thresholds)
 from .checkpoint import read_checkpoint
 from .cube import TARGET, Split, cube_dates, cube_grid, open_cube
 from .errors import RunoffError
@@ -103,9 +104,7 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
              progress: bool = False) -> EvaluationReport:
     """Score the checkpoint on ``split`` (train, val, test or all) of ``data_dir``;
     ``batch_size`` windows per forward pass and per accumulator update."""
-    if thresholds is not None and any(thr < 0 for thr in thresholds):
-        raise RunoffError(f"--thresholds {','.join(f'{t:g}' for t in thresholds)}: thresholds must be >= 0 "
-                          f"(data units)")
+    check_thresholds(thresholds, "--thresholds")
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
     output_dir = location(output_dir, storage_options)
     check_writable(output_dir, "--output_dir")

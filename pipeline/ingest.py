@@ -539,10 +539,10 @@ def _netcdf_input(source: str | Path, info: CubeInfo | None, store: str, netcdf:
 def _refuse_netcdf_options(input_dir: str | Path, netcdf: NetcdfOptions) -> None:
     """One clear error when NetCDF-only settings come with rasters, which would ignore them
     (their variables are named by their sub-folders, their days by their file names)."""
-    given = [option for option, value, default in (("--variable", netcdf.variables, None),
-                                                   ("--aggregate", netcdf.aggregate, None),
-                                                   ("--day_start", netcdf.day_start, 0),
-                                                   ("--stamp", netcdf.stamp, "auto")) if value != default]
+    defaults = NetcdfOptions()
+    given = [option for option, name in (("--variable", "variables"), ("--aggregate", "aggregate"),
+                                         ("--day_start", "day_start"), ("--stamp", "stamp"))
+             if getattr(netcdf, name) != getattr(defaults, name)]
     if given:
         raise RunoffError(f"{', '.join(given)}: NetCDF/HDF5 settings, but {input_dir} holds rasters (their "
                           f"variables are named by their sub-folders, their days by their file names)")

@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint, read_checkpoint
 from .cube import TARGET, cube_dates, cube_grid, open_cube
 from .errors import RunoffError, RunoffWarning
 from .export import write_geotiff, write_netcdf
-from .baselines import wet_thresholds
+from .baselines import check_thresholds, wet_thresholds
 from .inference import Forecaster, exceedance_maps, point_forecast, quantile_maps
 from .ingest import ensure_cube
 from .plots import plot_comparison, plot_probabilistic
@@ -176,9 +176,7 @@ def _check_probabilistic_options(ckpt: Checkpoint, weights: str, quantiles: list
                                   or any(b <= a for a, b in zip(quantiles, quantiles[1:]))):
         raise RunoffError(f"--quantiles {','.join(f'{q:g}' for q in quantiles)}: levels must lie in (0, 1), "
                           f"in increasing order")
-    if exceedance is not None and any(thr < 0 for thr in exceedance):
-        raise RunoffError(f"--exceedance {','.join(f'{t:g}' for t in exceedance)}: thresholds must be >= 0 "
-                          f"(data units)")
+    check_thresholds(exceedance, "--exceedance")
     if members is not None and members < 2:
         raise RunoffError(f"--members {members}: an ensemble needs at least 2 members")
     if members is not None and fmt != "netcdf":
