@@ -2,7 +2,7 @@
 
 The cube (see DESIGN.md) is a Zarr v3 group with ``qs(time, y, x)`` float32, a daily
 ``time`` axis, cell-centre ``x``/``y`` and a ``spatial_ref`` coordinate (rioxarray
-convention), so that ``xr.open_zarr(store, decode_coords="all").rio.crs`` and
+convention), so that ``xr.open_zarr(store).rio.crs`` and
 ``.rio.transform()`` equal the source rasters'.
 
 Example

@@ -214,9 +214,11 @@ def _create_cube(path: str, grid: Grid, axis: list[dt.date], variables: Mapping[
                         "chunks": (4096,)}
     ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding,
                storage_options=storage_options)
+    group = zarr.open_group(path, mode="r+", storage_options=storage_options)
+    for name in variables:  # so that a plain xr.open_zarr(path) has spatial_ref as a coordinate, and .rio.crs
+        group[name].update_attributes({"coordinates": "spatial_ref"})
     # last: marks the creation as complete (a kill before this leaves a partial to discard)
-    zarr.open_group(path, mode="r+", storage_options=storage_options).update_attributes(
-        {"runoff_cube_format": CUBE_FORMAT})
+    group.update_attributes({"runoff_cube_format": CUBE_FORMAT})
 
 
 def _resize_time(group: zarr.Group, variables: list[str], axis: list[dt.date]) -> None:

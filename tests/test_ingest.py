@@ -54,6 +54,10 @@ def test_round_trip_keeps_crs_transform_values_and_metadata(series_dir, tmp_path
     assert ds.attrs["missing_dates"] == []
     assert ds.qs.encoding["compressors"]  # compressed
     assert ds.y.values[0] > ds.y.values[-1]  # north-up, not flipped
+    plain = xr.open_zarr(store)  # as a GIS user opens it, without decode_coords="all" (DESIGN.md's contract)
+    with rasterio.open(series_dir / "QS_20190105.tif") as src:
+        assert plain.rio.crs == src.crs and plain.qs.rio.crs == src.crs
+        assert plain.rio.transform() == src.transform
 
 
 def test_cli_spellings_chunks_and_info(series_dir, tmp_path, run_cli):
