@@ -214,11 +214,9 @@ def _create_cube(path: str, grid: Grid, axis: list[dt.date], variables: Mapping[
                         "chunks": (4096,)}
     ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding,
                storage_options=storage_options)
-    group = zarr.open_group(path, mode="r+", storage_options=storage_options)
-    for name in variables:  # so that a plain xr.open_zarr(path) has spatial_ref as a coordinate, and .rio.crs
-        group[name].update_attributes({"coordinates": "spatial_ref"})
     # last: marks the creation as complete (a kill before this leaves a partial to discard)
-    group.update_attributes({"runoff_cube_format": CUBE_FORMAT})
+    zarr.open_group(path, mode="r+", storage_options=storage_options).update_attributes(
+        {"runoff_cube_format": CUBE_FORMAT})
 
 
 def _resize_time(group: zarr.Group, variables: list[str], axis: list[dt.date]) -> None:
@@ -240,6 +238,7 @@ def _add_variable(group: zarr.Group, name: str, attrs: dict, like: zarr.Array) -
     arr = group.create_array(name, shape=like.shape, chunks=like.chunks, dtype="float32",
                              fill_value=np.nan, compressors=like.compressors,
                              dimension_names=("time", "y", "x"))
+    # coordinates: a plain xr.open_zarr(cube) then has spatial_ref as a coordinate, and so .rio.crs
     arr.update_attributes({**attrs, "grid_mapping": "spatial_ref", "coordinates": "spatial_ref",
                            "source_files": {}, "source_digest": {}})
 
@@ -634,6 +633,8 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         for name in all_vars:
             if name not in group:
                 _add_variable(group, name, attrs[name], group[TARGET])
+            elif "coordinates" not in group[name].attrs:  # new, or written before variables listed it
+                group[name].update_attributes({"coordinates": "spatial_ref"})
         _resize_time(group, all_vars, axis)
         done = partial if target != store else info
         old_group = zarr.open_group(store, mode="r", use_consolidated=False, storage_options=storage_options) if rebuild and info else None

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
+import zarr
 
 from pipeline.cube import open_cube
 from pipeline.ingest import ingest, store_lock
@@ -80,6 +81,24 @@ def test_missing_days_are_nan_listed_and_warned(series_copy, tmp_path, run_cli):
     ds = open_cube(tmp_path / "qs.zarr")
     assert ds.sizes["time"] == 40 and ds.attrs["missing_dates"] == ["2019-01-10", "2019-01-11"]
     assert np.isnan(ds.qs.sel(time="2019-01-10").values).all()
+
+
+def test_appending_to_a_cube_written_before_variables_listed_spatial_ref_lets_it_open_plainly(
+        series_dir, tmp_path, run_cli):
+    staged, store = tmp_path / "staged", tmp_path / "qs.zarr"
+    staged.mkdir()
+    files = sorted(series_dir.glob("*.tif"))
+    for f in files[:20]:
+        shutil.copy(f, staged / f.name)
+    assert run_cli("ingest", staged, store).status == 0
+    del zarr.open_group(store, mode="r+")["qs"].attrs["coordinates"]  # as ingest wrote cubes until 2026-12-03
+    zarr.consolidate_metadata(store)
+    assert xr.open_zarr(store).rio.crs is None
+    for f in files[20:]:
+        shutil.copy(f, staged / f.name)
+    assert run_cli("ingest", staged, store).status == 0
+    with rasterio.open(files[0]) as src:
+        assert xr.open_zarr(store).rio.crs == src.crs
 
 
 def test_append_gap_fill_prepend_and_conflicts(series_dir, tmp_path, run_cli):
