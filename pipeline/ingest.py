@@ -633,7 +633,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         for name in all_vars:
             if name not in group:
                 _add_variable(group, name, attrs[name], group[TARGET])
-            elif "coordinates" not in group[name].attrs:  # new, or written before variables listed it
+            elif "coordinates" not in group[name].attrs:  # a new cube's variables, or an older cube's
                 group[name].update_attributes({"coordinates": "spatial_ref"})
         _resize_time(group, all_vars, axis)
         done = partial if target != store else info
