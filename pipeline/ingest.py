@@ -238,9 +238,7 @@ def _add_variable(group: zarr.Group, name: str, attrs: dict, like: zarr.Array) -
     arr = group.create_array(name, shape=like.shape, chunks=like.chunks, dtype="float32",
                              fill_value=np.nan, compressors=like.compressors,
                              dimension_names=("time", "y", "x"))
-    # coordinates: a plain xr.open_zarr(cube) then has spatial_ref as a coordinate, and so .rio.crs
-    arr.update_attributes({**attrs, "grid_mapping": "spatial_ref", "coordinates": "spatial_ref",
-                           "source_files": {}, "source_digest": {}})
+    arr.update_attributes({**attrs, "grid_mapping": "spatial_ref", "source_files": {}, "source_digest": {}})
 
 
 @dataclass(frozen=True)
@@ -633,7 +631,9 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         for name in all_vars:
             if name not in group:
                 _add_variable(group, name, attrs[name], group[TARGET])
-            elif "coordinates" not in group[name].attrs:  # a new cube's variables, or an older cube's
+            # so that a plain xr.open_zarr(cube) has spatial_ref as a coordinate, and .rio.crs; cubes
+            # written before 2026-12-03 lack it (their added variables excepted) and gain it here
+            if "coordinates" not in group[name].attrs:
                 group[name].update_attributes({"coordinates": "spatial_ref"})
         _resize_time(group, all_vars, axis)
         done = partial if target != store else info
