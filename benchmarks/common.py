@@ -75,11 +75,11 @@ def cube_parser(doc: str | None) -> argparse.ArgumentParser:
 
 def synthetic_regime_cube(folder: Path, days: int, height: int, width: int, seed: int = 0,
                           regime: str = "river") -> str:
-    """A synthetic cube of ``regime`` (river or cells) with its rain and a noisy rain
-    forecast (``rainf``, ``rainf_fc``) at ``folder/qs.zarr``, as `runoff synth --regime`
-    writes it."""
+    """A synthetic cube of ``regime`` (river or cells) with its rain, a noisy rain forecast
+    and the soil store (``rainf``, ``rainf_fc``, ``soilm``) at ``folder/qs.zarr``, as
+    `runoff synth --regime` writes it."""
     write_series(folder / "in", days=days, height=height, width=width, seed=seed, regime=regime,
-                 covariates=["rainf", "rainf_fc"])
+                 covariates=["rainf", "rainf_fc", "soilm"])
     store = str(folder / "qs.zarr")
     ingest(folder / "in", store)
     return store
@@ -101,6 +101,8 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--cube", help="a cube to measure on (default: a synthetic cube of --regime)")
     p.add_argument("--regime", default="river", choices=("river", "cells"), help="the synthetic regime")
     p.add_argument("--rain", default="rainf", help="the cube's rain variable")
+    p.add_argument("--covariates", default=[], type=lambda text: [c for c in text.split(",") if c], help="cube variables read on the past days beside the target, "
+                   "comma-separated (the synthetic cube has soilm)")
     p.add_argument("--days", type=int, default=730)
     p.add_argument("--height", type=int, default=48)
     p.add_argument("--width", type=int, default=64)
