@@ -52,6 +52,7 @@ class EvaluationReport:
     ensemble: dict[int, dict] = field(default_factory=dict)  # probabilistic: rank histogram, reliability per lead
 
 
+BAND_BLOCK_DAYS = 10  # consecutive valid days resampled together for the reliability band (docs/skill.md)
 _MAIN_COLUMNS = ("mse", "rmse", "mae", "bias", "nse", "kge", "skill_vs_persistence", "skill_vs_climatology")
 _ENSEMBLE_PREFIXES = ("crps", "brier", "spread_skill")
 
@@ -156,9 +157,11 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
                 if li == 0:
                     pixels.accumulate(pred[k, li], truth)
                 if probabilistic:
-                    ensembles[lead]["model"].accumulate(out[k, li], truth)
-                    ensembles[lead]["climatology"].accumulate(clim_members.for_day(doy), truth)
-                    ensembles[lead]["persistence"].accumulate(persistence_members.members(last_day, lead), truth)
+                    block = (t + lead) // BAND_BLOCK_DAYS  # of the valid day: its truth is what persists
+                    members = {"model": out[k, li], "climatology": clim_members.for_day(doy),
+                               "persistence": persistence_members.members(last_day, lead)}
+                    for source, values in members.items():
+                        ensembles[lead][source].accumulate(values, truth, block=block)
         bar.update(len(batch))
     bar.close()
     metrics: dict[int, dict[str, dict[str, float]]] = {}
@@ -202,7 +205,8 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
 
 def _diagnostics(scores: EnsembleScores) -> dict:
     """The model's rank histogram and reliability tables (with the observed frequency's
-    5-95% band over resampled test days), as plain lists for metrics.json."""
+    5-95% band over test days resampled in blocks of ``BAND_BLOCK_DAYS``), as plain lists
+    for metrics.json."""
     return {"rank_histogram": scores.ranks.tolist(),
             "reliability": {f"{thr:g}": dict(zip(RELIABILITY_ROWS, (row.tolist() for row in table)))
                             for thr, table in scores.reliability().items()}}

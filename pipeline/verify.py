@@ -234,7 +234,11 @@ class EnsembleScores:
     Poisson bootstrap, streamed: each ``accumulate`` call draws its weight in every
     replicate). Pixels of one map are not independent, so pass one map (one issue day and
     lead) per call: the band then treats days as the independent units, and is wider
-    than a count of pixels alone would suggest.
+    than a count of pixels alone would suggest. Consecutive days are not independent
+    either (a river recedes over weeks): maps given the same ``block`` share their weights,
+    so that a block of days is resampled as one (a block bootstrap). The weights of a block
+    depend only on ``seed`` and the block, so accumulators that saw parts of one block
+    (ranks of a data-parallel run) merge into the same band.
 
     >>> truth = np.array([0.0, 1.0, 4.0])
     >>> members = np.array([[0.0, 0.0, 3.0], [0.0, 2.0, 5.0]])
@@ -252,10 +256,13 @@ class EnsembleScores:
         self.bins = np.zeros((len(self.thresholds), 3, RELIABILITY_BINS))  # count, sum p, sum observed
         # per threshold, the count and the observed sum of each bin in each bootstrap replicate
         self.resampled = np.zeros((len(self.thresholds), 2, RELIABILITY_RESAMPLES, RELIABILITY_BINS))
+        self.seed = seed
         self._rng = np.random.default_rng(seed)
         self._resample_rng = np.random.default_rng([seed, 1])  # its own stream: ranks stay as they were
 
-    def accumulate(self, members: np.ndarray, truth: np.ndarray) -> "EnsembleScores":
+    def accumulate(self, members: np.ndarray, truth: np.ndarray, block: int | None = None) -> "EnsembleScores":
+        """Add one map's ``members`` (M, ...) and ``truth`` (...); ``block``: which block of
+        days it belongs to for the band (None: a block of its own)."""
         members, truth = np.asarray(members, np.float64), np.asarray(truth, np.float64)
         m = members.shape[0]
         if self.members is None:
@@ -277,7 +284,10 @@ class EnsembleScores:
         ranks = below + np.floor(self._rng.random(y.size) * (ties + 1)).astype(np.int64)
         self.ranks += np.bincount(ranks, minlength=m + 1)
         self.count += y.size
-        weights = self._resample_rng.poisson(1.0, RELIABILITY_RESAMPLES)[:, None] if self.thresholds else None
+        weights = None
+        if self.thresholds:
+            rng = self._resample_rng if block is None else np.random.default_rng([self.seed, 1, block])
+            weights = rng.poisson(1.0, RELIABILITY_RESAMPLES)[:, None]
         for k, thr in enumerate(self.thresholds):
             p, o = (x > thr).mean(axis=0), (y > thr).astype(np.float64)
             self.brier[k] += float(((p - o) ** 2).sum())

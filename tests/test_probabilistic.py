@@ -96,6 +96,30 @@ def test_the_reliability_band_holds_a_calibrated_forecast_and_excludes_a_biased_
     assert np.array_equal(halves.resampled, calibrated.resampled)
 
 
+def test_maps_of_one_block_of_days_are_resampled_together_and_merge_across_accumulators():
+    """The band's block bootstrap: maps given one block share their weights. Every map in
+    one block leaves each replicate the whole sample (a band of zero width), a block per
+    map does not, and the maps of a block split between two accumulators (ranks) merge into
+    the band one accumulator gives."""
+    rng = np.random.default_rng(5)
+    one_block, own_blocks, blocks_of_10, odd, even = (EnsembleScores([0.5]) for _ in range(5))
+    for day in range(40):
+        p = rng.integers(0, 11, (8, 8)) / 10
+        members = np.where(np.arange(10)[:, None, None] < p * 10, 1.0, 0.0)
+        truth = (rng.random((8, 8)) < p).astype(np.float64)
+        one_block.accumulate(members, truth, block=0)
+        own_blocks.accumulate(members, truth, block=day)
+        blocks_of_10.accumulate(members, truth, block=day // 10)
+        (odd if day % 2 else even).accumulate(members, truth, block=day // 10)
+    widths = {}
+    for name, scores in (("one", one_block), ("own", own_blocks)):
+        count, _, observed, low, high = scores.reliability()[0.5]
+        uncertain = (count > 0) & (observed > 0) & (observed < 1)
+        widths[name] = (high - low)[uncertain]
+    assert np.allclose(widths["one"], 0.0) and widths["own"].min() > 0.01
+    assert np.array_equal(odd.merge(even).resampled, blocks_of_10.resampled)
+
+
 def _probit(p: np.ndarray) -> np.ndarray:
     """The standard normal quantile of p, with a standard deviation of 1.044 = sqrt(1 + 0.3**2):
     a pixel's outcome is below it with probability p once the day's and the pixel's noise add up."""
