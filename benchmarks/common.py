@@ -101,8 +101,9 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--cube", help="a cube to measure on (default: a synthetic cube of --regime)")
     p.add_argument("--regime", default="river", choices=("river", "cells"), help="the synthetic regime")
     p.add_argument("--rain", default="rainf", help="the cube's rain variable")
-    p.add_argument("--covariates", default=[], type=lambda text: [c for c in text.split(",") if c], help="cube variables read on the past days beside the target, "
-                   "comma-separated (the synthetic cube has soilm)")
+    p.add_argument("--covariates", default=[], type=lambda text: [c for c in text.split(",") if c],
+                   help="cube variables read on the past days beside the target, comma-separated "
+                   "(the synthetic cube has soilm)")
     p.add_argument("--days", type=int, default=730)
     p.add_argument("--height", type=int, default=48)
     p.add_argument("--width", type=int, default=64)

@@ -158,9 +158,9 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
                     pixels.accumulate(pred[k, li], truth)
                 if probabilistic:
                     block = (t + lead) // BAND_BLOCK_DAYS  # of the valid day: its truth is what persists
-                    members = {"model": out[k, li], "climatology": clim_members.for_day(doy),
-                               "persistence": persistence_members.members(last_day, lead)}
-                    for source, values in members.items():
+                    ensemble_members = {"model": out[k, li], "climatology": clim_members.for_day(doy),
+                                        "persistence": persistence_members.members(last_day, lead)}
+                    for source, values in ensemble_members.items():
                         ensembles[lead][source].accumulate(values, truth, block=block)
         bar.update(len(batch))
     bar.close()
