@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, parse_leads, skill_cube, skill_parser  # noqa: E402
+from common import covariates_note, machine, parse_leads, skill_cube, skill_parser  # noqa: E402
 
 from pipeline.checkpoint import read_checkpoint  # noqa: E402
 from pipeline.cube import TARGET, open_cube  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> int:
     ensemble = runs["probabilistic"][1].ensemble
     print(f"{machine()}; cube: {described}; "
           f"rain: {args.rain} (observed, a perfect forecast); {args.epochs} epochs max, patch {args.patch}"
-          + (f"; covariates (past days): {','.join(args.covariates)}" if args.covariates else "")
+          + covariates_note(args.covariates)
           + ("; quantiles located off an MSE-trained centre" if args.quantile_location else "")
           + f"; spread calibration: {args.calibration}")
     print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, parse_leads, skill_cube, skill_parser  # noqa: E402
+from common import covariates_note, machine, parse_leads, skill_cube, skill_parser  # noqa: E402
 
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> int:
     print(f"{machine()}; cube: {described}; "
           f"{args.epochs} epochs max, {args.num_layers} x {args.hidden_channels} hidden, patch {args.patch}, "
           f"change {'as a linear response in physical units' if args.linear_response else 'in log space'}"
-          + (f"; covariates (past days): {','.join(args.covariates)}" if args.covariates else ""))
+          + covariates_note(args.covariates))
     header = "| lead | " + " | ".join(f"{n}: vs persistence | {n}: vs climatology" for n in chosen) + " |"
     print(header)
     print("|---" * (1 + 2 * len(chosen)) + "|")

@@ -117,6 +117,11 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def covariates_note(covariates: list[str]) -> str:
+    """The words a skill table's heading gives ``--covariates``: none when there are none."""
+    return f"; covariates (past days): {','.join(covariates)}" if covariates else ""
+
+
 def parse_leads(text: str) -> list[int]:
     """``"1-6"`` -> [1, ..., 6]; ``"1,2,6"`` -> [1, 2, 6]."""
     lo, _, hi = text.partition("-")
