@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cli import name_list
 from pipeline.cube import cube_dates, make_splits, normalisation_stats, open_cube
 from pipeline.ingest import ingest
 from pipeline.sampler import WindowSampler, WindowSpec, window_issues
@@ -101,7 +102,7 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--cube", help="a cube to measure on (default: a synthetic cube of --regime)")
     p.add_argument("--regime", default="river", choices=("river", "cells"), help="the synthetic regime")
     p.add_argument("--rain", default="rainf", help="the cube's rain variable")
-    p.add_argument("--covariates", default=[], type=lambda text: [c for c in text.split(",") if c],
+    p.add_argument("--covariates", default=[], type=name_list,
                    help="cube variables read on the past days beside the target, comma-separated "
                    "(the synthetic cube has soilm)")
     p.add_argument("--days", type=int, default=730)

@@ -90,14 +90,22 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_synth(args: argparse.Namespace) -> None:
     from .synth import write_series
 
-    covariates = [c.strip() for c in args.covariates.split(",") if c.strip()] if args.covariates else []
     paths = write_series(args.out_dir, days=args.days, height=args.height, width=args.width, crs=args.crs,
-                         seed=args.seed, start=args.start, fmt=args.format, covariates=covariates,
+                         seed=args.seed, start=args.start, fmt=args.format, covariates=name_list(args.covariates),
                          png_scale=args.png_scale, progress=sys.stderr.isatty(), regime=args.regime)
     print(f"{args.out_dir}: wrote {len(paths)} daily QS {args.format.upper()} file(s), "
           f"{paths[0].name} .. {paths[-1].name}")
     if args.format == "png":
         print(f"ingest them with: runoff ingest {args.out_dir} STORE --crs {args.crs} --png_scale {args.png_scale:g}")
+
+
+def name_list(text: str | None) -> list[str]:
+    """A comma-separated option's names, blanks dropped; none for None.
+
+    >>> name_list("rainf, soilm,")
+    ['rainf', 'soilm']
+    """
+    return [name.strip() for name in text.split(",") if name.strip()] if text else []
 
 
 def _float_list(text: str | None, option: str, expected: str) -> list[float] | None:
@@ -139,7 +147,7 @@ def train_config(args: argparse.Namespace):
         given["hidden_channels"] = _int_list(given["hidden_channels"], "--hidden_channels")
     for name in ("covariates", "forcings"):
         if name in given:
-            given[name] = [c.strip() for c in given[name].split(",") if c.strip()]
+            given[name] = name_list(given[name])
     if "storage_options" in given:
         given["storage_options"] = _storage_options(given["storage_options"])
     return TrainConfig(**given), set(given)
