@@ -26,9 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import covariates_note, machine, parse_leads, skill_cube, skill_parser  # noqa: E402
+from common import covariates_note, machine, skill_cube, skill_parser  # noqa: E402
 
 from pipeline.checkpoint import read_checkpoint  # noqa: E402
+from pipeline.cli import int_list  # noqa: E402
 from pipeline.cube import TARGET, open_cube  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.inference import Forecaster, quantile_maps, read_days  # noqa: E402
@@ -72,7 +73,7 @@ def main() -> int:
     parser.add_argument("--calibration", default="spread_skill", choices=CALIBRATIONS,
                         help="how the spread factor is picked among the near-best by validation CRPS")
     args = parser.parse_args()
-    leads = parse_leads(args.leads)
+    leads = int_list(args.leads, "--leads")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cube, described = skill_cube(args, tmp)

@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import covariates_note, machine, parse_leads, skill_cube, skill_parser  # noqa: E402
+from common import covariates_note, machine, skill_cube, skill_parser  # noqa: E402
 
+from pipeline.cli import int_list  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
 
@@ -40,7 +41,7 @@ def main() -> int:
     p.add_argument("--linear_response", action=argparse.BooleanOptionalAction, default=True,
                    help="the default; --no-linear_response forms the change in log space")
     args = p.parse_args()
-    leads = parse_leads(args.leads)
+    leads = int_list(args.leads, "--leads")
     runs = {"rain": [args.rain], "forecast": [args.rain_forecast], "past": []}
     chosen = [r.strip() for r in args.runs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

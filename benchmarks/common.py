@@ -121,9 +121,3 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
 def covariates_note(covariates: list[str]) -> str:
     """The words a skill table's heading gives ``--covariates``: none when there are none."""
     return f"; covariates (past days): {','.join(covariates)}" if covariates else ""
-
-
-def parse_leads(text: str) -> list[int]:
-    """``"1-6"`` -> [1, ..., 6]; ``"1,2,6"`` -> [1, 2, 6]."""
-    lo, _, hi = text.partition("-")
-    return list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in text.split(",")]

@@ -118,8 +118,13 @@ def _float_list(text: str | None, option: str, expected: str) -> list[float] | N
         raise RunoffError(f"{option} {text!r}: expected {expected}") from None
 
 
-def _int_list(text: str, option: str) -> list[int]:
-    """``"16"`` -> [16]; ``"16,32"`` -> [16, 32]; ``"1-6"`` -> [1, ..., 6]."""
+def int_list(text: str, option: str) -> list[int]:
+    """An integer list option: ``"16"``, ``"16,32"`` or a range ``"1-6"``; a bad one is a
+    :class:`RunoffError` naming ``option``.
+
+    >>> int_list("1-3,6", "--leads")
+    [1, 2, 3, 6]
+    """
     values: list[int] = []
     try:
         for part in str(text).split(","):
@@ -142,9 +147,9 @@ def train_config(args: argparse.Namespace):
     if args.lead is not None:
         given["leads"] = [args.lead]
     elif args.leads is not None:
-        given["leads"] = _int_list(args.leads, "--leads")
+        given["leads"] = int_list(args.leads, "--leads")
     if "hidden_channels" in given:
-        given["hidden_channels"] = _int_list(given["hidden_channels"], "--hidden_channels")
+        given["hidden_channels"] = int_list(given["hidden_channels"], "--hidden_channels")
     for name in ("covariates", "forcings"):
         if name in given:
             given[name] = name_list(given[name])
