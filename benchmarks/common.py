@@ -78,9 +78,10 @@ def synthetic_regime_cube(folder: Path, days: int, height: int, width: int, seed
                           regime: str = "river") -> str:
     """A synthetic cube of ``regime`` (river or cells) with its rain, a noisy rain forecast
     and the soil store (``rainf``, ``rainf_fc``, ``soilm``) at ``folder/qs.zarr``, as
-    `runoff synth --regime` writes it."""
+    `runoff synth --regime` writes it; the river regime also has its static map ``upstream_area``."""
+    static = ["upstream_area"] if regime == "river" else []
     write_series(folder / "in", days=days, height=height, width=width, seed=seed, regime=regime,
-                 covariates=["rainf", "rainf_fc", "soilm"])
+                 covariates=["rainf", "rainf_fc", "soilm", *static])
     store = str(folder / "qs.zarr")
     ingest(folder / "in", store)
     return store
@@ -104,7 +105,7 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--rain", default="rainf", help="the cube's rain variable")
     p.add_argument("--covariates", default=[], type=name_list,
                    help="cube variables read on the past days beside the target, comma-separated "
-                   "(the synthetic cube has soilm)")
+                   "(the synthetic cube has soilm; the river regime's also the static map upstream_area)")
     p.add_argument("--days", type=int, default=730)
     p.add_argument("--height", type=int, default=48)
     p.add_argument("--width", type=int, default=64)

@@ -67,6 +67,9 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     from .netcdf import NetcdfOptions, parse_variables
 
     chunks, storage_options = parse_chunks(args.chunks), _storage_options(args.storage_options)
+    if args.static is not None:
+        _ingest_static(args, storage_options)
+        return
     netcdf = NetcdfOptions(variables=parse_variables(args.variable), aggregate=args.aggregate,
                            day_start=args.day_start, stamp=args.stamp, units=args.units, crs=args.crs)
     with dask_client(args.scheduler) as client:
@@ -76,9 +79,26 @@ def cmd_ingest(args: argparse.Namespace) -> None:
                         storage_options=storage_options, client=client, resample=args.resample, netcdf=netcdf,
                         start=_start_date(args.start))
     print(f"{report.store}: wrote {report.written} day(s), {report.skipped} already present; "
-          f"{report.start} .. {report.end}, {len(report.missing_dates)} missing; variables {', '.join(report.variables)}")
+          f"{report.start} .. {report.end}, {len(report.missing_dates)} missing; variables {', '.join(report.variables)}"
+          + (f"; static maps {', '.join(report.static)}" if report.static else ""))
     if args.info:
         print(describe_cube(args.store, _storage_options(args.storage_options)))
+
+
+def _ingest_static(args: argparse.Namespace, storage_options: dict | None) -> None:
+    from .cube import describe_cube
+    from .ingest import ingest_static
+
+    daily = [f"--{name}" for name in ("date_format", "start", "chunks", "variable", "aggregate", "stamp")
+             if getattr(args, name) not in (None, "auto")] + (["--day_start"] if args.day_start else [])
+    if daily:
+        raise RunoffError(f"{', '.join(daily)}: options of daily files; --static {args.static} reads one raster")
+    wrote = ingest_static(args.input_dir, args.store, args.static, options=_read_options(args), resample=args.resample,
+                          overwrite=args.overwrite, units=args.units, long_name=args.long_name,
+                          storage_options=storage_options)
+    print(f"{args.store}: {'wrote' if wrote else 'already holds'} the static map {args.static} from {args.input_dir}")
+    if args.info:
+        print(describe_cube(args.store, storage_options))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -221,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="daily rasters or NetCDF/HDF5 steps -> georeferenced Zarr cube "
                        "(create, append, resume)")
     p.add_argument("input_dir", help="folder of daily rasters or of NetCDF/HDF5 files (or one NetCDF file, or a "
-                   "quoted glob), or a folder of one such sub-folder per variable (Qs/, Rainf/...)")
+                   "quoted glob), or a folder of one such sub-folder per variable (Qs/, Rainf/...); with --static, "
+                   "one raster file")
     p.add_argument("store", help="Zarr cube to create or extend (path or fsspec URL)")
     _option(p, "date_format", help="strptime format of the date in file names, e.g. %%d.%%m.%%Y")
     _option(p, "start", help="date (YYYY-MM-DD) of step 1 of a PCRaster map stack (IW000000.001, ...)")
@@ -240,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "stamp", default="auto",
             help="NetCDF: auto, start, middle or end: which end of its interval a step's time marks (auto: time_bnds, else the end for "
             "sub-daily steps and the day itself for daily ones)")
-    _option(p, "long_name", help="long_name of qs")
+    _option(p, "static", metavar="NAME", help="write the one raster INPUT_DIR into the existing cube as the static "
+            "map NAME: a (y, x) layer that holds on every day, such as a DEM's flow accumulation; train reads it "
+            "with --covariates NAME")
+    _option(p, "long_name", help="long_name of qs (with --static: of the static map)")
     _option(p, "overwrite", action="store_true", help="replace days whose values changed")
     _option(p, "resample", help="bilinear, average or nearest: resample covariates and forcings on another grid "
             "(e.g. a coarser rain forecast) onto the grid of qs; without it a file off the grid is an error")

@@ -3,7 +3,8 @@
 The cube (see DESIGN.md) is a Zarr v3 group with ``qs(time, y, x)`` float32, a daily
 ``time`` axis, cell-centre ``x``/``y`` and a ``spatial_ref`` coordinate (rioxarray
 convention), so that ``xr.open_zarr(store).rio.crs`` and
-``.rio.transform()`` equal the source rasters'.
+``.rio.transform()`` equal the source rasters'. Other ``(time, y, x)`` variables (rain, soil
+moisture) and static ``(y, x)`` maps (a DEM's flow accumulation) share that grid.
 
 Example
 -------
@@ -28,6 +29,7 @@ from .rasters import Grid
 from .storage import is_url, url_filesystem
 
 TARGET = "qs"
+STATIC_DIMS = ("y", "x")  # a static map: one layer that holds on every day (flow accumulation, soil depth)
 CUBE_FORMAT = 1  # group attribute ``runoff_cube_format``, written last when a cube is created
 _EPOCH = dt.date(1970, 1, 1)
 _DESCRIPTIVE_ATTRS = ("units", "long_name", "standard_name")
@@ -52,6 +54,7 @@ class CubeInfo:
     records: dict[str, Records] = field(default_factory=dict)
     attrs: dict[str, dict] = field(default_factory=dict)
     format_version: int | None = None  # CUBE_FORMAT once the writer finished creating it
+    static: list[str] = field(default_factory=list)  # the static maps, (y, x)
 
 
 def _open_group(store: str, storage_options: dict | None) -> zarr.Group:
@@ -96,6 +99,7 @@ def read_cube_info(store: str | Path, storage_options: dict | None = None) -> Cu
     valid = int(np.argmin(np.append(days == days[0] + np.arange(days.size), False)))
     start = _EPOCH + dt.timedelta(days=int(days[0]))
     variables = sorted(n for n in names if tuple(group[n].metadata.dimension_names or ()) == ("time", "y", "x"))
+    static = sorted(n for n in names if tuple(group[n].metadata.dimension_names or ()) == STATIC_DIMS)
     grid = grid_from_spatial_ref(dict(group["spatial_ref"].attrs), group[TARGET].shape[1:], store)
     records, attrs = {}, {}
     for name in variables:
@@ -103,7 +107,7 @@ def read_cube_info(store: str | Path, storage_options: dict | None = None) -> Cu
         records[name] = Records(dict(a.get("source_files", {})), dict(a.get("source_digest", {})))
         attrs[name] = {k: a[k] for k in _DESCRIPTIVE_ATTRS if k in a}
     return CubeInfo(grid, start, start + dt.timedelta(days=valid - 1), variables, records, attrs,
-                    group.attrs.get("runoff_cube_format"))
+                    group.attrs.get("runoff_cube_format"), static)
 
 
 def open_cube(store: str | Path, storage_options: dict | None = None,
@@ -118,6 +122,11 @@ def open_cube(store: str | Path, storage_options: dict | None = None,
     read_cube_info(store, storage_options)  # clear errors for non-cubes before xarray's own
     return xr.open_zarr(store, decode_coords="all", consolidated=True, storage_options=storage_options,
                         chunks={} if chunks is None else chunks)
+
+
+def is_static(ds: xr.Dataset, name: str) -> bool:
+    """Whether ``name`` is a static map of the cube ``ds``: ``(y, x)``, the same on every day."""
+    return ds[name].dims == STATIC_DIMS
 
 
 def cube_grid(ds: xr.Dataset) -> Grid:

@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 
 from .checkpoint import Checkpoint
-from .cube import TARGET, denormalise, normalise
+from .cube import TARGET, denormalise, is_static, normalise
 from .device import autocast_for, keep_freed_memory, pick_device
 from .errors import RunoffError
 from .model import ConvLSTMForecaster
@@ -95,7 +95,10 @@ def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devi
 
 
 def read_days(ds: xr.Dataset, name: str, first: int, last: int) -> np.ndarray:
-    """Days ``first..last`` (time indices, inclusive) of variable ``name``, as stored (T, H, W)."""
+    """Days ``first..last`` (time indices, inclusive) of variable ``name``, as stored (T, H, W);
+    a static map is the same on every day."""
+    if is_static(ds, name):
+        return np.broadcast_to(np.asarray(ds[name].data), (last - first + 1, ds.sizes["y"], ds.sizes["x"]))
     return np.asarray(ds[name].data[first:last + 1])
 
 

@@ -17,6 +17,9 @@ are what make an ingest idempotent and resumable:
 An exclusive ``flock`` on ``.STORE.lock`` beside the store stops two ingests from
 writing one cube; the kernel releases it when a process dies, even by SIGKILL.
 
+:func:`ingest_static` adds a static map to a cube: one raster, a ``(y, x)`` layer that
+holds on every day (a DEM's flow accumulation, soil depth), recorded the same way.
+
 Example
 -------
 >>> report = ingest("data/input", "stores/qs.zarr")      # doctest: +SKIP
@@ -54,7 +57,7 @@ from numcodecs import blosc
 from zarr.codecs import BloscCodec
 
 from . import __version__
-from .cube import CUBE_FORMAT, TARGET, CubeInfo, Records, read_cube_info
+from .cube import CUBE_FORMAT, STATIC_DIMS, TARGET, CubeInfo, Records, read_cube_info
 from .errors import RunoffError, RunoffWarning
 from .rasters import (DayFile, Grid, ReadOptions, check_grids, find_rasters, georeferencing_key, grid_error,
                       RESAMPLING, list_days, raster_env, read_grid, read_raster, resample_onto)
@@ -65,6 +68,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
 DEFAULT_CHUNKS = {"time": 16, "y": 256, "x": 256}
+STATIC_FOLDER = "static"  # the sub-folder of static maps in a folder of variables
 TIME_UNITS = "days since 1970-01-01"
 _EPOCH = dt.date(1970, 1, 1)
 _COMMIT_EVERY_S = 0.5
@@ -83,6 +87,7 @@ class IngestReport:
     skipped: int = 0
     missing_dates: list[str] = field(default_factory=list)
     all_nan: list[str] = field(default_factory=list)
+    static: list[str] = field(default_factory=list)  # the static maps of the input's static/ folder
 
 
 @dataclass(frozen=True)
@@ -121,14 +126,16 @@ def digest(values: np.ndarray) -> str:
 def find_variables(input_dir: str | Path, date_format: str | None = None,
                    start: dt.date | None = None) -> dict[str, list[DayFile]]:
     """Rasters per variable: files directly in ``input_dir`` are ``qs``; otherwise one
-    sub-folder per variable (``Qs/``, ``Rainf/``...), named by its lower-cased name.
+    sub-folder per variable (``Qs/``, ``Rainf/``...), named by its lower-cased name
+    (``static/`` excepted: see :func:`find_static_maps`).
     ``start``: the date of step 1 of PCRaster map stacks."""
     folder = Path(input_dir)
     if not folder.is_dir():
         raise RunoffError(f"{folder}: no such folder")
     if find_rasters(folder):
         return {TARGET: list_days(folder, date_format, start)}
-    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and find_rasters(p))
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and p.name.lower() != STATIC_FOLDER and find_rasters(p))
     if not subdirs:
         raise RunoffError(f"{folder}: no rasters or NetCDF/HDF5 files here or in its sub-folders")
     variables = {p.name.lower(): list_days(p, date_format, start) for p in subdirs}
@@ -239,6 +246,21 @@ def _add_variable(group: zarr.Group, name: str, attrs: dict, like: zarr.Array) -
                              fill_value=np.nan, compressors=like.compressors,
                              dimension_names=("time", "y", "x"))
     arr.update_attributes({**attrs, "grid_mapping": "spatial_ref", "source_files": {}, "source_digest": {}})
+
+
+def find_static_maps(input_dir: str | Path) -> dict[str, Path]:
+    """The static maps of a folder of variables: each raster of its ``static/`` sub-folder,
+    named by its lower-cased file name without the suffix (``static/upstream_area.tif``)."""
+    folder = next((p for p in Path(input_dir).iterdir() if p.is_dir() and p.name.lower() == STATIC_FOLDER), None)
+    maps = {path.stem.lower(): path for path in find_rasters(folder)} if folder else {}
+    for name, path in maps.items():
+        _check_static_name(name, str(path))
+    return maps
+
+
+def _check_static_name(name: str, source: str) -> None:
+    if not name.isidentifier():
+        raise RunoffError(f"{source}: {name!r} is not a variable name for a static map; use letters, digits and _")
 
 
 @dataclass(frozen=True)
@@ -558,7 +580,8 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
     (created, extended or filled).
 
     ``input_dir``: a folder of daily rasters, a folder (or file, or glob) of NetCDF/HDF5
-    files, or a folder of one such sub-folder per variable. ``netcdf`` says how NetCDF
+    files, or a folder of one such sub-folder per variable; the rasters of its ``static/``
+    sub-folder become static maps (:func:`ingest_static`). ``netcdf`` says how NetCDF
     steps become days (see :mod:`pipeline.netcdf`); ``units`` is the units label of qs
     rasters, and for NetCDF the units to convert to unless ``netcdf`` gives them.
     ``start``: the date of step 1 of PCRaster map stacks (``IW000000.001`` ...).
@@ -581,6 +604,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
     if not from_netcdf and netcdf is not None:
         _refuse_netcdf_options(input_dir, netcdf)
     variables = None if from_netcdf else find_variables(input_dir, date_format, start)
+    static = {} if from_netcdf else find_static_maps(input_dir)
     with store_lock(store):
         if not is_url(store):
             _recover_local(Path(store))
@@ -591,6 +615,9 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         else:
             days = _raster_input(variables, info, store, options, resample, units, long_name)
         grid, readers = days.grid, days.readers
+        for path in static.values():  # an off-grid static map fails before any day is written
+            if resample is None and not (file_grid := read_grid(path, options)).matches(grid):
+                raise grid_error(path, file_grid, grid, f"the grid of {TARGET}")
         dates = {d for by_date in readers.values() for d in by_date}
         dates |= {dt.date.fromisoformat(iso) for reasons in days.incomplete.values() for iso in reasons}
         if info is not None:
@@ -656,6 +683,9 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
                 if Path(target).exists() or is_url(target):
                     committer.flush()
 
+        if old_group is not None:  # a rebuilt cube keeps the static maps of the one it replaces
+            for name in info.static:
+                _write_static(group, name, old_group[name][:], dict(old_group[name].attrs))
         missing = _finish_attrs(group, all_vars, axis, committer.files, days.incomplete)
         with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": we know
             warnings.simplefilter("ignore")
@@ -663,8 +693,11 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
             zarr.consolidate_metadata(group.store)
         if target != store:
             _swap_into_place(Path(target), Path(store))
-    report = IngestReport(store, all_vars, axis[0], axis[-1], written=written,
-                          skipped=skipped, missing_dates=missing, all_nan=committer.all_nan)
+    for name, path in static.items():  # onto the finished cube's grid, as `runoff ingest FILE --static NAME`
+        ingest_static(path, store, name, options=options, resample=resample, overwrite=overwrite,
+                      storage_options=storage_options)
+    report = IngestReport(store, all_vars, axis[0], axis[-1], written=written, skipped=skipped,
+                          missing_dates=missing, all_nan=committer.all_nan, static=sorted(static))
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         warnings.warn(f"{store}: {len(missing)} day(s) without a {TARGET} file are kept as NaN: {shown}",
@@ -679,6 +712,65 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         warnings.warn(f"{store}: day {item} holds no valid pixel (all nodata); kept as NaN",
                       RunoffWarning, stacklevel=2)
     return report
+
+
+def ingest_static(source: str | Path, store: str | Path, name: str, *, options: ReadOptions = ReadOptions(),
+                  resample: str | None = None, overwrite: bool = False, units: str | None = None,
+                  long_name: str | None = None, storage_options: dict | None = None) -> bool:
+    """Write the raster ``source`` into the existing cube ``store`` as the static map ``name``:
+    a ``(y, x)`` variable that holds on every day, such as a DEM's flow accumulation, which
+    ``runoff train --covariates NAME`` reads on every input day.
+
+    The raster must lie on the cube's grid, or is resampled onto it with ``resample``
+    (bilinear, average, nearest). The same values again are skipped; other values are an
+    error unless ``overwrite``. Returns whether anything was written.
+
+    >>> ingest_static("dem/flowacc.tif", "stores/qs.zarr", "upstream_area")   # doctest: +SKIP
+    True
+    """
+    store, path = str(store), Path(source)
+    _check_static_name(name, f"--static {source}")
+    if resample is not None and resample not in RESAMPLING:
+        raise RunoffError(f"--resample {resample!r}: choose {', '.join(RESAMPLING)}")
+    if not path.is_file():
+        raise RunoffError(f"{source}: no such raster file (a static map is one file)")
+    with store_lock(store):
+        if not is_url(store):
+            _recover_local(Path(store))
+        info = read_cube_info(store, storage_options)
+        if name in info.variables:
+            raise RunoffError(f"--static {name}: the cube {store} has a daily variable of that name; choose another")
+        values, file_grid, attrs = read_raster(path, options)
+        if not file_grid.matches(info.grid):
+            if resample is None:
+                raise grid_error(path, file_grid, info.grid, f"the cube {store} (pass --resample to resample it)")
+            on_grid = np.empty(info.grid.shape, np.float32)
+            resample_onto(values, file_grid, info.grid, resample, on_grid)
+            values = on_grid
+        group = zarr.open_group(store, mode="r+", use_consolidated=False, storage_options=storage_options)
+        recorded = group[name].attrs.get("source_digest") if name in info.static else None
+        fresh = digest(values)
+        if recorded == fresh:
+            return False
+        if recorded is not None and not overwrite:
+            raise RunoffError(f"{source}: the static map {name} of {store} holds other values; "
+                              f"pass --overwrite to replace it")
+        attrs.update({"units": units or attrs.get("units", "1"), "long_name": long_name or attrs.get("long_name", name),
+                      "source_file": path.name, "source_digest": fresh})
+        _write_static(group, name, values, attrs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(group.store)
+    return True
+
+
+def _write_static(group: zarr.Group, name: str, values: np.ndarray, attrs: dict) -> None:
+    """(Re)write the static map ``name`` of ``group``; its digest, recorded last, marks it complete."""
+    like = group[TARGET]
+    arr = group.create_array(name, shape=values.shape, chunks=like.chunks[1:], dtype="float32", fill_value=np.nan,
+                             compressors=like.compressors, dimension_names=STATIC_DIMS, overwrite=True)
+    arr[:] = values
+    arr.update_attributes({**attrs, "grid_mapping": "spatial_ref", "coordinates": "spatial_ref"})
 
 
 def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage_options: dict | None = None,

@@ -1,8 +1,8 @@
 """Dask-backed window sampler: cube -> ``(input_days, channels, H, W)`` windows for PyTorch.
 
-A window issued on day *t* holds the input days ``t-N+1 .. t`` of every variable, the
-forcings (inputs known ahead, such as a rain forecast) on the lead days ``t+1 .. t+max(lead)``,
-and the target ``qs`` on days ``t + lead`` for each lead. Windows with a missing day are
+A window issued on day *t* holds the input days ``t-N+1 .. t`` of every variable (a static
+``(y, x)`` map repeated on each), the forcings (inputs known ahead, such as a rain forecast)
+on the lead days ``t+1 .. t+max(lead)``, and the target ``qs`` on days ``t + lead`` for each lead. Windows with a missing day are
 skipped; NaN target pixels are masked out of the loss.
 
 Reading pattern: the issue days are grouped in consecutive *blocks*; each block's
@@ -163,6 +163,13 @@ def _read_region(array: zarr.Array, selection: tuple[slice, ...], out: np.ndarra
     np.logical_not(missing, out=valid)
 
 
+def _read_static(array: zarr.Array, out: np.ndarray, valid: np.ndarray, transform: Callable[..., np.ndarray]) -> None:
+    """A static ``(y, x)`` map into every day of ``out`` and ``valid`` ``(T, H, W)``, as :func:`_read_region`."""
+    _read_region(array, (slice(None), slice(None)), out[0], valid[0], transform)
+    out[1:] = out[0]
+    valid[1:] = valid[0]
+
+
 class WindowSampler(IterableDataset):
     """Iterable dataset of :class:`Window` samples ``(x, y, mask, issue)``, see the module docstring.
 
@@ -268,6 +275,9 @@ class WindowSampler(IterableDataset):
         tasks = []
         for v, name in enumerate(self.spec.inputs):
             array, fill = self._group[name], transform(name)  # one metadata lookup per variable, not per task
+            if array.ndim == 2:  # a static map: decoded once, the same on every day of the block
+                tasks.append(dask.delayed(_read_static)(array, data[:, v], valid[:, v], fill))
+                continue
             for days, rows, cols in da.core.slices_from_chunks(ds[name].data[first:last + 1].chunks):
                 stored = (slice(first + days.start, first + days.stop), rows, cols)
                 tasks.append(dask.delayed(_read_region)(array, stored, data[days, v, rows, cols],

@@ -41,12 +41,14 @@ NODATA = -9999.0
 PNG_NODATA = 65535
 DEFAULT_PNG_SCALE = 200.0  # kg m-2 per day represented by the largest PNG code
 COVARIATES = {"rainf": "Rainf", "rainf_fc": "Rainf_fc", "soilm": "SoilM"}
-UNITS = {"qs": "kg m-2", "rainf": "kg m-2", "rainf_fc": "kg m-2", "soilm": "kg m-2"}
+STATIC_MAPS = ("upstream_area",)  # river regime; written to static/, which runoff ingest reads as static maps
+UNITS = {"qs": "kg m-2", "rainf": "kg m-2", "rainf_fc": "kg m-2", "soilm": "kg m-2", "upstream_area": "1"}
 LONG_NAMES = {
     "qs": "storm surface runoff, daily accumulation",
     "rainf": "rainfall, daily accumulation",
     "rainf_fc": "rainfall forecast (the rain with a log-normal error, sigma 0.5), daily accumulation",
     "soilm": "soil moisture store",
+    "upstream_area": "upstream area, cells draining through the cell (itself included)",
 }
 FORECAST_ERROR = 0.5  # sigma of the log-normal error of rainf_fc
 
@@ -105,6 +107,42 @@ def _drainage(rng: np.random.Generator, shape: tuple[int, int], scale: float, se
     return accumulate, area
 
 
+@dataclass(frozen=True)
+class _Landscape:
+    sea: np.ndarray  # bool: masked as nodata
+    capacity: np.ndarray  # mm, of the soil store
+    infiltration: np.ndarray  # mm/day
+    accumulate: object = None  # river regime: the factorised operator of _drainage
+    area: np.ndarray | None = None  # river regime: upstream area in cells, the cell included
+
+
+def _landscape(rng: np.random.Generator, shape: tuple[int, int], regime: str) -> _Landscape:
+    """The fixed maps of a simulation, the first draws of its random stream."""
+    height, width = shape
+    scale = max(height, width) / 12
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    coast = xx / width + 0.35 * _smooth01(rng, shape, scale) - 0.12 * yy / height
+    sea = coast < np.quantile(coast, 0.12)  # a smooth western coastline, 12% of the grid
+    capacity = (40 + 110 * _smooth01(rng, shape, scale)).astype(np.float32)   # mm
+    infiltration = (12 + 30 * _smooth01(rng, shape, scale)).astype(np.float32)  # mm/day
+    if regime != "river":
+        return _Landscape(sea, capacity, infiltration)
+    return _Landscape(sea, capacity, infiltration, *_drainage(rng, shape, scale, sea))
+
+
+def upstream_area(height: int = 128, width: int = 160, seed: int = 0) -> np.ndarray:
+    """The river regime's upstream area (cells draining through each cell, itself included;
+    NaN over the sea): the flow accumulation a GIS derives from a DEM, as a static map of
+    :func:`simulate`'s landscape for the same grid and ``seed``.
+
+    >>> area = upstream_area(48, 64)
+    >>> bool(np.nanmin(area) >= 1), bool(np.nanmax(area) > 100)
+    (True, True)
+    """
+    land = _landscape(np.random.default_rng(seed), (height, width), "river")
+    return np.where(land.sea, np.nan, land.area).astype(np.float32)
+
+
 def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0,
              start: dt.date = dt.date(2019, 1, 1), spin_up: int = 60, regime: str = "cells") -> Iterator[Day]:
     """Yield ``days`` consecutive simulated days, deterministically for ``seed``.
@@ -127,13 +165,11 @@ def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0
     shape = (height, width)
     scale = max(height, width) / 12
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    coast = xx / width + 0.35 * _smooth01(rng, shape, scale) - 0.12 * yy / height
-    sea = coast < np.quantile(coast, 0.12)  # a smooth western coastline, 12% of the grid
-    capacity = (40 + 110 * _smooth01(rng, shape, scale)).astype(np.float32)   # mm
-    infiltration = (12 + 30 * _smooth01(rng, shape, scale)).astype(np.float32)  # mm/day
+    land = _landscape(rng, shape, regime)
+    sea, capacity, infiltration = land.sea, land.capacity, land.infiltration
     store = 0.5 * capacity
     if regime == "river":
-        accumulate, area = _drainage(rng, shape, scale, sea)
+        accumulate, area = land.accumulate, land.area
         river = area >= 30  # cells draining at least 30 others
         channel = np.zeros(shape, np.float32)  # water in the river store, per cell
     wind = np.array([0.6, 2.5]) * max(height, width) / 160  # (dy, dx) pixels per day
@@ -188,7 +224,7 @@ def default_transform(crs: CRS, height: int, width: int):
     return from_origin(600_000.0, 6_800_000.0, 1000.0, 1000.0)
 
 
-def _write_tif(path: Path, values: np.ndarray, crs: CRS, transform, name: str, date: dt.date) -> None:
+def _write_tif(path: Path, values: np.ndarray, crs: CRS, transform, name: str, date: dt.date | None) -> None:
     data = np.where(np.isnan(values), NODATA, values).astype(np.float32)
     profile = dict(driver="GTiff", height=data.shape[0], width=data.shape[1], count=1,
                    dtype="float32", crs=crs, transform=transform, nodata=NODATA,
@@ -199,7 +235,7 @@ def _write_tif(path: Path, values: np.ndarray, crs: CRS, transform, name: str, d
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data, 1)
         dst.update_tags(units=UNITS[name], long_name=LONG_NAMES[name],
-                        TIFFTAG_DATETIME=date.strftime("%Y:%m:%d 00:00:00"))
+                        **({} if date is None else {"TIFFTAG_DATETIME": date.strftime("%Y:%m:%d 00:00:00")}))
         dst.set_band_description(1, name)
         dst.units = (UNITS[name],)
 
@@ -226,27 +262,38 @@ def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width:
 
     With ``covariates`` (``rainf``, ``rainf_fc``, ``soilm``) each variable gets its own
     sub-folder (``Qs/``, ``Rainf/``, ``Rainf_fc/``, ``SoilM/``), the layout ``runoff ingest``
-    reads as one multi-variable cube. ``regime``: see :func:`simulate`. Returns the QS file paths.
+    reads as one multi-variable cube; ``upstream_area`` (river regime) is a static map,
+    ``static/upstream_area.tif``. ``regime``: see :func:`simulate`. Returns the QS file paths.
     """
     try:
         crs_obj = CRS.from_user_input(crs)
     except Exception:
         raise RunoffError(f"--crs {crs!r}: not a CRS that PROJ knows") from None
-    unknown = set(covariates) - set(COVARIATES)
+    unknown = set(covariates) - set(COVARIATES) - set(STATIC_MAPS)
     if unknown:
-        raise RunoffError(f"--covariates {','.join(sorted(unknown))}: unknown; choose from {','.join(COVARIATES)}")
+        raise RunoffError(f"--covariates {','.join(sorted(unknown))}: unknown; choose from "
+                          f"{','.join([*COVARIATES, *STATIC_MAPS])}")
+    static = [name for name in covariates if name in STATIC_MAPS]
+    if static and regime != "river":
+        raise RunoffError(f"--covariates {','.join(static)}: only the river regime has a river network (--regime river)")
+    if static and fmt != "tif":
+        raise RunoffError(f"--covariates {','.join(static)}: static maps are written as GeoTIFF only (--format tif)")
+    covariates = [name for name in covariates if name not in STATIC_MAPS]
     if fmt not in ("tif", "png"):
         raise RunoffError(f"--format {fmt!r}: choose tif or png")
     start_date = dt.date.fromisoformat(str(start))
     out = Path(out_dir)
-    folders = {"qs": out / "Qs" if covariates else out}
+    folders = {"qs": out / "Qs" if covariates or static else out}
     folders.update({name: out / COVARIATES[name] for name in covariates})
     try:
-        for folder in folders.values():
+        for folder in [*folders.values(), *([out / "static"] if static else [])]:
             folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunoffError(f"{out}: cannot create the output folder ({exc.strerror})") from None
     transform = default_transform(crs_obj, height, width)
+    for name in static:
+        with atomic_output(out / "static" / f"{name}.tif") as tmp:
+            _write_tif(tmp, upstream_area(height, width, seed), crs_obj, transform, name, None)
     series = simulate(days, height, width, seed, start_date, regime=regime)
     if progress:
         from tqdm import tqdm

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
 from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint
-from .cube import TARGET, cube_dates, cube_grid, make_splits, open_cube
+from .cube import TARGET, cube_dates, cube_grid, is_static, make_splits, open_cube
 from .device import autocast_for, grad_scaler, keep_freed_memory, loader_batches, queue_marker
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError
@@ -466,6 +466,9 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         if unknown:
             raise RunoffError(f"{option} {','.join(unknown)}: not in the cube {store} "
                               f"(it has {', '.join(ds.data_vars)})")
+    static = [v for v in config.forcings if is_static(ds, v)]
+    if static:
+        raise RunoffError(f"--forcings {','.join(static)}: a static map, the same on every day; name it in --covariates")
     dates = cube_dates(ds)
     splits = make_splits(dates[0], dates[-1], config.train_end, config.val_end)
     spec = WindowSpec(config.input_days, tuple(config.leads), tuple(variables), tuple(config.forcings))
