@@ -16,6 +16,9 @@ norm_stats
 input_days, leads, variables, forcings
     the window: past days, lead days, past inputs (target first) and inputs known on
     the lead days.
+maps
+    ``{variable: float32 tensor (height, width)}``: static inputs the checkpoint carries
+    rather than the cube (``qs_climatology`` of ``--climatology_map``); absent when none.
 grid, data, splits
     the cube's grid (CRS WKT, transform, height, width), its path, and the
     ``{"train"|"val"|"test": [start, end]}`` ISO dates.
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -63,13 +67,17 @@ def splits_record(splits: dict[str, Split]) -> dict[str, list[str]]:
 
 def run_record(*, model: ConvLSTMForecaster, norm_stats: dict, input_days: int, leads: list[int],
                variables: list[str], forcings: list[str], grid: Grid, data: str, splits: dict[str, Split],
-               train_config: dict, world_size: int) -> dict:
+               train_config: dict, world_size: int, maps: dict[str, np.ndarray] | None = None) -> dict:
     """The part of a checkpoint fixed for a whole run (what a forecast needs, and the settings)."""
-    return {"format": CHECKPOINT_FORMAT, "package_version": __version__,
-            "model_config": model.config.to_dict(), "norm_stats": norm_stats,
-            "input_days": int(input_days), "leads": list(leads), "variables": list(variables),
-            "forcings": list(forcings), "grid": grid_record(grid), "data": str(data),
-            "splits": splits_record(splits), "train_config": train_config, "world_size": int(world_size)}
+    record = {"format": CHECKPOINT_FORMAT, "package_version": __version__,
+              "model_config": model.config.to_dict(), "norm_stats": norm_stats,
+              "input_days": int(input_days), "leads": list(leads), "variables": list(variables),
+              "forcings": list(forcings), "grid": grid_record(grid), "data": str(data),
+              "splits": splits_record(splits), "train_config": train_config, "world_size": int(world_size)}
+    if maps:
+        record["maps"] = {name: torch.from_numpy(np.ascontiguousarray(values, np.float32))
+                          for name, values in maps.items()}
+    return record
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,11 @@ class Checkpoint:
     def forcings(self) -> list[str]:
         """Inputs taken on the lead days (checkpoints from before forcings have none)."""
         return list(self.state.get("forcings", []))
+
+    @property
+    def maps(self) -> dict[str, np.ndarray]:
+        """Static inputs carried by the checkpoint, ``(height, width)`` float32 by name."""
+        return {name: values.numpy() for name, values in self.state.get("maps", {}).items()}
 
     @property
     def quantiles(self) -> int:
@@ -139,7 +152,7 @@ class Checkpoint:
     def check_variables(self, names: Sequence[str], data: str) -> None:
         """One clear error when the cube ``data`` (an option and its value), holding the
         variables ``names``, lacks an input or a forcing of the model."""
-        present = set(names)
+        present = set(names) | set(self.state.get("maps", {}))
         lacking = [v for v in [*self.variables, *self.forcings] if v not in present]
         if lacking:
             raise RunoffError(f"{data}: the model needs variable(s) {', '.join(lacking)}, which the cube lacks "

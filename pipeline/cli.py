@@ -302,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "patch", type=int, help="training patch size in pixels (default 64)")
     _option(p, "train_end", help="last day of the training split, YYYY-MM-DD")
     _option(p, "val_end", help="last day of the validation split, YYYY-MM-DD")
-    _option(p, "covariates", help="extra input variables of the cube on the past days, e.g. soilm")
+    _option(p, "covariates", help="extra input variables of the cube on the past days, e.g. soilm, or a static "
+            "map such as upstream_area")
+    _option(p, "climatology_map", action="store_true", default=None,
+            help="also read each pixel's mean of log1p(qs) over the training days, a static map that the "
+                 "checkpoint carries (where the rivers and wet slopes are; docs/skill.md)")
     _option(p, "forcings", help="cube variables known on the lead days (a rain forecast), e.g. rainf; in a hindcast "
             "the observed values stand in, a perfect forecast")
     _option(p, "predict_delta", action=argparse.BooleanOptionalAction, default=None,

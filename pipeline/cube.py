@@ -250,6 +250,26 @@ def normalisation_stats(ds: xr.Dataset, variables: list[str], train: Split) -> d
             for name, (mean, std, square) in computed.items()}
 
 
+CLIMATOLOGY_MAP = "qs_climatology"  # the input `runoff train --climatology_map` adds; the checkpoint carries it
+
+
+def climatology_map(ds: xr.Dataset, train: Split) -> np.ndarray:
+    """Each pixel's mean of ``log1p(qs)`` over the training days, float32 ``(y, x)``, NaN where
+    no training day is valid: where runoff is usually high (rivers, wet slopes) and where it
+    is dry, a static map that any cube yields without a DEM."""
+    days = ds[TARGET].sel(time=slice(str(train.start), str(train.end)))
+    return np.asarray(np.log1p(days.clip(min=0)).mean("time", skipna=True).values, np.float32)
+
+
+def map_stats(name: str, values: np.ndarray, train: Split) -> dict[str, float]:
+    """:func:`normalisation_stats` of a static map held in memory (the same on every day)."""
+    logged = log_transform(values)
+    valid = ~np.isnan(values)
+    rms = np.sqrt(np.mean(np.square(np.maximum(values[valid], 0), dtype=np.float64))) if valid.any() else np.nan
+    return checked_stats(name, float(np.nanmean(logged)) if valid.any() else np.nan,
+                         float(np.nanstd(logged)) if valid.any() else np.nan, train, float(rms))
+
+
 def checked_stats(name: str, mean: float, std: float, train: Split, rms: float = 1.0) -> dict[str, float]:
     """One variable's normalisation statistics; an error when the training days hold no value."""
     if not np.isfinite(mean) or not np.isfinite(std):

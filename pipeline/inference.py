@@ -94,33 +94,37 @@ def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devi
     return forecast_batch(model, x[None], device, tile, margin, ramp)[0]
 
 
-def read_days(ds: xr.Dataset, name: str, first: int, last: int) -> np.ndarray:
+def read_days(ds: xr.Dataset, name: str, first: int, last: int, maps: dict[str, np.ndarray] | None = None
+              ) -> np.ndarray:
     """Days ``first..last`` (time indices, inclusive) of variable ``name``, as stored (T, H, W);
-    a static map is the same on every day."""
-    if is_static(ds, name):
-        return np.broadcast_to(np.asarray(ds[name].data), (last - first + 1, ds.sizes["y"], ds.sizes["x"]))
+    a static map (of the cube, or of ``maps`` held in memory) is the same on every day."""
+    static = (maps or {}).get(name)
+    if static is None and is_static(ds, name):
+        static = np.asarray(ds[name].data)
+    if static is not None:
+        return np.broadcast_to(static, (last - first + 1, *static.shape))
     return np.asarray(ds[name].data[first:last + 1])
 
 
 def stack_days(ds: xr.Dataset, names: Sequence[str], stats: dict, issues: Sequence[int],
-               offsets: Sequence[int]) -> np.ndarray:
-    """Normalised values (B, D, V, H, W) of variables ``names`` on the days ``issue + offset``
-    of each issue day (time indices), NaN kept. The days the windows span are read once per
-    variable, not once per window."""
+               offsets: Sequence[int], maps: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Normalised values (B, D, V, H, W) of variables ``names`` (of the cube, or of ``maps``)
+    on the days ``issue + offset`` of each issue day (time indices), NaN kept. The days the
+    windows span are read once per variable, not once per window."""
     issues, offsets = np.asarray(issues, np.int64), np.asarray(offsets, np.int64)
     h, w = ds.sizes["y"], ds.sizes["x"]
     if not len(names):
         return np.zeros((issues.size, offsets.size, 0, h, w), np.float32)
     first, last = int(issues.min() + offsets.min()), int(issues.max() + offsets.max())
     rows = issues[:, None] + offsets[None, :] - first  # (B, D) rows of the read
-    days = [normalise(read_days(ds, name, first, last), stats[name]) for name in names]
+    days = [normalise(read_days(ds, name, first, last, maps), stats[name]) for name in names]
     return np.stack([d[rows] for d in days], axis=2)
 
 
 def window_inputs(ds: xr.Dataset, variables: Sequence[str], stats: dict, issues: Sequence[int],
-                  input_days: int) -> np.ndarray:
+                  input_days: int, maps: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Normalised past inputs (B, T, C, H, W) of the windows issued at ``issues`` (NaN kept)."""
-    return stack_days(ds, variables, stats, issues, range(1 - input_days, 1))
+    return stack_days(ds, variables, stats, issues, range(1 - input_days, 1), maps)
 
 
 @dataclass
@@ -154,7 +158,7 @@ class Forecaster:
         sea, outside the domain). A probabilistic model's is the mean of its quantiles;
         with ``members`` it gives the quantiles themselves, (B, L, Q, H, W), increasing."""
         ckpt = self.checkpoint
-        x = window_inputs(ds, ckpt.variables, ckpt.norm_stats, issues, ckpt.input_days)
+        x = window_inputs(ds, ckpt.variables, ckpt.norm_stats, issues, ckpt.input_days, ckpt.maps)
         ahead = stack_days(ds, ckpt.forcings, ckpt.norm_stats, issues, range(1, max(ckpt.leads) + 1))
         nodata = np.isnan(x[:, :, 0]).all(axis=1)  # (B, H, W)
         out = forecast_batch(self.model, np.nan_to_num(x, nan=0.0), self.device, tile=self.tile,

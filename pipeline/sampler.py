@@ -42,8 +42,8 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from zarr.core.buffer import default_buffer_prototype
 
-from .cube import (TARGET, Split, checked_stats, cube_dates, log_transform, normalisation_stats, normalise, open_cube,
-                   standardise)
+from .cube import (TARGET, Split, checked_stats, cube_dates, log_transform, map_stats, normalisation_stats, normalise,
+                   open_cube, standardise)
 from .errors import RunoffError
 
 
@@ -130,7 +130,7 @@ def window_issues(ds: xr.Dataset, split: Split, spec: WindowSpec) -> np.ndarray:
     dates = cube_dates(ds)
     missing = set(ds.attrs.get("missing_dates", []))
     for name in spec.inputs[1:]:
-        missing |= set(ds[name].attrs.get("missing_dates", []))
+        missing |= set(ds[name].attrs.get("missing_dates", []) if name in ds else [])  # not in ds: a map in memory
     present = np.array([d.isoformat() not in missing for d in dates])
     before, after = spec.span
     issues = []
@@ -157,15 +157,26 @@ def _read_region(array: zarr.Array, selection: tuple[slice, ...], out: np.ndarra
     with NaN -> 0, and record in ``valid`` where it was not NaN (ingest stores nodata as
     NaN, never inf, in float32 with no scale or offset: the stored values are the cube's)."""
     array.get_basic_selection(selection, out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+    _transform_in_place(out, valid, transform)
+
+
+def _transform_in_place(out: np.ndarray, valid: np.ndarray, transform: Callable[..., np.ndarray]) -> None:
+    """``transform(out, out=out)`` with NaN -> 0; ``valid``: where ``out`` was not NaN."""
     missing = np.isnan(out, out=valid)  # the mask's buffer holds "missing" until the last line
     transform(out, out=out)
     np.copyto(out, 0, where=missing)
     np.logical_not(missing, out=valid)
 
 
-def _read_static(array: zarr.Array, out: np.ndarray, valid: np.ndarray, transform: Callable[..., np.ndarray]) -> None:
-    """A static ``(y, x)`` map into every day of ``out`` and ``valid`` ``(T, H, W)``, as :func:`_read_region`."""
-    _read_region(array, (slice(None), slice(None)), out[0], valid[0], transform)
+def _read_static(source: zarr.Array | np.ndarray, out: np.ndarray, valid: np.ndarray,
+                 transform: Callable[..., np.ndarray]) -> None:
+    """A static ``(y, x)`` map (of the cube, or held in memory) into every day of ``out`` and
+    ``valid`` ``(T, H, W)``, transformed and masked as :func:`_read_region` does."""
+    if isinstance(source, np.ndarray):
+        out[0] = source
+        _transform_in_place(out[0], valid[0], transform)
+    else:
+        _read_region(source, (slice(None), slice(None)), out[0], valid[0], transform)
     out[1:] = out[0]
     valid[1:] = valid[0]
 
@@ -173,16 +184,18 @@ def _read_static(array: zarr.Array, out: np.ndarray, valid: np.ndarray, transfor
 class WindowSampler(IterableDataset):
     """Iterable dataset of :class:`Window` samples ``(x, y, mask, issue)``, see the module docstring.
 
-    ``patch``: random ``patch x patch`` crops (training); None: the full grid.
+    ``patch``: random ``patch x patch`` crops (training); None: the full grid. ``maps``: static
+    inputs held in memory rather than in the cube (the checkpoint's climatology map), by name.
     """
 
     task_bytes = 32 * 2**20  # about how much one Dask task of a block read decodes (block_chunks)
 
     def __init__(self, store: str, issues: np.ndarray, spec: WindowSpec, stats: dict[str, dict[str, float]],
                  patch: int | None = None, shuffle: bool = False, seed: int = 0,
-                 block_bytes: int = 512 * 2**20, storage_options: dict | None = None) -> None:
+                 block_bytes: int = 512 * 2**20, storage_options: dict | None = None,
+                 maps: dict[str, np.ndarray] | None = None) -> None:
         super().__init__()
-        self.store, self.spec, self.stats = str(store), spec, stats
+        self.store, self.spec, self.stats, self.maps = str(store), spec, stats, dict(maps or {})
         self.issues = np.asarray(issues, dtype=np.int64)
         self.patch, self.shuffle, self.seed = patch, shuffle, seed
         self.block_bytes, self.storage_options = block_bytes, storage_options
@@ -274,7 +287,10 @@ class WindowSampler(IterableDataset):
         data, valid = np.empty(shape, np.float32), np.empty(shape, bool)
         tasks = []
         for v, name in enumerate(self.spec.inputs):
-            array, fill = self._group[name], transform(name)  # one metadata lookup per variable, not per task
+            fill = transform(name)
+            array = self.maps.get(name)
+            if array is None:
+                array = self._group[name]  # one metadata lookup per variable, not per task
             if array.ndim == 2:  # a static map: decoded once, the same on every day of the block
                 tasks.append(dask.delayed(_read_static)(array, data[:, v], valid[:, v], fill))
                 continue
@@ -319,7 +335,9 @@ class WindowSampler(IterableDataset):
         days = [i for i, d in enumerate(dates) if split.contains(d)]
         blocks = self._my_blocks(np.random.default_rng(0))
         if len(blocks) != 1 or not days or not blocks[0][0] <= days[0] <= days[-1] <= blocks[0][1]:
-            self.stats = normalisation_stats(self.ds, list(self.spec.inputs), split)
+            in_cube = [name for name in self.spec.inputs if name not in self.maps]
+            self.stats = {**normalisation_stats(self.ds, in_cube, split),
+                          **{name: map_stats(name, values, split) for name, values in self.maps.items()}}
             return self.stats
         first, last, _ = blocks[0]
         data, valid = self._read(first, last, lambda name: log_transform)

@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
 from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint
-from .cube import TARGET, cube_dates, cube_grid, is_static, make_splits, open_cube
+from .cube import (CLIMATOLOGY_MAP, TARGET, climatology_map, cube_dates, cube_grid, is_static, make_splits,
+                   open_cube)
 from .device import autocast_for, grad_scaler, keep_freed_memory, loader_batches, queue_marker
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError
@@ -46,7 +47,8 @@ from .verify import skill, spread_skill_ratio
 
 # Settings that fix the model's shape or its data: a resumed run must not change them.
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
-                     "forcings", "predict_delta", "linear_response", "probabilistic", "quantile_location")
+                     "forcings", "predict_delta", "linear_response", "probabilistic", "quantile_location",
+                     "climatology_map")
 
 # What a checkpoint older than a setting did, where that differs from the setting's default.
 _BEFORE_THE_SETTING = {"linear_response": False}
@@ -77,6 +79,7 @@ class TrainConfig:
     train_end: str | None = None
     val_end: str | None = None
     covariates: list[str] = field(default_factory=list)  # past days only
+    climatology_map: bool = False  # also each pixel's training mean of log1p(qs), carried by the checkpoint
     forcings: list[str] = field(default_factory=list)  # on the lead days: known ahead (a rain forecast)
     predict_delta: bool = True  # forecast the change from the last day: untrained = persistence
     linear_response: bool = True  # that change linear in physical units, with gains set per pixel (needs predict_delta)
@@ -471,6 +474,11 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         raise RunoffError(f"--forcings {','.join(static)}: a static map, the same on every day; name it in --covariates")
     dates = cube_dates(ds)
     splits = make_splits(dates[0], dates[-1], config.train_end, config.val_end)
+    maps = {}
+    if config.climatology_map:
+        maps[CLIMATOLOGY_MAP] = (Checkpoint(resume_state).maps[CLIMATOLOGY_MAP] if resume_state is not None
+                                 else climatology_map(ds, splits["train"]))
+        variables.append(CLIMATOLOGY_MAP)
     spec = WindowSpec(config.input_days, tuple(config.leads), tuple(variables), tuple(config.forcings))
     issues = {name: window_issues(ds, split, spec) for name, split in splits.items()}
     for name in ("train", "val"):
@@ -482,11 +490,11 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         Checkpoint(resume_state).check_grid(grid, f"--resume {config.resume}", str(store))
     train_set = WindowSampler(store, train_issues, spec, resume_state["norm_stats"] if resume_state else {},
                               patch=config.patch, shuffle=True, seed=config.seed,
-                              storage_options=config.storage_options)
+                              storage_options=config.storage_options, maps=maps)
     # a new run's statistics come from the read its first epoch needs anyway, where the cube allows
     stats = train_set.stats if resume_state is not None else train_set.fit_stats(splits["train"])
     val_set = WindowSampler(store, issues["val"], spec, stats, patch=None, shuffle=False,
-                            storage_options=config.storage_options)
+                            storage_options=config.storage_options, maps=maps)
     for sampler in (train_set, val_set):
         sampler.shard(ranks.rank, ranks.world_size)
     train_loader, val_loader = (on_exit.enter_context(_loader(dataset, config, ranks.device))
@@ -508,7 +516,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         net = DistributedDataParallel(model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
     record = run_record(model=model, norm_stats=stats, input_days=config.input_days, leads=config.leads,
                         variables=variables, forcings=config.forcings, grid=grid, data=store, splits=splits,
-                        train_config=asdict(config), world_size=ranks.world_size)
+                        train_config=asdict(config), world_size=ranks.world_size, maps=maps)
     run = _Run(config, ranks, model, net, optimiser, scheduler, grad_scaler(ranks.device, config.precision),
                train_set, train_loader, val_loader, record,
                _objective(model)(stats[TARGET]),

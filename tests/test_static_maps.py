@@ -180,3 +180,54 @@ def test_synth_writes_the_upstream_area_for_the_river_regime_only(tmp_path, run_
     assert result.status == 0
     assert (tmp_path / "river" / "static" / "upstream_area.tif").exists()
     assert len(list((tmp_path / "river" / "Qs").glob("QS_*.tif"))) == 3
+
+
+@pytest.fixture(scope="module")
+def climatology_run(area_run, tmp_path_factory):
+    """A model trained for one epoch with --climatology_map on the static run's cube."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("climatology")
+    assert main(["train", "--data_dir", str(area_run / "qs.zarr"), "--epochs", "1", "--batch_size", "4",
+                 "--hidden_channels", "4", "--patch", "16", "--leads", "1-2", "--climatology_map",
+                 "--checkpoint_dir", str(root / "ckpt"), "--output_dir", str(root / "out"), "--device", "cpu"]) == 0
+    return root
+
+
+def test_the_checkpoint_carries_the_training_days_climatology_map(area_run, climatology_run):
+    from pipeline.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(climatology_run / "ckpt" / "best.pth")
+    assert ckpt.variables == ["qs", "qs_climatology"]
+    ds = open_cube(area_run / "qs.zarr")
+    train = ckpt.splits["train"]
+    days = ds["qs"].sel(time=slice(str(train.start), str(train.end))).values
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning, match="Mean of empty slice"):
+        expected = np.nanmean(np.log1p(np.maximum(days, 0)), axis=0)
+    np.testing.assert_allclose(ckpt.maps["qs_climatology"], expected, rtol=1e-5)
+    assert np.isnan(ckpt.maps["qs_climatology"]).sum() == np.isnan(days[0]).sum()  # the sea
+    assert ckpt.build_model().config.in_channels == 2
+
+
+def test_predict_and_evaluate_take_the_map_from_the_checkpoint(area_run, climatology_run, tmp_path, run_cli):
+    weights = climatology_run / "ckpt" / "best.pth"
+    result = run_cli("predict", "--weights_path", weights, "--input_dir", area_run / "qs.zarr",
+                     "--output_dir", tmp_path / "pred", "--last", "--max_plots", "0")
+    assert result.status == 0, result.err
+    assert len(list((tmp_path / "pred").glob("QS_*.tif"))) == 2
+    result = run_cli("evaluate", "--weights_path", weights, "--data_dir", area_run / "qs.zarr",
+                     "--output_dir", tmp_path / "eval")
+    assert result.status == 0, result.err
+    assert "covariates: qs_climatology" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def test_a_resumed_run_keeps_its_climatology_map(area_run, climatology_run, tmp_path, run_cli):
+    from pipeline.checkpoint import read_checkpoint
+
+    first = read_checkpoint(climatology_run / "ckpt" / "best.pth")
+    result = run_cli("train", "--resume", climatology_run / "ckpt" / "model_epoch1.pth", "--epochs", "2",
+                     "--checkpoint_dir", tmp_path / "ckpt", "--output_dir", tmp_path / "out")
+    assert result.status == 0, result.err
+    resumed = read_checkpoint(tmp_path / "ckpt" / "model_epoch2.pth")
+    np.testing.assert_array_equal(resumed.maps["qs_climatology"], first.maps["qs_climatology"])
+    assert resumed.state["train_config"]["climatology_map"] is True
