@@ -84,7 +84,7 @@ def main() -> int:
                                  quantile_location=probabilistic and args.quantile_location,
                                  calibration=args.calibration if probabilistic else "spread_skill",
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
-                                 covariates=args.covariates,
+                                 covariates=args.covariates, climatology_map=args.climatology_map,
                                  checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
             started = time.perf_counter()
             result = train(config)
@@ -98,7 +98,7 @@ def main() -> int:
     ensemble = runs["probabilistic"][1].ensemble
     print(f"{machine()}; cube: {described}; "
           f"rain: {args.rain} (observed, a perfect forecast); {args.epochs} epochs max, patch {args.patch}"
-          + covariates_note(args.covariates)
+          + covariates_note(args)
           + ("; quantiles located off an MSE-trained centre" if args.quantile_location else "")
           + f"; spread calibration: {args.calibration}")
     print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "

@@ -55,7 +55,7 @@ def main() -> int:
                                  batch_size=args.batch_size,
                                  lr=args.lr, linear_response=args.linear_response, forcings=runs[name],
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
-                                 covariates=args.covariates,
+                                 covariates=args.covariates, climatology_map=args.climatology_map,
                                  checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
             result = train(config)
             report = evaluate(result.best_checkpoint, cube, split="test", output_dir=tmp / name / "eval")
@@ -65,7 +65,7 @@ def main() -> int:
     print(f"{machine()}; cube: {described}; "
           f"{args.epochs} epochs max, {args.num_layers} x {args.hidden_channels} hidden, patch {args.patch}, "
           f"change {'as a linear response in physical units' if args.linear_response else 'in log space'}"
-          + covariates_note(args.covariates))
+          + covariates_note(args))
     header = "| lead | " + " | ".join(f"{n}: vs persistence | {n}: vs climatology" for n in chosen) + " |"
     print(header)
     print("|---" * (1 + 2 * len(chosen)) + "|")

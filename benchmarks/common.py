@@ -106,6 +106,8 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--covariates", default=[], type=name_list,
                    help="cube variables read on the past days beside the target, comma-separated "
                    "(the synthetic cube has soilm; the river regime's also the static map upstream_area)")
+    p.add_argument("--climatology_map", action="store_true",
+                   help="also read each pixel's training mean of log1p(qs), as runoff train --climatology_map")
     p.add_argument("--days", type=int, default=730)
     p.add_argument("--height", type=int, default=48)
     p.add_argument("--width", type=int, default=64)
@@ -119,6 +121,8 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def covariates_note(covariates: list[str]) -> str:
-    """The words a skill table's heading gives ``--covariates``: none when there are none."""
-    return f"; covariates (past days): {','.join(covariates)}" if covariates else ""
+def covariates_note(args: argparse.Namespace) -> str:
+    """The words a skill table's heading gives ``--covariates`` and ``--climatology_map``:
+    none when there are none."""
+    names = [*args.covariates, *(["qs_climatology (the training days' map)"] if args.climatology_map else [])]
+    return f"; covariates (past days): {','.join(names)}" if names else ""
