@@ -263,11 +263,12 @@ def climatology_map(ds: xr.Dataset, train: Split) -> np.ndarray:
 
 def map_stats(name: str, values: np.ndarray, train: Split) -> dict[str, float]:
     """:func:`normalisation_stats` of a static map held in memory (the same on every day)."""
-    logged = log_transform(values)
-    valid = ~np.isnan(values)
-    rms = np.sqrt(np.mean(np.square(np.maximum(values[valid], 0), dtype=np.float64))) if valid.any() else np.nan
-    return checked_stats(name, float(np.nanmean(logged)) if valid.any() else np.nan,
-                         float(np.nanstd(logged)) if valid.any() else np.nan, train, float(rms))
+    valid = values[~np.isnan(values)]
+    if not valid.size:
+        return checked_stats(name, np.nan, np.nan, train)
+    logged = log_transform(valid).astype(np.float64)
+    rms = np.sqrt(np.mean(np.square(np.maximum(valid, 0), dtype=np.float64)))
+    return checked_stats(name, float(logged.mean()), float(logged.std()), train, float(rms))
 
 
 def checked_stats(name: str, mean: float, std: float, train: Split, rms: float = 1.0) -> dict[str, float]:

@@ -231,3 +231,23 @@ def test_a_resumed_run_keeps_its_climatology_map(area_run, climatology_run, tmp_
     resumed = read_checkpoint(tmp_path / "ckpt" / "model_epoch2.pth")
     np.testing.assert_array_equal(resumed.maps["qs_climatology"], first.maps["qs_climatology"])
     assert resumed.state["train_config"]["climatology_map"] is True
+
+
+def test_map_statistics_are_the_same_from_one_block_or_many(area_run):
+    """A cube read in one block gives the statistics from that read; a larger one from
+    normalisation_stats and map_stats: the same figures either way, maps in memory included."""
+    from pipeline.cube import climatology_map, cube_dates, make_splits
+    from pipeline.sampler import WindowSampler, WindowSpec, window_issues
+
+    store = str(area_run / "qs.zarr")
+    ds = open_cube(store)
+    dates = cube_dates(ds)
+    train = make_splits(dates[0], dates[-1])["train"]
+    maps = {"qs_climatology": climatology_map(ds, train)}
+    spec = WindowSpec(6, (1,), ("qs", "upstream_area", "qs_climatology"))
+    issues = window_issues(ds, train, spec)
+    one_block = WindowSampler(store, issues, spec, {}, maps=maps).fit_stats(train)
+    many_blocks = WindowSampler(store, issues, spec, {}, maps=maps, block_bytes=2**16).fit_stats(train)
+    for name in spec.inputs:
+        for key in ("mean", "std", "rms"):
+            assert one_block[name][key] == pytest.approx(many_blocks[name][key], rel=1e-4), (name, key)
