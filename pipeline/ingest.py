@@ -241,10 +241,18 @@ def _resize_time(group: zarr.Group, variables: list[str], axis: list[dt.date]) -
     time_arr[:] = values
 
 
+def _new_array(group: zarr.Group, name: str, like: zarr.Array, dims: tuple[str, ...],
+               overwrite: bool = False) -> zarr.Array:
+    """A float32 NaN-filled array over the last ``dims`` of ``like`` (the target), chunked and
+    compressed as it is."""
+    n = len(dims)
+    return group.create_array(name, shape=like.shape[-n:], chunks=like.chunks[-n:], dtype="float32",
+                              fill_value=np.nan, compressors=like.compressors, dimension_names=dims,
+                              overwrite=overwrite)
+
+
 def _add_variable(group: zarr.Group, name: str, attrs: dict, like: zarr.Array) -> None:
-    arr = group.create_array(name, shape=like.shape, chunks=like.chunks, dtype="float32",
-                             fill_value=np.nan, compressors=like.compressors,
-                             dimension_names=("time", "y", "x"))
+    arr = _new_array(group, name, like, ("time", "y", "x"))
     arr.update_attributes({**attrs, "grid_mapping": "spatial_ref", "source_files": {}, "source_digest": {}})
 
 
@@ -766,9 +774,7 @@ def ingest_static(source: str | Path, store: str | Path, name: str, *, options: 
 
 def _write_static(group: zarr.Group, name: str, values: np.ndarray, attrs: dict) -> None:
     """(Re)write the static map ``name`` of ``group``; its digest, recorded last, marks it complete."""
-    like = group[TARGET]
-    arr = group.create_array(name, shape=values.shape, chunks=like.chunks[1:], dtype="float32", fill_value=np.nan,
-                             compressors=like.compressors, dimension_names=STATIC_DIMS, overwrite=True)
+    arr = _new_array(group, name, group[TARGET], STATIC_DIMS, overwrite=True)
     arr[:] = values
     arr.update_attributes({**attrs, "grid_mapping": "spatial_ref", "coordinates": "spatial_ref"})
 
