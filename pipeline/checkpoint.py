@@ -10,7 +10,11 @@ Keys
 format, package_version
     ``"runoff-checkpoint/1"`` and the package that wrote it.
 model_config, model_state
-    :class:`~pipeline.model.ModelConfig` as a dict, and the weights.
+    :class:`~pipeline.model.ModelConfig` as a dict, and the weights a forecast uses (the
+    moving average of the training weights where ``train_config["ema_decay"]`` > 0).
+live_model_state, ema_steps
+    with averaging only: the optimiser's own weights and the number of steps averaged, for
+    an exact ``--resume``.
 norm_stats
     ``{variable: {"mean", "std"}}`` of ``log1p`` values over the training split.
 input_days, leads, variables, forcings

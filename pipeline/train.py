@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
@@ -51,7 +52,7 @@ _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days
                      "climatology_map")
 
 # What a checkpoint older than a setting did, where that differs from the setting's default.
-_BEFORE_THE_SETTING = {"linear_response": False}
+_BEFORE_THE_SETTING = {"linear_response": False, "ema_decay": 0.0}
 
 
 @dataclass
@@ -87,6 +88,7 @@ class TrainConfig:
     quantile_location: bool = False  # probabilistic: a centre trained by the MSE, the quantiles placed off it
     calibration: str = "spread_skill"  # probabilistic: how calibrate_spread picks its factor (CALIBRATIONS)
     clip_grad: float = 1.0
+    ema_decay: float = 0.99  # forecasts use the weights' moving average over the steps, this decay per step (0: none)
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
     max_train_windows: int | None = None
     storage_options: dict | None = None
@@ -203,6 +205,21 @@ def train_step(net: torch.nn.Module, optimiser: torch.optim.Optimizer, scaler: t
     scaler.step(optimiser)
     scaler.update()
     return loss.detach()
+
+
+def average_weights(model: ConvLSTMForecaster, decay: float, state: dict | None = None) -> AveragedModel:
+    """An exponential moving average of ``model``'s parameters, ``decay`` per optimiser step
+    (call ``update_parameters(model)`` after each). Forecasts from it are steadier than from
+    the last step's weights, and early stopping follows it (docs/skill.md, "Weight
+    averaging"). Its buffers stay the model's own: none is trained. ``state``: a checkpoint
+    whose average to carry on (its ``model_state`` and ``ema_steps``)."""
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    if state is not None and state.get("ema_steps"):
+        parameters = dict(model.named_parameters())
+        averaged.module.load_state_dict({k: v for k, v in state["model_state"].items() if k in parameters},
+                                        strict=False)
+        averaged.n_averaged.fill_(state["ema_steps"])
+    return averaged
 
 
 def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
@@ -364,7 +381,7 @@ def _fit(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progress:
         if run.stopped:
             break
         fitted = _train_epoch(run, epoch)
-        val = evaluate_loader(run.model, run.val_loader, ranks.device, run.record["norm_stats"][TARGET], ranks,
+        val = evaluate_loader(run.forecaster, run.val_loader, ranks.device, run.record["norm_stats"][TARGET], ranks,
                               config.precision)
         _end_epoch(run, epoch, fitted, val)
     if run.stopped and run.history[-1]["epoch"] < config.epochs and ranks.is_main:
@@ -403,6 +420,13 @@ class _Run:
     last_path: Path | None = None
     best_state: dict | None = None  # the best epoch's weights of this session (probabilistic runs)
     thresholds: tuple[float, ...] = ()  # probabilistic: the wet p90 and p99 of the training split
+    averaged: AveragedModel | None = None  # the weights' moving average (ema_decay > 0)
+
+    @property
+    def forecaster(self) -> ConvLSTMForecaster:
+        """The weights validation scores and checkpoints carry as ``model_state``: the
+        moving average where there is one, else the optimiser's own."""
+        return self.model if self.averaged is None else self.averaged.module
 
     @property
     def stopped(self) -> bool:
@@ -418,8 +442,10 @@ class _Run:
                            self.last_path, self.history)
 
     def resume_from(self, state: dict) -> None:
-        """Weights, optimiser, scheduler, RNG and early-stopping state of a checkpoint."""
-        self.model.load_state_dict(state["model_state"])
+        """Weights (and their average), optimiser, scheduler, RNG and early-stopping state of a checkpoint."""
+        self.model.load_state_dict(state.get("live_model_state", state["model_state"]))
+        if self.averaged is not None:
+            self.averaged = average_weights(self.model, self.config.ema_decay, state)
         self.optimiser.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
         torch.set_rng_state(state["rng_state"])
@@ -429,7 +455,10 @@ class _Run:
 
     def checkpoint(self, epoch: int, windows: list) -> dict:
         """The whole checkpoint after ``epoch``."""
-        return {**self.record, "model_state": self.model.state_dict(), "optimizer_state": self.optimiser.state_dict(),
+        averaging = ({} if self.averaged is None else
+                     {"live_model_state": self.model.state_dict(), "ema_steps": int(self.averaged.n_averaged)})
+        return {**self.record, "model_state": self.forecaster.state_dict(), **averaging,
+                "optimizer_state": self.optimiser.state_dict(),
                 "scheduler_state": self.scheduler.state_dict(), "epoch": epoch, "best_val_loss": self.best_val,
                 "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "history": self.history,
                 "rng_state": torch.get_rng_state(), "epoch_windows": windows}
@@ -521,6 +550,8 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
                train_set, train_loader, val_loader, record,
                _objective(model)(stats[TARGET]),
                ds[TARGET].attrs.get("units", "kg m-2"), checkpoint_dir, output_dir, progress and ranks.is_main)
+    if config.ema_decay > 0:
+        run.averaged = average_weights(model, config.ema_decay)
     run.log(Checkpoint(record).inputs_note({v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}))
     run.last_path = checkpoint_dir / "model_epoch0.pth"
     if config.probabilistic and config.calibration == "brier":
@@ -572,6 +603,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (x, y, mask, forcings))
             totals[0] += train_step(run.net, run.optimiser, run.scaler, x, y, mask, config.precision,
                                     config.clip_grad, forcings, run.loss, run.model.config.quantile_location)
+            if run.averaged is not None:
+                run.averaged.update_parameters(run.model)
             totals[1] += 1
             totals[2] += x.shape[0]
             seen.append(issue)
@@ -594,7 +627,7 @@ def _end_epoch(run: _Run, epoch: int, fitted: dict, val: dict[str, float]) -> No
     if improved:
         run.best_val, run.best_epoch, run.bad_epochs = val["val_loss"], epoch, 0
         if run.config.probabilistic:  # calibrated at the end: keep the weights (every rank has them)
-            run.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+            run.best_state = {k: v.detach().clone() for k, v in run.forecaster.state_dict().items()}
     else:
         run.bad_epochs += 1
     run.history.append({"epoch": epoch, "train_loss": fitted["train_loss"], **val, "lr": lr,
@@ -627,6 +660,7 @@ def _validate(config: TrainConfig) -> None:
         (config.num_layers >= 1, "--num_layers", config.num_layers, "must be >= 1"),
         (config.lr > 0, "--lr", config.lr, "must be > 0"),
         (config.patience >= 1, "--patience", config.patience, "must be >= 1"),
+        (0 <= config.ema_decay < 1, "--ema_decay", config.ema_decay, "must be in [0, 1): 0 for no averaging"),
         (config.patch >= 4, "--patch", config.patch, "must be >= 4 pixels"),
         (config.num_workers >= 0, "--num_workers", config.num_workers, "must be >= 0"),
         (config.calibration in CALIBRATIONS, "--calibration", config.calibration, f"must be one of {CALIBRATIONS}"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import multiprocessing
 import signal
 import subprocess
@@ -74,8 +75,10 @@ def test_kill_after_epoch_then_resume_equals_uninterrupted(small_cube, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "full" / "ckpt" / "model_epoch4.pth", weights_only=True)
     b = torch.load(killed / "ckpt" / "model_epoch4.pth", weights_only=True)
-    for name, tensor in a["model_state"].items():
-        assert torch.equal(tensor, b["model_state"][name]), name
+    for key in ("model_state", "live_model_state"):  # the weights' moving average, and the optimiser's own
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert a["ema_steps"] == b["ema_steps"] > 0
     assert a["history"][-1]["val_loss"] == b["history"][-1]["val_loss"]
 
 
@@ -116,6 +119,7 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
         "calibration without quantiles": (["--data_dir", small_cube, "--calibration", "brier"], "--probabilistic"),
         "unknown calibration": (["--data_dir", small_cube, "--probabilistic", "--calibration", "crps"],
                                 "--calibration"),
+        "ema decay of 1": (["--data_dir", small_cube, "--ema_decay", "1"], "--ema_decay 1.0"),
     }
 
 
@@ -123,7 +127,7 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
                                   "corrupt checkpoint", "checkpoint dir not writable", "even kernel", "bad leads",
                                   "fp16 on cpu", "linear response without delta",
                                   "quantile location without quantiles", "calibration without quantiles",
-                                  "unknown calibration"])
+                                  "unknown calibration", "ema decay of 1"])
 def test_bad_input_is_one_line_exit_2(case, small_cube, tmp_path, run_cli):
     args, words = _bad_train_cases(small_cube, tmp_path)[case]
     result = run_cli("train", "--epochs", "1", "--checkpoint_dir", tmp_path / "ckpt", "--output_dir",
@@ -238,3 +242,23 @@ def test_a_checkpoint_from_before_the_linear_response_resumes_as_it_was_trained(
     resumed = train(TrainConfig(epochs=2, resume=str(tmp_path / "old.pth"), **common), explicit={"epochs"})
     assert resumed.epochs_run == 2
     assert load_checkpoint(resumed.last_checkpoint)["model_config"]["linear_response"] is False
+
+
+def test_forecasts_use_the_moving_average_and_it_leaves_the_optimiser_alone(small_cube, tmp_path):
+    """``model_state`` (what predict and evaluate load, and what validation scores) is the
+    moving average of the weights; the optimiser's own weights follow the same path as
+    without averaging, and ``--ema_decay 0`` keeps the last step's weights alone."""
+    common = dict(data_dir=small_cube, epochs=2, batch_size=4, hidden_channels=[4], patch=16, device="cpu", seed=5)
+    plain = train(TrainConfig(ema_decay=0.0, checkpoint_dir=str(tmp_path / "plain"), output_dir=str(tmp_path / "o1"),
+                              **common))
+    averaged = train(TrainConfig(ema_decay=0.9, checkpoint_dir=str(tmp_path / "ema"), output_dir=str(tmp_path / "o2"),
+                                 **common))
+    p, a = load_checkpoint(plain.last_checkpoint), load_checkpoint(averaged.last_checkpoint)
+    assert "live_model_state" not in p and "ema_steps" not in p
+    for name, tensor in p["model_state"].items():
+        assert torch.equal(a["live_model_state"][name], tensor), name
+    moved = [name for name, tensor in a["model_state"].items() if not torch.equal(tensor, a["live_model_state"][name])]
+    windows = sum(len(rank) for rank in a["epoch_windows"])
+    assert moved and a["ema_steps"] == 2 * math.ceil(windows / 4)  # one update per optimiser step
+    assert p["history"][-1]["train_loss"] == a["history"][-1]["train_loss"]
+    assert p["history"][-1]["val_loss"] != a["history"][-1]["val_loss"]  # scored with the averaged weights
