@@ -229,8 +229,9 @@ def test_training_with_worker_processes(small_cube, tmp_path):
 
 
 def test_a_checkpoint_from_before_the_linear_response_resumes_as_it_was_trained(small_cube, tmp_path):
-    """Checkpoints written before ``linear_response`` existed formed the change in log space;
-    resuming one keeps that model, not the new default."""
+    """Checkpoints written before ``linear_response`` existed formed the change in log space,
+    and those before ``ema_decay`` did not average; resuming one keeps that model, not the
+    new defaults."""
     common = dict(data_dir=small_cube, batch_size=4, hidden_channels=[4], patch=16, device="cpu",
                   checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"))
     first = train(TrainConfig(epochs=1, linear_response=False, **common))
@@ -238,10 +239,14 @@ def test_a_checkpoint_from_before_the_linear_response_resumes_as_it_was_trained(
     for config in (state["train_config"], state["model_config"]):
         del config["linear_response"]
     del state["model_config"]["stats"]
+    state["model_state"] = state.pop("live_model_state")  # nor did they average the weights
+    del state["train_config"]["ema_decay"], state["ema_steps"]
     torch.save(state, tmp_path / "old.pth")
     resumed = train(TrainConfig(epochs=2, resume=str(tmp_path / "old.pth"), **common), explicit={"epochs"})
     assert resumed.epochs_run == 2
-    assert load_checkpoint(resumed.last_checkpoint)["model_config"]["linear_response"] is False
+    again = load_checkpoint(resumed.last_checkpoint)
+    assert again["model_config"]["linear_response"] is False
+    assert again["train_config"]["ema_decay"] == 0.0 and "live_model_state" not in again
 
 
 def test_forecasts_use_the_moving_average_and_it_leaves_the_optimiser_alone(small_cube, tmp_path):
