@@ -442,10 +442,8 @@ class _Run:
                            self.last_path, self.history)
 
     def resume_from(self, state: dict) -> None:
-        """Weights (and their average), optimiser, scheduler, RNG and early-stopping state of a checkpoint."""
+        """The optimiser's weights, optimiser, scheduler, RNG and early-stopping state of a checkpoint."""
         self.model.load_state_dict(state.get("live_model_state", state["model_state"]))
-        if self.averaged is not None:
-            self.averaged = average_weights(self.model, self.config.ema_decay, state)
         self.optimiser.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
         torch.set_rng_state(state["rng_state"])
@@ -550,8 +548,6 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
                train_set, train_loader, val_loader, record,
                _objective(model)(stats[TARGET]),
                ds[TARGET].attrs.get("units", "kg m-2"), checkpoint_dir, output_dir, progress and ranks.is_main)
-    if config.ema_decay > 0:
-        run.averaged = average_weights(model, config.ema_decay)
     run.log(Checkpoint(record).inputs_note({v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}))
     run.last_path = checkpoint_dir / "model_epoch0.pth"
     if config.probabilistic and config.calibration == "brier":
@@ -559,6 +555,8 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
     if resume_state is not None:
         run.resume_from(resume_state)
         run.last_path = location(config.resume, config.storage_options)
+    if config.ema_decay > 0:  # after resuming: the average starts from the resumed weights, or carries on its own
+        run.averaged = average_weights(model, config.ema_decay, resume_state)
     return run
 
 
