@@ -321,10 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "probabilistic", action="store_true", default=None,
             help="forecast a distribution per pixel and lead (20 quantiles, trained by the pinball loss, i.e. "
                  "the CRPS); predict then writes quantile and exceedance maps, evaluate scores CRPS and Brier")
-    _option(p, "quantile_location", action="store_true", default=None,
+    _option(p, "quantile_location", action=argparse.BooleanOptionalAction, default=None,
             help="probabilistic: train the centre by the MSE, as a deterministic model, and place the quantiles "
-                 "off it by a location of their own (medians within a few %% of the deterministic MSE and closer "
-                 "reliability at long leads, a worse CRPS at most leads: docs/skill.md)")
+                 "off it by a location of their own (default: medians within a few %% of the deterministic MSE, "
+                 "closer reliability; --no-quantile_location centres the quantiles on a centre trained by the "
+                 "pinball loss: a better CRPS, medians up to 1.3x the deterministic MSE; docs/skill.md)")
     _option(p, "calibration", choices=("spread_skill", "brier"),
             help="probabilistic: of the spread factors within 1%% of the best validation CRPS, take the one whose "
                  "spread/skill is nearest 1 (spread_skill, default) or whose Brier score at the wet p90 and p99 is "

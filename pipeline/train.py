@@ -21,7 +21,7 @@ import csv
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -52,7 +52,7 @@ _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days
                      "climatology_map")
 
 # What a checkpoint older than a setting did, where that differs from the setting's default.
-_BEFORE_THE_SETTING = {"linear_response": False, "ema_decay": 0.0}
+_BEFORE_THE_SETTING = {"linear_response": False, "ema_decay": 0.0, "quantile_location": False}
 
 
 @dataclass
@@ -85,7 +85,8 @@ class TrainConfig:
     predict_delta: bool = True  # forecast the change from the last day: untrained = persistence
     linear_response: bool = True  # that change linear in physical units, with gains set per pixel (needs predict_delta)
     probabilistic: bool = False  # QUANTILES quantiles per pixel and lead, trained by the pinball loss
-    quantile_location: bool = False  # probabilistic: a centre trained by the MSE, the quantiles placed off it
+    # probabilistic: a centre trained by the MSE, the quantiles placed off it (None: yes when probabilistic)
+    quantile_location: bool | None = None
     calibration: str = "spread_skill"  # probabilistic: how calibrate_spread picks its factor (CALIBRATIONS)
     clip_grad: float = 1.0
     ema_decay: float = 0.99  # forecasts use the weights' moving average over the steps, this decay per step (0: none)
@@ -357,6 +358,8 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         config = _merge_resume(config, explicit if explicit is not None else set(), resume_state)
     if "linear_response" in (explicit or set()) and config.linear_response and not config.predict_delta:
         raise RunoffError("--linear_response forms the change from the last day: it cannot go with --no-predict_delta")
+    if config.quantile_location is None:  # located by default: the targets it meets (docs/skill.md)
+        config = replace(config, quantile_location=config.probabilistic)
     if config.quantile_location and not config.probabilistic:
         raise RunoffError("--quantile_location places a probabilistic model's quantiles: it needs --probabilistic")
     if config.calibration != "spread_skill" and not config.probabilistic:

@@ -349,16 +349,21 @@ def test_a_located_model_trains_its_centre_by_the_mse_and_places_its_quantiles_o
     assert not rebuilt.config.quantile_location and rebuilt.outputs_per_lead == model.outputs_per_lead - 1
 
 
-def test_train_with_quantile_location_writes_a_located_checkpoint_that_predict_reads(tmp_path, run_cli):
-    from pipeline.train import TrainConfig, train
-
+@pytest.mark.parametrize("options, located", [
+    (["--probabilistic"], True),
+    (["--probabilistic", "--no-quantile_location"], False),
+    ([], False),  # a deterministic model has no quantiles to place
+])
+def test_probabilistic_training_is_located_by_default_and_predict_reads_either(tmp_path, run_cli, options, located):
     write_series(tmp_path / "in", days=60, height=20, width=24, seed=7)
-    result = train(TrainConfig(data_dir=str(tmp_path / "in"), patch=16, hidden_channels=[4], batch_size=4, epochs=1,
-                               leads=[1, 2], probabilistic=True, quantile_location=True, device="cpu",
-                               checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")))
-    state = torch.load(result.best_checkpoint, weights_only=True)
-    assert state["model_config"]["quantile_location"] and np.isfinite(result.history[-1]["train_loss"])
-    done = run_cli("predict", "--weights_path", result.best_checkpoint, "--input_dir", tmp_path / "in",
-                   "--output_dir", tmp_path / "pred", "--last", "--quantiles", "0.1,0.9")
+    trained = run_cli("train", "--data_dir", tmp_path / "in", "--patch", "16", "--hidden_channels", "4",
+                      "--batch_size", "4", "--epochs", "1", "--leads", "1,2", "--device", "cpu",
+                      "--checkpoint_dir", tmp_path / "ckpt", "--output_dir", tmp_path / "out", *options)
+    assert trained.status == 0, trained.err
+    state = torch.load(tmp_path / "ckpt" / "best.pth", weights_only=True)
+    assert state["model_config"]["quantile_location"] is located
+    assert state["train_config"]["quantile_location"] is located  # resolved: a resumed run keeps it
+    done = run_cli("predict", "--weights_path", tmp_path / "ckpt" / "best.pth", "--input_dir", tmp_path / "in",
+                   "--output_dir", tmp_path / "pred", "--last")
     assert done.status == 0, done.err
-    assert sorted(p.name for p in (tmp_path / "pred").glob("*_q*.tif"))
+    assert bool(sorted((tmp_path / "pred").glob("*_q*.tif"))) is bool(options)
