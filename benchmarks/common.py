@@ -14,6 +14,7 @@ from pipeline.cube import cube_dates, make_splits, normalisation_stats, open_cub
 from pipeline.ingest import ingest
 from pipeline.sampler import WindowSampler, WindowSpec, window_issues
 from pipeline.synth import write_series
+from pipeline.train import TrainConfig
 
 
 @dataclass
@@ -118,6 +119,8 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--train_end")
     p.add_argument("--val_end")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema_decay", type=float, default=TrainConfig.ema_decay,
+                   help="the weights' moving average, as runoff train --ema_decay (0: the last step's weights)")
     return p
 
 
