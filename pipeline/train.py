@@ -21,7 +21,7 @@ import csv
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -93,6 +93,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
     max_train_windows: int | None = None
     storage_options: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.quantile_location is None:  # located by default: the targets it meets (docs/skill.md)
+            self.quantile_location = self.probabilistic
 
 
 @dataclass
@@ -358,8 +362,6 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         config = _merge_resume(config, explicit if explicit is not None else set(), resume_state)
     if "linear_response" in (explicit or set()) and config.linear_response and not config.predict_delta:
         raise RunoffError("--linear_response forms the change from the last day: it cannot go with --no-predict_delta")
-    if config.quantile_location is None:  # located by default: the targets it meets (docs/skill.md)
-        config = replace(config, quantile_location=config.probabilistic)
     if config.quantile_location and not config.probabilistic:
         raise RunoffError("--quantile_location places a probabilistic model's quantiles: it needs --probabilistic")
     if config.calibration != "spread_skill" and not config.probabilistic:

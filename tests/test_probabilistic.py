@@ -367,3 +367,22 @@ def test_probabilistic_training_is_located_by_default_and_predict_reads_either(t
                    "--output_dir", tmp_path / "pred", "--last")
     assert done.status == 0, done.err
     assert bool(sorted((tmp_path / "pred").glob("*_q*.tif"))) is bool(options)
+
+
+def test_a_probabilistic_checkpoint_from_before_the_location_setting_resumes_centred(tmp_path):
+    """Checkpoints written before ``quantile_location`` existed centred their quantiles;
+    resuming one keeps that model, not the new located default."""
+    from pipeline.train import TrainConfig, train
+
+    write_series(tmp_path / "in", days=60, height=20, width=24, seed=8)
+    common = dict(data_dir=str(tmp_path / "in"), patch=16, hidden_channels=[4], batch_size=4, probabilistic=True,
+                  device="cpu", checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"))
+    first = train(TrainConfig(epochs=1, quantile_location=False, **common))
+    state = torch.load(first.last_checkpoint, weights_only=True)
+    for config in (state["train_config"], state["model_config"]):
+        del config["quantile_location"]
+    torch.save(state, tmp_path / "old.pth")
+    resumed = train(TrainConfig(epochs=2, resume=str(tmp_path / "old.pth"), **common), explicit={"epochs"})
+    assert resumed.epochs_run == 2
+    again = torch.load(resumed.last_checkpoint, weights_only=True)
+    assert again["model_config"]["quantile_location"] is False and again["train_config"]["quantile_location"] is False
