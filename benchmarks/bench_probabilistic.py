@@ -86,7 +86,7 @@ def main() -> int:
                                  quantile_location=args.quantile_location if probabilistic else None,
                                  calibration=args.calibration if probabilistic else "spread_skill",
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
-                                 ema_decay=args.ema_decay, flips=args.flips,
+                                 ema_decay=args.ema_decay,
                                  covariates=args.covariates, climatology_map=args.climatology_map,
                                  checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
             started = time.perf_counter()

@@ -55,7 +55,7 @@ def main() -> int:
                                  batch_size=args.batch_size,
                                  lr=args.lr, linear_response=args.linear_response, forcings=runs[name],
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
-                                 ema_decay=args.ema_decay, flips=args.flips,
+                                 ema_decay=args.ema_decay,
                                  covariates=args.covariates, climatology_map=args.climatology_map,
                                  checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
             result = train(config)

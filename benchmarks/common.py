@@ -121,8 +121,6 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema_decay", type=float, default=TrainConfig.ema_decay,
                    help="the weights' moving average, as runoff train --ema_decay (0: the last step's weights)")
-    p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=TrainConfig.flips,
-                   help="train on windows mirrored at random, as runoff train --flips")
     return p
 
 

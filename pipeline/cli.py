@@ -292,8 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "lr", type=float, help="AdamW learning rate (default 1e-3)")
     _option(p, "weight_decay", type=float, help="AdamW weight decay (default 1e-4)")
     _option(p, "patience", type=int, help="epochs without validation improvement before stopping (default 8)")
-    _option(p, "flips", action=argparse.BooleanOptionalAction, default=None,
-            help="train on windows mirrored at random (rows, columns, and their swap on square patches)")
     _option(p, "ema_decay", type=float,
             help="forecasts use an exponential moving average of the weights, with this decay per optimiser step "
                  "(default 0.99; 0 for the last step's weights): steadier and more skilful (docs/skill.md)")

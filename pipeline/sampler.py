@@ -186,7 +186,6 @@ class WindowSampler(IterableDataset):
 
     ``patch``: random ``patch x patch`` crops (training); None: the full grid. ``maps``: static
     inputs held in memory rather than in the cube (the checkpoint's climatology map), by name.
-    ``flips``: each window mirrored at random (:func:`mirror`), for training.
     """
 
     task_bytes = 32 * 2**20  # about how much one Dask task of a block read decodes (block_chunks)
@@ -194,11 +193,11 @@ class WindowSampler(IterableDataset):
     def __init__(self, store: str, issues: np.ndarray, spec: WindowSpec, stats: dict[str, dict[str, float]],
                  patch: int | None = None, shuffle: bool = False, seed: int = 0,
                  block_bytes: int = 512 * 2**20, storage_options: dict | None = None,
-                 maps: dict[str, np.ndarray] | None = None, flips: bool = False) -> None:
+                 maps: dict[str, np.ndarray] | None = None) -> None:
         super().__init__()
         self.store, self.spec, self.stats, self.maps = str(store), spec, stats, dict(maps or {})
         self.issues = np.asarray(issues, dtype=np.int64)
-        self.patch, self.shuffle, self.seed, self.flips = patch, shuffle, seed, flips
+        self.patch, self.shuffle, self.seed = patch, shuffle, seed
         self.block_bytes, self.storage_options = block_bytes, storage_options
         # in shared memory: DataLoader workers that persist across epochs read the epoch the
         # training loop set, not the one their copy of the sampler was made with
@@ -378,39 +377,15 @@ class WindowSampler(IterableDataset):
             # all patch corners of the block in two draws rather than two per window
             y0s = rng.integers(0, h - ph + 1, size=order.size).tolist()
             x0s = rng.integers(0, w - pw + 1, size=order.size).tolist()
-            # drawn only when asked for, so that runs without flips draw the same crops as before
-            ways = rng.integers(0, 8 if ph == pw else 4, size=order.size).tolist() if self.flips else [0] * order.size
-            for t, y0, x0, way in zip(order.tolist(), y0s, x0s, ways):
+            for t, y0, x0 in zip(order.tolist(), y0s, x0s):
                 i = t - first
                 # a copy: a view would pin the whole block (and ship it to the loader's collation)
-                x = data[i - before:i + 1, :n_past, y0:y0 + ph, x0:x0 + pw]
+                x = np.ascontiguousarray(data[i - before:i + 1, :n_past, y0:y0 + ph, x0:x0 + pw])
                 y = data[i + leads, :1, y0:y0 + ph, x0:x0 + pw]
                 mask = valid[i + leads, None, y0:y0 + ph, x0:x0 + pw]
                 ahead = data[i + 1:i + after + 1, forcing_channels, y0:y0 + ph, x0:x0 + pw]
-                x, y, mask, ahead = (torch.from_numpy(np.ascontiguousarray(mirror(a, way))) for a in (x, y, mask, ahead))
-                yield Window(x, y, mask, t, ahead)
-
-
-def mirror(maps: np.ndarray, way: int) -> np.ndarray:
-    """``maps`` (..., H, W) mirrored one of eight ways (a view): bit 0 flips the rows, bit 1
-    the columns, bit 2 swaps rows and columns (square maps only); 0 leaves them as they are.
-
-    Runoff answers to the rain over a cell's own area, whichever way the map is turned, so
-    mirrored windows are more of the same physics for the training loop: a model that has seen
-    its rivers in every orientation leans less on the few storms of the training days.
-
-    >>> mirror(np.arange(6).reshape(2, 3), 1).tolist()
-    [[3, 4, 5], [0, 1, 2]]
-    >>> mirror(np.arange(4).reshape(2, 2), 4).tolist()
-    [[0, 2], [1, 3]]
-    """
-    if way & 1:
-        maps = maps[..., ::-1, :]
-    if way & 2:
-        maps = maps[..., :, ::-1]
-    if way & 4:
-        maps = np.swapaxes(maps, -1, -2)
-    return maps
+                yield Window(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(mask), t,
+                             torch.from_numpy(ahead))
 
 
 @contextlib.contextmanager

@@ -89,7 +89,6 @@ class TrainConfig:
     quantile_location: bool | None = None
     calibration: str = "spread_skill"  # probabilistic: how calibrate_spread picks its factor (CALIBRATIONS)
     clip_grad: float = 1.0
-    flips: bool = False  # train on windows mirrored at random (sampler.mirror)
     ema_decay: float = 0.99  # forecasts use the weights' moving average over the steps, this decay per step (0: none)
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
     max_train_windows: int | None = None
@@ -523,7 +522,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         Checkpoint(resume_state).check_grid(grid, f"--resume {config.resume}", str(store))
     train_set = WindowSampler(store, train_issues, spec, resume_state["norm_stats"] if resume_state else {},
                               patch=config.patch, shuffle=True, seed=config.seed,
-                              storage_options=config.storage_options, maps=maps, flips=config.flips)
+                              storage_options=config.storage_options, maps=maps)
     # a new run's statistics come from the read its first epoch needs anyway, where the cube allows
     stats = train_set.stats if resume_state is not None else train_set.fit_stats(splits["train"])
     val_set = WindowSampler(store, issues["val"], spec, stats, patch=None, shuffle=False,
