@@ -87,7 +87,7 @@ def main() -> int:
                                  calibration=args.calibration if probabilistic else "spread_skill",
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
                                  ema_decay=args.ema_decay,
-                                 covariates=args.covariates, climatology_map=args.climatology_map,
+                                 covariates=args.covariates, climatology_map=args.climatology_map, season=args.season,
                                  checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
             started = time.perf_counter()
             result = train(config)

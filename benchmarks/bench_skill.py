@@ -56,7 +56,7 @@ def main() -> int:
                                  lr=args.lr, linear_response=args.linear_response, forcings=runs[name],
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
                                  ema_decay=args.ema_decay,
-                                 covariates=args.covariates, climatology_map=args.climatology_map,
+                                 covariates=args.covariates, climatology_map=args.climatology_map, season=args.season,
                                  checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
             result = train(config)
             report = evaluate(result.best_checkpoint, cube, split="test", output_dir=tmp / name / "eval")

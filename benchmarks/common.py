@@ -107,6 +107,7 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--covariates", default=[], type=name_list,
                    help="cube variables read on the past days beside the target, comma-separated "
                    "(the synthetic cube has soilm; the river regime's also the static map upstream_area)")
+    p.add_argument("--season", action="store_true", help="the day of year as an input, as runoff train --season")
     p.add_argument("--climatology_map", action="store_true",
                    help="also read each pixel's training mean of log1p(qs), as runoff train --climatology_map")
     p.add_argument("--days", type=int, default=730)
@@ -125,7 +126,8 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def covariates_note(args: argparse.Namespace) -> str:
-    """The words a skill table's heading gives ``--covariates`` and ``--climatology_map``:
-    none when there are none."""
-    names = [*args.covariates, *(["qs_climatology (the training days' map)"] if args.climatology_map else [])]
+    """The words a skill table's heading gives ``--covariates``, ``--climatology_map`` and
+    ``--season``: none when there are none."""
+    names = [*args.covariates, *(["qs_climatology (the training days' map)"] if args.climatology_map else []),
+             *(["season_cos,season_sin (the day of year)"] if args.season else [])]
     return f"; covariates (past days): {','.join(names)}" if names else ""

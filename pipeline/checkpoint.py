@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .cube import TARGET, Split
+from .cube import SEASON_INPUTS, TARGET, Split
 from .errors import RunoffError
 from .model import ConvLSTMForecaster
 from .rasters import Grid
@@ -156,7 +156,7 @@ class Checkpoint:
     def check_variables(self, names: Sequence[str], data: str) -> None:
         """One clear error when the cube ``data`` (an option and its value), holding the
         variables ``names``, lacks an input or a forcing of the model."""
-        present = set(names) | set(self.state.get("maps", {}))
+        present = set(names) | set(self.state.get("maps", {})) | set(SEASON_INPUTS)
         lacking = [v for v in [*self.variables, *self.forcings] if v not in present]
         if lacking:
             raise RunoffError(f"{data}: the model needs variable(s) {', '.join(lacking)}, which the cube lacks "

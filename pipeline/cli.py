@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "val_end", help="last day of the validation split, YYYY-MM-DD")
     _option(p, "covariates", help="extra input variables of the cube on the past days, e.g. soilm, or a static "
             "map such as upstream_area")
+    _option(p, "season", action="store_true", default=None,
+            help="also where each past day lies in the year (the sine and cosine of its day of year), an input "
+                 "computed from the dates: for runoff with a seasonal cycle, such as snowmelt (docs/skill.md)")
     _option(p, "climatology_map", action="store_true", default=None,
             help="also read each pixel's mean of log1p(qs) over the training days, a static map that the "
                  "checkpoint carries (where the rivers and wet slopes are; docs/skill.md)")

@@ -261,8 +261,29 @@ def climatology_map(ds: xr.Dataset, train: Split) -> np.ndarray:
     return np.asarray(np.log1p(days.clip(min=0)).mean("time", skipna=True).values, np.float32)
 
 
+SEASON_INPUTS = ("season_cos", "season_sin")  # the inputs `runoff train --season` adds, computed from the dates
+
+
+def season_values(ds: xr.Dataset, name: str) -> np.ndarray:
+    """Input ``name`` of :data:`SEASON_INPUTS` on every day of the cube, float32 ``(time,)``:
+    1 + cos and 1 + sin of the day's angle in the year (its day of year over 365.25 turns).
+
+    The same on every pixel, they tell the network the season, which a few past days of
+    runoff do not (snow melts in spring, monsoons start in June). Shifted by 1 so that they
+    are >= 0, as every input is before the ``log1p`` of :func:`normalise`.
+
+    >>> days = xr.Dataset(coords={"time": np.array(["2001-01-01", "2001-04-02"], "datetime64[ns]")})
+    >>> season_values(days, "season_sin").round(3).tolist()
+    [1.0, 2.0]
+    """
+    angle = 2 * np.pi * (ds.time.dt.dayofyear.values - 1) / 365.25
+    wave = np.cos if name == SEASON_INPUTS[0] else np.sin
+    return (1 + wave(angle)).astype(np.float32)
+
+
 def map_stats(name: str, values: np.ndarray, train: Split) -> dict[str, float]:
-    """:func:`normalisation_stats` of a static map held in memory (the same on every day)."""
+    """:func:`normalisation_stats` of values held in memory: a static map (the same on every
+    day) or the training days of a :data:`SEASON_INPUTS` input (the same on every pixel)."""
     valid = values[~np.isnan(values)]
     if not valid.size:
         return checked_stats(name, np.nan, np.nan, train)

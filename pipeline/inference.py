@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 
 from .checkpoint import Checkpoint
-from .cube import TARGET, denormalise, is_static, normalise
+from .cube import SEASON_INPUTS, TARGET, denormalise, is_static, normalise, season_values
 from .device import autocast_for, keep_freed_memory, pick_device
 from .errors import RunoffError
 from .model import ConvLSTMForecaster
@@ -97,7 +97,11 @@ def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devi
 def read_days(ds: xr.Dataset, name: str, first: int, last: int, maps: dict[str, np.ndarray] | None = None
               ) -> np.ndarray:
     """Days ``first..last`` (time indices, inclusive) of variable ``name``, as stored (T, H, W);
-    a static map (of the cube, or of ``maps`` held in memory) is the same on every day."""
+    a static map (of the cube, or of ``maps`` held in memory) is the same on every day, and
+    an input of :data:`~pipeline.cube.SEASON_INPUTS` the same on every pixel."""
+    if name in SEASON_INPUTS:
+        values = season_values(ds, name)[first:last + 1]
+        return np.broadcast_to(values[:, None, None], (values.size, ds.sizes["y"], ds.sizes["x"]))
     static = (maps or {}).get(name)
     if static is None and is_static(ds, name):
         static = np.asarray(ds[name].data)

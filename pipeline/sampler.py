@@ -42,8 +42,8 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from zarr.core.buffer import default_buffer_prototype
 
-from .cube import (TARGET, Split, checked_stats, cube_dates, log_transform, map_stats, normalisation_stats, normalise,
-                   open_cube, standardise)
+from .cube import (SEASON_INPUTS, TARGET, Split, checked_stats, cube_dates, log_transform, map_stats,
+                   normalisation_stats, normalise, open_cube, season_values, standardise)
 from .errors import RunoffError
 
 
@@ -181,6 +181,13 @@ def _read_static(source: zarr.Array | np.ndarray, out: np.ndarray, valid: np.nda
     valid[1:] = valid[0]
 
 
+def _read_daily(values: np.ndarray, out: np.ndarray, valid: np.ndarray, transform: Callable[..., np.ndarray]) -> None:
+    """One value per day ``(T,)`` on every pixel of ``out`` and ``valid`` ``(T, H, W)``,
+    transformed as :func:`_read_region` does."""
+    out[...] = values[:, None, None]
+    _transform_in_place(out, valid, transform)
+
+
 class WindowSampler(IterableDataset):
     """Iterable dataset of :class:`Window` samples ``(x, y, mask, issue)``, see the module docstring.
 
@@ -288,6 +295,10 @@ class WindowSampler(IterableDataset):
         tasks = []
         for v, name in enumerate(self.spec.inputs):
             fill = transform(name)
+            if name in SEASON_INPUTS:  # computed from the dates, not stored
+                tasks.append(dask.delayed(_read_daily)(season_values(ds, name)[first:last + 1], data[:, v],
+                                                       valid[:, v], fill))
+                continue
             array = self.maps.get(name)
             if array is None:
                 array = self._group[name]  # one metadata lookup per variable, not per task
@@ -335,9 +346,11 @@ class WindowSampler(IterableDataset):
         days = [i for i, d in enumerate(dates) if split.contains(d)]
         blocks = self._my_blocks(np.random.default_rng(0))
         if len(blocks) != 1 or not days or not blocks[0][0] <= days[0] <= days[-1] <= blocks[0][1]:
-            in_cube = [name for name in self.spec.inputs if name not in self.maps]
+            in_cube = [name for name in self.spec.inputs if name not in self.maps and name not in SEASON_INPUTS]
+            in_memory = {**self.maps, **{name: season_values(self.ds, name)[days]
+                                         for name in self.spec.inputs if name in SEASON_INPUTS}}
             self.stats = {**normalisation_stats(self.ds, in_cube, split),
-                          **{name: map_stats(name, values, split) for name, values in self.maps.items()}}
+                          **{name: map_stats(name, values, split) for name, values in in_memory.items()}}
             return self.stats
         first, last, _ = blocks[0]
         data, valid = self._read(first, last, lambda name: log_transform)

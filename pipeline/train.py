@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
 from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint
-from .cube import (CLIMATOLOGY_MAP, TARGET, climatology_map, cube_dates, cube_grid, is_static, make_splits,
-                   open_cube)
+from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, is_static,
+                   make_splits, open_cube)
 from .device import autocast_for, grad_scaler, keep_freed_memory, loader_batches, queue_marker
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError
@@ -49,7 +49,7 @@ from .verify import skill, spread_skill_ratio
 # Settings that fix the model's shape or its data: a resumed run must not change them.
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
                      "forcings", "predict_delta", "linear_response", "probabilistic", "quantile_location",
-                     "climatology_map")
+                     "climatology_map", "season")
 
 # What a checkpoint older than a setting did, where that differs from the setting's default.
 _BEFORE_THE_SETTING = {"linear_response": False, "ema_decay": 0.0, "quantile_location": False}
@@ -81,6 +81,7 @@ class TrainConfig:
     val_end: str | None = None
     covariates: list[str] = field(default_factory=list)  # past days only
     climatology_map: bool = False  # also each pixel's training mean of log1p(qs), carried by the checkpoint
+    season: bool = False  # also where each past day lies in the year (cube.SEASON_INPUTS, from the dates)
     forcings: list[str] = field(default_factory=list)  # on the lead days: known ahead (a rain forecast)
     predict_delta: bool = True  # forecast the change from the last day: untrained = persistence
     linear_response: bool = True  # that change linear in physical units, with gains set per pixel (needs predict_delta)
@@ -511,6 +512,8 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         maps[CLIMATOLOGY_MAP] = (Checkpoint(resume_state).maps[CLIMATOLOGY_MAP] if resume_state is not None
                                  else climatology_map(ds, splits["train"]))
         variables.append(CLIMATOLOGY_MAP)
+    if config.season:
+        variables.extend(SEASON_INPUTS)
     spec = WindowSpec(config.input_days, tuple(config.leads), tuple(variables), tuple(config.forcings))
     issues = {name: window_issues(ds, split, spec) for name, split in splits.items()}
     for name in ("train", "val"):
