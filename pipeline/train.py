@@ -21,6 +21,7 @@ import csv
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube
                    make_splits, open_cube)
 from .device import autocast_for, grad_scaler, keep_freed_memory, loader_batches, queue_marker
 from .distributed import Ranks, data_parallel
-from .errors import RunoffError
+from .errors import RunoffError, RunoffWarning
 from .ingest import ensure_cube
 from .model import QUANTILES, ConvLSTMForecaster, quantile_levels, to_physical
 from .plots import plot_loss_curves
@@ -50,6 +51,9 @@ from .verify import skill, spread_skill_ratio
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
                      "forcings", "predict_delta", "linear_response", "probabilistic", "quantile_location",
                      "climatology_map", "season")
+
+# Training years below which --season warns: with fewer the day of year names a few storms, not a season.
+SEASON_YEARS = 3
 
 # What a checkpoint older than a setting did, where that differs from the setting's default.
 _BEFORE_THE_SETTING = {"linear_response": False, "ema_decay": 0.0, "quantile_location": False}
@@ -514,6 +518,11 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         variables.append(CLIMATOLOGY_MAP)
     if config.season:
         variables.extend(SEASON_INPUTS)
+        years = ((splits["train"].end - splits["train"].start).days + 1) / 365.25
+        if years < SEASON_YEARS and resume_state is None and ranks.is_main:
+            warnings.warn(f"--season with {years:.1f} years of training days: on records shorter than "
+                          f"{SEASON_YEARS} years it lost skill in every measurement (docs/skill.md); compare with "
+                          "a run without it", RunoffWarning, stacklevel=2)
     spec = WindowSpec(config.input_days, tuple(config.leads), tuple(variables), tuple(config.forcings))
     issues = {name: window_issues(ds, split, spec) for name, split in splits.items()}
     for name in ("train", "val"):

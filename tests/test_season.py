@@ -90,3 +90,12 @@ def test_predict_and_evaluate_compute_the_season_from_the_dates(season_run, tmp_
                      "--output_dir", tmp_path / "eval")
     assert result.status == 0, result.err
     assert "covariates: season_cos, season_sin" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def test_a_short_record_is_warned_about(season_run, tmp_path, run_cli):
+    result = run_cli("train", "--data_dir", season_run / "qs.zarr", "--epochs", "1", "--batch_size", "4",
+                     "--hidden_channels", "4", "--patch", "16", "--season", "--checkpoint_dir", tmp_path / "ckpt",
+                     "--output_dir", tmp_path / "out")
+    assert result.status == 0, result.err
+    warning = [line for line in result.err.splitlines() if "--season" in line]
+    assert len(warning) == 1 and "0.2 years of training days" in warning[0], result.err
