@@ -64,6 +64,17 @@ def series_copy(series_dir, tmp_path) -> Path:
     return dst
 
 
+def predict_and_evaluate(run_cli, weights: Path, cube: Path, out: Path) -> tuple[int, str]:
+    """``runoff predict --last`` and ``runoff evaluate`` of ``weights`` on ``cube``, both
+    asserted to succeed: the number of forecast GeoTIFFs written, and metrics.md's text."""
+    result = run_cli("predict", "--weights_path", weights, "--input_dir", cube, "--output_dir", out / "pred",
+                     "--last", "--max_plots", "0")
+    assert result.status == 0, result.err
+    result = run_cli("evaluate", "--weights_path", weights, "--data_dir", cube, "--output_dir", out / "eval")
+    assert result.status == 0, result.err
+    return len(list((out / "pred").glob("QS_*.tif"))), (out / "eval" / "metrics.md").read_text()
+
+
 def synthetic_cube(root: Path, days: int, height: int, width: int, seed: int) -> str:
     """Write a synthetic series under ``root/in`` and ingest it into ``root/qs.zarr``."""
     from pipeline.ingest import ingest

@@ -11,7 +11,7 @@ from pipeline.cube import SEASON_INPUTS, cube_dates, make_splits, normalise, ope
 from pipeline.inference import window_inputs
 from pipeline.sampler import WindowSampler, WindowSpec, window_issues
 
-from .conftest import synthetic_cube
+from .conftest import predict_and_evaluate, synthetic_cube
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +81,9 @@ def test_season_statistics_are_the_same_from_one_block_or_many(season_run):
 
 
 def test_predict_and_evaluate_compute_the_season_from_the_dates(season_run, tmp_path, run_cli):
-    weights = season_run / "ckpt" / "best.pth"
-    result = run_cli("predict", "--weights_path", weights, "--input_dir", season_run / "qs.zarr",
-                     "--output_dir", tmp_path / "pred", "--last", "--max_plots", "0")
-    assert result.status == 0, result.err
-    assert len(list((tmp_path / "pred").glob("QS_*.tif"))) == 2
-    result = run_cli("evaluate", "--weights_path", weights, "--data_dir", season_run / "qs.zarr",
-                     "--output_dir", tmp_path / "eval")
-    assert result.status == 0, result.err
-    assert "covariates: season_cos, season_sin" in (tmp_path / "eval" / "metrics.md").read_text()
+    written, metrics = predict_and_evaluate(run_cli, season_run / "ckpt" / "best.pth", season_run / "qs.zarr",
+                                            tmp_path)
+    assert written == 2 and "covariates: season_cos, season_sin" in metrics
 
 
 def test_a_short_record_is_warned_about(season_run, tmp_path, run_cli):

@@ -15,7 +15,7 @@ from pipeline.cube import open_cube, read_cube_info
 from pipeline.ingest import ingest_static
 from pipeline.synth import upstream_area, write_series
 
-from .conftest import one_error_line, tree_digest
+from .conftest import one_error_line, predict_and_evaluate, tree_digest
 
 H, W, SEED = 24, 32, 3
 
@@ -210,15 +210,9 @@ def test_the_checkpoint_carries_the_training_days_climatology_map(area_run, clim
 
 
 def test_predict_and_evaluate_take_the_map_from_the_checkpoint(area_run, climatology_run, tmp_path, run_cli):
-    weights = climatology_run / "ckpt" / "best.pth"
-    result = run_cli("predict", "--weights_path", weights, "--input_dir", area_run / "qs.zarr",
-                     "--output_dir", tmp_path / "pred", "--last", "--max_plots", "0")
-    assert result.status == 0, result.err
-    assert len(list((tmp_path / "pred").glob("QS_*.tif"))) == 2
-    result = run_cli("evaluate", "--weights_path", weights, "--data_dir", area_run / "qs.zarr",
-                     "--output_dir", tmp_path / "eval")
-    assert result.status == 0, result.err
-    assert "covariates: qs_climatology" in (tmp_path / "eval" / "metrics.md").read_text()
+    written, metrics = predict_and_evaluate(run_cli, climatology_run / "ckpt" / "best.pth", area_run / "qs.zarr",
+                                            tmp_path)
+    assert written == 2 and "covariates: qs_climatology" in metrics
 
 
 def test_a_resumed_run_keeps_its_climatology_map(area_run, climatology_run, tmp_path, run_cli):
