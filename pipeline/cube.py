@@ -266,7 +266,7 @@ SEASON_INPUTS = ("season_cos", "season_sin")  # the inputs `runoff train --seaso
 
 def season_values(ds: xr.Dataset, name: str) -> np.ndarray:
     """Input ``name`` of :data:`SEASON_INPUTS` on every day of the cube, float32 ``(time,)``:
-    1 + cos and 1 + sin of the day's angle in the year (its day of year over 365.25 turns).
+    1 + cos and 1 + sin of the day's angle in the year, 2 pi (day of year - 1) / 365.25.
 
     The same on every pixel, they tell the network the season, which a few past days of
     runoff do not (snow melts in spring, monsoons start in June). Shifted by 1 so that they
