@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pipeline.cli import name_list
-from pipeline.cube import cube_dates, make_splits, normalisation_stats, open_cube
+from pipeline.cube import SEASON_INPUTS, cube_dates, make_splits, normalisation_stats, open_cube
 from pipeline.ingest import ingest
 from pipeline.sampler import WindowSampler, WindowSpec, window_issues
 from pipeline.synth import write_series
@@ -129,5 +129,5 @@ def covariates_note(args: argparse.Namespace) -> str:
     """The words a skill table's heading gives ``--covariates``, ``--climatology_map`` and
     ``--season``: none when there are none."""
     names = [*args.covariates, *(["qs_climatology (the training days' map)"] if args.climatology_map else []),
-             *(["season_cos,season_sin (the day of year)"] if args.season else [])]
+             *([f"{','.join(SEASON_INPUTS)} (the day of year)"] if args.season else [])]
     return f"; covariates (past days): {','.join(names)}" if names else ""

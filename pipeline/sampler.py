@@ -346,9 +346,9 @@ class WindowSampler(IterableDataset):
         days = [i for i, d in enumerate(dates) if split.contains(d)]
         blocks = self._my_blocks(np.random.default_rng(0))
         if len(blocks) != 1 or not days or not blocks[0][0] <= days[0] <= days[-1] <= blocks[0][1]:
-            in_cube = [name for name in self.spec.inputs if name not in self.maps and name not in SEASON_INPUTS]
             in_memory = {**self.maps, **{name: season_values(self.ds, name)[days]
                                          for name in self.spec.inputs if name in SEASON_INPUTS}}
+            in_cube = [name for name in self.spec.inputs if name not in in_memory]
             self.stats = {**normalisation_stats(self.ds, in_cube, split),
                           **{name: map_stats(name, values, split) for name, values in in_memory.items()}}
             return self.stats
