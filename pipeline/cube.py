@@ -281,9 +281,36 @@ def season_values(ds: xr.Dataset, name: str) -> np.ndarray:
     return (1 + wave(angle)).astype(np.float32)
 
 
+def held_input(ds: xr.Dataset, name: str, maps: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
+    """Input ``name`` when it is not read day by day from the cube ``ds``, float32, as values
+    that broadcast against ``(time, y, x)``; None for a daily variable of the cube.
+
+    Inputs come from three places besides the cube's daily variables, and this is the one
+    place that tells them apart: a static map held in ``maps`` (the checkpoint's climatology
+    map) or stored in the cube, as ``(1, y, x)``; an input of :data:`SEASON_INPUTS`, computed
+    from the dates, as ``(time, 1, 1)``. :func:`held_days` takes their days.
+
+    >>> days = xr.Dataset(coords={"time": np.array(["2001-01-01", "2001-04-02"], "datetime64[ns]")})
+    >>> held_input(days, "season_sin").shape, held_input(days, "dem", {"dem": np.ones((3, 4))}).shape
+    ((2, 1, 1), (1, 3, 4))
+    """
+    if maps and name in maps:
+        return np.asarray(maps[name], np.float32)[None]
+    if name in SEASON_INPUTS:
+        return season_values(ds, name)[:, None, None]
+    if is_static(ds, name):
+        return np.asarray(ds[name].values, np.float32)[None]
+    return None
+
+
+def held_days(values: np.ndarray, days: slice | np.ndarray) -> np.ndarray:
+    """The days ``days`` (time indices) of a :func:`held_input`: a static map is every day's."""
+    return values if values.shape[0] == 1 else values[days]
+
+
 def map_stats(name: str, values: np.ndarray, train: Split) -> dict[str, float]:
-    """:func:`normalisation_stats` of values held in memory: a static map (the same on every
-    day) or the training days of a :data:`SEASON_INPUTS` input (the same on every pixel)."""
+    """:func:`normalisation_stats` of values held in memory (:func:`held_input` on the
+    training days): a static map, or a :data:`SEASON_INPUTS` input on each training day."""
     valid = values[~np.isnan(values)]
     if not valid.size:
         return checked_stats(name, np.nan, np.nan, train)

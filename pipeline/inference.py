@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 
 from .checkpoint import Checkpoint
-from .cube import SEASON_INPUTS, TARGET, denormalise, is_static, normalise, season_values
+from .cube import TARGET, denormalise, held_days, held_input, normalise
 from .device import autocast_for, keep_freed_memory, pick_device
 from .errors import RunoffError
 from .model import ConvLSTMForecaster
@@ -97,16 +97,12 @@ def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devi
 def read_days(ds: xr.Dataset, name: str, first: int, last: int, maps: dict[str, np.ndarray] | None = None
               ) -> np.ndarray:
     """Days ``first..last`` (time indices, inclusive) of variable ``name``, as stored (T, H, W);
-    a static map (of the cube, or of ``maps`` held in memory) is the same on every day, and
-    an input of :data:`~pipeline.cube.SEASON_INPUTS` the same on every pixel."""
-    if name in SEASON_INPUTS:
-        values = season_values(ds, name)[first:last + 1]
-        return np.broadcast_to(values[:, None, None], (values.size, ds.sizes["y"], ds.sizes["x"]))
-    static = (maps or {}).get(name)
-    if static is None and is_static(ds, name):
-        static = np.asarray(ds[name].data)
-    if static is not None:
-        return np.broadcast_to(static, (last - first + 1, *static.shape))
+    an input not stored day by day (:func:`~pipeline.cube.held_input`: a static map, of the
+    cube or of ``maps`` held in memory, or a season input) broadcast over the days and grid."""
+    held = held_input(ds, name, maps)
+    if held is not None:
+        return np.broadcast_to(held_days(held, slice(first, last + 1)),
+                               (last - first + 1, ds.sizes["y"], ds.sizes["x"]))
     return np.asarray(ds[name].data[first:last + 1])
 
 

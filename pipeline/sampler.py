@@ -42,8 +42,8 @@ import zarr
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from zarr.core.buffer import default_buffer_prototype
 
-from .cube import (SEASON_INPUTS, TARGET, Split, checked_stats, cube_dates, log_transform, map_stats,
-                   normalisation_stats, normalise, open_cube, season_values, standardise)
+from .cube import (TARGET, Split, checked_stats, cube_dates, held_days, held_input, log_transform, map_stats,
+                   normalisation_stats, normalise, open_cube, standardise)
 from .errors import RunoffError
 
 
@@ -168,24 +168,15 @@ def _transform_in_place(out: np.ndarray, valid: np.ndarray, transform: Callable[
     np.logical_not(missing, out=valid)
 
 
-def _read_static(source: zarr.Array | np.ndarray, out: np.ndarray, valid: np.ndarray,
-                 transform: Callable[..., np.ndarray]) -> None:
-    """A static ``(y, x)`` map (of the cube, or held in memory) into every day of ``out`` and
-    ``valid`` ``(T, H, W)``, transformed and masked as :func:`_read_region` does."""
-    if isinstance(source, np.ndarray):
-        out[0] = source
-        _transform_in_place(out[0], valid[0], transform)
-    else:
-        _read_region(source, (slice(None), slice(None)), out[0], valid[0], transform)
-    out[1:] = out[0]
-    valid[1:] = valid[0]
-
-
-def _read_daily(values: np.ndarray, out: np.ndarray, valid: np.ndarray, transform: Callable[..., np.ndarray]) -> None:
-    """One value per day ``(T,)`` on every pixel of ``out`` and ``valid`` ``(T, H, W)``,
-    transformed as :func:`_read_region` does."""
-    out[...] = values[:, None, None]
-    _transform_in_place(out, valid, transform)
+def _read_held(values: np.ndarray, out: np.ndarray, valid: np.ndarray, transform: Callable[..., np.ndarray]) -> None:
+    """Values held in memory that broadcast against ``out`` and ``valid`` ``(T, H, W)`` (a
+    static map, one value per day: :func:`~pipeline.cube.held_input`), transformed and
+    masked as :func:`_read_region` does, once at their own shape before the broadcast."""
+    values = np.array(values, np.float32)
+    held_valid = np.empty(values.shape, bool)
+    _transform_in_place(values, held_valid, transform)
+    out[...] = values
+    valid[...] = held_valid
 
 
 class WindowSampler(IterableDataset):
@@ -213,6 +204,7 @@ class WindowSampler(IterableDataset):
         self._ds: xr.Dataset | None = None
         self._group: zarr.Group | None = None  # the same store, for reading blocks straight from Zarr
         self._cached: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None  # reused next epoch
+        self._held: dict[str, np.ndarray | None] = {}  # held_input of each input, looked up once
 
     @property
     def epoch(self) -> int:
@@ -232,6 +224,7 @@ class WindowSampler(IterableDataset):
         state = dict(self.__dict__)
         state["_ds"] = state["_group"] = None  # each worker process opens the store itself
         state["_cached"] = None
+        state["_held"] = {}
         return state
 
     @property
@@ -243,6 +236,12 @@ class WindowSampler(IterableDataset):
             chunks = block_chunks(stored.shape, stored.chunks, self.task_bytes)
             self._ds = open_cube(self.store, self.storage_options, chunks=chunks)
         return self._ds
+
+    def held(self, name: str) -> np.ndarray | None:
+        """Input ``name`` when it is not read day by day from the cube (:func:`~pipeline.cube.held_input`)."""
+        if name not in self._held:
+            self._held[name] = held_input(self.ds, name, self.maps)
+        return self._held[name]
 
     def blocks(self) -> list[np.ndarray]:
         """Issue days grouped so that one block's days fit in ``block_bytes``."""
@@ -295,16 +294,12 @@ class WindowSampler(IterableDataset):
         tasks = []
         for v, name in enumerate(self.spec.inputs):
             fill = transform(name)
-            if name in SEASON_INPUTS:  # computed from the dates, not stored
-                tasks.append(dask.delayed(_read_daily)(season_values(ds, name)[first:last + 1], data[:, v],
-                                                       valid[:, v], fill))
+            held = self.held(name)
+            if held is not None:
+                tasks.append(dask.delayed(_read_held)(held_days(held, slice(first, last + 1)), data[:, v],
+                                                      valid[:, v], fill))
                 continue
-            array = self.maps.get(name)
-            if array is None:
-                array = self._group[name]  # one metadata lookup per variable, not per task
-            if array.ndim == 2:  # a static map: decoded once, the same on every day of the block
-                tasks.append(dask.delayed(_read_static)(array, data[:, v], valid[:, v], fill))
-                continue
+            array = self._group[name]  # one metadata lookup per variable, not per task
             for days, rows, cols in da.core.slices_from_chunks(ds[name].data[first:last + 1].chunks):
                 stored = (slice(first + days.start, first + days.stop), rows, cols)
                 tasks.append(dask.delayed(_read_region)(array, stored, data[days, v, rows, cols],
@@ -346,8 +341,8 @@ class WindowSampler(IterableDataset):
         days = [i for i, d in enumerate(dates) if split.contains(d)]
         blocks = self._my_blocks(np.random.default_rng(0))
         if len(blocks) != 1 or not days or not blocks[0][0] <= days[0] <= days[-1] <= blocks[0][1]:
-            in_memory = {**self.maps, **{name: season_values(self.ds, name)[days]
-                                         for name in self.spec.inputs if name in SEASON_INPUTS}}
+            in_memory = {name: held_days(self.held(name), np.asarray(days))
+                         for name in self.spec.inputs if self.held(name) is not None}
             in_cube = [name for name in self.spec.inputs if name not in in_memory]
             self.stats = {**normalisation_stats(self.ds, in_cube, split),
                           **{name: map_stats(name, values, split) for name, values in in_memory.items()}}
