@@ -170,7 +170,7 @@ def _transform_in_place(out: np.ndarray, valid: np.ndarray, transform: Callable[
 
 def _read_held(values: np.ndarray, out: np.ndarray, valid: np.ndarray, transform: Callable[..., np.ndarray]) -> None:
     """Values held in memory that broadcast against ``out`` and ``valid`` ``(T, H, W)`` (a
-    static map, one value per day: :func:`~pipeline.cube.held_input`), transformed and
+    static map, or one value per day: :func:`~pipeline.cube.held_input`), transformed and
     masked as :func:`_read_region` does, once at their own shape before the broadcast."""
     values = np.array(values, np.float32)
     held_valid = np.empty(values.shape, bool)
@@ -341,7 +341,7 @@ class WindowSampler(IterableDataset):
         days = [i for i, d in enumerate(dates) if split.contains(d)]
         blocks = self._my_blocks(np.random.default_rng(0))
         if len(blocks) != 1 or not days or not blocks[0][0] <= days[0] <= days[-1] <= blocks[0][1]:
-            in_memory = {name: held_days(self.held(name), np.asarray(days))
+            in_memory = {name: held_days(self.held(name), np.asarray(days, np.int64))
                          for name in self.spec.inputs if self.held(name) is not None}
             in_cube = [name for name in self.spec.inputs if name not in in_memory]
             self.stats = {**normalisation_stats(self.ds, in_cube, split),
