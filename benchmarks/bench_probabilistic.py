@@ -1,10 +1,12 @@
 """The probabilistic model against its targets, as ``runoff evaluate`` scores it (test split),
-with the rain of the forecast days as a forcing (observed: a perfect forecast).
+with the rain of the forecast days as a forcing (observed: a perfect forecast), or (``--past_only``)
+with the past days only.
 
     python benchmarks/bench_probabilistic.py                  # synthetic river regime
     python benchmarks/bench_probabilistic.py --no-quantile_location   # quantiles centred, no MSE-trained centre
     python benchmarks/bench_probabilistic.py --cube stores/cwatm.zarr --patch 32 \\
         --train_end 2000-08-31 --val_end 2000-09-20       # a real cube (CWatM, monsoon split)
+    python benchmarks/bench_probabilistic.py --cube stores/vic.zarr --patch 10 --past_only   # a cube without rain
 
 Trains a deterministic and a probabilistic model with the same settings, evaluates both,
 and prints per lead: CRPS skill against the climatological and the persistence ensembles
@@ -74,6 +76,8 @@ def main() -> int:
                              "(default, as runoff train)")
     parser.add_argument("--calibration", default="spread_skill", choices=CALIBRATIONS,
                         help="how the spread factor is picked among the near-best by validation CRPS")
+    parser.add_argument("--past_only", action="store_true",
+                        help="no rain of the forecast days: the past days only (a cube without rain, such as VIC's)")
     args = parser.parse_args()
     leads = int_list(args.leads, "--leads")
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +86,8 @@ def main() -> int:
         runs = {}
         for name, probabilistic in (("deterministic", False), ("probabilistic", True)):
             config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
-                                 patch=args.patch, forcings=[args.rain], probabilistic=probabilistic,
+                                 patch=args.patch, forcings=[] if args.past_only else [args.rain],
+                                 probabilistic=probabilistic,
                                  quantile_location=args.quantile_location if probabilistic else None,
                                  calibration=args.calibration if probabilistic else "spread_skill",
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
@@ -99,8 +104,8 @@ def main() -> int:
         medians = median_mse(runs["probabilistic"][0].best_checkpoint, cube, leads)
     det, prob = runs["deterministic"][1].metrics, runs["probabilistic"][1].metrics
     ensemble = runs["probabilistic"][1].ensemble
-    print(f"{machine()}; cube: {described}; "
-          f"rain: {args.rain} (observed, a perfect forecast); {args.epochs} epochs max, patch {args.patch}"
+    rain = "no rain (past days only)" if args.past_only else f"rain: {args.rain} (observed, a perfect forecast)"
+    print(f"{machine()}; cube: {described}; {rain}; {args.epochs} epochs max, patch {args.patch}"
           + covariates_note(args)
           + ("; quantiles located off an MSE-trained centre" if args.quantile_location else "; quantiles centred")
           + f"; spread calibration: {args.calibration}")
