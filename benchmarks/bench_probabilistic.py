@@ -102,9 +102,10 @@ def main() -> int:
             print(f"{name}: {result.epochs_run} epochs (best {result.best_epoch}), {seconds:.0f} s",
                   file=sys.stderr)
         medians = median_mse(runs["probabilistic"][0].best_checkpoint, cube, leads)
+        forcings = read_checkpoint(runs["probabilistic"][0].best_checkpoint).forcings  # what the model was given
     det, prob = runs["deterministic"][1].metrics, runs["probabilistic"][1].metrics
     ensemble = runs["probabilistic"][1].ensemble
-    rain = "no rain (past days only)" if args.past_only else f"rain: {args.rain} (observed, a perfect forecast)"
+    rain = f"rain: {','.join(forcings)} (observed, a perfect forecast)" if forcings else "no rain (past days only)"
     print(f"{machine()}; cube: {described}; {rain}; {args.epochs} epochs max, patch {args.patch}"
           + covariates_note(args)
           + ("; quantiles located off an MSE-trained centre" if args.quantile_location else "; quantiles centred")
