@@ -80,14 +80,14 @@ def main() -> int:
                         help="no rain of the forecast days: the past days only (a cube without rain, such as VIC's)")
     args = parser.parse_args()
     leads = int_list(args.leads, "--leads")
+    forcings = [] if args.past_only else [args.rain]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cube, described = skill_cube(args, tmp)
         runs = {}
         for name, probabilistic in (("deterministic", False), ("probabilistic", True)):
             config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
-                                 patch=args.patch, forcings=[] if args.past_only else [args.rain],
-                                 probabilistic=probabilistic,
+                                 patch=args.patch, forcings=forcings, probabilistic=probabilistic,
                                  quantile_location=args.quantile_location if probabilistic else None,
                                  calibration=args.calibration if probabilistic else "spread_skill",
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
@@ -102,7 +102,6 @@ def main() -> int:
             print(f"{name}: {result.epochs_run} epochs (best {result.best_epoch}), {seconds:.0f} s",
                   file=sys.stderr)
         medians = median_mse(runs["probabilistic"][0].best_checkpoint, cube, leads)
-        forcings = read_checkpoint(runs["probabilistic"][0].best_checkpoint).forcings  # what the model was given
     det, prob = runs["deterministic"][1].metrics, runs["probabilistic"][1].metrics
     ensemble = runs["probabilistic"][1].ensemble
     rain = f"rain: {','.join(forcings)} (observed, a perfect forecast)" if forcings else "no rain (past days only)"
