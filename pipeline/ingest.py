@@ -169,16 +169,19 @@ def store_lock(store: str) -> Iterator[None]:
 
 
 def _recover_local(store: Path) -> None:
-    """Finish or undo a swap that a killed ingest left half done; drop stray temp files."""
+    """Finish or undo a swap that a killed ingest left half done; drop the temp files of
+    chunk writes it cut short, in the cube and in a half-built ``STORE.partial`` (which a
+    resumed run renames into place, strays included)."""
     replaced = store.with_name(store.name + ".replaced")
     if replaced.exists():
         if store.exists():
             shutil.rmtree(replaced)
         else:
             os.rename(replaced, store)
-    if store.exists():
-        for stray in store.rglob("*.partial"):
-            stray.unlink(missing_ok=True)
+    for cube in (store, store.with_name(store.name + ".partial")):
+        if cube.is_dir():
+            for stray in cube.rglob("*.partial"):
+                stray.unlink(missing_ok=True)
 
 
 def _date_axis(start: dt.date, end: dt.date) -> list[dt.date]:

@@ -172,6 +172,28 @@ def test_sigkill_mid_ingest_then_resume_equals_uninterrupted(tmp_path):
     _assert_same_cube(reference, store)
 
 
+def test_resumed_half_built_cube_drops_the_temp_files_of_cut_chunk_writes(series_dir, tmp_path, run_cli):
+    # A kill during a fresh build leaves STORE.partial with the temp file of a chunk write that
+    # zarr never renamed; the resumed run renames that folder into place, so it must clean it first.
+    first_half = tmp_path / "first_half"
+    first_half.mkdir()
+    for path in sorted(series_dir.glob("*.tif"))[:20]:
+        shutil.copy(path, first_half)
+    store = tmp_path / "qs.zarr"
+    assert run_cli("ingest", first_half, tmp_path / "built.zarr").status == 0
+    half_built = tmp_path / "qs.zarr.partial"
+    os.rename(tmp_path / "built.zarr", half_built)
+    chunk = next(p for p in (half_built / "qs" / "c").rglob("*") if p.is_file())
+    stray = chunk.with_name(f"{chunk.name}.5d41402abc4b2a76b9719d911017c592.partial")  # zarr's temp name
+    stray.write_bytes(b"half a chunk")
+
+    result = run_cli("ingest", series_dir, store)
+    assert result.status == 0, result.err
+    assert not half_built.exists() and not list(store.rglob("*.partial"))
+    assert run_cli("ingest", series_dir, tmp_path / "reference.zarr").status == 0
+    _assert_same_cube(tmp_path / "reference.zarr", store)
+
+
 def test_second_writer_is_refused_by_the_lock(series_dir, tmp_path, run_cli):
     store = tmp_path / "qs.zarr"
     assert run_cli("ingest", series_dir, store).status == 0
