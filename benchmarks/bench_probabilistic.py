@@ -87,7 +87,7 @@ def main() -> int:
         runs = {}
         for name, probabilistic in (("deterministic", False), ("probabilistic", True)):
             config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
-                                 patch=args.patch, forcings=forcings, probabilistic=probabilistic,
+                                 hidden_channels=[args.hidden_channels] * args.num_layers, patch=args.patch, forcings=forcings, probabilistic=probabilistic,
                                  quantile_location=args.quantile_location if probabilistic else None,
                                  calibration=args.calibration if probabilistic else "spread_skill",
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
@@ -105,7 +105,8 @@ def main() -> int:
     det, prob = runs["deterministic"][1].metrics, runs["probabilistic"][1].metrics
     ensemble = runs["probabilistic"][1].ensemble
     rain = f"rain: {','.join(forcings)} (observed, a perfect forecast)" if forcings else "no rain (past days only)"
-    print(f"{machine()}; cube: {described}; {rain}; {args.epochs} epochs max, patch {args.patch}"
+    print(f"{machine()}; cube: {described}; {rain}; {args.epochs} epochs max, "
+          f"{args.num_layers} x {args.hidden_channels} hidden, patch {args.patch}"
           + covariates_note(args)
           + ("; quantiles located off an MSE-trained centre" if args.quantile_location else "; quantiles centred")
           + f"; spread calibration: {args.calibration}")

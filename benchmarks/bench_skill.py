@@ -34,8 +34,6 @@ def main() -> int:
     p = skill_parser(__doc__)
     p.add_argument("--runs", default="rain,forecast,past", help="rain, forecast (noisy rain), past")
     p.add_argument("--rain_forecast", default="rainf_fc", help="its noisy forecast (synthetic cube)")
-    p.add_argument("--hidden_channels", type=int, default=16)
-    p.add_argument("--num_layers", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--linear_response", action=argparse.BooleanOptionalAction, default=True,

@@ -99,7 +99,8 @@ def skill_cube(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
 
 def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     """The options the skill benchmarks share: the cube (a real one, or a synthetic regime
-    and its size), its rain, the leads, the training length and patch, the splits, the seed."""
+    and its size), its rain, the leads, the model's size, the training length and patch, the
+    splits, the seed."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cube", help="a cube to measure on (default: a synthetic cube of --regime)")
     p.add_argument("--regime", default="river", choices=("river", "cells"), help="the synthetic regime")
@@ -114,6 +115,8 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=48)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--leads", default="1-6", help="1-6 or 1,2,6")
+    p.add_argument("--hidden_channels", type=int, default=16, help="hidden channels per ConvLSTM layer")
+    p.add_argument("--num_layers", type=int, default=1, help="ConvLSTM layers")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--patience", type=int, default=6)
     p.add_argument("--patch", type=int, default=64)
