@@ -87,7 +87,8 @@ def main() -> int:
         runs = {}
         for name, probabilistic in (("deterministic", False), ("probabilistic", True)):
             config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
-                                 hidden_channels=[args.hidden_channels] * args.num_layers, patch=args.patch, forcings=forcings, probabilistic=probabilistic,
+                                 hidden_channels=[args.hidden_channels] * args.num_layers, patch=args.patch,
+                                 forcings=forcings, probabilistic=probabilistic,
                                  quantile_location=args.quantile_location if probabilistic else None,
                                  calibration=args.calibration if probabilistic else "spread_skill",
                                  train_end=args.train_end, val_end=args.val_end, seed=args.seed,
