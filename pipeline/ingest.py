@@ -168,6 +168,11 @@ def store_lock(store: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _half_built(store: str) -> str:
+    """Where a fresh local cube is built before it is renamed into place at ``store``."""
+    return store + ".partial"
+
+
 def _recover_local(store: Path) -> None:
     """Finish or undo a swap that a killed ingest left half done; drop the temp files of
     chunk writes it cut short, in the cube and in a half-built ``STORE.partial`` (which a
@@ -178,7 +183,7 @@ def _recover_local(store: Path) -> None:
             shutil.rmtree(replaced)
         else:
             os.rename(replaced, store)
-    for cube in (store, store.with_name(store.name + ".partial")):
+    for cube in (store, Path(_half_built(str(store)))):
         if cube.is_dir():
             for stray in cube.rglob("*.partial"):
                 stray.unlink(missing_ok=True)
@@ -646,7 +651,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         if rebuild and is_url(store) and info is not None:
             raise RunoffError(f"{store}: new days before the cube's first day ({info.start}) need a rebuild, "
                               f"which is supported on local stores only; ingest into a new store")
-        target = store if (info is not None and not rebuild) or is_url(store) else store + ".partial"
+        target = store if (info is not None and not rebuild) or is_url(store) else _half_built(store)
         all_vars = sorted(set(readers) | (set(info.variables) if info else set()))
         attrs = dict(days.attrs)
         if info is not None:
