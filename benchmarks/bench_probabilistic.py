@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import covariates_note, machine, skill_cube, skill_parser  # noqa: E402
+from common import covariates_note, machine, skill_cube, skill_parser, skill_train_config  # noqa: E402
 
 from pipeline.checkpoint import read_checkpoint  # noqa: E402
 from pipeline.cli import int_list  # noqa: E402
@@ -37,7 +37,7 @@ from pipeline.cube import TARGET, open_cube  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.inference import Forecaster, quantile_maps, read_days  # noqa: E402
 from pipeline.sampler import WindowSpec, window_issues  # noqa: E402
-from pipeline.train import CALIBRATIONS, TrainConfig, train  # noqa: E402
+from pipeline.train import CALIBRATIONS, train  # noqa: E402
 from pipeline.verify import RELIABILITY_ROWS, reliability_gap  # noqa: E402
 
 
@@ -86,15 +86,9 @@ def main() -> int:
         cube, described = skill_cube(args, tmp)
         runs = {}
         for name, probabilistic in (("deterministic", False), ("probabilistic", True)):
-            config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
-                                 hidden_channels=[args.hidden_channels] * args.num_layers, patch=args.patch,
-                                 forcings=forcings, probabilistic=probabilistic,
-                                 quantile_location=args.quantile_location if probabilistic else None,
-                                 calibration=args.calibration if probabilistic else "spread_skill",
-                                 train_end=args.train_end, val_end=args.val_end, seed=args.seed,
-                                 ema_decay=args.ema_decay,
-                                 covariates=args.covariates, climatology_map=args.climatology_map, season=args.season,
-                                 checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
+            config = skill_train_config(args, cube, leads, tmp / name, forcings=forcings, probabilistic=probabilistic,
+                                        quantile_location=args.quantile_location if probabilistic else None,
+                                        calibration=args.calibration if probabilistic else "spread_skill")
             started = time.perf_counter()
             result = train(config)
             seconds = time.perf_counter() - started

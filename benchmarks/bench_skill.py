@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import covariates_note, machine, skill_cube, skill_parser  # noqa: E402
+from common import covariates_note, machine, skill_cube, skill_parser, skill_train_config  # noqa: E402
 
 from pipeline.cli import int_list  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.train import TrainConfig, train  # noqa: E402
+from pipeline.train import train  # noqa: E402
 
 
 def main() -> int:
@@ -48,14 +48,8 @@ def main() -> int:
         table = {}
         for name in chosen:
             started = time.perf_counter()
-            config = TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
-                                 hidden_channels=[args.hidden_channels] * args.num_layers, patch=args.patch,
-                                 batch_size=args.batch_size,
-                                 lr=args.lr, linear_response=args.linear_response, forcings=runs[name],
-                                 train_end=args.train_end, val_end=args.val_end, seed=args.seed,
-                                 ema_decay=args.ema_decay,
-                                 covariates=args.covariates, climatology_map=args.climatology_map, season=args.season,
-                                 checkpoint_dir=str(tmp / name / "ckpt"), output_dir=str(tmp / name / "out"))
+            config = skill_train_config(args, cube, leads, tmp / name, batch_size=args.batch_size, lr=args.lr,
+                                        linear_response=args.linear_response, forcings=runs[name])
             result = train(config)
             report = evaluate(result.best_checkpoint, cube, split="test", output_dir=tmp / name / "eval")
             table[name] = report.metrics

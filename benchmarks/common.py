@@ -128,6 +128,17 @@ def skill_parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def skill_train_config(args: argparse.Namespace, cube: str, leads: list[int], folder: Path,
+                       **settings) -> TrainConfig:
+    """The training run that the options of :func:`skill_parser` describe, writing its
+    checkpoints and outputs under ``folder``; ``settings`` are the benchmark's own."""
+    return TrainConfig(data_dir=cube, epochs=args.epochs, patience=args.patience, leads=leads,
+                       hidden_channels=[args.hidden_channels] * args.num_layers, patch=args.patch,
+                       train_end=args.train_end, val_end=args.val_end, seed=args.seed, ema_decay=args.ema_decay,
+                       covariates=args.covariates, climatology_map=args.climatology_map, season=args.season,
+                       checkpoint_dir=str(folder / "ckpt"), output_dir=str(folder / "out"), **settings)
+
+
 def covariates_note(args: argparse.Namespace) -> str:
     """The words a skill table's heading gives ``--covariates``, ``--climatology_map`` and
     ``--season``: none when there are none."""
