@@ -4,6 +4,8 @@ with the past days only.
 
     python benchmarks/bench_probabilistic.py                  # synthetic river regime
     python benchmarks/bench_probabilistic.py --no-quantile_location   # quantiles centred, no MSE-trained centre
+    python benchmarks/bench_probabilistic.py --days 2922 --train_end 2024-12-31 --val_end 2025-12-31 \
+        --epochs 10 --calibrate_levels       # eight years, the quantiles' levels calibrated on a whole year
     python benchmarks/bench_probabilistic.py --cube stores/cwatm.zarr --patch 32 \\
         --train_end 2000-08-31 --val_end 2000-09-20       # a real cube (CWatM, monsoon split)
     python benchmarks/bench_probabilistic.py --cube stores/vic.zarr --patch 10 --past_only   # a cube without rain
@@ -76,6 +78,8 @@ def main() -> int:
                              "(default, as runoff train)")
     parser.add_argument("--calibration", default="spread_skill", choices=CALIBRATIONS,
                         help="how the spread factor is picked among the near-best by validation CRPS")
+    parser.add_argument("--calibrate_levels", action="store_true",
+                        help="then the quantiles' levels per flow class, as runoff train --calibrate_levels")
     parser.add_argument("--past_only", action="store_true",
                         help="no rain of the forecast days: the past days only (a cube without rain, such as VIC's)")
     args = parser.parse_args()
@@ -88,7 +92,8 @@ def main() -> int:
         for name, probabilistic in (("deterministic", False), ("probabilistic", True)):
             config = skill_train_config(args, cube, leads, tmp / name, forcings=forcings, probabilistic=probabilistic,
                                         quantile_location=args.quantile_location if probabilistic else None,
-                                        calibration=args.calibration if probabilistic else "spread_skill")
+                                        calibration=args.calibration if probabilistic else "spread_skill",
+                                        calibrate_levels=args.calibrate_levels and probabilistic)
             started = time.perf_counter()
             result = train(config)
             seconds = time.perf_counter() - started
@@ -104,7 +109,8 @@ def main() -> int:
           f"{args.num_layers} x {args.hidden_channels} hidden, patch {args.patch}"
           + covariates_note(args)
           + ("; quantiles located off an MSE-trained centre" if args.quantile_location else "; quantiles centred")
-          + f"; spread calibration: {args.calibration}")
+          + f"; spread calibration: {args.calibration}"
+          + ("; levels calibrated per flow class" if args.calibrate_levels else ""))
     print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "
           "| median MSE / deterministic | mean MSE / deterministic | reliability gap beyond the 5-95% band "
           "| MSE skill vs persistence: deterministic, mean |")

@@ -29,7 +29,10 @@ mean is the deterministic forecast. A buffer ``spread_scale`` (one factor per le
 while training) widens or narrows them around their centre once training has calibrated
 it on the validation split. With ``quantile_location`` the quantiles sit off the centre by a
 location output of their own: the centre is then trained apart (by the MSE, as a
-deterministic model's), and ``forward(..., with_centre=True)`` returns it before them.
+deterministic model's), and ``forward(..., with_centre=True)`` returns it before them. A
+``level_calibration`` (fitted on the validation split after training, see
+:meth:`ConvLSTMForecaster.set_level_calibration`) then reads each pixel's quantiles at the
+levels the truth reached on validation pixels of a like median, per lead.
 
 Example
 -------
@@ -132,6 +135,8 @@ class ModelConfig:
     linear_response: bool = False  # the change as a linear response in physical units (needs stats)
     stats: list[dict[str, float]] = field(default_factory=list)  # mean, std, rms: target, then each forcing
     quantile_location: bool = False  # quantiles placed by a location of their own, off the centre
+    # per lead: {"centres": K medians (normalised), "levels": K x Q levels the quantiles are read at}
+    level_calibration: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,7 +160,8 @@ class ConvLSTMForecaster(nn.Module):
                  num_layers: int = 1, leads: int = 1, predict_delta: bool = True, head_kernel: int = 5,
                  forcing_channels: int = 0, forcing_scales: Sequence[int] = (1, 9, 33, 65),
                  quantiles: int = 0, linear_response: bool = False,
-                 stats: Sequence[dict[str, float]] = (), quantile_location: bool = False) -> None:
+                 stats: Sequence[dict[str, float]] = (), quantile_location: bool = False,
+                 level_calibration: Sequence[dict] = ()) -> None:
         super().__init__()
         hidden = [hidden_channels] * num_layers if isinstance(hidden_channels, int) else list(hidden_channels)
         if not hidden or min(hidden) < 1 or leads < 1 or in_channels < 1:
@@ -190,6 +196,7 @@ class ConvLSTMForecaster(nn.Module):
             nn.init.zeros_(self.head[-1].bias)
         if quantiles:  # per lead, a factor on the quantiles' spread, calibrated after training
             self.register_buffer("spread_scale", torch.ones(leads))
+        self.set_level_calibration(level_calibration)
 
     @classmethod
     def from_config(cls, config: dict) -> "ConvLSTMForecaster":
@@ -197,7 +204,38 @@ class ConvLSTMForecaster(nn.Module):
         return cls(cfg.in_channels, cfg.hidden_channels, cfg.kernel_size, leads=cfg.leads,
                    predict_delta=cfg.predict_delta, head_kernel=cfg.head_kernel, forcing_channels=cfg.forcing_channels,
                    forcing_scales=cfg.forcing_scales, quantiles=cfg.quantiles,
-                   linear_response=cfg.linear_response, stats=cfg.stats, quantile_location=cfg.quantile_location)
+                   linear_response=cfg.linear_response, stats=cfg.stats, quantile_location=cfg.quantile_location,
+                   level_calibration=cfg.level_calibration)
+
+    def set_level_calibration(self, calibration: Sequence[dict]) -> None:
+        """Per lead, ``{"centres": [K], "levels": [K][Q]}``: a pixel whose median (normalised,
+        the mean of the two middle quantiles) lies at a class centre has its quantiles read
+        at that class's Q increasing levels in (0, 1) (linear between its own quantiles, and
+        beyond the outer two), between centres at levels interpolated linearly. Empty: none.
+        The calibration goes into :attr:`config`, so checkpoints carry it."""
+        calibration = [{"centres": [float(c) for c in lead["centres"]],
+                        "levels": [[float(v) for v in row] for row in lead["levels"]]} for lead in calibration]
+        q = self.config.quantiles
+        if calibration and (not q or len(calibration) != self.config.leads or any(
+                not lead["centres"] or len(lead["levels"]) != len(lead["centres"])
+                or any(len(row) != q for row in lead["levels"]) for lead in calibration)):
+            raise ValueError(f"a level calibration needs, per lead ({self.config.leads}), K class centres and "
+                             f"K rows of {q} levels")
+        self.config.level_calibration = calibration
+        if not calibration:
+            self.register_buffer("level_centres", None, persistent=False)
+            self.register_buffer("level_rows", None, persistent=False)
+            return
+        classes = max(len(lead["centres"]) for lead in calibration) + 1  # at least two: one to interpolate to
+        centres, levels = [], []
+        for lead in calibration:  # padded to one size: repeated last classes further up
+            extra = classes - len(lead["centres"])
+            top = lead["centres"][-1]
+            centres.append(lead["centres"] + [top + 1.0 + k for k in range(extra)])
+            levels.append(lead["levels"] + [lead["levels"][-1]] * extra)
+        device = self.head[-1].weight.device
+        self.register_buffer("level_centres", torch.tensor(centres, device=device), persistent=False)
+        self.register_buffer("level_rows", torch.tensor(levels, device=device), persistent=False)
 
     def receptive_radius(self, input_days: int) -> int:
         """How far (pixels) an output pixel sees: every step of every layer widens the
@@ -248,7 +286,25 @@ class ConvLSTMForecaster(nn.Module):
         offsets = torch.cat([torch.zeros_like(centre), steps.cumsum(dim=2)], dim=2)
         spread = self.spread_scale.to(out.dtype).view(1, -1, 1, 1, 1)
         quantiles = location + spread * (offsets - offsets.mean(dim=2, keepdim=True))
+        if self.config.level_calibration:
+            quantiles = self._at_calibrated_levels(quantiles.float()).to(out.dtype)
         return torch.cat([centre, quantiles], dim=2) if with_centre else quantiles
+
+    def _at_calibrated_levels(self, quantiles: torch.Tensor) -> torch.Tensor:
+        """The quantiles (B, L, Q, H, W) read at the levels of :meth:`set_level_calibration`."""
+        b, leads, q, h, w = quantiles.shape
+        median = 0.5 * (quantiles[:, :, (q - 1) // 2] + quantiles[:, :, q // 2])  # (B, L, H, W)
+        z = median.transpose(0, 1).reshape(leads, -1).contiguous()  # (L, N)
+        centres = self.level_centres
+        upper = torch.searchsorted(centres, z).clamp(1, centres.shape[1] - 1)
+        low, high = centres.gather(1, upper - 1), centres.gather(1, upper)
+        weight = ((z - low) / (high - low)).clamp(0, 1).unsqueeze(-1)  # (L, N, 1)
+        pick = lambda k: self.level_rows.gather(1, k.unsqueeze(-1).expand(-1, -1, q))  # (L, N, Q)
+        levels = pick(upper - 1) * (1 - weight) + pick(upper) * weight
+        position = levels.view(leads, b, h, w, q).permute(1, 0, 4, 2, 3) * q - 0.5  # (B, L, Q, H, W)
+        below = position.floor().clamp(0, q - 2).long()
+        low_q, high_q = quantiles.gather(2, below), quantiles.gather(2, below + 1)
+        return low_q + (position - below) * (high_q - low_q)
 
     def _linear_response(self, out: torch.Tensor, x: torch.Tensor, forcings: torch.Tensor | None) -> torch.Tensor:
         """The forecast (B, L, 1, H, W) in normalised space from the gains and offset in

@@ -93,6 +93,7 @@ class TrainConfig:
     # probabilistic: a centre trained by the MSE, the quantiles placed off it (None: yes when probabilistic)
     quantile_location: bool | None = None
     calibration: str = "spread_skill"  # probabilistic: how calibrate_spread picks its factor (CALIBRATIONS)
+    calibrate_levels: bool = False  # probabilistic: also calibrate_levels on the validation split
     clip_grad: float = 1.0
     ema_decay: float = 0.99  # forecasts use the weights' moving average over the steps, this decay per step (0: none)
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
@@ -327,6 +328,103 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     return model.spread_scale * best.to(model.spread_scale.dtype)
 
 
+LEVEL_CLASS_SHARES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)  # shares of validation pixels below each class edge
+LEVEL_CLASS_PIXELS = 500  # fewest validation pixels a class is fitted on
+_MEDIAN_BINS, _MEDIAN_SPAN = 128, 10.0  # the medians' histogram: bins over 10 std above a dry median
+_PIT_GRID = 101  # points of (0, 1) at which each class's PIT distribution is accumulated
+
+
+def pit_intervals(quantiles: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``truth`` (..., 1, H, W) falls in the distribution of Q increasing ``quantiles``
+    (..., Q, H, W) at the levels ``(k + 0.5) / Q``, linear between them: the PIT, as an
+    interval ``(low, high)`` (..., H, W). A truth equal to some quantiles (a dry day among
+    dry quantiles) spans their share of levels; one beyond the outer quantiles spans the
+    outer half-level; elsewhere the interval is a point.
+
+    >>> q = torch.tensor([0.0, 0.0, 2.0, 4.0]).view(4, 1, 1)
+    >>> [[round(v.item(), 3) for v in pit_intervals(q, torch.tensor([[[y]]]))] for y in (0.0, 3.0, 9.0)]
+    [[0.0, 0.5], [0.75, 0.75], [0.875, 1.0]]
+    """
+    q = quantiles.shape[-3]
+    below, upto = (quantiles < truth).sum(dim=-3), (quantiles <= truth).sum(dim=-3)
+    k = below.clamp(1, q - 1).unsqueeze(-3)
+    low_q, high_q = quantiles.gather(-3, k - 1).squeeze(-3), quantiles.gather(-3, k).squeeze(-3)
+    y = truth.squeeze(-3)
+    inside = (below.float() - 0.5 + ((y - low_q) / (high_q - low_q).clamp(min=1e-12)).clamp(0, 1)) / q
+    low = torch.where(upto > below, below / q, torch.where(below == 0, 0.0, torch.where(below == q, 1 - 0.5 / q, inside)))
+    high = torch.where(upto > below, upto / q, torch.where(below == 0, 0.5 / q, torch.where(below == q, 1.0, inside)))
+    return low, high
+
+
+def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
+                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> list[dict]:
+    """A probabilistic model's level calibration (:meth:`~pipeline.model.ConvLSTMForecaster.set_level_calibration`),
+    per lead, fitted on ``loader``'s windows: the pixels are put in classes by the median
+    of their quantiles (edges at ``LEVEL_CLASS_SHARES`` of the pixels), and each class's
+    quantiles are read at the levels where the truth's PIT over that class reached the
+    nominal ones (Kuleshov et al. 2018, per class). So a class whose truth lies above its
+    median more often than half the time has its quantiles read higher. Streamed: per lead,
+    a histogram of the medians, each bin with the PIT distribution of its pixels."""
+    model.eval()
+    q, leads = model.config.quantiles, model.config.leads
+    dry = -stats["mean"] / stats["std"]  # a value of 0 in the model's normalised space
+    edges = dry + torch.linspace(0, _MEDIAN_SPAN, _MEDIAN_BINS + 1, device=device)[1:-1]
+    grid = torch.linspace(0, 1, _PIT_GRID, device=device)
+    sums = torch.zeros(leads * _MEDIAN_BINS, _PIT_GRID + 1, dtype=torch.float64, device=device)  # PIT CDF, sum of medians
+    with torch.no_grad():
+        for batch in loader_batches(loader, device):
+            x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
+                                                                            batch.forcings))
+            with autocast_for(device, precision):
+                quantiles = model(x, forcings).float()
+            quantiles, y = quantiles.clamp(min=dry), y.float().clamp(min=dry)  # as clipped at 0 in data units
+            median = 0.5 * (quantiles[:, :, (q - 1) // 2] + quantiles[:, :, q // 2])  # (B, L, H, W)
+            low, high = pit_intervals(quantiles, y)
+            keep = mask[:, :, 0].bool()
+            row = (torch.arange(leads, device=device).view(1, -1, 1, 1) * _MEDIAN_BINS
+                   + torch.bucketize(median, edges))[keep]
+            low, high, median = low[keep].unsqueeze(-1), high[keep].unsqueeze(-1), median[keep].unsqueeze(-1)
+            for part in torch.split(torch.arange(row.numel(), device=device), 2 ** 20):  # bounded memory
+                width = (high[part] - low[part]).clamp(min=1e-9)
+                cdf = ((grid - low[part]) / width).clamp(0, 1)  # (N, grid): each pixel's PIT CDF
+                sums.index_add_(0, row[part], torch.cat([cdf, median[part]], dim=1).double())
+    sums = ranks.sum(sums).view(leads, _MEDIAN_BINS, _PIT_GRID + 1).cpu()
+    return [_class_levels(per_lead[:, :-1], per_lead[:, -1], q) for per_lead in sums]
+
+
+def _class_levels(cdf: torch.Tensor, median_sum: torch.Tensor, q: int) -> dict:
+    """One lead's classes from its median bins (``cdf``: bins x grid, PIT CDF sums; the
+    last column is each bin's pixel count): centres and levels."""
+    count = cdf[:, -1]
+    if count.sum() < LEVEL_CLASS_PIXELS:  # too few pixels to fit: the quantiles as they are
+        return {"centres": [0.0], "levels": [quantile_levels(q).tolist()]}
+    share = count.cumsum(0) / count.sum()
+    ends = sorted({int(torch.searchsorted(share, s)) for s in LEVEL_CLASS_SHARES} | {len(count) - 1})
+    classes, start = [], 0
+    for end in ends:  # a class too small joins the one above it; the last one, the one below
+        if count[start:end + 1].sum() >= LEVEL_CLASS_PIXELS:
+            classes.append([start, end])
+            start = end + 1
+    if start < len(count) and classes:
+        classes[-1][1] = len(count) - 1
+    grid = torch.linspace(0, 1, cdf.shape[1], dtype=torch.float64)
+    centres, levels = [], []
+    for start, end in classes:
+        pixels = count[start:end + 1].sum()
+        pit_cdf = cdf[start:end + 1].sum(0) / pixels
+        centres.append(float(median_sum[start:end + 1].sum() / pixels))
+        levels.append(_inverse_cdf(pit_cdf, grid, quantile_levels(q).double()).tolist())
+    return {"centres": centres, "levels": levels}
+
+
+def _inverse_cdf(cdf: torch.Tensor, grid: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Where the non-decreasing ``cdf`` (given at ``grid``) reaches each of ``levels``,
+    linear between grid points."""
+    k = torch.searchsorted(cdf, levels).clamp(1, len(grid) - 1)
+    low, high = cdf[k - 1], cdf[k]
+    return grid[k - 1] + (grid[k] - grid[k - 1]) * ((levels - low) / (high - low).clamp(min=1e-12)).clamp(0, 1)
+
+
 def _calibrate_best(run: "_Run") -> None:
     """Calibrate the spread of the best epoch's weights on the validation split, and write
     it into ``best.pth`` (epoch checkpoints keep the spread as trained)."""
@@ -338,9 +436,18 @@ def _calibrate_best(run: "_Run") -> None:
     run.model.spread_scale.copy_(scale)
     run.log("spread calibrated on the validation split (best.pth): " +
             ", ".join(f"lead {lead} x{s:.2f}" for lead, s in zip(run.config.leads, scale.tolist())))
+    if run.config.calibrate_levels:
+        run.model.set_level_calibration([])  # fitted on the quantiles as the network gives them
+        run.model.set_level_calibration(calibrate_levels(run.model, run.val_loader, run.ranks.device,
+                                                         run.record["norm_stats"][TARGET], run.ranks,
+                                                         run.config.precision))
+        run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(
+            f"lead {lead} {len(c['centres'])} classes" for lead, c in zip(run.config.leads,
+                                                                          run.model.config.level_calibration)))
     if run.ranks.is_main:
         best = run.checkpoint_dir / "best.pth"
         state = load_checkpoint(best)
+        state["model_config"] = run.model.config.to_dict()
         state["model_state"] = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
         save_checkpoint(state, best)
 
@@ -369,6 +476,8 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         raise RunoffError("--linear_response forms the change from the last day: it cannot go with --no-predict_delta")
     if config.quantile_location and not config.probabilistic:
         raise RunoffError("--quantile_location places a probabilistic model's quantiles: it needs --probabilistic")
+    if config.calibrate_levels and not config.probabilistic:
+        raise RunoffError("--calibrate_levels calibrates a probabilistic model's quantiles: it needs --probabilistic")
     if config.calibration != "spread_skill" and not config.probabilistic:
         raise RunoffError(f"--calibration {config.calibration} calibrates a probabilistic model's spread: "
                           f"it needs --probabilistic")

@@ -70,14 +70,15 @@ def test_skill_benchmark_prints_skill_per_lead_and_the_targets():
 
 
 @pytest.mark.parametrize("options, heading", [
-    (["--calibration", "brier"], "; rain: rainf (observed, a perfect forecast);"),
-    (["--past_only"], "; no rain (past days only);"),
-    (["--num_layers", "2", "--hidden_channels", "4"], ", 2 x 4 hidden,"),
+    (["--calibration", "brier", "--calibrate_levels"],
+     ["; rain: rainf (observed, a perfect forecast);", "; spread calibration: brier; levels calibrated per flow class"]),
+    (["--past_only"], ["; no rain (past days only);"]),
+    (["--num_layers", "2", "--hidden_channels", "4"], [", 2 x 4 hidden,"]),
 ])
 def test_probabilistic_benchmark_prints_scores_per_lead_and_the_targets(options, heading):
     lines = _stdout_lines("bench_probabilistic.py", "--days", "100", "--height", "24", "--width", "32", "--epochs", "1",
                           "--patch", "16", "--leads", "1,2", *options)
-    assert any(heading in line for line in lines), lines
+    assert any(all(words in line for words in heading) for line in lines), lines
     assert any(line.startswith("| lead | CRPS skill vs climatology") for line in lines), lines
     rows = [line for line in lines if re.match(r"^\| [12] \| [+-]\d\.\d{3} \| [+-]\d\.\d{3} \| \d", line)]
     assert len(rows) == 2, lines

@@ -61,12 +61,14 @@ def test_two_ranks_train_disjoint_windows_and_resume_exactly(cube, tmp_path, run
 
 
 def test_two_ranks_train_and_calibrate_a_probabilistic_model(cube, tmp_path):
-    run = _torchrun(cube, tmp_path / "prob", "--epochs", "1", "--probabilistic")
+    run = _torchrun(cube, tmp_path / "prob", "--epochs", "1", "--probabilistic", "--calibrate_levels")
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("spread calibrated on the validation split") == 1  # rank 0 logs, both ranks score
+    assert run.stdout.count("quantile levels calibrated per flow class") == 1
     state = load_checkpoint(tmp_path / "prob" / "ckpt" / "best.pth")
     assert state["world_size"] == 2 and state["model_config"]["quantiles"] == 20
     assert state["model_state"]["spread_scale"].shape == (1,)
+    assert len(state["model_config"]["level_calibration"]) == 1
 
 
 RELEASE_CHECK = r"""

@@ -230,19 +230,22 @@ def test_a_probabilistic_run_resumes_exactly(tmp_path):
         assert torch.equal(tensor, b["model_state"][name]), name
 
 
-def test_the_spread_of_best_pth_is_calibrated_on_the_validation_split(tmp_path, capsys):
+def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_split(tmp_path, capsys):
     from pipeline.train import TrainConfig, train
 
     write_series(tmp_path / "in", days=60, height=20, width=24, seed=6)
     # a learning rate so small that the model stays as initialised: quantiles packed tight
     # around persistence, far narrower than persistence's errors
     train(TrainConfig(data_dir=str(tmp_path / "in"), patch=16, hidden_channels=[4], batch_size=4, epochs=1,
-                      lr=1e-9, leads=[1, 2], probabilistic=True, device="cpu",
+                      lr=1e-9, leads=[1, 2], probabilistic=True, calibrate_levels=True, device="cpu",
                       checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")))
-    assert "spread calibrated on the validation split (best.pth): lead 1 x" in capsys.readouterr().out
-    best = torch.load(tmp_path / "ckpt" / "best.pth", weights_only=True)["model_state"]["spread_scale"]
-    epoch = torch.load(tmp_path / "ckpt" / "model_epoch1.pth", weights_only=True)["model_state"]["spread_scale"]
-    assert (best > 1).all() and torch.equal(epoch, torch.ones(2))
+    log = capsys.readouterr().out
+    assert "spread calibrated on the validation split (best.pth): lead 1 x" in log
+    assert "quantile levels calibrated per flow class on the validation split (best.pth): lead 1 " in log
+    best, epoch = (torch.load(tmp_path / "ckpt" / name, weights_only=True) for name in ("best.pth", "model_epoch1.pth"))
+    assert (best["model_state"]["spread_scale"] > 1).all()
+    assert torch.equal(epoch["model_state"]["spread_scale"], torch.ones(2))
+    assert len(best["model_config"]["level_calibration"]) == 2 and epoch["model_config"]["level_calibration"] == []
 
 
 def _calibration_case() -> tuple[ConvLSTMForecaster, list, dict]:
@@ -308,6 +311,44 @@ def test_the_brier_calibration_picks_the_most_reliable_exceedance_among_factors_
     assert by_factor[by_brier]["brier@20"] <= min(by_factor[f]["brier@20"] for f in near_best) + 1e-4
     with pytest.raises(ValueError, match="brier with thresholds"):
         calibrate_spread(model, batches, cpu, stats, rule="brier")
+
+
+def test_level_calibration_reads_the_quantiles_where_the_truth_fell_on_new_windows():
+    """A model whose quantiles sit below the truth (which scatters around 1.5 times
+    persistence): the calibration fitted on half the windows moves the other half's median
+    to where half the truth lies below it, and lowers their CRPS."""
+    from pipeline.model import to_physical
+    from pipeline.sampler import Window, collate_windows
+    from pipeline.train import calibrate_levels
+
+    torch.manual_seed(0)
+    stats = {"mean": 0.0, "std": 1.0, "rms": 1.0}
+    model = ConvLSTMForecaster(in_channels=1, leads=1, hidden_channels=2, quantiles=20)
+    model.spread_scale.fill_(3.0)  # about the truth's scatter: the calibration only has to move them
+    today = torch.log1p(torch.full((6, 1, 10, 12), 10.0))
+    windows = [Window(today, torch.log1p(15 * torch.exp(0.3 * torch.randn(1, 1, 10, 12))),
+                      torch.ones(1, 1, 10, 12, dtype=torch.bool), i, torch.zeros(1, 0, 10, 12)) for i in range(64)]
+    batches = [collate_windows(windows[i:i + 8]) for i in range(0, 64, 8)]
+
+    def scores() -> tuple[float, float]:
+        ensemble, below = EnsembleScores(), []
+        with torch.no_grad():
+            for b in batches[4:]:
+                members = to_physical(model(b.x), stats).clamp(min=0)[:, 0]  # (B, Q, H, W)
+                truth = to_physical(b.y, stats)[:, 0, 0]
+                below.append((truth < members[:, 9:11].mean(dim=1)).float().mean().item())
+                ensemble.accumulate(members.transpose(0, 1).numpy(), truth.numpy())
+        return float(np.mean(below)), ensemble.compute()["crps"]
+
+    share_before, crps_before = scores()
+    model.set_level_calibration(calibrate_levels(model, batches[:4], torch.device("cpu"), stats))
+    share_after, crps_after = scores()
+    assert share_before < 0.2 and abs(share_after - 0.5) < 0.08
+    assert crps_after < 0.8 * crps_before
+    rebuilt = ConvLSTMForecaster.from_config(model.config.to_dict())  # the checkpoint's config carries it
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(batches[4].x), model(batches[4].x))
 
 
 def test_a_located_model_trains_its_centre_by_the_mse_and_places_its_quantiles_off_it():

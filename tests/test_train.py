@@ -117,6 +117,7 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
                                           "--no-predict_delta"),
         "quantile location without quantiles": (["--data_dir", small_cube, "--quantile_location"], "--probabilistic"),
         "calibration without quantiles": (["--data_dir", small_cube, "--calibration", "brier"], "--probabilistic"),
+        "level calibration without quantiles": (["--data_dir", small_cube, "--calibrate_levels"], "--probabilistic"),
         "unknown calibration": (["--data_dir", small_cube, "--probabilistic", "--calibration", "crps"],
                                 "--calibration"),
         "ema decay of 1": (["--data_dir", small_cube, "--ema_decay", "1"], "--ema_decay 1.0"),
@@ -127,7 +128,7 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
                                   "corrupt checkpoint", "checkpoint dir not writable", "even kernel", "bad leads",
                                   "fp16 on cpu", "linear response without delta",
                                   "quantile location without quantiles", "calibration without quantiles",
-                                  "unknown calibration", "ema decay of 1"])
+                                  "level calibration without quantiles", "unknown calibration", "ema decay of 1"])
 def test_bad_input_is_one_line_exit_2(case, small_cube, tmp_path, run_cli):
     args, words = _bad_train_cases(small_cube, tmp_path)[case]
     result = run_cli("train", "--epochs", "1", "--checkpoint_dir", tmp_path / "ckpt", "--output_dir",
