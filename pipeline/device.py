@@ -41,6 +41,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of running sums (losses, scores) kept on ``device``: float64, but float32
+    on Apple MPS, which has no float64 (a tensor of it there raises a TypeError).
+
+    >>> accumulator_dtype(torch.device("mps")), accumulator_dtype(torch.device("cpu"))
+    (torch.float32, torch.float64)
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def keep_freed_memory(device: torch.device) -> bool:
     """Ask glibc to keep freed blocks for reuse instead of unmapping them, for work on a
     CPU ``device`` (Linux only; nothing for an accelerator, whose buffers glibc never sees).

@@ -299,8 +299,9 @@ class ConvLSTMForecaster(nn.Module):
         upper = torch.searchsorted(centres, z).clamp(1, centres.shape[1] - 1)
         low, high = centres.gather(1, upper - 1), centres.gather(1, upper)
         weight = ((z - low) / (high - low)).clamp(0, 1).unsqueeze(-1)  # (L, N, 1)
-        pick = lambda k: self.level_rows.gather(1, k.unsqueeze(-1).expand(-1, -1, q))  # (L, N, Q)
-        levels = pick(upper - 1) * (1 - weight) + pick(upper) * weight
+        below_rows, above_rows = (self.level_rows.gather(1, k.unsqueeze(-1).expand(-1, -1, q))  # (L, N, Q)
+                                  for k in (upper - 1, upper))
+        levels = below_rows * (1 - weight) + above_rows * weight
         position = levels.view(leads, b, h, w, q).permute(1, 0, 4, 2, 3) * q - 0.5  # (B, L, Q, H, W)
         below = position.floor().clamp(0, q - 2).long()
         low_q, high_q = quantiles.gather(2, below), quantiles.gather(2, below + 1)

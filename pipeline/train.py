@@ -37,7 +37,8 @@ from .baselines import wet_thresholds
 from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, is_static,
                    make_splits, open_cube)
-from .device import autocast_for, grad_scaler, keep_freed_memory, loader_batches, queue_marker
+from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_memory, loader_batches,
+                     queue_marker)
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError, RunoffWarning
 from .ingest import ensure_cube
@@ -246,7 +247,7 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
     model.eval()
     located = model.config.quantile_location
     # valid pixels, SSE model, SSE persistence, pinball sum, SSE of a located model's centre
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    sums = torch.zeros(5, dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():
         for batch in loader_batches(loader, device):
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
@@ -256,15 +257,15 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
             m, truth = mask.float(), to_physical(y, stats)
             values = to_physical(pred, stats).clamp(min=0)  # as users receive it
             if located:
-                sums[4] += (((values[:, :, :1] - truth) ** 2) * m).sum().double()
+                sums[4] += (((values[:, :, :1] - truth) ** 2) * m).sum().to(sums.dtype)
                 values = values[:, :, 1:]
             forecast = values.mean(dim=2, keepdim=True)
             last = to_physical(x[:, -1:, :1], stats).clamp(min=0).expand_as(truth)
-            sums[0] += m.sum().double()
-            sums[1] += (((forecast - truth) ** 2) * m).sum().double()
-            sums[2] += (((last - truth) ** 2) * m).sum().double()
+            sums[0] += m.sum().to(sums.dtype)
+            sums[1] += (((forecast - truth) ** 2) * m).sum().to(sums.dtype)
+            sums[2] += (((last - truth) ** 2) * m).sum().to(sums.dtype)
             if values.shape[2] > 1:
-                sums[3] += (pinball(values, truth) * m).sum().double()
+                sums[3] += (pinball(values, truth) * m).sum().to(sums.dtype)
     count, sse, sse_p, pinball_sum, sse_centre = ranks.sum(sums).tolist()
     count = max(count, 1.0)
     val_loss = (pinball_sum / count / loss_scale(stats) ** 0.5 + sse_centre / count / loss_scale(stats)
@@ -300,8 +301,8 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     factors = torch.tensor(SPREAD_FACTORS, device=device).view(-1, 1, 1, 1, 1)
     # per factor and lead: pinball sum, members' variance sum, squared error of their mean,
     # then the Brier sum at each threshold
-    sums = torch.zeros(3 + len(thresholds), len(SPREAD_FACTORS), model.config.leads, dtype=torch.float64,
-                       device=device)
+    sums = torch.zeros(3 + len(thresholds), len(SPREAD_FACTORS), model.config.leads,
+                       dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():
         for batch in loader_batches(loader, device):
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
@@ -316,7 +317,7 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
                           for thr in thresholds]
                 for k, per_pixel in enumerate((pinball(values, truth), values.var(dim=2, keepdim=True),
                                                (mean - truth) ** 2, *briers)):
-                    sums[k, i] += (per_pixel * m).sum(dim=(0, 2, 3, 4)).double()
+                    sums[k, i] += (per_pixel * m).sum(dim=(0, 2, 3, 4)).to(sums.dtype)
     crps, variance, error, *briers = ranks.sum(sums)
     near_best = crps <= crps.min(dim=0).values * (1 + CRPS_TOLERANCE)
     if rule == "brier":
@@ -351,26 +352,30 @@ def pit_intervals(quantiles: torch.Tensor, truth: torch.Tensor) -> tuple[torch.T
     low_q, high_q = quantiles.gather(-3, k - 1).squeeze(-3), quantiles.gather(-3, k).squeeze(-3)
     y = truth.squeeze(-3)
     inside = (below.float() - 0.5 + ((y - low_q) / (high_q - low_q).clamp(min=1e-12)).clamp(0, 1)) / q
-    low = torch.where(upto > below, below / q, torch.where(below == 0, 0.0, torch.where(below == q, 1 - 0.5 / q, inside)))
-    high = torch.where(upto > below, upto / q, torch.where(below == 0, 0.5 / q, torch.where(below == q, 1.0, inside)))
-    return low, high
+    low = torch.where(below == 0, 0.0, torch.where(below == q, 1 - 0.5 / q, inside))
+    high = torch.where(below == 0, 0.5 / q, torch.where(below == q, 1.0, inside))
+    tied = upto > below
+    return torch.where(tied, below / q, low), torch.where(tied, upto / q, high)
 
 
 def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                      stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> list[dict]:
-    """A probabilistic model's level calibration (:meth:`~pipeline.model.ConvLSTMForecaster.set_level_calibration`),
-    per lead, fitted on ``loader``'s windows: the pixels are put in classes by the median
-    of their quantiles (edges at ``LEVEL_CLASS_SHARES`` of the pixels), and each class's
-    quantiles are read at the levels where the truth's PIT over that class reached the
-    nominal ones (Kuleshov et al. 2018, per class). So a class whose truth lies above its
-    median more often than half the time has its quantiles read higher. Streamed: per lead,
-    a histogram of the medians, each bin with the PIT distribution of its pixels."""
+    """A probabilistic model's level calibration, per lead (see
+    :meth:`~pipeline.model.ConvLSTMForecaster.set_level_calibration`), fitted on ``loader``'s
+    windows: the pixels are put in classes by the median of their quantiles (edges at
+    ``LEVEL_CLASS_SHARES`` of the pixels), and each class's quantiles are read at the levels
+    where the truth's PIT over that class reached the nominal ones (Kuleshov et al. 2018, per
+    class). So a class whose truth lies above its median more often than half the time has
+    its quantiles read higher. Streamed: per lead, a histogram of the medians, each bin with
+    the PIT distribution of its pixels; under data-parallel training the ranks' sums are
+    combined."""
     model.eval()
     q, leads = model.config.quantiles, model.config.leads
     dry = -stats["mean"] / stats["std"]  # a value of 0 in the model's normalised space
     edges = dry + torch.linspace(0, _MEDIAN_SPAN, _MEDIAN_BINS + 1, device=device)[1:-1]
     grid = torch.linspace(0, 1, _PIT_GRID, device=device)
-    sums = torch.zeros(leads * _MEDIAN_BINS, _PIT_GRID + 1, dtype=torch.float64, device=device)  # PIT CDF, sum of medians
+    # per lead and median bin: the PIT CDF summed over its pixels at each grid point, then the medians' sum
+    sums = torch.zeros(leads * _MEDIAN_BINS, _PIT_GRID + 1, dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():
         for batch in loader_batches(loader, device):
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
@@ -387,8 +392,8 @@ def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torc
             for part in torch.split(torch.arange(row.numel(), device=device), 2 ** 20):  # bounded memory
                 width = (high[part] - low[part]).clamp(min=1e-9)
                 cdf = ((grid - low[part]) / width).clamp(0, 1)  # (N, grid): each pixel's PIT CDF
-                sums.index_add_(0, row[part], torch.cat([cdf, median[part]], dim=1).double())
-    sums = ranks.sum(sums).view(leads, _MEDIAN_BINS, _PIT_GRID + 1).cpu()
+                sums.index_add_(0, row[part], torch.cat([cdf, median[part]], dim=1).to(sums.dtype))
+    sums = ranks.sum(sums).view(leads, _MEDIAN_BINS, _PIT_GRID + 1).cpu().double()
     return [_class_levels(per_lead[:, :-1], per_lead[:, -1], q) for per_lead in sums]
 
 
@@ -709,7 +714,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     run.model.train()
     started, waited_s = time.perf_counter(), 0.0  # seconds spent waiting for the next batch
     # loss sum, steps, samples, seconds waiting for data: summed over ranks at the epoch's end
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    totals = torch.zeros(4, dtype=accumulator_dtype(device), device=device)
     seen: list[torch.Tensor] = []
     bar = tqdm(total=len(run.train_set), unit="win", desc=f"epoch {epoch}/{config.epochs}",
                disable=not run.progress, leave=False)
