@@ -336,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "calibrate_levels", action="store_true", default=None,
             help="probabilistic: after the spread, read each pixel's quantiles at the levels the validation truth "
                  "reached on pixels of a like median, per lead (for a validation split of a year or more: on an "
-                 "eight-year record it lowered the CRPS 4-8%% and the widest reliability gap from 0.27 to 0.16; "
-                 "after a dry validation summer it did harm; docs/skill.md)")
+                 "eight-year river record it lowered the CRPS by 2-8%% and the widest reliability gap, on two "
+                 "worlds; after a dry validation summer, and on the VIC sample, it did harm; docs/skill.md)")
     _option(p, "max_train_windows", type=int, help="cap on training windows per epoch")
     _option(p, "precision", choices=("auto", "fp32", "bf16", "fp16"),
             help="mixed precision: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU/MPS), fp32, bf16, fp16")
