@@ -25,7 +25,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.distributed.algorithms.join import Join
@@ -234,6 +234,19 @@ def average_weights(model: ConvLSTMForecaster, decay: float, state: dict | None 
     return averaged
 
 
+def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device, precision: str = "auto",
+                  with_centre: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The model's output on each of ``loader``'s batches, in ``precision``: yields the
+    batch's inputs, targets and mask on ``device``, and that output. Run it under
+    ``torch.no_grad()``: it scores, it does not train."""
+    for batch in loader_batches(loader, device):
+        x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
+                                                                        batch.forcings))
+        with autocast_for(device, precision):
+            out = model(x, forcings, with_centre=with_centre)
+        yield x, y, mask, out
+
+
 def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> dict[str, float]:
     """Validation scores in physical units (``stats``: the target's): the model's and
@@ -249,11 +262,7 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
     # valid pixels, SSE model, SSE persistence, pinball sum, SSE of a located model's centre
     sums = torch.zeros(5, dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():
-        for batch in loader_batches(loader, device):
-            x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
-                                                                            batch.forcings))
-            with autocast_for(device, precision):
-                pred = model(x, forcings, with_centre=located)
+        for x, y, mask, pred in model_outputs(model, loader, device, precision, with_centre=located):
             m, truth = mask.float(), to_physical(y, stats)
             values = to_physical(pred, stats).clamp(min=0)  # as users receive it
             if located:
@@ -304,11 +313,8 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     sums = torch.zeros(3 + len(thresholds), len(SPREAD_FACTORS), model.config.leads,
                        dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():
-        for batch in loader_batches(loader, device):
-            x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
-                                                                            batch.forcings))
-            with autocast_for(device, precision):
-                q = model(x, forcings).float()
+        for _, y, mask, q in model_outputs(model, loader, device, precision):
+            q = q.float()
             centre, truth, m = q.mean(dim=2, keepdim=True), to_physical(y, stats), mask.float()
             for i, factor in enumerate(factors):
                 values = to_physical(centre + factor * (q - centre), stats).clamp(min=0)
@@ -377,12 +383,8 @@ def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     # per lead and median bin: the PIT CDF summed over its pixels at each grid point, then the medians' sum
     sums = torch.zeros(leads * _MEDIAN_BINS, _PIT_GRID + 1, dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():
-        for batch in loader_batches(loader, device):
-            x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
-                                                                            batch.forcings))
-            with autocast_for(device, precision):
-                quantiles = model(x, forcings).float()
-            quantiles, y = quantiles.clamp(min=dry), y.float().clamp(min=dry)  # as clipped at 0 in data units
+        for _, y, mask, quantiles in model_outputs(model, loader, device, precision):
+            quantiles, y = quantiles.float().clamp(min=dry), y.float().clamp(min=dry)  # as clipped at 0 in data units
             median = 0.5 * (quantiles[:, :, (q - 1) // 2] + quantiles[:, :, q // 2])  # (B, L, H, W)
             low, high = pit_intervals(quantiles, y)
             keep = mask[:, :, 0].bool()
