@@ -69,6 +69,14 @@ def quantile_levels(count: int) -> torch.Tensor:
     return (torch.arange(count, dtype=torch.float32) + 0.5) / count
 
 
+def quantiles_median(quantiles: torch.Tensor) -> torch.Tensor:
+    """The median of Q increasing quantiles (..., Q, H, W) at :func:`quantile_levels`: the
+    mean of the middle two (the middle one for odd Q), (..., H, W). The class key of a
+    level calibration, when it is fitted and when it is applied."""
+    q = quantiles.shape[-3]
+    return 0.5 * (quantiles[..., (q - 1) // 2, :, :] + quantiles[..., q // 2, :, :])
+
+
 def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
     """Mean of each ``size x size`` neighbourhood of ``x`` (B, C, H, W), over the pixels
     inside the map (no zero padding pulls edges down); cost independent of ``size``.
@@ -293,7 +301,7 @@ class ConvLSTMForecaster(nn.Module):
     def _at_calibrated_levels(self, quantiles: torch.Tensor) -> torch.Tensor:
         """The quantiles (B, L, Q, H, W) read at the levels of :meth:`set_level_calibration`."""
         b, leads, q, h, w = quantiles.shape
-        median = 0.5 * (quantiles[:, :, (q - 1) // 2] + quantiles[:, :, q // 2])  # (B, L, H, W)
+        median = quantiles_median(quantiles)  # (B, L, H, W)
         z = median.transpose(0, 1).reshape(leads, -1).contiguous()  # (L, N)
         centres = self.level_centres
         upper = torch.searchsorted(centres, z).clamp(1, centres.shape[1] - 1)

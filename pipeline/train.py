@@ -42,7 +42,7 @@ from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_me
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError, RunoffWarning
 from .ingest import ensure_cube
-from .model import QUANTILES, ConvLSTMForecaster, quantile_levels, to_physical
+from .model import QUANTILES, ConvLSTMForecaster, quantile_levels, quantiles_median, to_physical
 from .plots import plot_loss_curves
 from .sampler import WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, window_issues
 from .storage import atomic_output, check_writable, location
@@ -385,7 +385,7 @@ def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     with torch.no_grad():
         for _, y, mask, quantiles in model_outputs(model, loader, device, precision):
             quantiles, y = quantiles.float().clamp(min=dry), y.float().clamp(min=dry)  # as clipped at 0 in data units
-            median = 0.5 * (quantiles[:, :, (q - 1) // 2] + quantiles[:, :, q // 2])  # (B, L, H, W)
+            median = quantiles_median(quantiles)  # (B, L, H, W)
             low, high = pit_intervals(quantiles, y)
             keep = mask[:, :, 0].bool()
             row = (torch.arange(leads, device=device).view(1, -1, 1, 1) * _MEDIAN_BINS
