@@ -39,7 +39,8 @@ from pipeline.cube import TARGET, open_cube  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.inference import Forecaster, quantile_maps, read_days  # noqa: E402
 from pipeline.sampler import WindowSpec, window_issues  # noqa: E402
-from pipeline.train import CALIBRATIONS, train  # noqa: E402
+from pipeline.calibration import CALIBRATIONS  # noqa: E402
+from pipeline.train import train  # noqa: E402
 from pipeline.verify import RELIABILITY_ROWS, reliability_gap  # noqa: E402
 
 

@@ -77,6 +77,16 @@ def quantiles_median(quantiles: torch.Tensor) -> torch.Tensor:
     return 0.5 * (quantiles[..., (q - 1) // 2, :, :] + quantiles[..., q // 2, :, :])
 
 
+def pinball(quantiles: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Pinball loss of quantiles (..., Q, H, W) at :func:`quantile_levels` against ``truth``
+    (..., 1, H, W), averaged over the levels: (..., 1, H, W). Twice it is the CRPS of the
+    distribution the quantiles describe, as Q grows: the probabilistic model's training loss
+    and the score its calibration minimises."""
+    levels = quantile_levels(quantiles.shape[-3]).to(quantiles.device).view(-1, 1, 1)
+    error = truth - quantiles
+    return torch.maximum(levels * error, (levels - 1) * error).mean(dim=-3, keepdim=True)
+
+
 def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
     """Mean of each ``size x size`` neighbourhood of ``x`` (B, C, H, W), over the pixels
     inside the map (no zero padding pulls edges down); cost independent of ``size``.

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch.distributed.algorithms.join import Join
@@ -34,6 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
+from .calibration import CALIBRATIONS, calibrate_levels, calibrate_spread, model_outputs
 from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, is_static,
                    make_splits, open_cube)
@@ -42,11 +43,11 @@ from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_me
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError, RunoffWarning
 from .ingest import ensure_cube
-from .model import QUANTILES, ConvLSTMForecaster, quantile_levels, quantiles_median, to_physical
+from .model import QUANTILES, ConvLSTMForecaster, pinball, to_physical
 from .plots import plot_loss_curves
 from .sampler import WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, window_issues
 from .storage import atomic_output, check_writable, location
-from .verify import skill, spread_skill_ratio
+from .verify import skill
 
 # Settings that fix the model's shape or its data: a resumed run must not change them.
 _FROZEN_ON_RESUME = ("hidden_channels", "kernel_size", "num_layers", "input_days", "leads", "covariates",
@@ -141,15 +142,6 @@ def physical_loss(stats: dict[str, float]) -> Callable[[torch.Tensor, torch.Tens
     return loss
 
 
-def pinball(quantiles: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Pinball loss of quantiles (..., Q, H, W) at :func:`~pipeline.model.quantile_levels`
-    against ``truth`` (..., 1, H, W), averaged over the levels: (..., 1, H, W). Twice it is
-    the CRPS of the distribution the quantiles describe, as Q grows."""
-    levels = quantile_levels(quantiles.shape[-3]).to(quantiles.device).view(-1, 1, 1)
-    error = truth - quantiles
-    return torch.maximum(levels * error, (levels - 1) * error).mean(dim=-3, keepdim=True)
-
-
 def quantile_loss(stats: dict[str, float]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The probabilistic objective: masked pinball loss in physical units, divided by the
     training values' root mean square (the pinball loss is in data units, not squared)."""
@@ -234,19 +226,6 @@ def average_weights(model: ConvLSTMForecaster, decay: float, state: dict | None 
     return averaged
 
 
-def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device, precision: str = "auto",
-                  with_centre: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
-    """The model's output on each of ``loader``'s batches, in ``precision``: yields the
-    batch's inputs, targets and mask on ``device``, and that output. Run it under
-    ``torch.no_grad()``: it scores, it does not train."""
-    for batch in loader_batches(loader, device):
-        x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
-                                                                        batch.forcings))
-        with autocast_for(device, precision):
-            out = model(x, forcings, with_centre=with_centre)
-        yield x, y, mask, out
-
-
 def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> dict[str, float]:
     """Validation scores in physical units (``stats``: the target's): the model's and
@@ -281,155 +260,6 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
                 if model.config.quantiles else sse / count / loss_scale(stats))
     return {"val_skill": skill(sse, sse_p), "val_loss": val_loss, "val_mse": sse / count,
             "persistence_mse": sse_p / count}
-
-
-SPREAD_FACTORS = tuple(round(0.5 + 0.1 * k, 1) for k in range(26))  # 0.5 .. 3.0, tried per lead
-CRPS_TOLERANCE = 0.01  # factors within 1% of the best validation CRPS count as equally good
-CALIBRATIONS = ("spread_skill", "brier")  # the tie-breaks of calibrate_spread
-
-
-def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
-                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
-                     rule: str = "spread_skill", thresholds: tuple[float, ...] = ()) -> torch.Tensor:
-    """A probabilistic model's ``spread_scale``, per lead: a factor of ``SPREAD_FACTORS`` on
-    the quantiles' spread around their centre (in the model's log space, so a multiplicative
-    widening in data units), times the current scale.
-
-    Near its minimum the CRPS in data units barely changes with the spread, and a short
-    validation split cannot tell those factors apart. So of the factors whose validation
-    pinball loss (the CRPS) is within ``CRPS_TOLERANCE`` of the best, ``rule`` takes:
-
-    * ``spread_skill``: the one whose spread/skill ratio is closest to 1 (a quantile model
-      fitted on training windows is usually too narrow on new ones, more so at long leads);
-    * ``brier``: the one with the lowest Brier score of ``P(X > threshold)`` summed over
-      ``thresholds`` (the exceedance maps' own: the wet p90 and p99 of the training split),
-      so that those probabilities are as reliable as the validation days can make them."""
-    if rule not in CALIBRATIONS or (rule == "brier" and not thresholds):
-        raise ValueError(f"rule {rule!r} with thresholds {thresholds}: one of {CALIBRATIONS}, brier with thresholds")
-    model.eval()
-    factors = torch.tensor(SPREAD_FACTORS, device=device).view(-1, 1, 1, 1, 1)
-    # per factor and lead: pinball sum, members' variance sum, squared error of their mean,
-    # then the Brier sum at each threshold
-    sums = torch.zeros(3 + len(thresholds), len(SPREAD_FACTORS), model.config.leads,
-                       dtype=accumulator_dtype(device), device=device)
-    with torch.no_grad():
-        for _, y, mask, q in model_outputs(model, loader, device, precision):
-            q = q.float()
-            centre, truth, m = q.mean(dim=2, keepdim=True), to_physical(y, stats), mask.float()
-            for i, factor in enumerate(factors):
-                values = to_physical(centre + factor * (q - centre), stats).clamp(min=0)
-                mean = values.mean(dim=2, keepdim=True)
-                briers = [((values > thr).float().mean(dim=2, keepdim=True) - (truth > thr).float()) ** 2
-                          for thr in thresholds]
-                for k, per_pixel in enumerate((pinball(values, truth), values.var(dim=2, keepdim=True),
-                                               (mean - truth) ** 2, *briers)):
-                    sums[k, i] += (per_pixel * m).sum(dim=(0, 2, 3, 4)).to(sums.dtype)
-    crps, variance, error, *briers = ranks.sum(sums)
-    near_best = crps <= crps.min(dim=0).values * (1 + CRPS_TOLERANCE)
-    if rule == "brier":
-        mismatch = torch.stack(briers).sum(dim=0)
-    else:
-        mismatch = spread_skill_ratio(variance, error.clamp(min=1e-12), model.config.quantiles).log().abs()
-    mismatch = torch.where(near_best, mismatch, torch.full_like(mismatch, float("inf")))
-    best = torch.tensor(SPREAD_FACTORS, device=device)[mismatch.argmin(dim=0)]
-    return model.spread_scale * best.to(model.spread_scale.dtype)
-
-
-LEVEL_CLASS_SHARES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)  # shares of validation pixels below each class edge
-LEVEL_CLASS_PIXELS = 500  # fewest validation pixels a class is fitted on
-_MEDIAN_BINS, _MEDIAN_SPAN = 128, 10.0  # the medians' histogram: bins over 10 std above a dry median
-_PIT_GRID = 101  # points of (0, 1) at which each class's PIT distribution is accumulated
-
-
-def pit_intervals(quantiles: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where ``truth`` (..., 1, H, W) falls in the distribution of Q increasing ``quantiles``
-    (..., Q, H, W) at the levels ``(k + 0.5) / Q``, linear between them: the PIT, as an
-    interval ``(low, high)`` (..., H, W). A truth equal to some quantiles (a dry day among
-    dry quantiles) spans their share of levels; one beyond the outer quantiles spans the
-    outer half-level; elsewhere the interval is a point.
-
-    >>> q = torch.tensor([0.0, 0.0, 2.0, 4.0]).view(4, 1, 1)
-    >>> [[round(v.item(), 3) for v in pit_intervals(q, torch.tensor([[[y]]]))] for y in (0.0, 3.0, 9.0)]
-    [[0.0, 0.5], [0.75, 0.75], [0.875, 1.0]]
-    """
-    q = quantiles.shape[-3]
-    below, upto = (quantiles < truth).sum(dim=-3), (quantiles <= truth).sum(dim=-3)
-    k = below.clamp(1, q - 1).unsqueeze(-3)
-    low_q, high_q = quantiles.gather(-3, k - 1).squeeze(-3), quantiles.gather(-3, k).squeeze(-3)
-    y = truth.squeeze(-3)
-    inside = (below.float() - 0.5 + ((y - low_q) / (high_q - low_q).clamp(min=1e-12)).clamp(0, 1)) / q
-    low = torch.where(below == 0, 0.0, torch.where(below == q, 1 - 0.5 / q, inside))
-    high = torch.where(below == 0, 0.5 / q, torch.where(below == q, 1.0, inside))
-    tied = upto > below
-    return torch.where(tied, below / q, low), torch.where(tied, upto / q, high)
-
-
-def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
-                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> list[dict]:
-    """A probabilistic model's level calibration, per lead (see
-    :meth:`~pipeline.model.ConvLSTMForecaster.set_level_calibration`), fitted on ``loader``'s
-    windows: the pixels are put in classes by the median of their quantiles (edges at
-    ``LEVEL_CLASS_SHARES`` of the pixels), and each class's quantiles are read at the levels
-    where the truth's PIT over that class reached the nominal ones (Kuleshov et al. 2018, per
-    class). So a class whose truth lies above its median more often than half the time has
-    its quantiles read higher. Streamed: per lead, a histogram of the medians, each bin with
-    the PIT distribution of its pixels; under data-parallel training the ranks' sums are
-    combined."""
-    model.eval()
-    q, leads = model.config.quantiles, model.config.leads
-    dry = -stats["mean"] / stats["std"]  # a value of 0 in the model's normalised space
-    edges = dry + torch.linspace(0, _MEDIAN_SPAN, _MEDIAN_BINS + 1, device=device)[1:-1]
-    grid = torch.linspace(0, 1, _PIT_GRID, device=device)
-    # per lead and median bin: the PIT CDF summed over its pixels at each grid point, then the medians' sum
-    sums = torch.zeros(leads * _MEDIAN_BINS, _PIT_GRID + 1, dtype=accumulator_dtype(device), device=device)
-    with torch.no_grad():
-        for _, y, mask, quantiles in model_outputs(model, loader, device, precision):
-            quantiles, y = quantiles.float().clamp(min=dry), y.float().clamp(min=dry)  # as clipped at 0 in data units
-            median = quantiles_median(quantiles)  # (B, L, H, W)
-            low, high = pit_intervals(quantiles, y)
-            keep = mask[:, :, 0].bool()
-            row = (torch.arange(leads, device=device).view(1, -1, 1, 1) * _MEDIAN_BINS
-                   + torch.bucketize(median, edges))[keep]
-            low, high, median = low[keep].unsqueeze(-1), high[keep].unsqueeze(-1), median[keep].unsqueeze(-1)
-            for part in torch.split(torch.arange(row.numel(), device=device), 2 ** 20):  # bounded memory
-                width = (high[part] - low[part]).clamp(min=1e-9)
-                cdf = ((grid - low[part]) / width).clamp(0, 1)  # (N, grid): each pixel's PIT CDF
-                sums.index_add_(0, row[part], torch.cat([cdf, median[part]], dim=1).to(sums.dtype))
-    sums = ranks.sum(sums).view(leads, _MEDIAN_BINS, _PIT_GRID + 1).cpu().double()
-    return [_class_levels(per_lead[:, :-1], per_lead[:, -1], q) for per_lead in sums]
-
-
-def _class_levels(cdf: torch.Tensor, median_sum: torch.Tensor, q: int) -> dict:
-    """One lead's classes from its median bins (``cdf``: bins x grid, PIT CDF sums; the
-    last column is each bin's pixel count): centres and levels."""
-    count = cdf[:, -1]
-    if count.sum() < LEVEL_CLASS_PIXELS:  # too few pixels to fit: the quantiles as they are
-        return {"centres": [0.0], "levels": [quantile_levels(q).tolist()]}
-    share = count.cumsum(0) / count.sum()
-    ends = sorted({int(torch.searchsorted(share, s)) for s in LEVEL_CLASS_SHARES} | {len(count) - 1})
-    classes, start = [], 0
-    for end in ends:  # a class too small joins the one above it; the last one, the one below
-        if count[start:end + 1].sum() >= LEVEL_CLASS_PIXELS:
-            classes.append([start, end])
-            start = end + 1
-    if start < len(count) and classes:
-        classes[-1][1] = len(count) - 1
-    grid = torch.linspace(0, 1, cdf.shape[1], dtype=torch.float64)
-    centres, levels = [], []
-    for start, end in classes:
-        pixels = count[start:end + 1].sum()
-        pit_cdf = cdf[start:end + 1].sum(0) / pixels
-        centres.append(float(median_sum[start:end + 1].sum() / pixels))
-        levels.append(_inverse_cdf(pit_cdf, grid, quantile_levels(q).double()).tolist())
-    return {"centres": centres, "levels": levels}
-
-
-def _inverse_cdf(cdf: torch.Tensor, grid: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Where the non-decreasing ``cdf`` (given at ``grid``) reaches each of ``levels``,
-    linear between grid points."""
-    k = torch.searchsorted(cdf, levels).clamp(1, len(grid) - 1)
-    low, high = cdf[k - 1], cdf[k]
-    return grid[k - 1] + (grid[k] - grid[k - 1]) * ((levels - low) / (high - low).clamp(min=1e-12)).clamp(0, 1)
 
 
 def _calibrate_best(run: "_Run") -> None:

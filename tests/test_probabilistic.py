@@ -265,7 +265,7 @@ def _calibration_case() -> tuple[ConvLSTMForecaster, list, dict]:
 def _scores_by_factor(model: ConvLSTMForecaster, batches: list, stats: dict, thresholds=()) -> dict:
     """verify.EnsembleScores of the model's quantiles at every spread factor (not the calibration's own sums)."""
     from pipeline.model import to_physical
-    from pipeline.train import SPREAD_FACTORS
+    from pipeline.calibration import SPREAD_FACTORS
 
     def scores(factor: float) -> dict:
         model.spread_scale.fill_(factor)
@@ -282,7 +282,7 @@ def _scores_by_factor(model: ConvLSTMForecaster, batches: list, stats: dict, thr
 def test_calibration_picks_the_spread_skill_nearest_one_among_factors_as_good_by_crps():
     """The chosen factor widens the quantiles, scores a validation CRPS within the
     tolerance of the best factor's, and its spread/skill is at least as close to 1."""
-    from pipeline.train import CRPS_TOLERANCE, calibrate_spread
+    from pipeline.calibration import CRPS_TOLERANCE, calibrate_spread
 
     model, batches, stats = _calibration_case()
     chosen = calibrate_spread(model, batches, torch.device("cpu"), stats).item()
@@ -297,7 +297,7 @@ def test_calibration_picks_the_spread_skill_nearest_one_among_factors_as_good_by
 def test_the_brier_calibration_picks_the_most_reliable_exceedance_among_factors_as_good_by_crps():
     """With ``rule="brier"`` the factor is, of those within the CRPS tolerance, the one
     whose P(X > 20 kg m-2) has the lowest Brier score; here not the spread/skill rule's."""
-    from pipeline.train import CRPS_TOLERANCE, calibrate_spread
+    from pipeline.calibration import CRPS_TOLERANCE, calibrate_spread
 
     model, batches, stats = _calibration_case()
     cpu = torch.device("cpu")
@@ -319,7 +319,7 @@ def test_level_calibration_reads_the_quantiles_where_the_truth_fell_on_new_windo
     to where half the truth lies below it, and lowers their CRPS."""
     from pipeline.model import to_physical
     from pipeline.sampler import Window, collate_windows
-    from pipeline.train import calibrate_levels
+    from pipeline.calibration import calibrate_levels
 
     torch.manual_seed(0)
     stats = {"mean": 0.0, "std": 1.0, "rms": 1.0}
