@@ -3,7 +3,8 @@ training and before ``best.pth`` is written: the spread of its quantiles per lea
 (:func:`calibrate_spread`, always), and optionally the levels its quantiles are read at, per
 lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``). Both
 stream over a DataLoader's batches and combine the sums of data-parallel ranks, so a
-calibration costs one inference pass over the split, not memory for it.
+calibration costs one inference pass over the split, not memory for it. Their batch loop,
+:func:`model_outputs`, is also the one the trainer validates with.
 
 Example
 -------
