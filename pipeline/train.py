@@ -4,8 +4,9 @@ exact resume; under ``torchrun`` each rank trains a DistributedDataParallel repl
 own share of the windows.
 
 What the loop stands on lives below it: the windows (:mod:`pipeline.sampler`), the device
-and precision (:mod:`pipeline.device`), the ranks (:mod:`pipeline.distributed`) and the
-checkpoint's schema (:mod:`pipeline.checkpoint`).
+and precision (:mod:`pipeline.device`), the ranks (:mod:`pipeline.distributed`), the
+checkpoint's schema (:mod:`pipeline.checkpoint`) and, for a probabilistic model, the
+calibration of its best weights (:mod:`pipeline.calibration`).
 
 Example
 -------
