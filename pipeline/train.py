@@ -264,8 +264,9 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
 
 
 def _calibrate_best(run: "_Run") -> None:
-    """Calibrate the spread of the best epoch's weights on the validation split, and write
-    it into ``best.pth`` (epoch checkpoints keep the spread as trained)."""
+    """Calibrate the spread of the best epoch's weights on the validation split, and with
+    ``calibrate_levels`` their levels per flow class, and write both into ``best.pth`` (epoch
+    checkpoints keep the quantiles as trained)."""
     if run.best_state is None:  # no improvement in this session: best.pth stays as it is
         return
     run.model.load_state_dict(run.best_state)
