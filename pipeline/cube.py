@@ -234,9 +234,9 @@ def cube_dates(ds: xr.Dataset) -> list[dt.date]:
 
 
 def normalisation_stats(ds: xr.Dataset, variables: list[str], train: Split) -> dict[str, dict[str, float]]:
-    """Mean and std of ``log1p(value)`` per variable over the training days (QS is skewed), and
-    the root mean square of the values themselves (``rms``: the scale of the training loss in
-    physical units)."""
+    """Mean and std of ``log1p(value)`` per variable over the training days (QS is skewed), the
+    root mean square of the values themselves (``rms``: the scale of the training loss in
+    physical units) and their largest value (``max``: what bounds a forecast)."""
     import dask
 
     days = ds.sel(time=slice(str(train.start), str(train.end)))
@@ -244,10 +244,11 @@ def normalisation_stats(ds: xr.Dataset, variables: list[str], train: Split) -> d
     for name in variables:
         values = days[name].clip(min=0)
         logged = np.log1p(values)
-        lazy[name] = (logged.mean(skipna=True), logged.std(skipna=True), (values ** 2).mean(skipna=True))
+        lazy[name] = (logged.mean(skipna=True), logged.std(skipna=True), (values ** 2).mean(skipna=True),
+                      values.max(skipna=True))
     computed = dask.compute(lazy)[0]
-    return {name: checked_stats(name, float(mean), float(std), train, float(np.sqrt(square)))
-            for name, (mean, std, square) in computed.items()}
+    return {name: checked_stats(name, float(mean), float(std), train, float(np.sqrt(square)), float(largest))
+            for name, (mean, std, square, largest) in computed.items()}
 
 
 CLIMATOLOGY_MAP = "qs_climatology"  # the input `runoff train --climatology_map` adds; the checkpoint carries it
@@ -316,15 +317,17 @@ def map_stats(name: str, values: np.ndarray, train: Split) -> dict[str, float]:
         return checked_stats(name, np.nan, np.nan, train)
     logged = log_transform(valid).astype(np.float64)
     rms = np.sqrt(np.mean(np.square(np.maximum(valid, 0), dtype=np.float64)))
-    return checked_stats(name, float(logged.mean()), float(logged.std()), train, float(rms))
+    return checked_stats(name, float(logged.mean()), float(logged.std()), train, float(rms), float(valid.max()))
 
 
-def checked_stats(name: str, mean: float, std: float, train: Split, rms: float = 1.0) -> dict[str, float]:
+def checked_stats(name: str, mean: float, std: float, train: Split, rms: float = 1.0,
+                  largest: float = 0.0) -> dict[str, float]:
     """One variable's normalisation statistics; an error when the training days hold no value."""
     if not np.isfinite(mean) or not np.isfinite(std):
         raise RunoffError(f"variable {name}: no valid value in the training days {train.start}..{train.end}")
     # plain floats: checkpoints load weights_only
-    return {"mean": float(mean), "std": float(max(std, 1e-6)), "rms": float(max(rms, 1e-6))}
+    return {"mean": float(mean), "std": float(max(std, 1e-6)), "rms": float(max(rms, 1e-6)),
+            "max": float(max(largest, 0.0))}
 
 
 def log_transform(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -34,6 +34,10 @@ deterministic model's), and ``forward(..., with_centre=True)`` returns it before
 :meth:`ConvLSTMForecaster.set_level_calibration`) then reads each pixel's quantiles at the
 levels the truth reached on validation pixels of a like median, per lead.
 
+In evaluation mode every output is bounded at :data:`CEILING_FACTOR` times the largest
+target value of the training days (the ``max`` of the target's ``stats``): summed
+increments can put a top quantile at 15 times the record flood.
+
 Example
 -------
 >>> import torch
@@ -49,6 +53,7 @@ torch.Size([4, 2, 20, 33, 47])
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -58,6 +63,10 @@ from torch import nn
 RESPONSE_DAYS = 2  # past days of the target a linear response reads: its level and its trend
 QUANTILES = 20  # quantile levels of a probabilistic model: 0.025, 0.075, ..., 0.975
 _SPACING_OFFSET = 3.0  # softplus(-3) = 0.05: an untrained model's quantiles lie close together
+# A trained model's forecasts are bounded at this many times the largest value of the training
+# days: an upper quantile far above any flow the record holds is an artefact of the summed
+# increments, not a forecast (docs/skill.md, "A ceiling on the forecasts")
+CEILING_FACTOR = 2.0
 
 
 def quantile_levels(count: int) -> torch.Tensor:
@@ -151,7 +160,7 @@ class ModelConfig:
     forcing_scales: list[int] = field(default_factory=lambda: [1, 9, 33, 65])  # box sizes the head sees them at
     quantiles: int = 0  # 0: one value per pixel and lead; Q: Q quantiles (a probabilistic model)
     linear_response: bool = False  # the change as a linear response in physical units (needs stats)
-    stats: list[dict[str, float]] = field(default_factory=list)  # mean, std, rms: target, then each forcing
+    stats: list[dict[str, float]] = field(default_factory=list)  # mean, std, rms, max: target, then each forcing
     quantile_location: bool = False  # quantiles placed by a location of their own, off the centre
     # per lead: {"centres": K medians (normalised), "levels": K x Q levels the quantiles are read at}
     level_calibration: list[dict] = field(default_factory=list)
@@ -294,7 +303,7 @@ class ConvLSTMForecaster(nn.Module):
         elif self.config.predict_delta:
             out = torch.cat([out[:, :, :1] + x[:, -1, :1].unsqueeze(1), out[:, :, 1:]], dim=2)
         if not self.config.quantiles:
-            return out
+            return self._below_ceiling(out)
         # Q - 1 increments: quantiles that never cross, spread around their location: the
         # centre, or with quantile_location an offset from it (the centre trained apart)
         centre, location, increments = out[:, :, :1], out[:, :, :1], out[:, :, 1:]
@@ -306,7 +315,21 @@ class ConvLSTMForecaster(nn.Module):
         quantiles = location + spread * (offsets - offsets.mean(dim=2, keepdim=True))
         if self.config.level_calibration:
             quantiles = self._at_calibrated_levels(quantiles.float()).to(out.dtype)
-        return torch.cat([centre, quantiles], dim=2) if with_centre else quantiles
+        return self._below_ceiling(torch.cat([centre, quantiles], dim=2) if with_centre else quantiles)
+
+    def ceiling(self) -> float | None:
+        """The largest forecast (normalised): :data:`CEILING_FACTOR` times the training days'
+        largest target value (``stats[0]["max"]``); None for a model whose stats lack it."""
+        target = self.config.stats[0] if self.config.stats else {}
+        if "max" not in target:
+            return None
+        return (math.log1p(CEILING_FACTOR * target["max"]) - target["mean"]) / target["std"]
+
+    def _below_ceiling(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` bounded at :meth:`ceiling` when evaluating. Training leaves it unbounded, so
+        that the loss keeps pulling a too-high value down (a clamped one has no gradient)."""
+        ceiling = self.ceiling()
+        return out if self.training or ceiling is None else out.clamp(max=ceiling)
 
     def _at_calibrated_levels(self, quantiles: torch.Tensor) -> torch.Tensor:
         """The quantiles (B, L, Q, H, W) read at the levels of :meth:`set_level_calibration`."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model import ConvLSTMCell, ConvLSTMForecaster
+from pipeline.model import CEILING_FACTOR, ConvLSTMCell, ConvLSTMForecaster
 
 
 @pytest.mark.parametrize("t, h, w, layers, leads", [(6, 32, 32, 1, 1), (3, 17, 23, 2, 6), (1, 5, 9, 3, 2)])
@@ -98,6 +98,28 @@ def test_linear_response_is_linear_in_physical_units():
     out = model(x, normalised(rain_ahead, rain).unsqueeze(1))
     physical = torch.expm1(out * qs["std"] + qs["mean"])
     torch.testing.assert_close(physical[:, 0], 0.9 * today + 2.0 * rain_ahead, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantiles", [0, 20])
+def test_an_evaluated_model_is_bounded_at_twice_the_training_maximum(quantiles):
+    """Outputs pushed far up: in evaluation mode none exceeds CEILING_FACTOR x the training
+    days' largest value; training leaves them unbounded (their loss keeps a gradient), and
+    a model whose stats carry no maximum (an older checkpoint's) is left as it was."""
+    stats = {"mean": 0.5, "std": 1.2, "rms": 3.0, "max": 40.0}
+    model = ConvLSTMForecaster(leads=2, hidden_channels=4, quantiles=quantiles, stats=[stats])
+    with torch.no_grad():
+        model.head[-1].bias.fill_(3.0)  # the change (and every increment) far up: exp(+3 std) and more
+    x = torch.randn(2, 6, 1, 5, 6)
+    physical = lambda out: torch.expm1(out.detach() * stats["std"] + stats["mean"])  # noqa: E731
+    assert physical(model.train()(x)).max() > 3 * CEILING_FACTOR * stats["max"]
+    bounded = physical(model.eval()(x))
+    assert bounded.max() == pytest.approx(CEILING_FACTOR * stats["max"], rel=1e-4)
+    assert (bounded.diff(dim=2) >= 0).all()  # quantiles stay increasing
+    unbounded = ConvLSTMForecaster(leads=2, hidden_channels=4, quantiles=quantiles,
+                                   stats=[{k: v for k, v in stats.items() if k != "max"}])
+    unbounded.load_state_dict(model.state_dict())
+    assert unbounded.ceiling() is None
+    torch.testing.assert_close(unbounded.eval()(x), model.train()(x))
 
 
 def test_untrained_linear_response_is_persistence_and_options_are_checked():

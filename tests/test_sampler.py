@@ -166,6 +166,8 @@ def test_stats_fitted_from_the_first_block_match_the_cube_pass_and_save_its_read
     for name in ("qs", "rainf"):
         assert stats[name]["mean"] == pytest.approx(expected[name]["mean"], rel=1e-5)
         assert stats[name]["std"] == pytest.approx(expected[name]["std"], rel=1e-5)
+        largest = float(ds[name].sel(time=slice(str(split.start), str(split.end))).max())
+        assert stats[name]["max"] == pytest.approx(largest, rel=1e-5) == expected[name]["max"]
     windows = list(fitted)
     assert len(reads) == 1  # the stats' read is the epoch's: the block was not read again
     for got, want in zip(windows, reference):
