@@ -16,7 +16,9 @@ live_model_state, ema_steps
     with averaging only: the optimiser's own weights and the number of steps averaged, for
     an exact ``--resume``.
 norm_stats
-    ``{variable: {"mean", "std"}}`` of ``log1p`` values over the training split.
+    ``{variable: {"mean", "std", "rms", "max"}}`` over the training split: the mean and std
+    of ``log1p`` values, the root mean square and the largest of the values themselves
+    (``max`` since 2026-12-04: it bounds the forecasts, see :data:`pipeline.model.CEILING_FACTOR`).
 input_days, leads, variables, forcings
     the window: past days, lead days, past inputs (target first) and inputs known on
     the lead days.
