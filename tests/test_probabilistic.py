@@ -13,7 +13,9 @@ import rasterio
 import torch
 import xarray as xr
 
-from pipeline.model import ConvLSTMForecaster
+from pipeline.checkpoint import read_checkpoint
+from pipeline.cube import open_cube
+from pipeline.model import CEILING_FACTOR, ConvLSTMForecaster
 from pipeline.synth import write_series
 from pipeline.verify import EnsembleScores, reliability_gap
 
@@ -170,6 +172,17 @@ def test_predict_writes_quantile_and_exceedance_maps_and_members(probabilistic, 
     assert nc.qs_members.dims == ("time", "lead", "member", "y", "x") and nc.sizes["member"] == 5
     assert (nc.qs_members.diff("member").fillna(0) >= 0).all()
     assert any(p.name.startswith("compare_") for p in (tmp_path / "plots").iterdir())
+
+
+def test_a_trained_checkpoint_carries_the_training_maximum_that_bounds_its_forecasts(probabilistic):
+    ckpt = read_checkpoint(probabilistic / "ckpt" / "best.pth")
+    train = ckpt.splits["train"]
+    qs = open_cube(str(probabilistic / "qs.zarr"))["qs"]
+    largest = float(qs.sel(time=slice(str(train.start), str(train.end))).max())
+    stats = ckpt.norm_stats["qs"]
+    assert stats["max"] == pytest.approx(largest, rel=1e-5)
+    model = ckpt.build_model()
+    assert model.ceiling() == pytest.approx((np.log1p(CEILING_FACTOR * largest) - stats["mean"]) / stats["std"])
 
 
 def test_evaluate_scores_crps_brier_and_reliability_against_reference_ensembles(probabilistic, tmp_path, run_cli):
