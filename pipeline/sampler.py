@@ -357,7 +357,7 @@ class WindowSampler(IterableDataset):
             total = sum(float(day.sum(dtype=np.float64)) for day in data[rows, v])
             squares = sum(float(np.dot(day.ravel(), day.ravel())) for day in data[rows, v])
             physical = sum(float(np.square(np.expm1(day, dtype=np.float64)).sum()) for day in data[rows, v])
-            largest = float(np.expm1(max(float(day.max()) for day in data[rows, v])))  # missing values are 0
+            largest = float(np.expm1(float(data[rows, v].max())))  # missing values are 0 here
             mean = total / count if count else np.nan
             std = np.sqrt(max(squares / count - mean * mean, 0.0)) if count else np.nan
             rms = np.sqrt(physical / count) if count else np.nan
