@@ -54,8 +54,9 @@ torch.Size([4, 2, 20, 33, 47])
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -223,6 +224,7 @@ class ConvLSTMForecaster(nn.Module):
             nn.init.zeros_(self.head[-1].bias)
         if quantiles:  # per lead, a factor on the quantiles' spread, calibrated after training
             self.register_buffer("spread_scale", torch.ones(leads))
+        self._bounded = True  # evaluated forecasts stop at ceiling() (see unbounded())
         self.set_level_calibration(level_calibration)
 
     @classmethod
@@ -325,11 +327,22 @@ class ConvLSTMForecaster(nn.Module):
             return None
         return (math.log1p(CEILING_FACTOR * target["max"]) - target["mean"]) / target["std"]
 
+    @contextmanager
+    def unbounded(self) -> Iterator["ConvLSTMForecaster"]:
+        """Evaluated forecasts without :meth:`ceiling` inside the block: for a calibration
+        that rescales the quantiles itself and must bound them after rescaling, as
+        :meth:`forward` bounds the rescaled ones."""
+        self._bounded = False
+        try:
+            yield self
+        finally:
+            self._bounded = True
+
     def _below_ceiling(self, out: torch.Tensor) -> torch.Tensor:
         """``out`` bounded at :meth:`ceiling` when evaluating. Training leaves it unbounded, so
         that the loss keeps pulling a too-high value down (a clamped one has no gradient)."""
         ceiling = self.ceiling()
-        return out if self.training or ceiling is None else out.clamp(max=ceiling)
+        return out if self.training or not self._bounded or ceiling is None else out.clamp(max=ceiling)
 
     def _at_calibrated_levels(self, quantiles: torch.Tensor) -> torch.Tensor:
         """The quantiles (B, L, Q, H, W) read at the levels of :meth:`set_level_calibration`."""

@@ -275,13 +275,15 @@ def _calibration_case() -> tuple[ConvLSTMForecaster, list, dict]:
     return model, [collate_windows(windows[i:i + 8]) for i in range(0, 64, 8)], stats
 
 
-def _scores_by_factor(model: ConvLSTMForecaster, batches: list, stats: dict, thresholds=()) -> dict:
-    """verify.EnsembleScores of the model's quantiles at every spread factor (not the calibration's own sums)."""
+def _scores_by_factor(model: ConvLSTMForecaster, batches: list, stats: dict, thresholds=(), base: float = 1.0
+                      ) -> dict:
+    """verify.EnsembleScores of the model's quantiles at every spread factor times ``base``
+    (the model's forward at that scale, not the calibration's own sums)."""
     from pipeline.model import to_physical
     from pipeline.calibration import SPREAD_FACTORS
 
     def scores(factor: float) -> dict:
-        model.spread_scale.fill_(factor)
+        model.spread_scale.fill_(base * factor)
         ensemble = EnsembleScores(thresholds)
         with torch.no_grad():
             for b in batches:
@@ -305,6 +307,25 @@ def test_calibration_picks_the_spread_skill_nearest_one_among_factors_as_good_by
     assert chosen > 1.2
     assert by_factor[round(chosen, 1)]["crps"] <= by_factor[best_crps]["crps"] * (1 + 2 * CRPS_TOLERANCE)
     assert mismatch[round(chosen, 1)] <= mismatch[best_crps] + 1e-9
+
+
+def test_the_calibration_bounds_the_rescaled_quantiles_as_the_model_does():
+    """A model already widened (x2) whose top quantiles pass its ceiling (a training maximum
+    of 8 kg m-2): each factor is scored on the quantiles as trained, rescaled, then bounded,
+    so the calibration picks the factor that forward passes at every scale pick."""
+    from pipeline.calibration import CRPS_TOLERANCE, calibrate_spread
+
+    model, batches, _ = _calibration_case()
+    stats = {"mean": 0.0, "std": 1.0, "rms": 1.0, "max": 8.0}
+    model.config.stats = [stats]
+    model.spread_scale.fill_(2.0)
+    with torch.no_grad():
+        assert (model(batches[0].x) >= model.ceiling()).any()  # the bound bites
+    chosen = calibrate_spread(model, batches, torch.device("cpu"), stats).item() / 2.0
+    by_factor = _scores_by_factor(model, batches, stats, base=2.0)
+    best_crps = min(s["crps"] for s in by_factor.values())
+    near_best = [f for f, s in by_factor.items() if s["crps"] <= best_crps * (1 + CRPS_TOLERANCE)]
+    assert round(chosen, 1) == min(near_best, key=lambda f: abs(np.log(by_factor[f]["spread_skill"])))
 
 
 def test_the_brier_calibration_picks_the_most_reliable_exceedance_among_factors_as_good_by_crps():
