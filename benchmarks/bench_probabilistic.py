@@ -81,6 +81,8 @@ def main() -> int:
                         help="how the spread factor is picked among the near-best by validation CRPS")
     parser.add_argument("--calibrate_levels", action="store_true",
                         help="then the quantiles' levels per flow class, as runoff train --calibrate_levels")
+    parser.add_argument("--quantile_log_weight", type=float, default=0.0,
+                        help="the probabilistic model's weight of the log values' pinball loss, as runoff train")
     parser.add_argument("--past_only", action="store_true",
                         help="no rain of the forecast days: the past days only (a cube without rain, such as VIC's)")
     args = parser.parse_args()
@@ -94,7 +96,8 @@ def main() -> int:
             config = skill_train_config(args, cube, leads, tmp / name, forcings=forcings, probabilistic=probabilistic,
                                         quantile_location=args.quantile_location if probabilistic else None,
                                         calibration=args.calibration if probabilistic else "spread_skill",
-                                        calibrate_levels=args.calibrate_levels and probabilistic)
+                                        calibrate_levels=args.calibrate_levels and probabilistic,
+                                        quantile_log_weight=args.quantile_log_weight if probabilistic else 0.0)
             started = time.perf_counter()
             result = train(config)
             seconds = time.perf_counter() - started
@@ -111,7 +114,8 @@ def main() -> int:
           + covariates_note(args)
           + ("; quantiles located off an MSE-trained centre" if args.quantile_location else "; quantiles centred")
           + f"; spread calibration: {args.calibration}"
-          + ("; levels calibrated per flow class" if args.calibrate_levels else ""))
+          + ("; levels calibrated per flow class" if args.calibrate_levels else "")
+          + (f"; log values' pinball loss x{args.quantile_log_weight:g}" if args.quantile_log_weight else ""))
     print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "
           "| median MSE / deterministic | mean MSE / deterministic | reliability gap beyond the 5-95% band "
           "| MSE skill vs persistence: deterministic, mean |")

@@ -44,7 +44,7 @@ from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_me
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError, RunoffWarning
 from .ingest import ensure_cube
-from .model import QUANTILES, ConvLSTMForecaster, pinball, to_physical
+from .model import QUANTILES, ConvLSTMForecaster, pinball, signed_log1p, to_physical
 from .plots import plot_loss_curves
 from .sampler import WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, window_issues
 from .storage import atomic_output, check_writable, location
@@ -97,6 +97,7 @@ class TrainConfig:
     quantile_location: bool | None = None
     calibration: str = "spread_skill"  # probabilistic: how calibrate_spread picks its factor (CALIBRATIONS)
     calibrate_levels: bool = False  # probabilistic: also calibrate_levels on the validation split
+    quantile_log_weight: float = 0.0  # probabilistic: weight of the log values' pinball loss beside the physical
     clip_grad: float = 1.0
     ema_decay: float = 0.99  # forecasts use the weights' moving average over the steps, this decay per step (0: none)
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
@@ -143,25 +144,40 @@ def physical_loss(stats: dict[str, float]) -> Callable[[torch.Tensor, torch.Tens
     return loss
 
 
-def quantile_loss(stats: dict[str, float]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def quantile_loss(stats: dict[str, float], log_weight: float = 0.0
+                  ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The probabilistic objective: masked pinball loss in physical units, divided by the
-    training values' root mean square (the pinball loss is in data units, not squared)."""
+    training values' root mean square (the pinball loss is in data units, not squared),
+    plus ``log_weight`` times the pinball loss of the log values (``log1p``, over the
+    training std of ``log1p``).
+
+    Both terms are minimised by the same quantiles (a pinball loss of ``g(q) - g(y)``, for
+    any increasing ``g``, is), so their sum is too; they weigh the pixels differently. In
+    physical units the largest flows decide the fit; the log term weighs each pixel by its
+    relative error, so the middling flows, where exceedance of the wet p90 is decided,
+    count as well (docs/skill.md, "Pinball loss of the log values")."""
     scale = loss_scale(stats) ** 0.5
+
+    def logged(values: torch.Tensor) -> torch.Tensor:
+        # signed: a quantile below 0 (clipped at inference) keeps a bounded, sloped loss
+        return signed_log1p(to_physical(values, stats)) / stats["std"]
 
     def loss(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.to(pred.dtype)
-        per_pixel = pinball(to_physical(pred, stats), to_physical(y, stats))
-        return (per_pixel * m).sum() / m.sum().clamp(min=1.0) / scale
+        per_pixel = pinball(to_physical(pred, stats), to_physical(y, stats)) / scale
+        if log_weight:
+            per_pixel = per_pixel + log_weight * pinball(logged(pred), logged(y))
+        return (per_pixel * m).sum() / m.sum().clamp(min=1.0)
 
     return loss
 
 
-def located_quantile_loss(stats: dict[str, float]
+def located_quantile_loss(stats: dict[str, float], log_weight: float = 0.0
                           ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The objective of a model with ``quantile_location``, whose output (``with_centre``)
     is its centre then its quantiles: the centre's :func:`physical_loss` (the MSE, as a
     deterministic model is trained) plus the quantiles' :func:`quantile_loss`."""
-    mse, pinball_loss = physical_loss(stats), quantile_loss(stats)
+    mse, pinball_loss = physical_loss(stats), quantile_loss(stats, log_weight)
 
     def loss(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return mse(pred[:, :, :1], y, mask) + pinball_loss(pred[:, :, 1:], y, mask)
@@ -169,11 +185,12 @@ def located_quantile_loss(stats: dict[str, float]
     return loss
 
 
-def _objective(model: ConvLSTMForecaster) -> Callable[[dict[str, float]], Callable]:
-    """The training loss's builder for ``model``: MSE, pinball, or both (a located quantile model)."""
+def _objective(model: ConvLSTMForecaster, stats: dict[str, float], quantile_log_weight: float = 0.0
+               ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss of ``model``: MSE, pinball, or both (a located quantile model)."""
     if model.config.quantile_location:
-        return located_quantile_loss
-    return quantile_loss if model.config.quantiles else physical_loss
+        return located_quantile_loss(stats, quantile_log_weight)
+    return quantile_loss(stats, quantile_log_weight) if model.config.quantiles else physical_loss(stats)
 
 
 def _merge_resume(config: TrainConfig, explicit: set[str], state: dict) -> TrainConfig:
@@ -315,6 +332,8 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         raise RunoffError("--linear_response forms the change from the last day: it cannot go with --no-predict_delta")
     if config.quantile_location and not config.probabilistic:
         raise RunoffError("--quantile_location places a probabilistic model's quantiles: it needs --probabilistic")
+    if config.quantile_log_weight and not config.probabilistic:
+        raise RunoffError("--quantile_log_weight weighs a probabilistic model's loss: it needs --probabilistic")
     if config.calibrate_levels and not config.probabilistic:
         raise RunoffError("--calibrate_levels calibrates a probabilistic model's quantiles: it needs --probabilistic")
     if config.calibration != "spread_skill" and not config.probabilistic:
@@ -511,7 +530,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
                         train_config=asdict(config), world_size=ranks.world_size, maps=maps)
     run = _Run(config, ranks, model, net, optimiser, scheduler, grad_scaler(ranks.device, config.precision),
                train_set, train_loader, val_loader, record,
-               _objective(model)(stats[TARGET]),
+               _objective(model, stats[TARGET], config.quantile_log_weight),
                ds[TARGET].attrs.get("units", "kg m-2"), checkpoint_dir, output_dir, progress and ranks.is_main)
     run.log(Checkpoint(record).inputs_note({v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}))
     run.last_path = checkpoint_dir / "model_epoch0.pth"
@@ -626,6 +645,7 @@ def _validate(config: TrainConfig) -> None:
         (0 <= config.ema_decay < 1, "--ema_decay", config.ema_decay, "must be in [0, 1): 0 for no averaging"),
         (config.patch >= 4, "--patch", config.patch, "must be >= 4 pixels"),
         (config.num_workers >= 0, "--num_workers", config.num_workers, "must be >= 0"),
+        (config.quantile_log_weight >= 0, "--quantile_log_weight", config.quantile_log_weight, "must be >= 0"),
         (config.calibration in CALIBRATIONS, "--calibration", config.calibration, f"must be one of {CALIBRATIONS}"),
     ]
     for ok, option, value, why in checks:

@@ -385,6 +385,52 @@ def test_level_calibration_reads_the_quantiles_where_the_truth_fell_on_new_windo
         assert torch.equal(rebuilt(batches[4].x), model(batches[4].x))
 
 
+@pytest.mark.parametrize("log_weight", [0.0, 0.3, 3.0])
+def test_the_true_quantiles_minimise_the_quantile_loss_whatever_its_log_weight(log_weight):
+    """The log values' pinball loss weighs pixels differently, but the quantiles of the
+    truth's distribution stay its minimum: any one of them moved up or down scores worse;
+    and the log term adds to the loss."""
+    from pipeline.model import quantile_levels
+    from pipeline.train import quantile_loss
+
+    rng = np.random.default_rng(0)
+    physical = np.where(rng.random((80, 120)) < 0.4, 0.0, rng.lognormal(1.0, 1.5, (80, 120)))
+    logged = np.log1p(physical)
+    stats = {"mean": float(logged.mean()), "std": float(logged.std()), "rms": float(np.sqrt((physical ** 2).mean()))}
+    y = torch.tensor((logged - stats["mean"]) / stats["std"], dtype=torch.float32).view(1, 1, 1, 80, 120)
+    levels = quantile_levels(20).numpy()
+    true = torch.tensor(np.log1p(np.quantile(physical, levels)), dtype=torch.float32)
+    true = ((true - stats["mean"]) / stats["std"]).view(1, 1, 20, 1, 1).expand(1, 1, 20, 80, 120)
+    mask = torch.ones_like(y, dtype=torch.bool)
+    loss = quantile_loss(stats, log_weight)
+    best = float(loss(true, y, mask))
+    for level in range(20):
+        for step in (0.05, -0.05):
+            moved = true.clone()
+            moved[:, :, level] += step
+            assert float(loss(moved, y, mask)) > best, (level, step)
+    if log_weight:
+        assert best > float(quantile_loss(stats)(true, y, mask))
+
+
+def test_a_run_trains_on_the_log_values_pinball_loss_it_was_given(tmp_path):
+    """``quantile_log_weight`` reaches the training loss (the same first steps score higher
+    with it) and travels with the checkpoint, so a resumed run trains on the same loss."""
+    from pipeline.train import TrainConfig, train
+
+    write_series(tmp_path / "in", days=40, height=16, width=20, seed=3)
+    losses = {}
+    for weight in (0.0, 1.0):
+        folder = tmp_path / f"w{weight:g}"
+        result = train(TrainConfig(data_dir=str(tmp_path / "in"), patch=16, hidden_channels=[4], batch_size=4,
+                                   epochs=1, probabilistic=True, quantile_log_weight=weight, device="cpu",
+                                   checkpoint_dir=str(folder / "ckpt"), output_dir=str(folder / "out")))
+        losses[weight] = result.history[0]["train_loss"]
+        saved = torch.load(result.last_checkpoint, weights_only=True)
+        assert saved["train_config"]["quantile_log_weight"] == weight
+    assert losses[1.0] > losses[0.0]
+
+
 def test_a_located_model_trains_its_centre_by_the_mse_and_places_its_quantiles_off_it():
     """With ``quantile_location`` the quantiles move with their own location output, the
     centre does not; the pinball loss reaches only the quantiles' outputs (the centre's

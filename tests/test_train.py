@@ -121,6 +121,10 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
         "unknown calibration": (["--data_dir", small_cube, "--probabilistic", "--calibration", "crps"],
                                 "--calibration"),
         "ema decay of 1": (["--data_dir", small_cube, "--ema_decay", "1"], "--ema_decay 1.0"),
+        "log weight without quantiles": (["--data_dir", small_cube, "--quantile_log_weight", "0.3"],
+                                         "--probabilistic"),
+        "negative log weight": (["--data_dir", small_cube, "--probabilistic", "--quantile_log_weight", "-1"],
+                                "--quantile_log_weight -1.0"),
     }
 
 
@@ -128,7 +132,8 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
                                   "corrupt checkpoint", "checkpoint dir not writable", "even kernel", "bad leads",
                                   "fp16 on cpu", "linear response without delta",
                                   "quantile location without quantiles", "calibration without quantiles",
-                                  "level calibration without quantiles", "unknown calibration", "ema decay of 1"])
+                                  "level calibration without quantiles", "unknown calibration", "ema decay of 1",
+                                  "log weight without quantiles", "negative log weight"])
 def test_bad_input_is_one_line_exit_2(case, small_cube, tmp_path, run_cli):
     args, words = _bad_train_cases(small_cube, tmp_path)[case]
     result = run_cli("train", "--epochs", "1", "--checkpoint_dir", tmp_path / "ckpt", "--output_dir",
