@@ -155,7 +155,7 @@ def quantile_loss(stats: dict[str, float], log_weight: float = 0.0
     any increasing ``g``, is), so their sum is too; they weigh the pixels differently. In
     physical units the largest flows decide the fit; the log term weighs each pixel by its
     relative error, so the middling flows, where exceedance of the wet p90 is decided,
-    count as well (docs/skill.md, "Pinball loss of the log values")."""
+    count as well (docs/skill.md, "The pinball loss of the log values")."""
     scale = loss_scale(stats) ** 0.5
 
     def logged(values: torch.Tensor) -> torch.Tensor:
