@@ -68,17 +68,13 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     # then the Brier sum at each threshold
     sums = torch.zeros(3 + len(thresholds), len(SPREAD_FACTORS), model.config.leads,
                        dtype=accumulator_dtype(device), device=device)
-    ceiling = model.ceiling()
     # the quantiles as trained, rescaled, then bounded: what forward gives at each factor
     with torch.no_grad(), model.unbounded():
         for _, y, mask, q in model_outputs(model, loader, device, precision):
             q = q.float()
             centre, truth, m = q.mean(dim=2, keepdim=True), to_physical(y, stats), mask.float()
             for i, factor in enumerate(factors):
-                rescaled = centre + factor * (q - centre)
-                if ceiling is not None:
-                    rescaled = rescaled.clamp(max=ceiling)
-                values = to_physical(rescaled, stats).clamp(min=0)
+                values = to_physical(model.clamp_to_ceiling(centre + factor * (q - centre)), stats).clamp(min=0)
                 mean = values.mean(dim=2, keepdim=True)
                 briers = [((values > thr).float().mean(dim=2, keepdim=True) - (truth > thr).float()) ** 2
                           for thr in thresholds]

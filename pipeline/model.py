@@ -338,11 +338,15 @@ class ConvLSTMForecaster(nn.Module):
         finally:
             self._bounded = True
 
+    def clamp_to_ceiling(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (normalised) bounded at :meth:`ceiling`; unchanged for a model without one."""
+        ceiling = self.ceiling()
+        return out if ceiling is None else out.clamp(max=ceiling)
+
     def _below_ceiling(self, out: torch.Tensor) -> torch.Tensor:
         """``out`` bounded at :meth:`ceiling` when evaluating. Training leaves it unbounded, so
         that the loss keeps pulling a too-high value down (a clamped one has no gradient)."""
-        ceiling = self.ceiling()
-        return out if self.training or not self._bounded or ceiling is None else out.clamp(max=ceiling)
+        return out if self.training or not self._bounded else self.clamp_to_ceiling(out)
 
     def _at_calibrated_levels(self, quantiles: torch.Tensor) -> torch.Tensor:
         """The quantiles (B, L, Q, H, W) read at the levels of :meth:`set_level_calibration`."""

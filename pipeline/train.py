@@ -330,15 +330,15 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
         config = _merge_resume(config, explicit if explicit is not None else set(), resume_state)
     if "linear_response" in (explicit or set()) and config.linear_response and not config.predict_delta:
         raise RunoffError("--linear_response forms the change from the last day: it cannot go with --no-predict_delta")
-    if config.quantile_location and not config.probabilistic:
-        raise RunoffError("--quantile_location places a probabilistic model's quantiles: it needs --probabilistic")
-    if config.quantile_log_weight and not config.probabilistic:
-        raise RunoffError("--quantile_log_weight weighs a probabilistic model's loss: it needs --probabilistic")
-    if config.calibrate_levels and not config.probabilistic:
-        raise RunoffError("--calibrate_levels calibrates a probabilistic model's quantiles: it needs --probabilistic")
-    if config.calibration != "spread_skill" and not config.probabilistic:
-        raise RunoffError(f"--calibration {config.calibration} calibrates a probabilistic model's spread: "
-                          f"it needs --probabilistic")
+    if not config.probabilistic:  # options that act on a probabilistic model only
+        for given, option, what in (
+                (config.quantile_location, "--quantile_location", "places a probabilistic model's quantiles"),
+                (config.quantile_log_weight, "--quantile_log_weight", "weighs a probabilistic model's loss"),
+                (config.calibrate_levels, "--calibrate_levels", "calibrates a probabilistic model's quantiles"),
+                (config.calibration != "spread_skill", f"--calibration {config.calibration}",
+                 "calibrates a probabilistic model's spread")):
+            if given:
+                raise RunoffError(f"{option} {what}: it needs --probabilistic")
     _validate(config)
     # the run lives in _fit's frame only: gone when the process group is released
     with data_parallel(config.device) as ranks, contextlib.ExitStack() as on_exit:
