@@ -159,12 +159,14 @@ def quantile_loss(stats: dict[str, float], log_weight: float = 0.0
     scale = loss_scale(stats) ** 0.5
 
     def logged(values: torch.Tensor) -> torch.Tensor:
-        # signed: a quantile below 0 (clipped at inference) keeps a bounded, sloped loss
-        return signed_log1p(to_physical(values, stats)) / stats["std"]
+        # data units -> log1p over its training std; signed: a quantile below 0 (clipped at
+        # inference) keeps a bounded, sloped loss
+        return signed_log1p(values) / stats["std"]
 
     def loss(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.to(pred.dtype)
-        per_pixel = pinball(to_physical(pred, stats), to_physical(y, stats)) / scale
+        pred, y = to_physical(pred, stats), to_physical(y, stats)  # once, for both terms
+        per_pixel = pinball(pred, y) / scale
         if log_weight:
             per_pixel = per_pixel + log_weight * pinball(logged(pred), logged(y))
         return (per_pixel * m).sum() / m.sum().clamp(min=1.0)
