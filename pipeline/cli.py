@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "output_dir", default="outputs/predictions", help="where the GeoTIFFs go (default outputs/predictions)")
     _option(p, "dates", help="issue days START:END (YYYY-MM-DD:YYYY-MM-DD), or one day")
     _option(p, "last", action="store_true", help="only the latest possible issue day")
-    _option(p, "split", help="only windows whose targets lie in the checkpoint's train, val or test split")
+    _option(p, "split", help="only windows whose targets lie in the checkpoint's train, val or test split, or in "
+            "a period START..END (YYYY-MM-DD..YYYY-MM-DD, either end may be left out)")
     _option(p, "format", choices=("tif", "netcdf"), default="tif", help="netcdf: also one CF NetCDF of all forecasts")
     _option(p, "tile", type=int, default=512, help="predict larger grids in overlapping tiles of this size")
     _option(p, "batch_size", type=int, default=8, help="issue days per forward pass (default 8)")
@@ -374,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score the model against persistence and climatology per lead time")
     _option(p, "weights_path", required=True, help="checkpoint, e.g. checkpoints/best.pth")
     _option(p, "data_dir", default="stores/qs.zarr", help="Zarr cube or raster folder (default stores/qs.zarr)")
-    _option(p, "split", default="test", help="train, val, test (default) or all")
+    _option(p, "split", default="test", help="train, val, test (default), all, or a period START..END "
+            "(YYYY-MM-DD..YYYY-MM-DD, either end may be left out: e.g. the days that arrived after training)")
     _option(p, "output_dir", default="outputs/evaluation", help="where metrics and figures go")
     _option(p, "thresholds", help="event thresholds in data units, e.g. 5,20 (default: training p90, p99 of wet pixels)")
     _option(p, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")

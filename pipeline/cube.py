@@ -228,6 +228,35 @@ def make_splits(first: dt.date, last: dt.date, train_end: str | dt.date | None =
     }
 
 
+def choose_split(name: str, splits: dict[str, Split], first: dt.date, last: dt.date,
+                 option: str = "--split") -> Split:
+    """The checkpoint's ``train``, ``val`` or ``test`` split, ``all`` (the cube's days from
+    ``first`` to ``last``), or a period ``START..END`` of the cube's days, either end left out
+    for the cube's first or last day: the days that arrived after training, say.
+
+    >>> day = dt.date.fromisoformat
+    >>> choose_split("2021-01-01..", {}, day("2019-01-01"), day("2022-12-31"))
+    Split(name='2021-01-01..2022-12-31', start=datetime.date(2021, 1, 1), end=datetime.date(2022, 12, 31))
+    """
+    if name == "all":
+        return Split("all", first, last)
+    if ".." not in name:
+        if name not in splits:
+            raise RunoffError(f"{option} {name!r}: choose {', '.join(splits)}, all, or a period START..END "
+                              "(YYYY-MM-DD..YYYY-MM-DD)")
+        return splits[name]
+    start_text, end_text = name.split("..", 1)
+    try:
+        start = dt.date.fromisoformat(start_text) if start_text else first
+        end = dt.date.fromisoformat(end_text) if end_text else last
+    except ValueError:
+        raise RunoffError(f"{option} {name!r}: expected a period YYYY-MM-DD..YYYY-MM-DD") from None
+    if not (start <= end and start <= last and end >= first):
+        raise RunoffError(f"{option} {name!r}: need START <= END and days within the cube's {first}..{last}")
+    start, end = max(start, first), min(end, last)
+    return Split(f"{start}..{end}", start, end)
+
+
 def cube_dates(ds: xr.Dataset) -> list[dt.date]:
     """The cube's days as :class:`datetime.date`."""
     return [dt.date.fromisoformat(str(t)[:10]) for t in ds.time.values]

@@ -29,7 +29,7 @@ from pathlib import Path
 from .baselines import (SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, check_thresholds,
                         wet_thresholds)
 from .checkpoint import read_checkpoint
-from .cube import TARGET, Split, cube_dates, cube_grid, open_cube
+from .cube import TARGET, Split, choose_split, cube_dates, cube_grid, open_cube
 from .errors import RunoffError
 from .export import write_geotiff
 from .inference import Forecaster, point_forecast, read_days
@@ -81,7 +81,8 @@ def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, win
               notes: list[str], categorical: bool = True) -> str:
     """The skill lines, then one table per lead (continuous scores and skill), then the
     notes; with ``categorical`` a second table per lead of CSI/POD/FAR and FSS at each threshold."""
-    lines = [f"# Evaluation on the {split.name} split ({split.start} .. {split.end}), {windows} windows", ""]
+    what = f"the {split.name} split" if ".." not in split.name else "the period"
+    lines = [f"# Evaluation on {what} ({split.start} .. {split.end}), {windows} windows", ""]
     if skill_lines:
         lines += skill_lines + [""]
     for lead, rows in metrics.items():
@@ -103,7 +104,7 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
              output_dir: str | Path = "outputs/evaluation", thresholds: list[float] | None = None,
              device: str = "auto", batch_size: int = 8, storage_options: dict | None = None,
              progress: bool = False) -> EvaluationReport:
-    """Score the checkpoint on ``split`` (train, val, test or all) of ``data_dir``;
+    """Score the checkpoint on ``split`` (train, val, test, all, or a period START..END) of ``data_dir``;
     ``batch_size`` windows per forward pass and per accumulator update."""
     check_thresholds(thresholds, "--thresholds")
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
@@ -115,17 +116,13 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     ckpt.check_grid(grid, f"--weights_path {weights_path}", f"--data_dir {data_dir}")
     ckpt.check_variables(list(ds.data_vars), f"--data_dir {data_dir}")
     dates = cube_dates(ds)
-    ranges = ckpt.splits
-    ranges["all"] = Split("all", dates[0], dates[-1])
-    if split not in ranges:
-        raise RunoffError(f"--split {split!r}: choose train, val, test or all")
-    chosen = ranges[split]
+    chosen = choose_split(split, ckpt.splits, dates[0], dates[-1])
     spec = WindowSpec(ckpt.input_days, tuple(ckpt.leads), tuple(ckpt.variables), tuple(ckpt.forcings))
     issues = window_issues(ds, chosen, spec)
     if issues.size == 0:
         raise RunoffError(f"--split {split}: no complete window with targets in {chosen.start}..{chosen.end} "
                           f"in {store} ({dates[0]}..{dates[-1]})")
-    train_range = ranges["train"]
+    train_range = ckpt.splits["train"]
     clim = Climatology(ds, train_range.start, train_range.end)
     clim_used: dict[str, int] = {}  # which climatology each scored day got, for metrics.md
     thresholds = thresholds or wet_thresholds(ds, train_range.start, train_range.end)
@@ -179,6 +176,9 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     notes = ["Climatology: " + ", ".join(
         f"{how} on {count} scored day(s)" for how, count in sorted(clim_used.items())) + " (training days within "
         "that many days of the same day of year; the training mean where none lies within ±45 days)."]
+    if chosen.start <= train_range.end and train_range.start <= chosen.end:
+        notes.append(f"The scored days overlap the training split ({train_range.start} .. {train_range.end}): "
+                     "those scores are in-sample.")
     markdown = _markdown(metrics, chosen, n, skill_lines, notes)
     summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, [], notes, categorical=False)
     diagnostics = {lead: _diagnostics(ensembles[lead]["model"]) for lead in leads} if probabilistic else {}

@@ -30,7 +30,7 @@ import xarray as xr
 
 from . import __version__
 from .checkpoint import Checkpoint, read_checkpoint
-from .cube import TARGET, cube_dates, cube_grid, open_cube
+from .cube import TARGET, choose_split, cube_dates, cube_grid, open_cube
 from .errors import RunoffError, RunoffWarning
 from .export import write_geotiff, write_netcdf
 from .baselines import check_thresholds, wet_thresholds
@@ -84,7 +84,7 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     """Forecast from ``input_dir`` with the checkpoint ``weights_path``; see the module docstring.
 
     ``dates``: issue days ``START:END`` (inclusive); ``last``: only the latest issue day;
-    ``split``: only windows whose target days lie in the checkpoint's train, val or test split;
+    ``split``: only windows whose target days lie in the checkpoint's train, val or test split, all, or a period ``START..END``;
     ``fmt``: ``tif`` or ``netcdf`` (GeoTIFFs plus one NetCDF of all forecasts);
     ``max_plots``: side-by-side figures, spread over the forecasts (-1: all, 0: none);
     ``batch_size``: issue days per forward pass; ``tile``: largest tile side in pixels;
@@ -215,11 +215,9 @@ def _issue_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.date], inpu
         raise RunoffError(f"--input_dir {input_dir}: {len(all_dates)} day(s) ({sum(present)} present); the model "
                           f"needs {input_days} consecutive days before an issue day")
     if split is not None:
-        splits = ckpt.splits
-        if split not in splits:
-            raise RunoffError(f"--split {split!r}: choose one of {', '.join(splits)}")
+        chosen = choose_split(split, ckpt.splits, all_dates[0], all_dates[-1])
         spec = WindowSpec(input_days, tuple(ckpt.leads), tuple(variables), tuple(ckpt.forcings))
-        in_split = set(window_issues(ds, splits[split], spec).tolist())
+        in_split = set(window_issues(ds, chosen, spec).tolist())
         candidates = [t for t in candidates if t in in_split]
     issues = _select_issues(all_dates, candidates, dates, last)
     if not issues:

@@ -43,3 +43,28 @@ def test_explicit_thresholds_and_bad_split(trained, tmp_path, run_cli):
                        "--thresholds", "5,-1", "--output_dir", tmp_path / "y")
     assert negative.status == 2 and "--thresholds 5,-1" in one_error_line(negative.err)
     assert not (tmp_path / "y").exists() or not list((tmp_path / "y").iterdir())
+
+
+def test_period_scores_the_days_it_names(trained, tmp_path, run_cli):
+    """``--split START..END`` scores the windows whose targets lie in those days: the test
+    split's own days give the test split's figures; days of the training split say in-sample."""
+    args = ("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir", trained / "qs.zarr")
+    test = run_cli(*args, "--output_dir", tmp_path / "test")
+    assert test.status == 0, test.err
+    split = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    period = f"{split['meta']['start']}..{split['meta']['end']}"
+    same = run_cli(*args, "--split", period, "--output_dir", tmp_path / "period")
+    assert same.status == 0, same.err
+    scored = json.loads((tmp_path / "period" / "metrics.json").read_text())
+    assert scored["leads"] == split["leads"] and scored["meta"]["windows"] == split["meta"]["windows"]
+    md = (tmp_path / "period" / "metrics.md").read_text()
+    assert md.startswith(f"# Evaluation on the period ({split['meta']['start']} .. ") and "in-sample" not in md
+    early = run_cli(*args, "--split", "..2019-02-10", "--output_dir", tmp_path / "early")
+    assert early.status == 0, early.err
+    meta = json.loads((tmp_path / "early" / "metrics.json").read_text())["meta"]
+    assert (meta["start"], meta["end"]) == ("2019-01-01", "2019-02-10")
+    assert "in-sample" in (tmp_path / "early" / "metrics.md").read_text()
+    for bad in ("2019-03-10..2019-03-01", "2030-01-01..", "2019-13-01.."):
+        result = run_cli(*args, "--split", bad, "--output_dir", tmp_path / "bad")
+        assert result.status == 2 and f"--split {bad!r}" in one_error_line(result.err), bad
+        assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").iterdir())

@@ -47,6 +47,17 @@ def test_geotiffs_match_the_source_grid_and_carry_tags(trained, tmp_path, run_cl
     assert figures and all(f.stat().st_size > 10_000 for f in figures)
 
 
+def test_split_period_keeps_the_forecasts_whose_targets_lie_in_it(trained, tmp_path, run_cli):
+    out = tmp_path / "pred"
+    result = run_cli("predict", "--weights_path", trained / "ckpt" / "best.pth", "--input_dir", trained / "qs.zarr",
+                     "--output_dir", out, "--split", "2019-03-16..", "--max_plots", "0")
+    assert result.status == 0, result.err
+    valid = [(f.name[3:11], f.name[-5]) for f in sorted(out.glob("*.tif"))]
+    # issue days 03-15 .. 03-19: every target (leads 1 and 2) on or after 03-16, the cube ends 03-21
+    assert valid == [(f"201903{d:02d}", lead) for d in range(16, 22) for lead in "12"
+                     if 16 + int(lead) - 1 <= d <= 19 + int(lead)]
+
+
 def test_cog_layout_is_valid(trained, tmp_path, run_cli):
     pytest.importorskip("rio_cogeo", reason="rio-cogeo not installed")
     from rio_cogeo.cogeo import cog_validate
