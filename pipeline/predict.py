@@ -84,7 +84,8 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     """Forecast from ``input_dir`` with the checkpoint ``weights_path``; see the module docstring.
 
     ``dates``: issue days ``START:END`` (inclusive); ``last``: only the latest issue day;
-    ``split``: only windows whose target days lie in the checkpoint's train, val or test split, all, or a period ``START..END``;
+    ``split``: only windows whose target days lie in the checkpoint's train, val or test split, in all
+    the cube's days (``all``) or in a period ``START..END``;
     ``fmt``: ``tif`` or ``netcdf`` (GeoTIFFs plus one NetCDF of all forecasts);
     ``max_plots``: side-by-side figures, spread over the forecasts (-1: all, 0: none);
     ``batch_size``: issue days per forward pass; ``tile``: largest tile side in pixels;
