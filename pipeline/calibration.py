@@ -6,11 +6,14 @@ stream over a DataLoader's batches and combine the sums of data-parallel ranks, 
 calibration costs one inference pass over the split, not memory for it. Their batch loop,
 :func:`model_outputs`, is also the one the trainer validates with.
 
+:func:`calibrate_model` does both in place; ``runoff calibrate`` (:mod:`pipeline.recalibrate`)
+does it again on a trained checkpoint, over a period of the user's choice.
+
 Example
 -------
->>> scale = calibrate_spread(model, val_loader, torch.device("cpu"), stats)   # doctest: +SKIP
->>> model.spread_scale.copy_(scale)                                          # doctest: +SKIP
->>> model.set_level_calibration(calibrate_levels(model, val_loader, torch.device("cpu"), stats))  # doctest: +SKIP
+>>> calibrate_model(model, val_loader, torch.device("cpu"), stats, levels=True)   # doctest: +SKIP
+>>> model.spread_scale, len(model.config.level_calibration)                      # doctest: +SKIP
+(tensor([0.8000, 0.9000, 1.0000, 1.0000, 1.0000, 1.1000]), 6)
 """
 
 from __future__ import annotations
@@ -90,6 +93,20 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     mismatch = torch.where(near_best, mismatch, torch.full_like(mismatch, float("inf")))
     best = torch.tensor(SPREAD_FACTORS, device=device)[mismatch.argmin(dim=0)]
     return model.spread_scale * best.to(model.spread_scale.dtype)
+
+
+def calibrate_model(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
+                    stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
+                    rule: str = "spread_skill", thresholds: tuple[float, ...] = (), levels: bool = False) -> None:
+    """Calibrate a probabilistic model in place on ``loader``'s windows, from its quantiles as
+    trained (spread 1, no levels, whatever an earlier calibration set): its spread per lead
+    (:func:`calibrate_spread` with ``rule``), then with ``levels`` its levels per lead and flow
+    class (:func:`calibrate_levels`, fitted on the calibrated spread)."""
+    model.spread_scale.fill_(1.0)
+    model.set_level_calibration([])
+    model.spread_scale.copy_(calibrate_spread(model, loader, device, stats, ranks, precision, rule, thresholds))
+    if levels:
+        model.set_level_calibration(calibrate_levels(model, loader, device, stats, ranks, precision))
 
 
 LEVEL_CLASS_SHARES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)  # shares of validation pixels below each class edge

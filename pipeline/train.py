@@ -35,7 +35,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
-from .calibration import CALIBRATIONS, calibrate_levels, calibrate_spread, model_outputs
+from .calibration import CALIBRATIONS, calibrate_model, model_outputs
 from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, is_static,
                    make_splits, open_cube)
@@ -289,16 +289,11 @@ def _calibrate_best(run: "_Run") -> None:
     if run.best_state is None:  # no improvement in this session: best.pth stays as it is
         return
     run.model.load_state_dict(run.best_state)
-    scale = calibrate_spread(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET],
-                             run.ranks, run.config.precision, run.config.calibration, run.thresholds)
-    run.model.spread_scale.copy_(scale)
-    run.log("spread calibrated on the validation split (best.pth): " +
-            ", ".join(f"lead {lead} x{s:.2f}" for lead, s in zip(run.config.leads, scale.tolist())))
+    calibrate_model(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET], run.ranks,
+                    run.config.precision, run.config.calibration, run.thresholds, run.config.calibrate_levels)
+    run.log("spread calibrated on the validation split (best.pth): " + ", ".join(
+        f"lead {lead} x{s:.2f}" for lead, s in zip(run.config.leads, run.model.spread_scale.tolist())))
     if run.config.calibrate_levels:
-        run.model.set_level_calibration([])  # fitted on the quantiles as the network gives them
-        run.model.set_level_calibration(calibrate_levels(run.model, run.val_loader, run.ranks.device,
-                                                         run.record["norm_stats"][TARGET], run.ranks,
-                                                         run.config.precision))
         run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(
             f"lead {lead} {len(c['centres'])} classes" for lead, c in zip(run.config.leads,
                                                                           run.model.config.level_calibration)))

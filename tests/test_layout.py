@@ -62,7 +62,7 @@ def test_the_package_has_no_import_cycle():
 
 
 def test_forecasting_and_scoring_never_import_the_trainer_or_the_command_line():
-    for module in ("predict", "evaluate", "inference", "checkpoint", "baselines"):
+    for module in ("predict", "evaluate", "recalibrate", "inference", "checkpoint", "baselines"):
         assert not {"train", "cli"} & _reaches(module), (module, sorted(_reaches(module)))
     assert GRAPH["verify"] == set(), "verify imports nothing else of the package"
     out = subprocess.run([sys.executable, "-c", "import pipeline.predict, pipeline.evaluate, sys; "
@@ -71,7 +71,7 @@ def test_forecasting_and_scoring_never_import_the_trainer_or_the_command_line():
 
 
 def test_only_the_command_line_imports_the_commands():
-    commands = {"ingest", "train", "predict", "evaluate"}
+    commands = {"ingest", "train", "predict", "evaluate", "recalibrate"}
     for module, imported in GRAPH.items():
         if module not in ("cli", "__main__"):
             # train and predict/evaluate open raster folders through ingest.ensure_cube

@@ -507,3 +507,39 @@ def test_a_probabilistic_checkpoint_from_before_the_location_setting_resumes_cen
     assert resumed.epochs_run == 2
     again = torch.load(resumed.last_checkpoint, weights_only=True)
     assert again["model_config"]["quantile_location"] is False and again["train_config"]["quantile_location"] is False
+
+
+def test_calibrate_again_on_a_period_into_a_new_checkpoint(probabilistic, trained, tmp_path, run_cli):
+    """`runoff calibrate` on the validation split gives best.pth's own spread back; on another
+    period (with the levels) it writes a new checkpoint that evaluate reads; bad input: one
+    line, exit 2, nothing written or overwritten."""
+    best = probabilistic / "ckpt" / "best.pth"
+    args = ("calibrate", "--weights_path", best, "--data_dir", probabilistic / "qs.zarr")
+    again = run_cli(*args, "--split", "val", "--output_path", tmp_path / "val.pth")
+    assert again.status == 0, again.err
+    assert "spread calibrated on" in again.out and "lead 1 x" in again.out
+    old, new = (torch.load(p, weights_only=True) for p in (best, tmp_path / "val.pth"))
+    for name, tensor in old["model_state"].items():
+        assert torch.equal(tensor, new["model_state"][name]), name
+    test = read_checkpoint(best).splits["test"]
+    period = f"{test.start}.."
+    later = run_cli(*args, "--split", period, "--calibrate_levels", "--output_path", tmp_path / "test.pth")
+    assert later.status == 0, later.err
+    state = torch.load(tmp_path / "test.pth", weights_only=True)
+    assert state["calibrated_on"][0] == test.start.isoformat() and len(state["model_config"]["level_calibration"]) == 2
+    scored = run_cli("evaluate", "--weights_path", tmp_path / "test.pth", "--data_dir", probabilistic / "qs.zarr",
+                     "--output_dir", tmp_path / "evaluation")
+    assert scored.status == 0, scored.err
+    assert "crps" in json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["leads"]["1"]["model"]
+    overlap = run_cli(*args, "--split", "all", "--output_path", tmp_path / "all.pth")
+    assert overlap.status == 0 and "overlaps the training split" in overlap.err
+    before = (tmp_path / "val.pth").read_bytes()
+    for extra, words in ((["--split", "val", "--output_path", tmp_path / "val.pth"], "--output_path"),
+                         (["--split", "later", "--output_path", tmp_path / "x.pth"], "--split"),
+                         (["--split", "2030-01-01..", "--output_path", tmp_path / "x.pth"], "--split")):
+        result = run_cli(*args, *extra)
+        assert result.status == 2 and words in one_error_line(result.err), extra
+    deterministic = run_cli("calibrate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir",
+                            trained / "qs.zarr", "--split", "val", "--output_path", tmp_path / "x.pth")
+    assert deterministic.status == 2 and "deterministic" in one_error_line(deterministic.err)
+    assert not (tmp_path / "x.pth").exists() and (tmp_path / "val.pth").read_bytes() == before

@@ -1,0 +1,97 @@
+"""`runoff calibrate`: calibrate a trained probabilistic checkpoint again, on a period of
+the user's choice, without training it again.
+
+``runoff train --probabilistic`` calibrates ``best.pth``'s spread (and with
+``--calibrate_levels`` its levels) on the validation split. One validation year sets one
+spread, and on an eight-year record that spread was too wide for the wet years and too
+narrow for the dry ones; calibrated on three years instead, spread/skill came into range
+(docs/skill.md, "Seven test years instead of one"). This command reads the checkpoint,
+calibrates the quantiles as trained on the windows whose targets lie in ``--split`` (by
+the rule and with the levels the checkpoint was trained with, unless told otherwise), and
+writes a new checkpoint beside it; the weights are unchanged, and ``predict`` and
+``evaluate`` read the new file as they read ``best.pth``.
+
+>>> recalibrate("checkpoints/best.pth", "stores/qs.zarr", "2025-01-01..2027-12-31",
+...             "checkpoints/best_2025_2027.pth")                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .baselines import wet_thresholds
+from .calibration import CALIBRATIONS, calibrate_model
+from .checkpoint import read_checkpoint, save_checkpoint
+from .cube import TARGET, Split, choose_split, cube_dates, cube_grid, open_cube
+from .device import pick_device
+from .errors import RunoffError, RunoffWarning
+from .ingest import ensure_cube
+from .sampler import WindowSampler, WindowSpec, collate_windows, data_loader, window_issues
+from .storage import location
+
+
+@dataclass
+class Recalibration:
+    """What :func:`recalibrate` did: the checkpoint it wrote, the days it calibrated on, and
+    the spread factor per lead."""
+
+    path: Path
+    period: Split
+    windows: int
+    spread: dict[int, float]
+    levels: bool
+
+
+def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, output_path: str | Path,
+                rule: str | None = None, levels: bool | None = None, device: str = "auto", batch_size: int = 8,
+                storage_options: dict | None = None) -> Recalibration:
+    """Calibrate the probabilistic checkpoint ``weights_path`` on the windows of ``data_dir``
+    whose targets lie in ``split`` (a split of the checkpoint, or a period START..END) and
+    write it to ``output_path``, which must not exist. ``rule`` and ``levels`` default to the
+    checkpoint's own (``--calibration``, ``--calibrate_levels`` of its training)."""
+    ckpt = read_checkpoint(weights_path, storage_options=storage_options)
+    if not ckpt.quantiles:
+        raise RunoffError(f"--weights_path {weights_path}: a deterministic checkpoint; only a probabilistic one "
+                          "(runoff train --probabilistic) has a spread to calibrate")
+    trained_with = ckpt.state.get("train_config", {})
+    rule = rule or trained_with.get("calibration", CALIBRATIONS[0])
+    if rule not in CALIBRATIONS:
+        raise RunoffError(f"--calibration {rule}: choose {' or '.join(CALIBRATIONS)}")
+    levels = bool(trained_with.get("calibrate_levels", False)) if levels is None else levels
+    output = location(output_path, storage_options)
+    if output.exists():
+        raise RunoffError(f"--output_path {output_path}: exists; name a new file (nothing is overwritten)")
+    store = ensure_cube(data_dir, storage_options=storage_options)
+    ds = open_cube(store, storage_options)
+    ckpt.check_grid(cube_grid(ds), f"--weights_path {weights_path}", f"--data_dir {data_dir}")
+    ckpt.check_variables(list(ds.data_vars), f"--data_dir {data_dir}")
+    dates = cube_dates(ds)
+    period = choose_split(split, ckpt.splits, dates[0], dates[-1])
+    spec = WindowSpec(ckpt.input_days, tuple(ckpt.leads), tuple(ckpt.variables), tuple(ckpt.forcings))
+    issues = window_issues(ds, period, spec)
+    if issues.size == 0:
+        raise RunoffError(f"--split {split}: no complete window with targets in {period.start}..{period.end} "
+                          f"in {data_dir}")
+    train = ckpt.splits["train"]
+    if period.start <= train.end and train.start <= period.end:
+        warnings.warn(f"--split {split}: overlaps the training split ({train.start}..{train.end}); a spread "
+                      "calibrated on days the model was fitted to comes out too narrow", RunoffWarning, stacklevel=2)
+    thresholds = tuple(wet_thresholds(ds, train.start, train.end)) if rule == "brier" else ()
+    torch_device = pick_device(device)
+    model = ckpt.build_model().to(torch_device)
+    windows = WindowSampler(str(store), issues, spec, ckpt.norm_stats, patch=None, shuffle=False,
+                            storage_options=storage_options, maps=ckpt.maps)
+    with data_loader(windows, batch_size=batch_size, collate_fn=collate_windows) as loader:
+        calibrate_model(model, loader, torch_device, ckpt.norm_stats[TARGET], rule=rule, thresholds=thresholds,
+                        levels=levels)
+    state = dict(ckpt.state)
+    state["model_config"] = model.config.to_dict()
+    state["model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state["calibrated_on"] = [period.start.isoformat(), period.end.isoformat()]
+    save_checkpoint(state, output)
+    return Recalibration(output, period, int(issues.size),
+                         dict(zip(ckpt.leads, model.spread_scale.tolist())), levels)
