@@ -194,6 +194,11 @@ class Split:
     def contains(self, day: dt.date) -> bool:
         return self.start <= day <= self.end
 
+    def overlaps(self, other: "Split") -> bool:
+        """Whether the two ranges share a day (a period scored or calibrated on that the
+        model was trained on)."""
+        return self.start <= other.end and other.start <= self.end
+
 
 def _as_date(value: str | dt.date | None, option: str) -> dt.date | None:
     if value is None or isinstance(value, dt.date):

@@ -29,13 +29,10 @@ from pathlib import Path
 from .baselines import (SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, check_thresholds,
                         wet_thresholds)
 from .checkpoint import read_checkpoint
-from .cube import TARGET, Split, choose_split, cube_dates, cube_grid, open_cube
-from .errors import RunoffError
+from .cube import TARGET, Split, cube_dates, cube_grid
 from .export import write_geotiff
-from .inference import Forecaster, point_forecast, read_days
-from .ingest import ensure_cube
+from .inference import Forecaster, point_forecast, read_days, split_windows
 from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
-from .sampler import WindowSpec, window_issues
 from .storage import atomic_output, check_writable, location
 from .verify import RELIABILITY_ROWS, EnsembleScores, PixelScores, ScoreTable, skill
 
@@ -110,18 +107,9 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
     output_dir = location(output_dir, storage_options)
     check_writable(output_dir, "--output_dir")
-    store = ensure_cube(data_dir, storage_options=storage_options, progress=progress)
-    ds = open_cube(store, storage_options)
-    grid = cube_grid(ds)
-    ckpt.check_grid(grid, f"--weights_path {weights_path}", f"--data_dir {data_dir}")
-    ckpt.check_variables(list(ds.data_vars), f"--data_dir {data_dir}")
-    dates = cube_dates(ds)
-    chosen = choose_split(split, ckpt.splits, dates[0], dates[-1])
-    spec = WindowSpec(ckpt.input_days, tuple(ckpt.leads), tuple(ckpt.variables), tuple(ckpt.forcings))
-    issues = window_issues(ds, chosen, spec)
-    if issues.size == 0:
-        raise RunoffError(f"--split {split}: no complete window with targets in {chosen.start}..{chosen.end} "
-                          f"in {store} ({dates[0]}..{dates[-1]})")
+    windows = split_windows(ckpt, data_dir, split, weights_path, storage_options, progress)
+    store, ds, chosen, spec, issues = windows.store, windows.ds, windows.period, windows.spec, windows.issues
+    grid, dates = cube_grid(ds), cube_dates(ds)
     train_range = ckpt.splits["train"]
     clim = Climatology(ds, train_range.start, train_range.end)
     clim_used: dict[str, int] = {}  # which climatology each scored day got, for metrics.md
@@ -176,7 +164,7 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     notes = ["Climatology: " + ", ".join(
         f"{how} on {count} scored day(s)" for how, count in sorted(clim_used.items())) + " (training days within "
         "that many days of the same day of year; the training mean where none lies within ±45 days)."]
-    if chosen.start <= train_range.end and train_range.start <= chosen.end:
+    if chosen.overlaps(train_range):
         notes.append(f"The scored days overlap the training split ({train_range.start} .. {train_range.end}): "
                      "those scores are in-sample.")
     markdown = _markdown(metrics, chosen, n, skill_lines, notes)

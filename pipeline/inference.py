@@ -25,10 +25,45 @@ import torch
 import xarray as xr
 
 from .checkpoint import Checkpoint
-from .cube import TARGET, denormalise, held_days, held_input, normalise
+from .cube import (TARGET, Split, choose_split, cube_dates, cube_grid, denormalise, held_days, held_input, normalise,
+                   open_cube)
 from .device import autocast_for, keep_freed_memory, pick_device
 from .errors import RunoffError
+from .ingest import ensure_cube
 from .model import ConvLSTMForecaster
+from .sampler import WindowSpec, window_issues
+
+
+@dataclass
+class SplitWindows:
+    """A checkpoint's windows on a cube: the cube (``store``, ``ds``), the days chosen
+    (``period``), the window layout (``spec``) and the issue days of the windows whose
+    targets all lie in ``period``."""
+
+    store: str
+    ds: xr.Dataset
+    period: Split
+    spec: WindowSpec
+    issues: np.ndarray
+
+
+def split_windows(ckpt: Checkpoint, data_dir: str, split: str, weights_path: str, storage_options: dict | None = None,
+                  progress: bool = False) -> SplitWindows:
+    """Open ``data_dir`` (a cube, or rasters ingested first) for ``ckpt``, checked against
+    its grid and variables, and find the windows of ``split`` (a split of the checkpoint,
+    ``all``, or a period START..END); one clear error when none is complete."""
+    store = ensure_cube(data_dir, storage_options=storage_options, progress=progress)
+    ds = open_cube(store, storage_options)
+    ckpt.check_grid(cube_grid(ds), f"--weights_path {weights_path}", f"--data_dir {data_dir}")
+    ckpt.check_variables(list(ds.data_vars), f"--data_dir {data_dir}")
+    dates = cube_dates(ds)
+    period = choose_split(split, ckpt.splits, dates[0], dates[-1])
+    spec = WindowSpec(ckpt.input_days, tuple(ckpt.leads), tuple(ckpt.variables), tuple(ckpt.forcings))
+    issues = window_issues(ds, period, spec)
+    if issues.size == 0:
+        raise RunoffError(f"--split {split}: no complete window with targets in {period.start}..{period.end} "
+                          f"in {store} ({dates[0]}..{dates[-1]})")
+    return SplitWindows(str(store), ds, period, spec, issues)
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:

@@ -21,16 +21,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .baselines import wet_thresholds
 from .calibration import CALIBRATIONS, calibrate_model
 from .checkpoint import read_checkpoint, save_checkpoint
-from .cube import TARGET, Split, choose_split, cube_dates, cube_grid, open_cube
+from .cube import TARGET, Split
 from .device import pick_device
 from .errors import RunoffError, RunoffWarning
-from .ingest import ensure_cube
-from .sampler import WindowSampler, WindowSpec, collate_windows, data_loader, window_issues
+from .inference import split_windows
+from .sampler import WindowSampler, collate_windows, data_loader
 from .storage import location
 
 
@@ -65,27 +63,18 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     output = location(output_path, storage_options)
     if output.exists():
         raise RunoffError(f"--output_path {output_path}: exists; name a new file (nothing is overwritten)")
-    store = ensure_cube(data_dir, storage_options=storage_options)
-    ds = open_cube(store, storage_options)
-    ckpt.check_grid(cube_grid(ds), f"--weights_path {weights_path}", f"--data_dir {data_dir}")
-    ckpt.check_variables(list(ds.data_vars), f"--data_dir {data_dir}")
-    dates = cube_dates(ds)
-    period = choose_split(split, ckpt.splits, dates[0], dates[-1])
-    spec = WindowSpec(ckpt.input_days, tuple(ckpt.leads), tuple(ckpt.variables), tuple(ckpt.forcings))
-    issues = window_issues(ds, period, spec)
-    if issues.size == 0:
-        raise RunoffError(f"--split {split}: no complete window with targets in {period.start}..{period.end} "
-                          f"in {data_dir}")
+    windows = split_windows(ckpt, data_dir, split, weights_path, storage_options)
+    period, issues = windows.period, windows.issues
     train = ckpt.splits["train"]
-    if period.start <= train.end and train.start <= period.end:
+    if period.overlaps(train):
         warnings.warn(f"--split {split}: overlaps the training split ({train.start}..{train.end}); a spread "
                       "calibrated on days the model was fitted to comes out too narrow", RunoffWarning, stacklevel=2)
-    thresholds = tuple(wet_thresholds(ds, train.start, train.end)) if rule == "brier" else ()
+    thresholds = tuple(wet_thresholds(windows.ds, train.start, train.end)) if rule == "brier" else ()
     torch_device = pick_device(device)
     model = ckpt.build_model().to(torch_device)
-    windows = WindowSampler(str(store), issues, spec, ckpt.norm_stats, patch=None, shuffle=False,
+    sampler = WindowSampler(windows.store, issues, windows.spec, ckpt.norm_stats, patch=None, shuffle=False,
                             storage_options=storage_options, maps=ckpt.maps)
-    with data_loader(windows, batch_size=batch_size, collate_fn=collate_windows) as loader:
+    with data_loader(sampler, batch_size=batch_size, collate_fn=collate_windows) as loader:
         calibrate_model(model, loader, torch_device, ckpt.norm_stats[TARGET], rule=rule, thresholds=thresholds,
                         levels=levels)
     state = dict(ckpt.state)
