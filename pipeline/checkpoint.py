@@ -86,6 +86,13 @@ def run_record(*, model: ConvLSTMForecaster, norm_stats: dict, input_days: int, 
     return record
 
 
+def with_model(state: dict, model: ConvLSTMForecaster) -> dict:
+    """``state`` with ``model``'s config and weights (on the CPU) in place of its own: a
+    checkpoint whose model was changed after training, as a calibration changes it."""
+    return {**state, "model_config": model.config.to_dict(),
+            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A loaded checkpoint, read through typed properties (``state`` is the raw dict)."""

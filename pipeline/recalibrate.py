@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .baselines import wet_thresholds
 from .calibration import CALIBRATIONS, calibrate_model
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint, with_model
 from .cube import TARGET, Split
 from .device import pick_device
 from .errors import RunoffError, RunoffWarning
@@ -77,9 +77,7 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     with data_loader(sampler, batch_size=batch_size, collate_fn=collate_windows) as loader:
         calibrate_model(model, loader, torch_device, ckpt.norm_stats[TARGET], rule=rule, thresholds=thresholds,
                         levels=levels)
-    state = dict(ckpt.state)
-    state["model_config"] = model.config.to_dict()
-    state["model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = with_model(ckpt.state, model)
     state["calibrated_on"] = [period.start.isoformat(), period.end.isoformat()]
     save_checkpoint(state, output)
     return Recalibration(output, period, int(issues.size),

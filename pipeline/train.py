@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
 from .calibration import CALIBRATIONS, calibrate_model, model_outputs
-from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint, with_model
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, is_static,
                    make_splits, open_cube)
 from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_memory, loader_batches,
@@ -299,10 +299,7 @@ def _calibrate_best(run: "_Run") -> None:
                                                                           run.model.config.level_calibration)))
     if run.ranks.is_main:
         best = run.checkpoint_dir / "best.pth"
-        state = load_checkpoint(best)
-        state["model_config"] = run.model.config.to_dict()
-        state["model_state"] = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
-        save_checkpoint(state, best)
+        save_checkpoint(with_model(load_checkpoint(best), run.model), best)
 
 
 def _write_history(history: list[dict], output_dir: Path) -> None:
