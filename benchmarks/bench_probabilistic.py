@@ -16,7 +16,7 @@ and prints per lead: CRPS skill against the climatological and the persistence e
 gap between forecast probability and observed frequency in reliability bins of >= 100
 pixels (<= 0.1) and how much of it lies outside the observed frequency's 5-95% band over
 resampled test days (what the test days can tell from chance), and the MSE of the median and of the mean against the deterministic
-model's (median within 10%); then the training cost per epoch (<= 2x).
+model's (median within 10%; both rows of ``runoff evaluate``); then the training cost per epoch (<= 2x).
 """
 
 from __future__ import annotations
@@ -33,34 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import covariates_note, machine, skill_cube, skill_parser, skill_train_config  # noqa: E402
 
-from pipeline.checkpoint import read_checkpoint  # noqa: E402
 from pipeline.cli import int_list  # noqa: E402
-from pipeline.cube import TARGET, open_cube  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.inference import Forecaster, quantile_maps, read_days  # noqa: E402
-from pipeline.sampler import WindowSpec, window_issues  # noqa: E402
 from pipeline.calibration import CALIBRATIONS  # noqa: E402
 from pipeline.train import train  # noqa: E402
 from pipeline.verify import RELIABILITY_ROWS, reliability_gap  # noqa: E402
-
-
-def median_mse(weights: Path, store: str, leads: list[int]) -> dict[int, float]:
-    """MSE of the probabilistic model's median on the test split, per lead (valid pixels)."""
-    ckpt = read_checkpoint(weights)
-    ds = open_cube(store)
-    spec = WindowSpec(ckpt.input_days, tuple(ckpt.leads), tuple(ckpt.variables), tuple(ckpt.forcings))
-    issues = window_issues(ds, ckpt.splits["test"], spec)
-    sse, count = np.zeros(len(leads)), np.zeros(len(leads))
-    for batch, members in Forecaster.load(ckpt, "cpu").forecasts(ds, issues, members=True):
-        days = read_days(ds, TARGET, batch[0], batch[-1] + max(leads))
-        for k, t in enumerate(batch):
-            for li, lead in enumerate(leads):
-                median = quantile_maps(members[k, li], [0.5])[0]
-                truth = days[t - batch[0] + lead]
-                ok = np.isfinite(median) & np.isfinite(truth)
-                sse[li] += float(((median[ok] - truth[ok]) ** 2).sum())
-                count[li] += ok.sum()
-    return {lead: sse[i] / max(count[i], 1) for i, lead in enumerate(leads)}
 
 
 def reliability_gaps(ensemble: dict) -> tuple[float, float]:
@@ -105,7 +82,6 @@ def main() -> int:
             runs[name] = (result, report, seconds)
             print(f"{name}: {result.epochs_run} epochs (best {result.best_epoch}), {seconds:.0f} s",
                   file=sys.stderr)
-        medians = median_mse(runs["probabilistic"][0].best_checkpoint, cube, leads)
     det, prob = runs["deterministic"][1].metrics, runs["probabilistic"][1].metrics
     ensemble = runs["probabilistic"][1].ensemble
     rain = f"rain: {','.join(forcings)} (observed, a perfect forecast)" if forcings else "no rain (past days only)"
@@ -125,7 +101,7 @@ def main() -> int:
         model, reference = prob[lead]["model"], det[lead]["model"]["mse"]
         gap, beyond_band = reliability_gaps(ensemble[lead])
         rows[lead] = (model["crps_skill_vs_climatology"], model["crps_skill_vs_persistence"], model["spread_skill"],
-                      gap, medians[lead] / reference, model["mse"] / reference, beyond_band)
+                      gap, prob[lead]["median"]["mse"] / reference, model["mse"] / reference, beyond_band)
         print(f"| {lead} | " + " | ".join(f"{v:+.3f}" if i < 2 else f"{v:.3f}" for i, v in enumerate(rows[lead]))
               + f" | {det[lead]['model']['skill_vs_persistence']:+.3f}, {model['skill_vs_persistence']:+.3f} |")
     # training throughput of epochs 2+ (epoch 1 also pays the first reads and the start-up)

@@ -7,8 +7,10 @@ Writes ``metrics.json``, ``metrics.md`` (one table per lead),
 ``skill_by_lead.png`` and the per-pixel NSE and KGE maps of the first lead as a GeoTIFF (on
 the cube's grid) and a PNG.
 
-A probabilistic checkpoint is also scored as an ensemble (its quantiles as equally likely
-members) against two reference ensembles (:mod:`pipeline.baselines`): the climatological
+A probabilistic checkpoint's single map (``model``) is the mean of its quantiles, the map
+``runoff predict`` writes; its median (``median``: the quantile map at 0.5, the ``_q50``
+GeoTIFF) gets the same continuous scores beside it. It is also scored as an ensemble (its
+quantiles as equally likely members) against two reference ensembles (:mod:`pipeline.baselines`): the climatological
 one (training days around the same day of year) and the persistence one (today's map
 plus persistence's training errors at that lead). Per lead: CRPS and its skill against
 both, spread/skill, the Brier score and its skill (against the climatological ensemble) at
@@ -31,7 +33,7 @@ from .baselines import (SOURCES, Climatology, ClimatologyEnsemble, PersistenceEn
 from .checkpoint import read_checkpoint
 from .cube import TARGET, Split, cube_dates, cube_grid
 from .export import write_geotiff
-from .inference import Forecaster, point_forecast, read_days, split_windows
+from .inference import Forecaster, point_forecast, quantile_maps, read_days, split_windows
 from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
 from .storage import atomic_output, check_writable, location
 from .verify import RELIABILITY_ROWS, EnsembleScores, PixelScores, ScoreTable, skill
@@ -55,21 +57,25 @@ _ENSEMBLE_PREFIXES = ("crps", "brier", "spread_skill")
 
 
 def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
+    """A markdown table of ``columns``, one line per source that has any of them."""
     lines = ["| source | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for source, row in rows.items():
+        if not any(c in row for c in columns):
+            continue
         lines.append(f"| {source} | " + " | ".join(f"{row.get(c, float('nan')):.4g}" for c in columns) + " |")
     return lines
 
 
 def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str) -> list[str]:
-    """One line per lead: the model's MSE skill against both baselines (and its CRPS skill,
-    when probabilistic), and its inputs."""
+    """One line per lead: the model's MSE skill against both baselines (and when
+    probabilistic its median's MSE skill against persistence and its CRPS skill), and its inputs."""
     lines = []
     for lead, rows in metrics.items():
         model = rows["model"]
+        median = f" (median {rows['median']['skill_vs_persistence']:+.3f})" if "median" in rows else ""
         crps = (f"; CRPS skill vs persistence {model['crps_skill_vs_persistence']:+.3f}, vs climatology "
                 f"{model['crps_skill_vs_climatology']:+.3f}" if "crps" in model else "")
-        lines.append(f"lead {lead}: skill vs persistence {model['skill_vs_persistence']:+.3f}, "
+        lines.append(f"lead {lead}: skill vs persistence {model['skill_vs_persistence']:+.3f}{median}, "
                      f"vs climatology {model['skill_vs_climatology']:+.3f}{crps}  ({inputs})")
     return lines
 
@@ -116,8 +122,9 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     thresholds = thresholds or wet_thresholds(ds, train_range.start, train_range.end)
     forecaster = Forecaster.load(ckpt, device, batch_size=batch_size)
     leads = list(spec.leads)
-    tables = {lead: {s: ScoreTable(thresholds) for s in SOURCES} for lead in leads}
     probabilistic = forecaster.probabilistic
+    point_sources = ("model", "median", *SOURCES[1:]) if probabilistic else SOURCES
+    tables = {lead: {s: ScoreTable(thresholds) for s in point_sources} for lead in leads}
     if probabilistic:
         ensembles = {lead: {s: EnsembleScores(thresholds) for s in SOURCES} for lead in leads}
         clim_members = ClimatologyEnsemble(ds, train_range.start, train_range.end)
@@ -135,6 +142,8 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
                 truth = days[t - batch[0] + lead]
                 doy = dates[t + lead].timetuple().tm_yday - 1
                 reference = {"model": pred[k, li], "persistence": last_day, "climatology": clim.for_day(doy)}
+                if probabilistic:
+                    reference["median"] = quantile_maps(out[k, li], [0.5])[0]
                 how = clim.source(doy)
                 clim_used[how] = clim_used.get(how, 0) + 1
                 for source, values in reference.items():
@@ -151,8 +160,8 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     bar.close()
     metrics: dict[int, dict[str, dict[str, float]]] = {}
     for lead in leads:
-        rows = {s: tables[lead][s].compute() for s in SOURCES}
-        for s in SOURCES:
+        rows = {s: tables[lead][s].compute() for s in point_sources}
+        for s in point_sources:
             for base in ("persistence", "climatology"):
                 rows[s][f"skill_vs_{base}"] = skill(rows[s]["mse"], rows[base]["mse"])
         if probabilistic:

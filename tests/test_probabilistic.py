@@ -205,6 +205,34 @@ def test_evaluate_scores_crps_brier_and_reliability_against_reference_ensembles(
     assert runoff_only.status == 2 and "needs variable(s) rainf" in one_error_line(runoff_only.err)
 
 
+def test_evaluate_scores_the_median_that_predict_writes(probabilistic, tmp_path, run_cli):
+    """The ``median`` row of ``runoff evaluate`` is the MSE of predict's ``_q50`` maps
+    against the cube's truth, over the same windows; the ``model`` row is the mean's."""
+    root = probabilistic
+    weights, cube = root / "ckpt" / "best.pth", root / "qs.zarr"
+    predicted = run_cli("predict", "--weights_path", weights, "--input_dir", cube, "--output_dir", tmp_path / "pred",
+                        "--split", "test", "--quantiles", "0.5", "--max_plots", "0")
+    assert predicted.status == 0, predicted.err
+    scored = run_cli("evaluate", "--weights_path", weights, "--data_dir", cube, "--output_dir", tmp_path / "eval")
+    assert scored.status == 0, scored.err
+    assert "(median " in scored.out.splitlines()[0]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["leads"]
+    truth = open_cube(str(cube))["qs"]
+    for lead in (1, 2):
+        errors = []
+        for path in sorted((tmp_path / "pred").glob(f"QS_*_lead{lead}_q50.tif")):
+            with rasterio.open(path) as src:
+                median = src.read(1, masked=True).filled(np.nan)
+            observed = truth.sel(time=np.datetime64(f"{path.name[3:7]}-{path.name[7:9]}-{path.name[9:11]}")).values
+            ok = np.isfinite(median) & np.isfinite(observed)
+            errors.append((median[ok] - observed[ok]) ** 2)
+        assert len(errors) == json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["windows"]
+        rows = metrics[str(lead)]
+        assert rows["median"]["mse"] == pytest.approx(np.concatenate(errors).mean(), rel=1e-5)
+        assert rows["median"]["mse"] != rows["model"]["mse"] and "crps" not in rows["median"]
+    assert "| median |" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
 @pytest.mark.parametrize("options, words", [
     (["--quantiles", "0,0.5"], "must lie in (0, 1)"),
     (["--quantiles", "0.9,0.1"], "in increasing order"),
