@@ -10,9 +10,10 @@ the cube's grid) and a PNG.
 A probabilistic checkpoint's single map (``model``) is the mean of its quantiles, the map
 ``runoff predict`` writes; its median (``median``: the quantile map at 0.5, the ``_q50``
 GeoTIFF) gets the same continuous scores beside it. It is also scored as an ensemble (its
-quantiles as equally likely members) against two reference ensembles (:mod:`pipeline.baselines`): the climatological
-one (training days around the same day of year) and the persistence one (today's map
-plus persistence's training errors at that lead). Per lead: CRPS and its skill against
+quantiles as equally likely members) against two reference ensembles
+(:mod:`pipeline.baselines`): the climatological one (training days around the same day of
+year) and the persistence one (today's map plus persistence's training errors at that
+lead). Per lead: CRPS and its skill against
 both, spread/skill, the Brier score and its skill (against the climatological ensemble) at
 each threshold, and ``ensemble_lead{L}.png`` (rank histogram and reliability diagram).
 
