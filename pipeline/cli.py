@@ -14,6 +14,9 @@ from typing import Callable, Sequence
 from . import __version__
 from .errors import RunoffError, RunoffWarning
 
+# calibration.CALIBRATIONS, spelt here so that parsing options does not load torch
+CALIBRATION_RULES = ("spread_skill", "brier")
+
 
 def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     """Add ``--name_with_underscores`` and its ``--hyphenated-twin``."""
@@ -225,14 +228,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
+    from .calibration import spread_text
     from .recalibrate import recalibrate
 
     done = recalibrate(args.weights_path, args.data_dir, args.split, args.output_path, rule=args.calibration,
                        levels=args.calibrate_levels, device=args.device, batch_size=args.batch_size,
                        storage_options=_storage_options(args.storage_options))
-    print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} windows): " + ", ".join(
-        f"lead {lead} x{factor:.2f}" for lead, factor in done.spread.items())
-        + ("; levels per flow class too" if done.levels else ""))
+    print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} windows): "
+          + spread_text(done.spread) + ("; levels per flow class too" if done.levels else ""))
     print(f"wrote {done.path}")
 
 
@@ -341,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "off it by a location of their own (default: medians within a few %% of the deterministic MSE, "
                  "closer reliability; --no-quantile_location centres the quantiles on a centre trained by the "
                  "pinball loss: a better CRPS, medians up to 1.3x the deterministic MSE; docs/skill.md)")
-    _option(p, "calibration", choices=("spread_skill", "brier"),
+    _option(p, "calibration", choices=CALIBRATION_RULES,
             help="probabilistic: of the spread factors within 1%% of the best validation CRPS, take the one whose "
                  "spread/skill is nearest 1 (spread_skill, default) or whose Brier score at the wet p90 and p99 is "
                  "lowest (brier: more reliable exceedance maps)")
@@ -406,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "split", required=True, help="the days to calibrate on: val, or a period START..END "
             "(YYYY-MM-DD..YYYY-MM-DD); several years beat one (docs/skill.md, \"Seven test years instead of one\")")
     _option(p, "output_path", required=True, help="the new checkpoint (must not exist)")
-    _option(p, "calibration", choices=("spread_skill", "brier"), help="the rule (default: the checkpoint's own)")
+    _option(p, "calibration", choices=CALIBRATION_RULES, help="the rule (default: the checkpoint's own)")
     _option(p, "calibrate_levels", action=argparse.BooleanOptionalAction, default=None,
             help="also calibrate the levels per flow class (default: as the checkpoint was trained)")
     _option(p, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")

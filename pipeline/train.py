@@ -35,7 +35,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
-from .calibration import CALIBRATIONS, calibrate_model, model_outputs
+from .calibration import CALIBRATIONS, calibrate_model, model_outputs, spread_text
 from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint, with_model
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, is_static,
                    make_splits, open_cube)
@@ -291,8 +291,8 @@ def _calibrate_best(run: "_Run") -> None:
     run.model.load_state_dict(run.best_state)
     calibrate_model(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET], run.ranks,
                     run.config.precision, run.config.calibration, run.thresholds, run.config.calibrate_levels)
-    run.log("spread calibrated on the validation split (best.pth): " + ", ".join(
-        f"lead {lead} x{s:.2f}" for lead, s in zip(run.config.leads, run.model.spread_scale.tolist())))
+    run.log("spread calibrated on the validation split (best.pth): "
+            + spread_text(dict(zip(run.config.leads, run.model.spread_scale.tolist()))))
     if run.config.calibrate_levels:
         run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(
             f"lead {lead} {len(c['centres'])} classes" for lead, c in zip(run.config.leads,

@@ -322,6 +322,13 @@ def _scores_by_factor(model: ConvLSTMForecaster, batches: list, stats: dict, thr
     return {f: scores(f) for f in SPREAD_FACTORS}
 
 
+def test_the_command_line_offers_the_calibration_rules_the_package_has():
+    from pipeline.calibration import CALIBRATIONS
+    from pipeline.cli import CALIBRATION_RULES
+
+    assert CALIBRATION_RULES == CALIBRATIONS
+
+
 def test_calibration_picks_the_spread_skill_nearest_one_among_factors_as_good_by_crps():
     """The chosen factor widens the quantiles, scores a validation CRPS within the
     tolerance of the best factor's, and its spread/skill is at least as close to 1."""
