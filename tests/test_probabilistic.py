@@ -216,7 +216,8 @@ def test_evaluate_scores_the_median_that_predict_writes(probabilistic, tmp_path,
     scored = run_cli("evaluate", "--weights_path", weights, "--data_dir", cube, "--output_dir", tmp_path / "eval")
     assert scored.status == 0, scored.err
     assert "(median " in scored.out.splitlines()[0]
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["leads"]
+    document = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = document["leads"]
     truth = open_cube(str(cube))["qs"]
     for lead in (1, 2):
         errors = []
@@ -226,7 +227,7 @@ def test_evaluate_scores_the_median_that_predict_writes(probabilistic, tmp_path,
             observed = truth.sel(time=np.datetime64(f"{path.name[3:7]}-{path.name[7:9]}-{path.name[9:11]}")).values
             ok = np.isfinite(median) & np.isfinite(observed)
             errors.append((median[ok] - observed[ok]) ** 2)
-        assert len(errors) == json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["windows"]
+        assert len(errors) == document["meta"]["windows"]
         rows = metrics[str(lead)]
         assert rows["median"]["mse"] == pytest.approx(np.concatenate(errors).mean(), rel=1e-5)
         assert rows["median"]["mse"] != rows["model"]["mse"] and "crps" not in rows["median"]
