@@ -15,7 +15,9 @@ quantiles as equally likely members) against two reference ensembles
 year) and the persistence one (today's map plus persistence's training errors at that
 lead). Per lead: CRPS and its skill against
 both, spread/skill, the Brier score and its skill (against the climatological ensemble) at
-each threshold, and ``ensemble_lead{L}.png`` (rank histogram and reliability diagram).
+each threshold, the reliability gap at each threshold (from the diagonal, and beyond the
+band of resampled days), and ``ensemble_lead{L}.png`` (rank histogram and reliability
+diagram).
 
 Example
 -------
@@ -54,7 +56,7 @@ class EvaluationReport:
 
 BAND_BLOCK_DAYS = 10  # consecutive valid days resampled together for the reliability band (docs/skill.md)
 _MAIN_COLUMNS = ("mse", "rmse", "mae", "bias", "nse", "kge", "skill_vs_persistence", "skill_vs_climatology")
-_ENSEMBLE_PREFIXES = ("crps", "brier", "spread_skill")
+_ENSEMBLE_PREFIXES = ("crps", "brier", "spread_skill", "reliability_gap")
 
 
 def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:

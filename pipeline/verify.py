@@ -211,6 +211,7 @@ class ScoreTable:
 
 RELIABILITY_BINS = 10
 RELIABILITY_RESAMPLES = 200  # Poisson-bootstrap replicates behind the reliability band
+RELIABILITY_MIN_COUNT = 100  # the fewest pixels a bin needs to count in the reliability gap
 # the rows of a reliability table, as metrics.json names them
 RELIABILITY_ROWS = ("count", "forecast_probability", "observed_frequency", "observed_frequency_5",
                     "observed_frequency_95")
@@ -228,7 +229,10 @@ class EnsembleScores:
       dry truth among dry members, share their ranks at random), M + 1 counts;
     * at each threshold: the Brier score ``brier@{thr}`` of the probability ``P(X > thr)``
       and the reliability table (forecast probability in ``RELIABILITY_BINS`` bins: count,
-      mean probability, observed frequency, and the 5-95% band of that frequency).
+      mean probability, observed frequency, and the 5-95% band of that frequency), summed
+      up by its largest distance from the diagonal ``reliability_gap@{thr}`` and the
+      largest part of a distance outside the band ``reliability_gap_beyond_band@{thr}``
+      (over the bins of at least ``RELIABILITY_MIN_COUNT`` pixels; see :func:`reliability_gap`).
 
     The band is how far the observed frequency moves when the maps are resampled (a
     Poisson bootstrap, streamed: each ``accumulate`` call draws its weight in every
@@ -322,6 +326,9 @@ class EnsembleScores:
                   if self.error_sum > 0 else _NAN}
         for k, thr in enumerate(self.thresholds):
             scores[f"brier@{thr:g}"] = _ratio(self.brier[k], n)
+        for thr, table in self.reliability().items():
+            scores[f"reliability_gap@{thr:g}"] = reliability_gap(table)
+            scores[f"reliability_gap_beyond_band@{thr:g}"] = reliability_gap(table, beyond_band=True)
         return scores
 
     def reliability(self) -> dict[float, np.ndarray]:
@@ -341,7 +348,7 @@ class EnsembleScores:
         return out
 
 
-def reliability_gap(table: np.ndarray, min_count: int = 100, beyond_band: bool = False) -> float:
+def reliability_gap(table: np.ndarray, min_count: int = RELIABILITY_MIN_COUNT, beyond_band: bool = False) -> float:
     """The largest distance from the diagonal in a reliability table of
     :meth:`EnsembleScores.reliability`, over the bins holding at least ``min_count``
     pixels: |mean forecast probability - observed frequency|, or with ``beyond_band`` how

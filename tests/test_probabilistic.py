@@ -191,7 +191,8 @@ def test_evaluate_scores_crps_brier_and_reliability_against_reference_ensembles(
                      "--output_dir", tmp_path / "eval", "--thresholds", "1,10")
     assert result.status == 0, result.err
     assert "CRPS skill vs persistence" in result.out.splitlines()[0]
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["leads"]
+    document = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = document["leads"]
     for lead in ("1", "2"):
         model = metrics[lead]["model"]
         for key in ("crps", "crps_skill_vs_climatology", "crps_skill_vs_persistence", "spread_skill",
@@ -199,7 +200,19 @@ def test_evaluate_scores_crps_brier_and_reliability_against_reference_ensembles(
             assert np.isfinite(model[key]), key
         assert metrics[lead]["climatology"]["crps_skill_vs_climatology"] == 0
         assert (tmp_path / "eval" / f"ensemble_lead{lead}.png").stat().st_size > 0
-    assert "Probabilistic scores, lead 1" in (tmp_path / "eval" / "metrics.md").read_text()
+        # the reliability gaps sum up the tables beside them: bins of >= 100 pixels only
+        for thr, table in document["ensemble"][lead]["reliability"].items():
+            count, forecast, observed, low, high = (np.array(table[row], np.float64) for row in (
+                "count", "forecast_probability", "observed_frequency", "observed_frequency_5", "observed_frequency_95"))
+            full = count >= 100
+            assert full.any() and (count[~full] > 0).any()  # so the pixel floor is put to the test
+            assert model[f"reliability_gap@{thr}"] == pytest.approx(np.abs(forecast - observed)[full].max())
+            beyond = np.maximum(np.maximum(low - forecast, forecast - high), 0)[full].max()
+            assert model[f"reliability_gap_beyond_band@{thr}"] == pytest.approx(beyond)
+            for reference in ("persistence", "climatology"):
+                assert 0 <= metrics[lead][reference][f"reliability_gap@{thr}"] <= 1
+    markdown = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "Probabilistic scores, lead 1" in markdown and "reliability_gap@10" in markdown
     runoff_only = run_cli("evaluate", "--weights_path", root / "ckpt" / "best.pth", "--data_dir", root / "in" / "Qs",
                           "--output_dir", tmp_path / "eval_runoff_only")
     assert runoff_only.status == 2 and "needs variable(s) rainf" in one_error_line(runoff_only.err)
