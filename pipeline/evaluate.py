@@ -71,13 +71,16 @@ def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
 
 def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str) -> list[str]:
     """One line per lead: the model's MSE skill against both baselines (and when
-    probabilistic its median's MSE skill against persistence and its CRPS skill), and its inputs."""
+    probabilistic its median's MSE skill against persistence, its CRPS skill and its widest
+    reliability gap over the thresholds), and its inputs."""
     lines = []
     for lead, rows in metrics.items():
         model = rows["model"]
         median = f" (median {rows['median']['skill_vs_persistence']:+.3f})" if "median" in rows else ""
+        gaps = [v for k, v in model.items() if k.startswith("reliability_gap@")]
         crps = (f"; CRPS skill vs persistence {model['crps_skill_vs_persistence']:+.3f}, vs climatology "
                 f"{model['crps_skill_vs_climatology']:+.3f}" if "crps" in model else "")
+        crps += f"; reliability gap {max(gaps):.3f}" if gaps else ""
         lines.append(f"lead {lead}: skill vs persistence {model['skill_vs_persistence']:+.3f}{median}, "
                      f"vs climatology {model['skill_vs_climatology']:+.3f}{crps}  ({inputs})")
     return lines

@@ -213,6 +213,8 @@ def test_evaluate_scores_crps_brier_and_reliability_against_reference_ensembles(
                 assert 0 <= metrics[lead][reference][f"reliability_gap@{thr}"] <= 1
     markdown = (tmp_path / "eval" / "metrics.md").read_text()
     assert "Probabilistic scores, lead 1" in markdown and "reliability_gap@10" in markdown
+    widest = max(metrics["1"]["model"][f"reliability_gap@{thr}"] for thr in ("1", "10"))
+    assert f"; reliability gap {widest:.3f}" in result.out.splitlines()[0]
     runoff_only = run_cli("evaluate", "--weights_path", root / "ckpt" / "best.pth", "--data_dir", root / "in" / "Qs",
                           "--output_dir", tmp_path / "eval_runoff_only")
     assert runoff_only.status == 2 and "needs variable(s) rainf" in one_error_line(runoff_only.err)
