@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only; no display needed (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .storage import atomic_output, location  # noqa: E402
+from .verify import RELIABILITY_MIN_COUNT, reliability_gap  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
@@ -154,11 +155,11 @@ def plot_skill_by_lead(metrics: dict, path: str | Path) -> Path:
 
 
 def plot_ensemble_diagnostics(ranks, reliability: dict, path: str | Path, *, title: str,
-                              min_count: int = 100) -> Path:
+                              min_count: int = RELIABILITY_MIN_COUNT) -> Path:
     """Rank histogram (flat for a reliable ensemble) beside the reliability diagram at each
     threshold (observed frequency against forecast probability, with bars over its 5-95%
     band across resampled days; bins holding fewer than ``min_count`` pixels are drawn
-    hollow)."""
+    hollow, and the legend gives the widest gap of the others from the diagonal)."""
     import numpy as np
 
     fig, (ax_rank, ax_rel) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
@@ -173,7 +174,7 @@ def plot_ensemble_diagnostics(ranks, reliability: dict, path: str | Path, *, tit
         full = count >= min_count
         band = np.maximum([observed[full] - low[full], high[full] - observed[full]], 0)
         ax_rel.errorbar(forecast[full], observed[full], yerr=band, fmt="o-", color=colour, capsize=2,
-                        label=f"> {threshold:.3g}")
+                        label=f"> {threshold:.3g}: gap {reliability_gap(table, min_count):.3f}")
         ax_rel.plot(forecast[~full], observed[~full], "o", mfc="none", color=colour)
     ax_rel.set(xlabel="forecast probability", ylabel="observed frequency", title="reliability", xlim=(0, 1),
                ylim=(0, 1))
