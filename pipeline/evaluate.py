@@ -78,11 +78,11 @@ def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str) -
         model = rows["model"]
         median = f" (median {rows['median']['skill_vs_persistence']:+.3f})" if "median" in rows else ""
         gaps = [v for k, v in model.items() if k.startswith("reliability_gap@")]
-        crps = (f"; CRPS skill vs persistence {model['crps_skill_vs_persistence']:+.3f}, vs climatology "
-                f"{model['crps_skill_vs_climatology']:+.3f}" if "crps" in model else "")
-        crps += f"; reliability gap {max(gaps):.3f}" if gaps else ""
+        ensemble = (f"; CRPS skill vs persistence {model['crps_skill_vs_persistence']:+.3f}, vs climatology "
+                    f"{model['crps_skill_vs_climatology']:+.3f}" if "crps" in model else "")
+        ensemble += f"; reliability gap {max(gaps):.3f}" if gaps else ""
         lines.append(f"lead {lead}: skill vs persistence {model['skill_vs_persistence']:+.3f}{median}, "
-                     f"vs climatology {model['skill_vs_climatology']:+.3f}{crps}  ({inputs})")
+                     f"vs climatology {model['skill_vs_climatology']:+.3f}{ensemble}  ({inputs})")
     return lines
 
 
