@@ -37,14 +37,7 @@ from pipeline.cli import int_list  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.calibration import CALIBRATIONS  # noqa: E402
 from pipeline.train import train  # noqa: E402
-from pipeline.verify import RELIABILITY_ROWS  # noqa: E402
-
-
-def reliability_gaps(model: dict[str, float]) -> tuple[float, float]:
-    """The largest reliability gap over the thresholds in ``runoff evaluate``'s row of the
-    model (``reliability_gap@{thr}``), and the largest part of one outside its band."""
-    return tuple(max(value for key, value in model.items() if key.startswith(prefix))
-                 for prefix in ("reliability_gap@", "reliability_gap_beyond_band@"))
+from pipeline.verify import RELIABILITY_ROWS, widest_reliability_gap  # noqa: E402
 
 
 def main() -> int:
@@ -97,7 +90,7 @@ def main() -> int:
     rows = {}
     for lead in leads:
         model, reference = prob[lead]["model"], det[lead]["model"]["mse"]
-        gap, beyond_band = reliability_gaps(model)
+        gap, beyond_band = (widest_reliability_gap(model, beyond_band=beyond) for beyond in (False, True))
         rows[lead] = (model["crps_skill_vs_climatology"], model["crps_skill_vs_persistence"], model["spread_skill"],
                       gap, prob[lead]["median"]["mse"] / reference, model["mse"] / reference, beyond_band)
         print(f"| {lead} | " + " | ".join(f"{v:+.3f}" if i < 2 else f"{v:.3f}" for i, v in enumerate(rows[lead]))

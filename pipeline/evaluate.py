@@ -39,7 +39,7 @@ from .export import write_geotiff
 from .inference import Forecaster, point_forecast, quantile_maps, read_days, split_windows
 from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
 from .storage import atomic_output, check_writable, location
-from .verify import RELIABILITY_ROWS, EnsembleScores, PixelScores, ScoreTable, skill
+from .verify import RELIABILITY_ROWS, EnsembleScores, PixelScores, ScoreTable, skill, widest_reliability_gap
 
 
 @dataclass
@@ -77,10 +77,10 @@ def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str) -
     for lead, rows in metrics.items():
         model = rows["model"]
         median = f" (median {rows['median']['skill_vs_persistence']:+.3f})" if "median" in rows else ""
-        gaps = [v for k, v in model.items() if k.startswith("reliability_gap@")]
+        gap = widest_reliability_gap(model)
         ensemble = (f"; CRPS skill vs persistence {model['crps_skill_vs_persistence']:+.3f}, vs climatology "
                     f"{model['crps_skill_vs_climatology']:+.3f}" if "crps" in model else "")
-        ensemble += f"; reliability gap {max(gaps):.3f}" if gaps else ""
+        ensemble += f"; reliability gap {gap:.3f}" if gap is not None else ""
         lines.append(f"lead {lead}: skill vs persistence {model['skill_vs_persistence']:+.3f}{median}, "
                      f"vs climatology {model['skill_vs_climatology']:+.3f}{ensemble}  ({inputs})")
     return lines

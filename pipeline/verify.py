@@ -327,8 +327,8 @@ class EnsembleScores:
         for k, thr in enumerate(self.thresholds):
             scores[f"brier@{thr:g}"] = _ratio(self.brier[k], n)
         for thr, table in self.reliability().items():
-            scores[f"reliability_gap@{thr:g}"] = reliability_gap(table)
-            scores[f"reliability_gap_beyond_band@{thr:g}"] = reliability_gap(table, beyond_band=True)
+            for beyond_band in (False, True):
+                scores[f"{_gap_prefix(beyond_band)}{thr:g}"] = reliability_gap(table, beyond_band=beyond_band)
         return scores
 
     def reliability(self) -> dict[float, np.ndarray]:
@@ -346,6 +346,23 @@ class EnsembleScores:
                     band[0][i], band[1][i] = np.quantile(kept, [0.05, 0.95]) if kept.size else (np.nan, np.nan)
                 out[thr] = np.stack([count, self.bins[k, 1] / count, self.bins[k, 2] / count, *band])
         return out
+
+
+def _gap_prefix(beyond_band: bool) -> str:
+    """The key of :meth:`EnsembleScores.compute`'s reliability gaps, before the threshold."""
+    return "reliability_gap_beyond_band@" if beyond_band else "reliability_gap@"
+
+
+def widest_reliability_gap(scores: dict[str, float], beyond_band: bool = False) -> float | None:
+    """The widest reliability gap over the thresholds in ``scores`` (a row of
+    :meth:`EnsembleScores.compute`), or with ``beyond_band`` the widest part of one beyond
+    its band; None for a row without them (a deterministic model's).
+
+    >>> widest_reliability_gap({"crps": 0.5, "reliability_gap@1": 0.04, "reliability_gap@10": 0.12})
+    0.12
+    """
+    gaps = [value for key, value in scores.items() if key.startswith(_gap_prefix(beyond_band))]
+    return max(gaps) if gaps else None
 
 
 def reliability_gap(table: np.ndarray, min_count: int = RELIABILITY_MIN_COUNT, beyond_band: bool = False) -> float:
