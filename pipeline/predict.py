@@ -113,7 +113,7 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     sha = file_sha256(weights_path)
     units = ds[TARGET].attrs.get("units", "kg m-2")
     missing = set(ds.attrs.get("missing_dates", []))
-    plot_every = _plot_stride(len(issues) * len(leads), max_plots)
+    plotted = plotted_maps(len(issues) * len(leads), max_plots)
     probabilistic = forecaster.probabilistic
     if probabilistic:
         quantiles = quantiles or [0.1, 0.5, 0.9]
@@ -139,7 +139,7 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
                                               description=f"{what}, lead {lead} d", units=units))
                 if probabilistic:
                     geotiffs += _write_distribution(out[b, li], stem, grid, tags, units, quantiles, exceedance)
-                if plot_every and (k % plot_every == 0 or (t == issues[-1] and li == len(leads) - 1)):
+                if k in plotted:
                     truth = _truth(ds, all_dates, valid, missing)
                     scores = None if truth is None else {"mse": mse(values[li], truth), "nse": nse(values[li], truth)}
                     path = plots_dir / f"compare_{valid:%Y%m%d}_lead{lead}.png"
@@ -241,12 +241,19 @@ def _check_forcing_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.dat
                                   f"ahead of the forecast issued {all_dates[t]}); ingest its forecast for that day")
 
 
-def _plot_stride(n_maps: int, max_plots: int) -> int:
-    if max_plots == 0:
-        return 0
+def plotted_maps(n_maps: int, max_plots: int) -> set[int]:
+    """Which of ``n_maps`` forecast maps (issue days by leads, in order) get a figure: all for
+    ``max_plots`` -1 or >= ``n_maps``, else ``max_plots`` of them evenly spaced, the last (the
+    latest forecast) always among them.
+
+    >>> sorted(plotted_maps(12, 2)), sorted(plotted_maps(12, 1)), sorted(plotted_maps(3, -1))
+    ([0, 11], [11], [0, 1, 2])
+    """
     if max_plots < 0 or n_maps <= max_plots:
-        return 1
-    return -(-n_maps // max_plots)
+        return set(range(n_maps))
+    if max_plots == 0:
+        return set()
+    return {n_maps - 1 - round(k * (n_maps - 1) / max(max_plots - 1, 1)) for k in range(max_plots)}
 
 
 def _truth(ds: xr.Dataset, all_dates: list[dt.date], valid: dt.date, missing: set[str]) -> np.ndarray | None:

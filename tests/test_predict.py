@@ -47,6 +47,16 @@ def test_geotiffs_match_the_source_grid_and_carry_tags(trained, tmp_path, run_cl
     assert figures and all(f.stat().st_size > 10_000 for f in figures)
 
 
+def test_max_plots_is_the_number_of_figures_written(trained, tmp_path, run_cli):
+    result = run_cli("predict", "--weights_path", trained / "ckpt" / "best.pth", "--input_dir", trained / "qs.zarr",
+                     "--output_dir", tmp_path / "pred", "--dates", "2019-03-01:2019-03-04",
+                     "--plots_dir", tmp_path / "plots", "--max_plots", "2")
+    assert result.status == 0, result.err
+    # 4 issue days x 2 leads: the first map and the latest forecast
+    figures = sorted(p.name for p in (tmp_path / "plots").glob("compare_*.png"))
+    assert figures == ["compare_20190302_lead1.png", "compare_20190306_lead2.png"]
+
+
 def test_split_period_keeps_the_forecasts_whose_targets_lie_in_it(trained, tmp_path, run_cli):
     out = tmp_path / "pred"
     result = run_cli("predict", "--weights_path", trained / "ckpt" / "best.pth", "--input_dir", trained / "qs.zarr",
