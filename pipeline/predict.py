@@ -206,7 +206,9 @@ def _write_distribution(members: np.ndarray, stem: Path, grid, tags: dict, units
 def _issue_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.date], input_dir: str, dates: str | None,
                 last: bool, split: str | None) -> list[int]:
     """Time indices of the issue days to forecast: complete input days, then ``--split``,
-    ``--dates`` and ``--last``; one clear error when none is left."""
+    ``--dates`` and ``--last``; one clear error when none is left, or when a chosen day's
+    forcing is missing. Without ``--dates`` or ``--last``, a model with forcings skips the
+    last days, whose lead days lie past the cube's end."""
     variables, input_days = ckpt.variables, ckpt.input_days
     ckpt.check_variables(list(ds.data_vars), f"--input_dir {input_dir}")
     missing = set(ds.attrs.get("missing_dates", []))
@@ -220,6 +222,9 @@ def _issue_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.date], inpu
         spec = WindowSpec(input_days, tuple(ckpt.leads), tuple(variables), tuple(ckpt.forcings))
         in_split = set(window_issues(ds, chosen, spec).tolist())
         candidates = [t for t in candidates if t in in_split]
+    if ckpt.forcings and not dates and not last:
+        # every possible day: those whose lead days run past the cube's end have no forcing to read
+        candidates = [t for t in candidates if t + max(ckpt.leads) < len(all_dates)] or candidates
     issues = _select_issues(all_dates, candidates, dates, last)
     if not issues:
         raise RunoffError(f"--dates {dates} / --split {split}: no issue day with {input_days} complete prior days there "

@@ -61,6 +61,19 @@ def test_a_missing_forecast_day_is_one_error_naming_it(rain_run, tmp_path, run_c
     assert not list((tmp_path / "pred").glob("*.tif"))
 
 
+def test_predict_of_every_day_stops_where_the_rain_of_the_lead_days_ends(rain_run, tmp_path, run_cli):
+    folder = tmp_path / "in"  # a hindcast: the cube ends with the last runoff day
+    shutil.copytree(rain_run / "in", folder)
+    for day in ("20190320", "20190321"):
+        (folder / "Rainf" / f"RAINF_{day}.tif").unlink()
+    assert run_cli("ingest", folder, tmp_path / "qs.zarr").status == 0
+    result = run_cli("predict", "--weights_path", rain_run / "ckpt" / "best.pth", "--input_dir", tmp_path / "qs.zarr",
+                     "--output_dir", tmp_path / "pred", "--max_plots", "0")
+    assert result.status == 0, result.err
+    latest = sorted(p.name for p in (tmp_path / "pred").glob("*.tif"))[-2:]
+    assert latest == ["QS_20190318_lead2.tif", "QS_20190319_lead2.tif"]  # issued 03-16 and 03-17, the last with rain
+
+
 def test_evaluate_says_the_rain_was_a_perfect_forecast(rain_run, tmp_path, run_cli):
     result = run_cli("evaluate", "--weights_path", rain_run / "ckpt" / "best.pth", "--data_dir", rain_run / "qs.zarr",
                      "--output_dir", tmp_path / "eval")
