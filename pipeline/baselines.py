@@ -213,9 +213,14 @@ def climatology(ds: xr.Dataset, train_start, train_end, window: int = 15) -> tup
 
 def check_thresholds(thresholds: Sequence[float] | None, option: str) -> None:
     """One clear error naming ``option`` when user thresholds (data units) go below 0,
-    which runoff never does."""
-    if thresholds is not None and any(thr < 0 for thr in thresholds):
-        raise RunoffError(f"{option} {','.join(f'{t:g}' for t in thresholds)}: thresholds must be >= 0 (data units)")
+    which runoff never does, or one is given twice (its maps and scores would be written twice)."""
+    if thresholds is None:
+        return
+    given = f"{option} {','.join(f'{t:g}' for t in thresholds)}"
+    if any(thr < 0 for thr in thresholds):
+        raise RunoffError(f"{given}: thresholds must be >= 0 (data units)")
+    if len(set(thresholds)) < len(thresholds):
+        raise RunoffError(f"{given}: a threshold is given twice")
 
 
 def wet_thresholds(ds: xr.Dataset, train_start, train_end, quantiles=(0.9, 0.99), max_days: int = 120,

@@ -253,6 +253,7 @@ def test_evaluate_scores_the_median_that_predict_writes(probabilistic, tmp_path,
     (["--quantiles", "0,0.5"], "must lie in (0, 1)"),
     (["--quantiles", "0.9,0.1"], "in increasing order"),
     (["--exceedance", "-1"], "must be >= 0"),
+    (["--exceedance", "5,20,5"], "given twice"),
     (["--members", "1", "--format", "netcdf"], "at least 2 members"),
     (["--members", "4"], "add --format netcdf"),
 ])
