@@ -401,12 +401,13 @@ def _name_stamp(path: str) -> np.datetime64 | None:
     return None
 
 
-def _scan_file(path: str, variables: tuple[str, ...], required: bool) -> list[_FileScan]:
-    """The header of one file for each of ``variables`` it holds (all of them if ``required``)."""
+def _scan_file(path: str, variables: tuple[str, ...], required: bool, why: str = "") -> list[_FileScan]:
+    """The header of one file for each of ``variables`` it holds (all of them if ``required``);
+    ``why`` says, in the error for a missing one, where the names came from."""
     with _dataset(path) as ds:
         missing = [v for v in variables if v not in ds.variables]
         if missing and (required or len(missing) == len(variables)):
-            raise RunoffError(f"{path}: no variable {' or '.join(map(repr, missing))}; it holds "
+            raise RunoffError(f"{path}: no variable {' or '.join(map(repr, missing))}{why}; it holds "
                               f"{', '.join(ds.variables)}")
         scans = []
         for name in variables:
@@ -477,14 +478,14 @@ def _decode_scans(scans: list[_FileScan]) -> list[_FileScan]:
                     bounds=decoded.get((i, "bounds"), scan.bounds)) for i, scan in enumerate(scans)]
 
 
-def _scan_all(paths: list[str], variables: tuple[str, ...], required: bool) -> list[_FileScan]:
+def _scan_all(paths: list[str], variables: tuple[str, ...], required: bool, why: str = "") -> list[_FileScan]:
     """Every file's header, on forked processes where there are many files (one open each)."""
     workers = min(os.cpu_count() or 1, max(1, len(paths) // 64))
     if workers < 2 or sys.platform != "linux":
-        return _decode_scans([s for p in paths for s in _scan_file(p, variables, required)])
+        return _decode_scans([s for p in paths for s in _scan_file(p, variables, required, why)])
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         chunks = pool.map(_scan_file, paths, [variables] * len(paths), [required] * len(paths),
-                          chunksize=max(1, len(paths) // (workers * 8)))
+                          [why] * len(paths), chunksize=max(1, len(paths) // (workers * 8)))
         return _decode_scans([s for scans in chunks for s in scans])
 
 
@@ -797,9 +798,13 @@ def _scan_sources(source: str | Path, wanted: dict[str, str]) -> dict[str, list[
         return {name: _scan_all([str(p) for p in files], (choose_variable(files[0], wanted.get(name)),), True)
                 for name, files in groups.items()}
     names = [str(p) for p in groups]
-    wanted = wanted or {TARGET: choose_variable(names[0])}
+    why = ""
+    if not wanted:  # a folder of one file per variable (CWatM) must say which is which
+        wanted = {TARGET: choose_variable(names[0])}
+        why = (f" (taken as {TARGET} from the first file, {Path(names[0]).name}: name the variables with "
+               f"--variable {TARGET}=NAME or {TARGET}=NAME,rainf=NAME2)")
     variables = tuple(dict.fromkeys(wanted.values()))
-    found = _scan_all(names, variables, len(variables) == 1)
+    found = _scan_all(names, variables, len(variables) == 1, why)
     scans = {name: [s for s in found if s.variable == variable] for name, variable in wanted.items()}
     for name, variable in wanted.items():
         if not scans[name]:

@@ -222,6 +222,19 @@ def test_the_only_candidate_variable_is_chosen_and_several_are_listed(tmp_path, 
     assert set(_open(tmp_path / "qs.zarr").data_vars) == {"qs", "rainf"}
 
 
+def test_one_file_per_variable_without_variable_asks_for_their_names(tmp_path, run_cli):
+    steps = write_lsm_files(tmp_path / "in", "multi", days=2, seed=8)  # run_2010.nc: runoff
+    rain = xr.open_dataset(steps.paths[0]).rename(runoff="Rainf")
+    rain.to_netcdf(tmp_path / "in" / "prec_2010.nc")  # read first: the rain alone, as CWatM writes it
+    result = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr")
+    assert result.status == 2
+    line = one_error_line(result.err)
+    assert "run_2010.nc: no variable 'Rainf' (taken as qs from the first file, prec_2010.nc" in line
+    assert "--variable qs=NAME" in line and not (tmp_path / "qs.zarr").exists()
+    both = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr", "--variable", "qs=runoff,rainf=Rainf")
+    assert both.status == 0, both.err
+
+
 def test_aggregate_on_daily_data_is_a_note_not_an_error(tmp_path, run_cli):
     steps = write_lsm_files(tmp_path / "in", "multi", days=4, seed=9)
     daily = tmp_path / "daily.nc"
