@@ -352,8 +352,14 @@ class _CubeRead:
 def _write_task(arr: zarr.Array, task: _Task) -> list[tuple[str, str, str, bool]]:
     """Read a task's days, write them into their slots; return (date, file, digest, all_nan)."""
     block = np.empty((len(task.slots), *arr.shape[1:]), np.float32)
-    with raster_env(), open_files():
-        names = [read(block[i]) for i, read in enumerate(task.reads)]
+    try:
+        with raster_env(), open_files():
+            names = [read(block[i]) for i, read in enumerate(task.reads)]
+    except RunoffError as exc:
+        # it leaves a worker process pickled, with the exceptions it was raised while handling,
+        # and rasterio's (CPLE_*) do not unpickle: the user would see that failure, not this line
+        exc.__context__ = exc.__cause__ = None
+        raise
     start = 0
     for k in range(1, len(task.slots) + 1):  # contiguous runs of slots -> one slice write each
         if k == len(task.slots) or task.slots[k] != task.slots[k - 1] + 1:

@@ -257,8 +257,9 @@ def _bad_inputs(folder: Path, reference: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["other CRS", "half-pixel shift", "side-car .aux.xml with another CRS"])
-def test_a_new_cube_refuses_a_file_off_the_first_files_grid(case, series_copy, tmp_path, run_cli):
+@pytest.mark.parametrize("case", ["other CRS", "half-pixel shift", "side-car .aux.xml with another CRS",
+                                  "text file named .tif", "truncated TIFF"])
+def test_a_new_cube_refuses_an_unreadable_file_or_one_off_the_first_files_grid(case, series_copy, tmp_path, run_cli):
     reference = series_copy / "QS_20190105.tif"
     cases = _bad_inputs(series_copy, reference)
     cases["side-car .aux.xml with another CRS"] = (
