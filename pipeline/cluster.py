@@ -57,9 +57,11 @@ def dask_client(spec: str | None) -> Iterator["Client | None"]:
         raise RunoffError(f"--scheduler {spec}: needs the 'distributed' package (pip install distributed)") from None
     with contextlib.ExitStack() as stack:
         if kind == "local":
-            # processes, one thread each: GDAL reads and zarr encoding hold the GIL in places
+            # processes, one thread each: GDAL reads and zarr encoding hold the GIL in places. A task's
+            # error reaches the client, which raises it (a bad file: one line); the workers' own log of
+            # it would print its traceback first
             cluster = stack.enter_context(LocalCluster(n_workers=value, threads_per_worker=1, processes=True,
-                                                       dashboard_address=None, silence_logs=logging.ERROR))
+                                                       dashboard_address=None, silence_logs=logging.CRITICAL))
             address = cluster
         else:
             address = value

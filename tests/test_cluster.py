@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -42,6 +45,18 @@ def test_predict_and_evaluate_on_a_cluster(trained, tmp_path, run_cli):
         assert cluster.scheduler.transition_counter > 0, "no task reached the cluster"
     assert result.status == 0, result.err
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["windows"] > 0
+
+
+def test_an_unreadable_file_on_a_cluster_is_one_line(series_dir, tmp_path):
+    folder = tmp_path / "in"
+    shutil.copytree(series_dir, folder)
+    (folder / "QS_20190201.tif").write_text("not a raster")
+    # a child process: the workers write to the terminal's stderr, which capsys does not see
+    result = subprocess.run([sys.executable, "-m", "pipeline", "ingest", str(folder), str(tmp_path / "qs.zarr"),
+                             "--scheduler", "local:2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "QS_20190201.tif: not a readable raster" in one_error_line(result.stderr)
+    assert not (tmp_path / "qs.zarr").exists()
 
 
 @pytest.mark.parametrize("spec, words", [("banana", "expected local:N or a scheduler address"),
