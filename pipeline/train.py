@@ -23,7 +23,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -347,7 +347,12 @@ def _fit(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progress:
         why = "stopped early" if run.stopped else f"reached --epochs {config.epochs}"
         run.log(f"{config.resume}: this run already {why} at epoch {run.start_epoch}; nothing to do "
                 f"(raise --epochs to train on)")
-        return run.result(0)
+        result = run.result(0)
+        if not result.best_checkpoint.exists():  # nothing written here: the best is the resumed run's
+            resumed = location(config.resume, config.storage_options)
+            beside = resumed.with_name("best.pth")
+            result = replace(result, best_checkpoint=beside if beside.exists() else resumed)
+        return result
     for epoch in range(run.start_epoch + 1, config.epochs + 1):
         if run.stopped:
             break
@@ -629,6 +634,8 @@ def _validate(config: TrainConfig) -> None:
         (config.batch_size >= 1, "--batch_size", config.batch_size, "must be >= 1"),
         (config.input_days >= 1, "--input_days", config.input_days, "must be >= 1"),
         (bool(config.leads) and min(config.leads) >= 1, "--leads", config.leads, "lead times must be >= 1 day"),
+        (list(config.leads) == sorted(set(config.leads)), "--leads", config.leads,
+         "lead times must increase, each given once (1-6, or 1,3,6)"),
         (config.kernel_size % 2 == 1 and config.kernel_size >= 1, "--kernel_size", config.kernel_size,
          "must be odd (1, 3, 5...)"),
         (bool(config.hidden_channels) and min(config.hidden_channels) >= 1, "--hidden_channels",

@@ -112,6 +112,7 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
                                         "--checkpoint_dir"),
         "even kernel": (["--data_dir", small_cube, "--kernel_size", "4"], "--kernel_size 4"),
         "bad leads": (["--data_dir", small_cube, "--leads", "one-six"], "--leads"),
+        "repeated lead": (["--data_dir", small_cube, "--leads", "1-3,2"], "--leads [1, 2, 3, 2]: lead times must increase"),
         "fp16 on cpu": (["--data_dir", small_cube, "--device", "cpu", "--precision", "fp16"], "needs a CUDA device"),
         "linear response without delta": (["--data_dir", small_cube, "--linear_response", "--no-predict_delta"],
                                           "--no-predict_delta"),
@@ -129,7 +130,7 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", ["unknown store", "not a cube", "input_days too long", "lead too far",
-                                  "corrupt checkpoint", "checkpoint dir not writable", "even kernel", "bad leads",
+                                  "corrupt checkpoint", "checkpoint dir not writable", "even kernel", "bad leads", "repeated lead",
                                   "fp16 on cpu", "linear response without delta",
                                   "quantile location without quantiles", "calibration without quantiles",
                                   "level calibration without quantiles", "unknown calibration", "ema decay of 1",
@@ -158,6 +159,17 @@ def test_resume_refuses_another_grid_or_shape_and_keeps_checkpoints(small_cube, 
     assert result.status == 2 and "hidden_channels" in one_error_line(result.err)
     assert tree_digest(ckpt) == before
     assert load_checkpoint(ckpt / "best.pth")["epoch"] == 1
+
+
+def test_resuming_a_finished_run_elsewhere_names_its_best_checkpoint(small_cube, tmp_path, run_cli):
+    common = ["--data_dir", small_cube, "--epochs", "1", "--batch_size", "4", "--hidden_channels", "4",
+              "--patch", "16", "--output_dir", tmp_path / "out"]
+    assert run_cli("train", *common, "--checkpoint_dir", tmp_path / "ckpt").status == 0
+    result = run_cli("train", *common, "--checkpoint_dir", tmp_path / "again",
+                     "--resume", tmp_path / "ckpt" / "last.pth")
+    assert result.status == 0, result.err
+    assert "nothing to do" in result.out
+    assert result.out.rstrip().endswith(str(tmp_path / "ckpt" / "best.pth"))
 
 
 def test_bf16_mixed_precision_path_trains_on_cpu(small_cube, tmp_path):
