@@ -120,6 +120,12 @@ class ReadOptions:
     like: str | None = None
     _like_grid: list = field(default_factory=list, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.band is not None and self.band < 1:
+            raise RunoffError(f"--band {self.band}: bands count from 1")
+        if self.png_scale is not None and not self.png_scale > 0:
+            raise RunoffError(f"--png_scale {self.png_scale:g}: the value of the largest PNG code must be > 0")
+
     def like_grid(self) -> Grid | None:
         if self.like is None:
             return None

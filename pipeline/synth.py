@@ -265,6 +265,8 @@ def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width:
     reads as one multi-variable cube; ``upstream_area`` (river regime) is a static map,
     ``static/upstream_area.tif``. ``regime``: see :func:`simulate`. Returns the QS file paths.
     """
+    if not png_scale > 0:
+        raise RunoffError(f"--png_scale {png_scale:g}: the value of the largest PNG code must be > 0")
     try:
         crs_obj = CRS.from_user_input(crs)
     except Exception:

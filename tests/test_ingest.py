@@ -406,3 +406,18 @@ def test_a_pcraster_map_stack_is_dated_from_start_and_keeps_its_grid(tmp_path, r
     np.testing.assert_array_equal(ds.qs.values, days)
     assert tuple(ds.qs.rio.transform())[:6] == (1000.0, 0.0, 500000.0, 0.0, -1000.0, 4800000.0)
     assert ds.qs.rio.crs.to_epsg() == 32631 and ds.qs.attrs["source_files"]["2001-03-02"] == "IW000000.002"
+
+
+@pytest.mark.parametrize("options, words", [(["--png_scale", "-1"], "--png_scale -1: the value of the largest"),
+                                            (["--png_scale", "0"], "--png_scale 0:"),
+                                            (["--band", "0"], "--band 0: bands count from 1")])
+def test_impossible_read_options_are_one_line_and_write_nothing(options, words, series_dir, tmp_path, run_cli):
+    result = run_cli("ingest", series_dir, tmp_path / "qs.zarr", *options)
+    assert result.status == 2 and words in one_error_line(result.err)
+    assert not (tmp_path / "qs.zarr").exists()
+
+
+def test_synth_refuses_a_png_scale_that_is_not_positive(tmp_path, run_cli):
+    result = run_cli("synth", tmp_path / "png", "--days", "3", "--format", "png", "--png_scale", "-3")
+    assert result.status == 2 and "--png_scale -3" in one_error_line(result.err)
+    assert not (tmp_path / "png").exists()
