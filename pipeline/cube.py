@@ -63,8 +63,7 @@ def _open_group(store: str, storage_options: dict | None) -> zarr.Group:
     try:
         return zarr.open_group(store, mode="r", use_consolidated=False, storage_options=storage_options)
     except Exception:
-        raise RunoffError(f"{store}: exists but is not a Zarr cube (no zarr.json group); "
-                          f"choose another STORE path") from None
+        raise RunoffError(f"{store}: exists but is not a Zarr cube (no zarr.json group)") from None
 
 
 def grid_from_spatial_ref(attrs: dict, shape: tuple[int, int], where: str) -> Grid:
