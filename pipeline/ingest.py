@@ -709,10 +709,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
             for name in info.static:
                 _write_static(group, name, old_group[name][:], dict(old_group[name].attrs))
         missing = _finish_attrs(group, all_vars, axis, committer.files, days.incomplete)
-        with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": we know
-            warnings.simplefilter("ignore")
-            # readers get one metadata document and a consistent snapshot; writers ignore it
-            zarr.consolidate_metadata(group.store)
+        _consolidate(group)
         if target != store:
             _swap_into_place(Path(target), Path(store))
     for name, path in static.items():  # onto the finished cube's grid, as `runoff ingest FILE --static NAME`
@@ -780,10 +777,16 @@ def ingest_static(source: str | Path, store: str | Path, name: str, *, options: 
         attrs.update({"units": units or attrs.get("units", "1"), "long_name": long_name or attrs.get("long_name", name),
                       "source_file": path.name, "source_digest": fresh})
         _write_static(group, name, values, attrs)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(group.store)
+        _consolidate(group)
     return True
+
+
+def _consolidate(group: zarr.Group) -> None:
+    """Gather the metadata of a cube just written into its root document: readers (``open_cube``)
+    get one document and a consistent snapshot; writers ignore it."""
+    with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec": we know
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(group.store)
 
 
 def _write_static(group: zarr.Group, name: str, values: np.ndarray, attrs: dict) -> None:
@@ -804,13 +807,32 @@ def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage
     if not Path(path).exists():
         raise RunoffError(f"{option} {path}: no such cube or folder")
     if (Path(path).is_dir() and not path.rstrip("/").endswith(".zarr")) or is_netcdf(path):
-        name = Path(path).resolve().name if Path(path).is_dir() else Path(path).stem
-        store = Path(stores_dir) / f"{name}.zarr"
+        source = Path(path).resolve()
+        store = Path(stores_dir) / f"{source.name if source.is_dir() else source.stem}.zarr"
+        # two folders of one name (two "input"s) would share the store: their days would mix
+        made_from = _made_from(store)
+        if made_from not in (None, str(source)):
+            raise RunoffError(f"{option} {path}: {store} holds the days of {made_from}; ingest this one into a "
+                              f"cube of its own (runoff ingest {path} stores/NAME.zarr) and pass that")
         report = ingest(path, store, progress=progress, storage_options=storage_options)
         if report.written:
             print(f"{option} {path}: ingested {report.written} day(s) into {store}")
+        if made_from is None:
+            group = zarr.open_group(store, mode="r+", use_consolidated=False)
+            group.update_attributes({MADE_FROM: str(source)})
+            _consolidate(group)
         return str(store)
     raise RunoffError(f"{option} {path}: neither a Zarr cube nor a folder of rasters or NetCDF files")
+
+
+MADE_FROM = "ingested_from"  # the folder or file a --data_dir / --input_dir cube was made from
+
+
+def _made_from(store: Path) -> str | None:
+    """The source recorded in a cube that :func:`ensure_cube` made, else None."""
+    if not (store / "zarr.json").exists():
+        return None
+    return zarr.open_group(store, mode="r", use_consolidated=False).attrs.get(MADE_FROM)
 
 
 def _exists(store: str, storage_options: dict | None) -> bool:

@@ -17,7 +17,8 @@ import xarray as xr
 import zarr
 
 from pipeline.cube import open_cube
-from pipeline.ingest import ingest, store_lock
+from pipeline.errors import RunoffError
+from pipeline.ingest import ensure_cube, ingest, store_lock
 from pipeline.synth import write_series
 
 from .conftest import one_error_line, tree_digest
@@ -421,3 +422,18 @@ def test_synth_refuses_a_png_scale_that_is_not_positive(tmp_path, run_cli):
     result = run_cli("synth", tmp_path / "png", "--days", "3", "--format", "png", "--png_scale", "-3")
     assert result.status == 2 and "--png_scale -3" in one_error_line(result.err)
     assert not (tmp_path / "png").exists()
+
+
+def test_a_folder_given_as_data_dir_gets_a_cube_no_other_folder_of_its_name_shares(tmp_path):
+    write_series(tmp_path / "a" / "data", days=8, height=16, width=16, seed=1)
+    write_series(tmp_path / "b" / "data", days=8, height=16, width=16, seed=2, start="2019-03-01")
+    store = ensure_cube(tmp_path / "a" / "data", stores_dir=tmp_path / "stores")
+    assert store == str(tmp_path / "stores" / "data.zarr")
+    before = tree_digest(store)
+    with pytest.raises(RunoffError, match=f"holds the days of {tmp_path / 'a' / 'data'}"):
+        ensure_cube(tmp_path / "b" / "data", stores_dir=tmp_path / "stores")
+    assert tree_digest(store) == before
+    write_series(tmp_path / "more", days=9, height=16, width=16, seed=1)  # the next day arrives
+    shutil.copy(tmp_path / "more" / "QS_20190109.tif", tmp_path / "a" / "data")
+    assert ensure_cube(tmp_path / "a" / "data", stores_dir=tmp_path / "stores") == store
+    assert open_cube(store).sizes["time"] == 9
