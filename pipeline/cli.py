@@ -436,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the packages whose exceptions report an object store's answer (or its silence) to fsspec
+_OBJECT_STORE_CLIENTS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "adlfs", "azure", "google")
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"runoff: warning: {message}", file=sys.stderr)
 
@@ -449,11 +453,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _one_line_warning
     warnings.simplefilter("ignore")  # libraries' notices are for developers, not for CLI users
     warnings.simplefilter("always", RunoffWarning)
+    for name, value in vars(args).items():  # file:// is this machine: a local path, as GDAL and zarr take it
+        if isinstance(value, str) and value.startswith("file://"):
+            setattr(args, name, value[len("file://"):])
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
     except RunoffError as exc:
         print(f"runoff: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__module__.partition(".")[0] not in _OBJECT_STORE_CLIENTS:
+            raise
+        # an endpoint that does not answer, a bucket that refuses: where the user pointed, not a bug
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"runoff: error: the object store failed ({type(exc).__name__}: {first})", file=sys.stderr)
         return 2
     except OSError as exc:  # permissions, full disk, vanished files: the user's environment
         where = exc.filename or ""

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import rasterio
 
+from .conftest import one_error_line
+
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
@@ -81,3 +83,23 @@ def test_ingest_train_predict_on_s3(s3, series_dir, tmp_path, run_cli):
     with rasterio.open(local) as forecast, rasterio.open(sorted(series_dir.glob("*.tif"))[0]) as source:
         assert forecast.crs == source.crs and forecast.transform == source.transform
         assert np.isfinite(forecast.read(1, masked=True).compressed()).all()
+
+
+def test_an_endpoint_that_does_not_answer_is_one_line(series_dir, monkeypatch, run_cli):
+    import s3fs
+
+    # a closed port on this machine: the connection is refused at once, nothing leaves it
+    options = json.dumps({"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s",
+                          "config_kwargs": {"retries": {"max_attempts": 1}}})
+    s3fs.S3FileSystem.clear_instance_cache()
+    result = run_cli("ingest", series_dir, "s3://bucket/qs.zarr", "--storage_options", options)
+    assert result.status == 2
+    assert "the object store failed (EndpointConnectionError" in one_error_line(result.err)
+    result = run_cli("info", "s3://bucket/qs.zarr", "--storage_options", options)
+    assert result.status == 2 and "no Zarr cube could be opened there" in one_error_line(result.err)
+
+
+def test_a_file_url_is_a_local_path(series_dir, tmp_path, run_cli):
+    result = run_cli("ingest", series_dir, f"file://{tmp_path / 'qs.zarr'}")
+    assert result.status == 0, result.err
+    assert "time=40" in run_cli("info", f"file://{tmp_path / 'qs.zarr'}").out
