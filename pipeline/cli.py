@@ -462,16 +462,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunoffError as exc:
         print(f"runoff: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # permissions, full disk, vanished files: the user's environment
+        where = exc.filename or ""
+        print(f"runoff: error: {where}{': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if type(exc).__module__.partition(".")[0] not in _OBJECT_STORE_CLIENTS:
             raise
         # an endpoint that does not answer, a bucket that refuses: where the user pointed, not a bug
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"runoff: error: the object store failed ({type(exc).__name__}: {first})", file=sys.stderr)
-        return 2
-    except OSError as exc:  # permissions, full disk, vanished files: the user's environment
-        where = exc.filename or ""
-        print(f"runoff: error: {where}{': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("runoff: interrupted", file=sys.stderr)
