@@ -53,7 +53,7 @@ import torch
 
 from . import __version__
 from .cube import SEASON_INPUTS, TARGET, Split
-from .errors import RunoffError
+from .errors import RunoffError, first_line
 from .model import ConvLSTMForecaster
 from .rasters import Grid
 from .storage import atomic_output, location
@@ -202,8 +202,7 @@ def load_checkpoint(path: str | Path, option: str = "--weights_path", storage_op
         with path.open("rb") as f:
             state = torch.load(f, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RunoffError(f"{option} {path}: not a readable PyTorch checkpoint ({first[:120]})") from None
+        raise RunoffError(f"{option} {path}: not a readable PyTorch checkpoint ({first_line(exc)[:120]})") from None
     except Exception as exc:  # the unpickler's own errors vary by torch version
         raise RunoffError(f"{option} {path}: not a runoff checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

@@ -12,7 +12,7 @@ import warnings
 from typing import Callable, Sequence
 
 from . import __version__
-from .errors import RunoffError, RunoffWarning
+from .errors import RunoffError, RunoffWarning, first_line
 
 # calibration.CALIBRATIONS, spelt here so that parsing options does not load torch
 CALIBRATION_RULES = ("spread_skill", "brier")
@@ -470,8 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if type(exc).__module__.partition(".")[0] not in _OBJECT_STORE_CLIENTS:
             raise
         # an endpoint that does not answer, a bucket that refuses: where the user pointed, not a bug
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"runoff: error: the object store failed ({type(exc).__name__}: {first})", file=sys.stderr)
+        print(f"runoff: error: the object store failed ({type(exc).__name__}: {first_line(exc)})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("runoff: interrupted", file=sys.stderr)

@@ -24,7 +24,7 @@ import xarray as xr
 import zarr
 from rasterio.transform import Affine
 
-from .errors import RunoffError
+from .errors import RunoffError, first_line
 from .rasters import Grid
 from .storage import is_url, url_filesystem
 
@@ -64,8 +64,7 @@ def _open_group(store: str, storage_options: dict | None) -> zarr.Group:
         return zarr.open_group(store, mode="r", use_consolidated=False, storage_options=storage_options)
     except Exception as exc:
         if is_url(store):  # no cube there, or no answer: the reason tells which
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RunoffError(f"{store}: no Zarr cube could be opened there ({reason})") from None
+            raise RunoffError(f"{store}: no Zarr cube could be opened there ({first_line(exc)})") from None
         raise RunoffError(f"{store}: exists but is not a Zarr cube (no zarr.json group)") from None
 
 

@@ -7,3 +7,10 @@ class RunoffError(Exception):
 
 class RunoffWarning(UserWarning):
     """Something the user should know about, but that does not stop the run."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's exception, for the one line a :class:`RunoffError`
+    prints; its type's name when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -796,6 +796,16 @@ def _write_static(group: zarr.Group, name: str, values: np.ndarray, attrs: dict)
     arr.update_attributes({**attrs, "grid_mapping": "spatial_ref", "coordinates": "spatial_ref"})
 
 
+MADE_FROM = "ingested_from"  # the folder or file a --data_dir / --input_dir cube was made from
+
+
+def _made_from(store: Path) -> str | None:
+    """The source recorded in a cube that :func:`ensure_cube` made, else None."""
+    if not (store / "zarr.json").exists():
+        return None
+    return zarr.open_group(store, mode="r", use_consolidated=False).attrs.get(MADE_FROM)
+
+
 def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage_options: dict | None = None,
                 progress: bool = False, option: str = "--data_dir") -> str:
     """The cube behind ``--data_dir``: a cube as it is, or a folder of rasters or NetCDF files
@@ -823,16 +833,6 @@ def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage
             _consolidate(group)
         return str(store)
     raise RunoffError(f"{option} {path}: neither a Zarr cube nor a folder of rasters or NetCDF files")
-
-
-MADE_FROM = "ingested_from"  # the folder or file a --data_dir / --input_dir cube was made from
-
-
-def _made_from(store: Path) -> str | None:
-    """The source recorded in a cube that :func:`ensure_cube` made, else None."""
-    if not (store / "zarr.json").exists():
-        return None
-    return zarr.open_group(store, mode="r", use_consolidated=False).attrs.get(MADE_FROM)
 
 
 def _exists(store: str, storage_options: dict | None) -> bool:

@@ -51,7 +51,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .cube import TARGET
-from .errors import RunoffError, RunoffWarning
+from .errors import RunoffError, RunoffWarning, first_line
 from .rasters import Grid, grid_error, resample_onto
 
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5", ".he5")
@@ -268,11 +268,7 @@ def _dataset(path: str):
     try:
         return netCDF4.Dataset(path)
     except (OSError, RuntimeError, ValueError) as exc:
-        raise RunoffError(f"{path}: not a readable NetCDF/HDF5 file ({_first_line(exc)})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunoffError(f"{path}: not a readable NetCDF/HDF5 file ({first_line(exc)})") from None
 
 
 def _time_dim(ds, var) -> str | None:
@@ -384,7 +380,7 @@ def _decode(values: np.ndarray, units: str, calendar: str, path: str) -> np.ndar
                                 for t in decoded.ravel()]).reshape(decoded.shape)
     except Exception as exc:  # noqa: BLE001 (xarray and cftime raise many kinds)
         raise RunoffError(f"{path}: its time coordinate cannot be decoded (units {units!r}, calendar "
-                          f"{calendar!r}: {_first_line(exc)})") from None
+                          f"{calendar!r}: {first_line(exc)})") from None
     # float time values (days since 0001-01-01 in float32) miss whole minutes by a few seconds
     seconds = decoded.astype("datetime64[s]").astype(np.int64)
     return (np.round(seconds / 60) * 60).astype(np.int64).astype("datetime64[s]")
@@ -441,7 +437,7 @@ def _times(ds, tdim: str | None, path: str, steps: int) -> tuple[np.ndarray, np.
         coord.set_auto_mask(False)
         raw = np.asarray(coord[:], np.float64).reshape(-1)
     except (OSError, RuntimeError) as exc:
-        raise RunoffError(f"{path}: cannot read its time coordinate ({_first_line(exc)})") from None
+        raise RunoffError(f"{path}: cannot read its time coordinate ({first_line(exc)})") from None
     fill = getattr(coord, "_FillValue", None)
     if not np.isfinite(raw).all() or (fill is not None and (raw == fill).any()):
         raise RunoffError(f"{path}: its time coordinate has missing values")
@@ -535,7 +531,7 @@ def _read_steps(path: str, variable: str, indices: tuple[int, ...]) -> np.ndarra
             else:
                 raw = var[list(indices)] if len(indices) > 1 else var[indices[0]][np.newaxis]
         except (OSError, RuntimeError, IndexError) as exc:
-            raise RunoffError(f"{path}: cannot read {variable} ({_first_line(exc)})") from None
+            raise RunoffError(f"{path}: cannot read {variable} ({first_line(exc)})") from None
         finally:
             if cache is None:
                 ds.close()

@@ -27,7 +27,7 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 
-from .errors import RunoffError
+from .errors import RunoffError, first_line
 
 # GeoTIFF, PNG and the single-band GDAL formats hydrological models write: Esri ASCII grids,
 # PCRaster maps, ERDAS Imagine, VRT, ENVI/BIL, Idrisi, SAGA, JPEG 2000.
@@ -105,6 +105,12 @@ class Grid:
         return f"{crs}, {self.height}x{self.width} px, origin ({c:g}, {f:g}), pixel ({a:g}, {e:g})"
 
 
+def check_png_scale(scale: float) -> None:
+    """One clear error for a ``--png_scale`` (the value of the largest PNG code) that is not > 0."""
+    if not scale > 0:
+        raise RunoffError(f"--png_scale {scale:g}: the value of the largest PNG code must be > 0")
+
+
 @dataclass(frozen=True)
 class ReadOptions:
     """How to read rasters whose files do not say everything themselves.
@@ -123,8 +129,8 @@ class ReadOptions:
     def __post_init__(self) -> None:
         if self.band is not None and self.band < 1:
             raise RunoffError(f"--band {self.band}: bands count from 1")
-        if self.png_scale is not None and not self.png_scale > 0:
-            raise RunoffError(f"--png_scale {self.png_scale:g}: the value of the largest PNG code must be > 0")
+        if self.png_scale is not None:
+            check_png_scale(self.png_scale)
 
     def like_grid(self) -> Grid | None:
         if self.like is None:
@@ -340,11 +346,7 @@ def _open(path: Path, georeferenced: bool = True) -> rasterio.io.DatasetReader:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path) if georeferenced else rasterio.open(path, GEOREF_SOURCES="NONE")
     except RasterioError as exc:
-        raise RunoffError(f"{path}: not a readable raster ({_first_line(exc)})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunoffError(f"{path}: not a readable raster ({first_line(exc)})") from None
 
 
 def _grid_of(src: rasterio.io.DatasetReader, path: Path, options: ReadOptions) -> Grid:
@@ -411,7 +413,7 @@ def read_raster(path: str | Path, options: ReadOptions = ReadOptions(),
             else:
                 raw = src.read(band)
         except RasterioError as exc:
-            raise RunoffError(f"{path}: cannot read its pixels ({_first_line(exc)})") from None
+            raise RunoffError(f"{path}: cannot read its pixels ({first_line(exc)})") from None
         nodata = src.nodatavals[band - 1]
         tags = {**src.tags(), **src.tags(band)}
         unit = src.units[band - 1] if src.units else None

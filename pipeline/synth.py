@@ -35,6 +35,7 @@ from rasterio.transform import from_origin
 from scipy.ndimage import gaussian_filter
 
 from .errors import RunoffError
+from .rasters import check_png_scale
 from .storage import atomic_output
 
 NODATA = -9999.0
@@ -265,8 +266,7 @@ def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width:
     reads as one multi-variable cube; ``upstream_area`` (river regime) is a static map,
     ``static/upstream_area.tif``. ``regime``: see :func:`simulate`. Returns the QS file paths.
     """
-    if not png_scale > 0:
-        raise RunoffError(f"--png_scale {png_scale:g}: the value of the largest PNG code must be > 0")
+    check_png_scale(png_scale)
     try:
         crs_obj = CRS.from_user_input(crs)
     except Exception:

@@ -349,9 +349,8 @@ def _fit(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progress:
                 f"(raise --epochs to train on)")
         result = run.result(0)
         if not result.best_checkpoint.exists():  # nothing written here: the best is the resumed run's
-            resumed = location(config.resume, config.storage_options)
-            beside = resumed.with_name("best.pth")
-            result = replace(result, best_checkpoint=beside if beside.exists() else resumed)
+            beside = result.last_checkpoint.with_name("best.pth")  # last_checkpoint: the one resumed
+            result = replace(result, best_checkpoint=beside if beside.exists() else result.last_checkpoint)
         return result
     for epoch in range(run.start_epoch + 1, config.epochs + 1):
         if run.stopped:
