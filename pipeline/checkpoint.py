@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .calibration import spread_text
 from .cube import SEASON_INPUTS, TARGET, Split
 from .errors import RunoffError, first_line
 from .model import ConvLSTMForecaster
@@ -174,6 +175,38 @@ class Checkpoint:
     def build_model(self) -> ConvLSTMForecaster:
         """The model with its trained weights (on the CPU, in training mode)."""
         return build_model(self.state)
+
+    def describe(self, path: str) -> str:
+        """A human summary, as ``runoff info`` prints it: the model, its inputs, grid and
+        days, how far training went, and how a probabilistic model's spread was calibrated."""
+        config, settings = self.state["model_config"], self.state.get("train_config", {})
+        hidden = config["hidden_channels"]
+        model = (f"ConvLSTM, {len(hidden)} layer(s) of {', '.join(map(str, hidden))} hidden channels, "
+                 f"{config['kernel_size']}x{config['kernel_size']} kernels")
+        if self.quantiles:
+            model += f"; probabilistic, {self.quantiles} quantiles per pixel and lead"
+        splits = ", ".join(f"{s.name} {s.start}..{s.end}" for s in self.splits.values())
+        lines = [f"checkpoint  {path} ({self.state['format']}, written by runoff-forecast "
+                 f"{self.state.get('package_version', '?')})",
+                 f"model       {model}",
+                 f"inputs      {self.inputs_note().removeprefix('inputs: ')}",
+                 f"leads       {', '.join(map(str, self.leads))} day(s)",
+                 f"grid        {self.grid.describe()}",
+                 f"trained on  {self.state['data']}: {splits}"]
+        if "epoch" in self.state:
+            best = self.state.get("best_epoch")
+            lines.append(f"training    epoch {self.state['epoch']} of {settings.get('epochs', '?')}"
+                         + (f"; best epoch {best} (validation loss {self.state['best_val_loss']:.4g})"
+                            if best else "")
+                         + (f"; weights averaged (decay {settings['ema_decay']:g})"
+                            if settings.get("ema_decay") else ""))
+        if self.quantiles:
+            scale = self.state["model_state"]["spread_scale"].tolist()
+            days = self.state.get("calibrated_on")
+            where = f"on {days[0]}..{days[1]}" if days else "on the validation split"
+            lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} (calibrated {where}"
+                         + ("; levels per flow class too" if config.get("level_calibration") else "") + ")")
+        return "\n".join(lines)
 
 
 def build_model(state_or_config: dict) -> ConvLSTMForecaster:

@@ -81,7 +81,7 @@ def cmd_ingest(args: argparse.Namespace) -> None:
                         long_name=args.long_name, progress=sys.stderr.isatty(),
                         storage_options=storage_options, client=client, resample=args.resample, netcdf=netcdf,
                         start=_start_date(args.start))
-    print(f"{report.store}: wrote {report.written} day(s), {report.skipped} already present; "
+    print(f"{report.store}: wrote {report.written} daily map(s), {report.skipped} already present; "
           f"{report.start} .. {report.end}, {len(report.missing_dates)} missing; variables {', '.join(report.variables)}"
           + (f"; static maps {', '.join(report.static)}" if report.static else ""))
     if args.info:
@@ -105,9 +105,20 @@ def _ingest_static(args: argparse.Namespace, storage_options: dict | None) -> No
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from .checkpoint import read_checkpoint
     from .cube import describe_cube
+    from .storage import location
 
-    print(describe_cube(args.store, _storage_options(args.storage_options)))
+    storage_options = _storage_options(args.storage_options)
+    if location(args.store, storage_options).is_file():  # a cube is a folder; a checkpoint one file
+        try:
+            ckpt = read_checkpoint(args.store, storage_options=storage_options)
+        except RunoffError:
+            raise RunoffError(f"{args.store}: a file, but neither a Zarr cube (a folder) nor a runoff "
+                              "checkpoint (.pth)") from None
+        print(ckpt.describe(args.store))
+    else:
+        print(describe_cube(args.store, storage_options))
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -288,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     _scheduler_option(p)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("info", help="summary of a cube: dims, dates, missing days, CRS, chunks, size, statistics")
-    p.add_argument("store")
+    p = sub.add_parser("info", help="summary of a cube (dims, dates, missing days, CRS, chunks, size, "
+                       "statistics) or of a checkpoint (model, inputs, grid, days, training, spread)")
+    p.add_argument("store", help="Zarr cube, or a checkpoint (.pth)")
     _option(p, "storage_options", help="JSON options for fsspec URLs")
     p.set_defaults(func=cmd_info)
 

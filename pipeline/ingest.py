@@ -83,8 +83,8 @@ class IngestReport:
     variables: list[str]
     start: dt.date
     end: dt.date
-    written: int = 0
-    skipped: int = 0
+    written: int = 0  # daily maps (a day of one variable) read from files
+    skipped: int = 0  # daily maps the cube already held
     missing_dates: list[str] = field(default_factory=list)
     all_nan: list[str] = field(default_factory=list)
     static: list[str] = field(default_factory=list)  # the static maps of the input's static/ folder
@@ -826,7 +826,7 @@ def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage
                               f"cube of its own (runoff ingest {path} stores/NAME.zarr) and pass that")
         report = ingest(path, store, progress=progress, storage_options=storage_options)
         if report.written:
-            print(f"{option} {path}: ingested {report.written} day(s) into {store}")
+            print(f"{option} {path}: ingested {report.written} daily map(s) into {store}")
         if made_from is None:
             group = zarr.open_group(store, mode="r+", use_consolidated=False)
             group.update_attributes({MADE_FROM: str(source)})

@@ -21,7 +21,7 @@ def test_ingest_on_a_two_process_cluster_equals_the_threaded_ingest(series_dir, 
     assert run_cli("ingest", series_dir, tmp_path / "threads.zarr").status == 0
     result = run_cli("ingest", series_dir, tmp_path / "cluster.zarr", "--scheduler", "local:2")
     assert result.status == 0, result.err
-    assert "wrote 40 day(s)" in result.out
+    assert "wrote 40 daily map(s)" in result.out
     _assert_same_cube(tmp_path / "threads.zarr", tmp_path / "cluster.zarr")
 
 

@@ -114,11 +114,11 @@ def test_append_gap_fill_prepend_and_conflicts(series_dir, tmp_path, run_cli):
             shutil.copy(f, staged / f.name)
         result = run_cli("ingest", staged, part)
         assert result.status == 0, result.err
-    assert "wrote 15 day(s), 25 already present" in result.out
+    assert "wrote 15 daily map(s), 25 already present" in result.out
     _assert_same_cube(full, part)
 
     again = run_cli("ingest", staged, part)
-    assert "wrote 0 day(s), 40 already present" in again.out
+    assert "wrote 0 daily map(s), 40 already present" in again.out
 
     before = tree_digest(part)
     changed = staged / files[5].name

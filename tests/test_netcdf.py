@@ -48,7 +48,7 @@ def test_gldas_3_hourly_files_sum_to_days_on_the_grid_of_their_coordinates(tmp_p
     store = tmp_path / "qs.zarr"
     result = run_cli("ingest", tmp_path / "gldas", store, "--variable", "Qs_acc")
     assert result.status == 0, result.err
-    assert "wrote 3 day(s)" in result.out and "EPSG:4326" in result.err  # no grid_mapping: said so
+    assert "wrote 3 daily map(s)" in result.out and "EPSG:4326" in result.err  # no grid_mapping: said so
     ds = _open(store)
     _assert_grid(ds, steps)
     truth = _daily(steps)
@@ -63,7 +63,7 @@ def test_gldas_3_hourly_files_sum_to_days_on_the_grid_of_their_coordinates(tmp_p
     assert ds.rio.crs == CRS.from_epsg(4326)  # the rio round trip: CRS and transform from the cube alone
 
     again = run_cli("ingest", tmp_path / "gldas", store, "--variable", "Qs_acc")
-    assert again.status == 0 and "wrote 0 day(s), 3 already present" in again.out
+    assert again.status == 0 and "wrote 0 daily map(s), 3 already present" in again.out
 
 
 def test_a_day_with_a_missing_step_is_a_missing_day_with_its_reason(tmp_path, run_cli):
@@ -84,7 +84,7 @@ def test_a_day_with_a_missing_step_is_a_missing_day_with_its_reason(tmp_path, ru
     write_lsm_files(tmp_path / "again", "gldas", days=3, seed=2)  # the step arrives later: the day is filled
     shutil.copy(tmp_path / "again" / lost.name, lost)
     filled = run_cli("ingest", tmp_path / "gldas", store)
-    assert filled.status == 0 and "wrote 1 day(s)" in filled.out
+    assert filled.status == 0 and "wrote 1 daily map(s)" in filled.out
     ds = _open(store)
     assert ds.attrs["missing_dates"] == [] and ds.qs.attrs["missing_reasons"] == {}
     np.testing.assert_allclose(ds.qs.sel(time="2010-12-31").values, _daily(steps)["2010-12-31"], rtol=1e-6,

@@ -56,7 +56,7 @@ def test_ingest_train_predict_on_s3(s3, series_dir, tmp_path, run_cli):
     store = "s3://bucket/qs.zarr"
     result = run_cli("ingest", series_dir, store)
     assert result.status == 0, result.err
-    assert "wrote 40 day(s)" in result.out
+    assert "wrote 40 daily map(s)" in result.out
     assert run_cli("ingest", series_dir, store).out.count("40 already present") == 1  # idempotent remotely too
     info = run_cli("info", store)
     assert info.status == 0 and "time=40" in info.out and "MB (" in info.out  # size counted in the bucket

@@ -579,6 +579,10 @@ def test_calibrate_again_on_a_period_into_a_new_checkpoint(probabilistic, traine
     assert later.status == 0, later.err
     state = torch.load(tmp_path / "test.pth", weights_only=True)
     assert state["calibrated_on"][0] == test.start.isoformat() and len(state["model_config"]["level_calibration"]) == 2
+    described = {line[:12].strip(): line[12:] for line in run_cli("info", tmp_path / "test.pth").out.splitlines()}
+    assert "probabilistic, 20 quantiles" in described["model"] and described["leads"] == "1, 2 day(s)"
+    assert described["spread"].endswith(f"(calibrated on {test.start}..{test.end}; levels per flow class too)")
+    assert "(calibrated on the validation split)" in run_cli("info", best).out
     scored = run_cli("evaluate", "--weights_path", tmp_path / "test.pth", "--data_dir", probabilistic / "qs.zarr",
                      "--output_dir", tmp_path / "evaluation")
     assert scored.status == 0, scored.err

@@ -54,6 +54,11 @@ def test_checkpoint_contents_and_outputs(small_cube, tmp_path, run_cli):
     lines = (tmp_path / "out" / "history.csv").read_text().splitlines()
     assert len(lines) == 3 and "val_skill" in lines[0]
     assert not list((tmp_path / "ckpt").glob("*.partial"))
+    described = run_cli("info", tmp_path / "ckpt" / "best.pth")
+    assert described.status == 0 and "1 layer(s) of 4 hidden channels" in described.out
+    assert "training    epoch 2 of 2; best epoch" in described.out and "spread" not in described.out
+    not_a_checkpoint = run_cli("info", tmp_path / "out" / "history.csv")
+    assert not_a_checkpoint.status == 2 and "neither a Zarr cube" in one_error_line(not_a_checkpoint.err)
 
 
 def test_kill_after_epoch_then_resume_equals_uninterrupted(small_cube, tmp_path):
