@@ -245,7 +245,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     done = recalibrate(args.weights_path, args.data_dir, args.split, args.output_path, rule=args.calibration,
                        levels=args.calibrate_levels, device=args.device, batch_size=args.batch_size,
                        storage_options=_storage_options(args.storage_options))
-    print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} windows): "
+    print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} window(s)): "
           + spread_text(done.spread) + ("; levels per flow class too" if done.levels else ""))
     print(f"wrote {done.path}")
 
@@ -430,16 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("synth", help="write a synthetic but physically plausible daily QS series")
-    p.add_argument("out_dir")
-    _option(p, "days", type=int, default=730)
-    _option(p, "height", type=int, default=128)
-    _option(p, "width", type=int, default=160)
-    _option(p, "crs", default="EPSG:2154")
-    _option(p, "seed", type=int, default=0)
+    p.add_argument("out_dir", help="folder for the daily files (QS_YYYYMMDD.tif, or Qs/ and one folder per "
+                   "covariate)")
+    _option(p, "days", type=int, default=730, help="number of days (default 730)")
+    _option(p, "height", type=int, default=128, help="rows (default 128)")
+    _option(p, "width", type=int, default=160, help="columns (default 160)")
+    _option(p, "crs", default="EPSG:2154", help="CRS of the grid, 1 km pixels (default EPSG:2154)")
+    _option(p, "seed", type=int, default=0, help="random seed: the same seed writes the same series (default 0)")
     _option(p, "start", default="2019-01-01", help="first day, YYYY-MM-DD")
-    _option(p, "format", choices=("tif", "png"), default="tif")
+    _option(p, "format", choices=("tif", "png"), default="tif", help="GeoTIFF (default) or 16-bit PNG with a "
+            "world file")
     _option(p, "covariates", help="also write driving variables: rainf, rainf_fc (a forecast of the rain with a "
-            "log-normal error), soilm")
+            "log-normal error), soilm; and with --regime river the static map upstream_area")
     _option(p, "regime", choices=("cells", "river"), default="cells",
             help="cells: runoff where the rain falls; river: runoff gathered along a river network with a slow "
                  "recession (persistent, heavy-tailed, mostly dry)")

@@ -158,10 +158,7 @@ def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0
     log-normal error field (sigma ``FORECAST_ERROR``, mean 1), drawn from its own random
     stream so that the other variables do not depend on it.
     """
-    if days < 1 or height < 8 or width < 8:
-        raise RunoffError("synth: need --days >= 1 and a grid of at least 8x8 pixels")
-    if regime not in REGIMES:
-        raise RunoffError(f"--regime {regime!r}: choose {' or '.join(REGIMES)}")
+    _check_series(days, height, width, regime)
     rng, forecast_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     shape = (height, width)
     scale = max(height, width) / 12
@@ -218,6 +215,13 @@ def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0
         yield Day(date, *(np.where(sea, np.nan, a).astype(np.float32) for a in (runoff, rain, store, forecast)))
 
 
+def _check_series(days: int, height: int, width: int, regime: str) -> None:
+    if days < 1 or height < 8 or width < 8:
+        raise RunoffError("synth: need --days >= 1 and a grid of at least 8x8 pixels")
+    if regime not in REGIMES:
+        raise RunoffError(f"--regime {regime!r}: choose {' or '.join(REGIMES)}")
+
+
 def default_transform(crs: CRS, height: int, width: int):
     """A plausible north-up grid: 1 km cells in France for projected CRSs, 0.01 deg otherwise."""
     if crs.is_geographic:
@@ -267,6 +271,11 @@ def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width:
     ``static/upstream_area.tif``. ``regime``: see :func:`simulate`. Returns the QS file paths.
     """
     check_png_scale(png_scale)
+    _check_series(days, height, width, regime)  # before any folder is made
+    try:
+        start_date = dt.date.fromisoformat(str(start))
+    except ValueError:
+        raise RunoffError(f"--start {start!r}: expected a date YYYY-MM-DD") from None
     try:
         crs_obj = CRS.from_user_input(crs)
     except Exception:
@@ -283,7 +292,6 @@ def write_series(out_dir: str | Path, days: int = 730, height: int = 128, width:
     covariates = [name for name in covariates if name not in STATIC_MAPS]
     if fmt not in ("tif", "png"):
         raise RunoffError(f"--format {fmt!r}: choose tif or png")
-    start_date = dt.date.fromisoformat(str(start))
     out = Path(out_dir)
     folders = {"qs": out / "Qs" if covariates or static else out}
     folders.update({name: out / COVARIATES[name] for name in covariates})

@@ -1,9 +1,12 @@
 """The synthetic series is deterministic and has the statistics of real surface runoff."""
 
 import numpy as np
+import pytest
 import rasterio
 
 from pipeline.synth import NODATA, simulate, write_series
+
+from .conftest import one_error_line
 
 
 def _stack(days=365, seed=0):
@@ -50,3 +53,12 @@ def test_geotiffs_carry_crs_nodata_units(tmp_path):
     with rasterio.open(paths[0]) as src:
         assert src.crs.to_epsg() == 2154 and src.nodata == NODATA and src.dtypes[0] == "float32"
         assert src.tags()["units"] == "kg m-2"
+
+
+@pytest.mark.parametrize("args, words", [(["--start", "2019-13-01"], "--start '2019-13-01'"),
+                                         (["--days", "0"], "--days >= 1"),
+                                         (["--height", "4"], "8x8 pixels")])
+def test_bad_synth_options_are_one_line_exit_2_and_make_no_folder(args, words, tmp_path, run_cli):
+    result = run_cli("synth", tmp_path / "series", *args)
+    assert result.status == 2 and words in one_error_line(result.err)
+    assert not (tmp_path / "series").exists()
