@@ -437,6 +437,15 @@ class _Run:
                 "rng_state": torch.get_rng_state(), "epoch_windows": windows}
 
 
+def _check_no_run(checkpoint_dir: Path, option_value: str) -> None:
+    """One clear error before a fresh run would overwrite another run's checkpoints."""
+    held = [name for name in ("best.pth", "last.pth") if (checkpoint_dir / name).exists()]
+    if held:
+        raise RunoffError(f"--checkpoint_dir {option_value}: holds another run ({', '.join(held)}); continue it "
+                          f"with --resume {checkpoint_dir / 'last.pth'}, or give another --checkpoint_dir "
+                          "(nothing is overwritten)")
+
+
 def _cube_for_ranks(config: TrainConfig, ranks: Ranks, checkpoint_dir: Path, output_dir: Path,
                     progress: bool) -> str:
     """Rank 0 checks the outputs and ingests a raster folder once; the others wait and
@@ -445,6 +454,8 @@ def _cube_for_ranks(config: TrainConfig, ranks: Ranks, checkpoint_dir: Path, out
     if ranks.is_main:
         try:
             check_writable(checkpoint_dir, "--checkpoint_dir")
+            if config.resume is None:
+                _check_no_run(checkpoint_dir, config.checkpoint_dir)
             check_writable(output_dir, "--output_dir")
             outcome = ("ok", ensure_cube(config.data_dir, storage_options=config.storage_options, progress=progress))
         except RunoffError as exc:
@@ -493,7 +504,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
     for name in ("train", "val"):
         check_windows(issues[name], splits[name], spec, len(dates))
     train_issues = issues["train"]
-    if config.max_train_windows:
+    if config.max_train_windows is not None:
         train_issues = train_issues[:: max(1, len(train_issues) // config.max_train_windows)]
     if resume_state is not None:
         Checkpoint(resume_state).check_grid(grid, f"--resume {config.resume}", str(store))
@@ -641,6 +652,11 @@ def _validate(config: TrainConfig) -> None:
          config.hidden_channels, "must be >= 1"),
         (config.num_layers >= 1, "--num_layers", config.num_layers, "must be >= 1"),
         (config.lr > 0, "--lr", config.lr, "must be > 0"),
+        (config.weight_decay >= 0, "--weight_decay", config.weight_decay, "must be >= 0"),
+        (config.clip_grad > 0, "clip_grad", config.clip_grad, "must be > 0"),
+        (config.seed >= 0, "--seed", config.seed, "must be >= 0"),
+        (config.max_train_windows is None or config.max_train_windows >= 1, "--max_train_windows",
+         config.max_train_windows, "must be >= 1 (leave it out for every window)"),
         (config.patience >= 1, "--patience", config.patience, "must be >= 1"),
         (0 <= config.ema_decay < 1, "--ema_decay", config.ema_decay, "must be in [0, 1): 0 for no averaging"),
         (config.patch >= 4, "--patch", config.patch, "must be >= 4 pixels"),

@@ -131,6 +131,9 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
                                          "--probabilistic"),
         "negative log weight": (["--data_dir", small_cube, "--probabilistic", "--quantile_log_weight", "-1"],
                                 "--quantile_log_weight -1.0"),
+        "negative weight decay": (["--data_dir", small_cube, "--weight_decay", "-1"], "--weight_decay -1.0"),
+        "negative seed": (["--data_dir", small_cube, "--seed", "-1"], "--seed -1"),
+        "no training windows": (["--data_dir", small_cube, "--max_train_windows", "0"], "--max_train_windows 0"),
     }
 
 
@@ -139,7 +142,8 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
                                   "fp16 on cpu", "linear response without delta",
                                   "quantile location without quantiles", "calibration without quantiles",
                                   "level calibration without quantiles", "unknown calibration", "ema decay of 1",
-                                  "log weight without quantiles", "negative log weight"])
+                                  "log weight without quantiles", "negative log weight", "negative weight decay",
+                                  "negative seed", "no training windows"])
 def test_bad_input_is_one_line_exit_2(case, small_cube, tmp_path, run_cli):
     args, words = _bad_train_cases(small_cube, tmp_path)[case]
     result = run_cli("train", "--epochs", "1", "--checkpoint_dir", tmp_path / "ckpt", "--output_dir",
@@ -175,6 +179,19 @@ def test_resuming_a_finished_run_elsewhere_names_its_best_checkpoint(small_cube,
     assert result.status == 0, result.err
     assert "nothing to do" in result.out
     assert result.out.rstrip().endswith(str(tmp_path / "ckpt" / "best.pth"))
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_run_and_resume_continues_it(small_cube, tmp_path, run_cli):
+    common = ["--data_dir", small_cube, "--batch_size", "4", "--hidden_channels", "4", "--patch", "16",
+              "--output_dir", tmp_path / "out", "--checkpoint_dir", tmp_path / "ckpt"]
+    assert run_cli("train", *common, "--epochs", "1").status == 0
+    before = tree_digest(tmp_path / "ckpt")
+    again = run_cli("train", *common, "--epochs", "2", "--lr", "0.01")
+    assert again.status == 2 and "--resume" in one_error_line(again.err)
+    assert tree_digest(tmp_path / "ckpt") == before
+    resumed = run_cli("train", *common, "--epochs", "2", "--resume", tmp_path / "ckpt" / "last.pth")
+    assert resumed.status == 0, resumed.err
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pth")["epoch"] == 2
 
 
 def test_bf16_mixed_precision_path_trains_on_cpu(small_cube, tmp_path):
