@@ -70,6 +70,8 @@ def _select_issues(dates: list[dt.date], candidates: list[int], spec_dates: str 
             end = dt.date.fromisoformat(end_text) if sep and end_text else (dates[-1] if sep else start)
         except ValueError:
             raise RunoffError(f"--dates {spec_dates!r}: expected START:END as YYYY-MM-DD:YYYY-MM-DD") from None
+        if start > end:
+            raise RunoffError(f"--dates {spec_dates}: START lies after END")
         candidates = [t for t in candidates if start <= dates[t] <= end]
     if last and candidates:
         candidates = candidates[-1:]
@@ -217,6 +219,7 @@ def _issue_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.date], inpu
     if not candidates:
         raise RunoffError(f"--input_dir {input_dir}: {len(all_dates)} day(s) ({sum(present)} present); the model "
                           f"needs {input_days} consecutive days before an issue day")
+    possible = f"{all_dates[candidates[0]]}..{all_dates[candidates[-1]]}"
     if split is not None:
         chosen = choose_split(split, ckpt.splits, all_dates[0], all_dates[-1])
         spec = WindowSpec(input_days, tuple(ckpt.leads), tuple(variables), tuple(ckpt.forcings))
@@ -227,8 +230,10 @@ def _issue_days(ds: xr.Dataset, ckpt: Checkpoint, all_dates: list[dt.date], inpu
         candidates = [t for t in candidates if t + max(ckpt.leads) < len(all_dates)] or candidates
     issues = _select_issues(all_dates, candidates, dates, last)
     if not issues:
-        raise RunoffError(f"--dates {dates} / --split {split}: no issue day with {input_days} complete prior days there "
-                          f"({all_dates[candidates[0]]}..{all_dates[candidates[-1]]} are possible)")
+        chosen_by = " / ".join(f"{option} {value}" for option, value in (("--dates", dates), ("--split", split))
+                               if value)
+        raise RunoffError(f"{chosen_by}: no issue day with {input_days} complete prior days there "
+                          f"({possible} are possible)")
     for t in issues:
         _check_forcing_days(ds, ckpt, all_dates, t, input_dir)
     return issues

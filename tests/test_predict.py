@@ -124,6 +124,10 @@ def test_bad_input_one_line_exit_2_no_partial_outputs(trained, tmp_path, run_cli
         (["--weights_path", ckpt, "--input_dir", trained / "qs.zarr", "--dates", "2030-01-01:2030-02-01"],
          ["--dates"]),
         (["--weights_path", ckpt, "--input_dir", trained / "qs.zarr", "--max_plots", "-5"], ["--max_plots -5"]),
+        (["--weights_path", ckpt, "--input_dir", trained / "qs.zarr", "--dates", "2019-02-20:2019-02-10"],
+         ["--dates 2019-02-20:2019-02-10: START lies after END"]),
+        (["--weights_path", ckpt, "--input_dir", trained / "qs.zarr", "--split", "2019-01-01..2019-01-03"],
+         ["--split 2019-01-01..2019-01-03: no issue day", "are possible"]),
     ]
     for args, words in cases:
         out = tmp_path / "out"
