@@ -82,7 +82,9 @@ def cmd_ingest(args: argparse.Namespace) -> None:
                         storage_options=storage_options, client=client, resample=args.resample, netcdf=netcdf,
                         start=_start_date(args.start))
     print(f"{report.store}: wrote {report.written} daily map(s), {report.skipped} already present; "
-          f"{report.start} .. {report.end}, {len(report.missing_dates)} missing; variables {', '.join(report.variables)}"
+          f"{report.start} .. {report.end}, {len(report.missing_dates)} missing"
+          + "".join(f" ({name} {len(days)} missing)" for name, days in report.missing_inputs.items())
+          + f"; variables {', '.join(report.variables)}"
           + (f"; static maps {', '.join(report.static)}" if report.static else ""))
     if args.info:
         print(describe_cube(args.store, _storage_options(args.storage_options)))

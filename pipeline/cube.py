@@ -162,8 +162,9 @@ def describe_cube(store: str | Path, storage_options: dict | None = None) -> str
         f"variables   {', '.join(f'{v} {ds[v].dtype} {ds[v].dims}' for v in ds.data_vars)}",
         f"dims        time={ds.sizes['time']}, y={ds.sizes['y']}, x={ds.sizes['x']}",
         f"dates       {str(ds.time.values[0])[:10]} .. {str(ds.time.values[-1])[:10]} (daily)",
-        f"missing     {len(missing)} day(s)" + (f": {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
-                                                 if missing else ""),
+        f"missing     {_days_text(missing)}" + "".join(
+            f"; {name} {_days_text(ds[name].attrs['missing_dates'])}" for name in ds.data_vars
+            if name != TARGET and "time" in ds[name].dims and ds[name].attrs.get("missing_dates")),
         f"crs         {grid.describe()}",
         f"resolution  {abs(grid.transform[0]):g} x {abs(grid.transform[4]):g} {_unit_name(ds)}",
         f"chunks      {dict(zip(qs.dims, qs.encoding.get('chunks', ())))}",
@@ -172,6 +173,11 @@ def describe_cube(store: str | Path, storage_options: dict | None = None) -> str
         f"max {vmax:.3g}  wet {wet:.1%} of valid  valid {valid_frac:.1%} of cells",
     ]
     return "\n".join(lines)
+
+
+def _days_text(days: list[str]) -> str:
+    """``3 day(s): 2019-01-10, ...`` as ``runoff info`` lists missing days (the first 8)."""
+    return f"{len(days)} day(s)" + (f": {', '.join(days[:8])}" + (" ..." if len(days) > 8 else "") if days else "")
 
 
 def _unit_name(ds: xr.Dataset) -> str:

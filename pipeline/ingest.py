@@ -85,7 +85,8 @@ class IngestReport:
     end: dt.date
     written: int = 0  # daily maps (a day of one variable) read from files
     skipped: int = 0  # daily maps the cube already held
-    missing_dates: list[str] = field(default_factory=list)
+    missing_dates: list[str] = field(default_factory=list)  # days without a file of the target
+    missing_inputs: dict[str, list[str]] = field(default_factory=dict)  # the same, per other variable that has any
     all_nan: list[str] = field(default_factory=list)
     static: list[str] = field(default_factory=list)  # the static maps of the input's static/ folder
 
@@ -708,19 +709,24 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
         if old_group is not None:  # a rebuilt cube keeps the static maps of the one it replaces
             for name in info.static:
                 _write_static(group, name, old_group[name][:], dict(old_group[name].attrs))
-        missing = _finish_attrs(group, all_vars, axis, committer.files, days.incomplete)
+        by_variable = _finish_attrs(group, all_vars, axis, committer.files, days.incomplete)
         _consolidate(group)
         if target != store:
             _swap_into_place(Path(target), Path(store))
     for name, path in static.items():  # onto the finished cube's grid, as `runoff ingest FILE --static NAME`
         ingest_static(path, store, name, options=options, resample=resample, overwrite=overwrite,
                       storage_options=storage_options)
+    missing = by_variable[TARGET]
     report = IngestReport(store, all_vars, axis[0], axis[-1], written=written, skipped=skipped,
-                          missing_dates=missing, all_nan=committer.all_nan, static=sorted(static))
-    if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        warnings.warn(f"{store}: {len(missing)} day(s) without a {TARGET} file are kept as NaN: {shown}",
-                      RunoffWarning, stacklevel=2)
+                          missing_dates=missing, missing_inputs={n: d for n, d in by_variable.items()
+                                                                 if n != TARGET and d},
+                          all_nan=committer.all_nan, static=sorted(static))
+    for name, lacking in by_variable.items():
+        if lacking:
+            shown = ", ".join(lacking[:10]) + (f" and {len(lacking) - 10} more" if len(lacking) > 10 else "")
+            warnings.warn(f"{store}: {len(lacking)} day(s) without a {name} file are kept as NaN"
+                          + ("" if name == TARGET else "; windows that read them are left out") + f": {shown}",
+                          RunoffWarning, stacklevel=2)
     for name, reasons in days.incomplete.items():
         if reasons:
             shown = "; ".join(f"{d}: {r}" for d, r in list(reasons.items())[:5])
@@ -854,20 +860,20 @@ def _read_partial(target: str, storage_options: dict | None) -> CubeInfo | None:
 
 
 def _finish_attrs(group: zarr.Group, variables: list[str], axis: list[dt.date],
-                  files: Mapping[str, Mapping[str, str]], incomplete: Mapping[str, Mapping[str, str]]) -> list[str]:
+                  files: Mapping[str, Mapping[str, str]], incomplete: Mapping[str, Mapping[str, str]]
+                  ) -> dict[str, list[str]]:
     """Write ``missing_dates`` per variable and, for the target, on the group; and
     ``missing_reasons`` for the missing days whose steps were incomplete (kept from
-    earlier runs while those days stay missing)."""
-    missing_target: list[str] = []
+    earlier runs while those days stay missing). Returns the missing days per variable."""
+    by_variable = {}
     for name in variables:
         missing = [d.isoformat() for d in axis if d.isoformat() not in files[name]]
         reasons = {**group[name].attrs.get("missing_reasons", {}), **incomplete.get(name, {})}
         group[name].update_attributes({"missing_dates": missing,
                                        "missing_reasons": {d: reasons[d] for d in missing if d in reasons}})
-        if name == TARGET:
-            missing_target = missing
-    group.update_attributes({"missing_dates": missing_target})
-    return missing_target
+        by_variable[name] = missing
+    group.update_attributes({"missing_dates": by_variable[TARGET]})
+    return by_variable
 
 
 def _swap_into_place(built: Path, store: Path) -> None:

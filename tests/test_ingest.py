@@ -84,6 +84,17 @@ def test_missing_days_are_nan_listed_and_warned(series_copy, tmp_path, run_cli):
     assert np.isnan(ds.qs.sel(time="2019-01-10").values).all()
 
 
+def test_a_forcings_missing_days_are_counted_warned_and_listed_by_info(tmp_path, run_cli):
+    write_series(tmp_path / "in", days=12, height=16, width=16, seed=1, covariates=["rainf"])
+    (tmp_path / "in" / "Rainf" / "RAINF_20190105.tif").unlink()
+    result = run_cli("ingest", tmp_path / "in", tmp_path / "qs.zarr")
+    assert result.status == 0, result.err
+    assert "wrote 23 daily map(s)" in result.out and "0 missing (rainf 1 missing)" in result.out
+    assert "1 day(s) without a rainf file" in result.err and "2019-01-05" in result.err
+    info = run_cli("info", tmp_path / "qs.zarr").out
+    assert "missing     0 day(s); rainf 1 day(s): 2019-01-05" in info
+
+
 def test_appending_to_a_cube_written_before_variables_listed_spatial_ref_lets_it_open_plainly(
         series_dir, tmp_path, run_cli):
     staged, store = tmp_path / "staged", tmp_path / "qs.zarr"
