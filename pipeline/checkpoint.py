@@ -32,6 +32,10 @@ train_config, world_size
     every training setting (``TrainConfig`` as a dict) and the number of ranks.
 epoch, optimizer_state, scheduler_state, best_val_loss, best_epoch, bad_epochs, history, rng_state, epoch_windows
     where training stands, for an exact ``--resume``.
+calibrated_on
+    a probabilistic model's ``[start, end]`` ISO dates its spread (and levels) were
+    calibrated on: the validation split in ``best.pth``, the period of ``runoff calibrate``;
+    absent where the quantiles are as trained (the epoch checkpoints, ``last.pth``).
 
 Example
 -------
@@ -200,11 +204,15 @@ class Checkpoint:
                             if best else "")
                          + (f"; weights averaged (decay {settings['ema_decay']:g})"
                             if settings.get("ema_decay") else ""))
-        if self.quantiles:
-            scale = self.state["model_state"]["spread_scale"].tolist()
+        scale = self.state["model_state"].get("spread_scale")  # absent before the spread was calibrated
+        if self.quantiles and scale is not None:
+            scale = scale.tolist()
             days = self.state.get("calibrated_on")
-            where = f"on {days[0]}..{days[1]}" if days else "on the validation split"
-            lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} (calibrated {where}"
+            if days:
+                how = f"calibrated on {days[0]}..{days[1]}"
+            else:  # best.pth before 2026-12-05 was calibrated on the validation split without saying so
+                how = "as trained" if all(f == 1 for f in scale) else "calibrated on the validation split"
+            lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} ({how}"
                          + ("; levels per flow class too" if config.get("level_calibration") else "") + ")")
         return "\n".join(lines)
 

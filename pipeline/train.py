@@ -299,7 +299,9 @@ def _calibrate_best(run: "_Run") -> None:
                                                                           run.model.config.level_calibration)))
     if run.ranks.is_main:
         best = run.checkpoint_dir / "best.pth"
-        save_checkpoint(with_model(load_checkpoint(best), run.model), best)
+        state = with_model(load_checkpoint(best), run.model)
+        state["calibrated_on"] = list(run.record["splits"]["val"])
+        save_checkpoint(state, best)
 
 
 def _write_history(history: list[dict], output_dir: Path) -> None:

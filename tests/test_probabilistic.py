@@ -13,7 +13,7 @@ import rasterio
 import torch
 import xarray as xr
 
-from pipeline.checkpoint import read_checkpoint
+from pipeline.checkpoint import Checkpoint, read_checkpoint
 from pipeline.cube import open_cube
 from pipeline.model import CEILING_FACTOR, ConvLSTMForecaster
 from pipeline.synth import write_series
@@ -304,6 +304,11 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
     assert (best["model_state"]["spread_scale"] > 1).all()
     assert torch.equal(epoch["model_state"]["spread_scale"], torch.ones(2))
     assert len(best["model_config"]["level_calibration"]) == 2 and epoch["model_config"]["level_calibration"] == []
+    assert best["calibrated_on"] == best["splits"]["val"] and "calibrated_on" not in epoch
+    described = read_checkpoint(tmp_path / "ckpt" / "model_epoch1.pth").describe("model_epoch1.pth")
+    assert "spread      lead 1 x1.00, lead 2 x1.00 (as trained)" in described
+    older = Checkpoint({k: v for k, v in best.items() if k != "calibrated_on"})  # a best.pth from before the key
+    assert "(calibrated on the validation split; levels per flow class too)" in older.describe("best.pth")
 
 
 def _calibration_case() -> tuple[ConvLSTMForecaster, list, dict]:
@@ -582,7 +587,8 @@ def test_calibrate_again_on_a_period_into_a_new_checkpoint(probabilistic, traine
     described = {line[:12].strip(): line[12:] for line in run_cli("info", tmp_path / "test.pth").out.splitlines()}
     assert "probabilistic, 20 quantiles" in described["model"] and described["leads"] == "1, 2 day(s)"
     assert described["spread"].endswith(f"(calibrated on {test.start}..{test.end}; levels per flow class too)")
-    assert "(calibrated on the validation split)" in run_cli("info", best).out
+    val = read_checkpoint(best).splits["val"]
+    assert f"(calibrated on {val.start}..{val.end})" in run_cli("info", best).out
     scored = run_cli("evaluate", "--weights_path", tmp_path / "test.pth", "--data_dir", probabilistic / "qs.zarr",
                      "--output_dir", tmp_path / "evaluation")
     assert scored.status == 0, scored.err
