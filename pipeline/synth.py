@@ -216,6 +216,7 @@ def simulate(days: int = 730, height: int = 128, width: int = 160, seed: int = 0
 
 
 def _check_series(days: int, height: int, width: int, regime: str) -> None:
+    """One clear error for a series that cannot be simulated."""
     if days < 1 or height < 8 or width < 8:
         raise RunoffError("synth: need --days >= 1 and a grid of at least 8x8 pixels")
     if regime not in REGIMES:
