@@ -156,8 +156,8 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
             if fmt == "netcdf":
                 ensemble = None
                 if members:
-                    levels = (np.arange(members) + 0.5) / members
-                    ensemble = np.stack([quantile_maps(out[b, li], levels) for li in range(len(leads))])
+                    ensemble = np.stack([quantile_maps(out[b, li], member_levels(members))
+                                         for li in range(len(leads))])
                 forecasts.append(Forecast(issued, leads, values, ensemble))
         bar.update(len(batch))
     bar.close()
@@ -276,6 +276,16 @@ def _truth(ds: xr.Dataset, all_dates: list[dt.date], valid: dt.date, missing: se
     return values
 
 
+def member_levels(n: int) -> np.ndarray:
+    """The quantile levels that ``--members n`` reads the forecast distribution at: the
+    middles of ``n`` equal slices of probability, so that the members are equally likely.
+
+    >>> member_levels(4).tolist()
+    [0.125, 0.375, 0.625, 0.875]
+    """
+    return (np.arange(n) + 0.5) / n
+
+
 def _forecast_dataset(forecasts: list[Forecast], units: str, sha: str) -> xr.Dataset:
     """All forecasts as ``qs_forecast(time, lead, y, x)``, ``time`` being the issue day."""
     leads = forecasts[0].leads
@@ -288,11 +298,16 @@ def _forecast_dataset(forecasts: list[Forecast], units: str, sha: str) -> xr.Dat
         data_vars["qs_members"] = (("time", "lead", "member", "y", "x"), np.stack([f.members for f in forecasts]),
                                    {"long_name": "ensemble members of the forecast (its quantiles at evenly "
                                                  "spaced levels)", "units": units})
-    ds = xr.Dataset(
-        data_vars,
-        coords={"time": ("time", times, {"long_name": "issue day (last input day)"}),
-                "lead": ("lead", np.array(leads, np.int32), {"long_name": "lead time", "units": "days"}),
-                "valid_time": (("time", "lead"), valid, {"long_name": "day the forecast is for"})})
+    coords = {"time": ("time", times, {"long_name": "issue day (last input day)"}),
+              "lead": ("lead", np.array(leads, np.int32), {"long_name": "lead time", "units": "days"}),
+              "valid_time": (("time", "lead"), valid, {"long_name": "day the forecast is for"})}
+    if forecasts[0].members is not None:
+        n = forecasts[0].members.shape[1]
+        coords["member"] = ("member", np.arange(1, n + 1, dtype=np.int32),
+                            {"long_name": "ensemble member", "standard_name": "realization"})
+        coords["member_level"] = ("member", member_levels(n),
+                                  {"long_name": "quantile level of the forecast distribution the member is read at"})
+    ds = xr.Dataset(data_vars, coords=coords)
     ds.attrs.update(Conventions="CF-1.8", title="QS forecasts", source=f"runoff-forecast {__version__}",
                     checkpoint_sha256=sha)
     return ds

@@ -170,6 +170,7 @@ def test_predict_writes_quantile_and_exceedance_maps_and_members(probabilistic, 
     assert ((p1[ok] >= 0) & (p1[ok] <= 1)).all() and (p10[ok] <= p1[ok]).all() and ptags["threshold"] == "1 kg m-2"
     nc = xr.open_dataset(next(out.glob("QS_forecasts_*.nc")))
     assert nc.qs_members.dims == ("time", "lead", "member", "y", "x") and nc.sizes["member"] == 5
+    assert nc.member.values.tolist() == [1, 2, 3, 4, 5] and nc.member_level.values.tolist() == [0.1, 0.3, 0.5, 0.7, 0.9]
     assert (nc.qs_members.diff("member").fillna(0) >= 0).all()
     assert any(p.name.startswith("compare_") for p in (tmp_path / "plots").iterdir())
 
