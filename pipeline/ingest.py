@@ -803,6 +803,10 @@ def _write_static(group: zarr.Group, name: str, values: np.ndarray, attrs: dict)
 
 
 MADE_FROM = "ingested_from"  # the folder or file a --data_dir / --input_dir cube was made from
+# what `runoff ingest` takes and `train` / `predict` / `evaluate` do not: an error that asks
+# for one of them, met while those commands ingest a folder with the defaults, says where it goes
+_INGEST_OPTIONS = ("--crs", "--png_scale", "--like", "--band", "--date_format", "--start", "--variable",
+                   "--aggregate", "--day_start", "--stamp", "--units", "--resample", "--overwrite", "--chunks")
 
 
 def _made_from(store: Path) -> str | None:
@@ -830,7 +834,13 @@ def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage
         if made_from not in (None, str(source)):
             raise RunoffError(f"{option} {path}: {store} holds the days of {made_from}; ingest this one into a "
                               f"cube of its own (runoff ingest {path} stores/NAME.zarr) and pass that")
-        report = ingest(path, store, progress=progress, storage_options=storage_options)
+        try:
+            report = ingest(path, store, progress=progress, storage_options=storage_options)
+        except RunoffError as exc:
+            if not any(name in str(exc) for name in _INGEST_OPTIONS):
+                raise
+            raise RunoffError(f"{exc} (an option of runoff ingest: run `runoff ingest {path} {store}` with it, "
+                              f"then pass {option} {store})") from None
         if report.written:
             print(f"{option} {path}: ingested {report.written} daily map(s) into {store}")
         if made_from is None:

@@ -107,6 +107,9 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
     corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
+    pngs = tmp_path / "pngs"
+    if not pngs.exists():
+        write_series(pngs, days=3, height=16, width=16, fmt="png")
     return {
         "unknown store": (["--data_dir", tmp_path / "nowhere.zarr"], "no such cube or folder"),
         "not a cube": (["--data_dir", not_cube], "no rasters or NetCDF/HDF5 files"),
@@ -134,6 +137,8 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
         "negative weight decay": (["--data_dir", small_cube, "--weight_decay", "-1"], "--weight_decay -1.0"),
         "negative seed": (["--data_dir", small_cube, "--seed", "-1"], "--seed -1"),
         "no training windows": (["--data_dir", small_cube, "--max_train_windows", "0"], "--max_train_windows 0"),
+        "png folder without a crs": (["--data_dir", pngs], "pass --crs (e.g. --crs EPSG:4326) (an option of runoff "
+                                                         f"ingest: run `runoff ingest {pngs} stores/pngs.zarr` with it"),
     }
 
 
@@ -143,7 +148,7 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
                                   "quantile location without quantiles", "calibration without quantiles",
                                   "level calibration without quantiles", "unknown calibration", "ema decay of 1",
                                   "log weight without quantiles", "negative log weight", "negative weight decay",
-                                  "negative seed", "no training windows"])
+                                  "negative seed", "no training windows", "png folder without a crs"])
 def test_bad_input_is_one_line_exit_2(case, small_cube, tmp_path, run_cli):
     args, words = _bad_train_cases(small_cube, tmp_path)[case]
     result = run_cli("train", "--epochs", "1", "--checkpoint_dir", tmp_path / "ckpt", "--output_dir",
