@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(RUNOFF) predict --weights_path checkpoints/river/best.pth --input_dir stores/river.zarr --output_dir outputs/predictions --split test
 	$(RUNOFF) evaluate --weights_path checkpoints/river/best.pth --data_dir stores/river.zarr --split test
 	@echo "cube:        stores/river.zarr  (runoff info stores/river.zarr)"
+	@echo "model:       checkpoints/river/best.pth  (runoff info checkpoints/river/best.pth)"
 	@echo "forecasts:   outputs/predictions/QS_*_lead1.tif"
 	@echo "figures:     outputs/plots/  (loss_curves.png, compare_*.png)"
 	@echo "evaluation:  outputs/evaluation/  (metrics.md, skill_by_lead.png, nse_map_lead1.tif, kge_map_lead1.tif)"
