@@ -112,13 +112,17 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .storage import location
 
     storage_options = _storage_options(args.storage_options)
-    if location(args.store, storage_options).is_file():  # a cube is a folder; a checkpoint one file
+    where = location(args.store, storage_options)
+    if where.is_file():  # a cube is a folder; a checkpoint one file
         try:
             ckpt = read_checkpoint(args.store, storage_options=storage_options)
         except RunoffError:
             raise RunoffError(f"{args.store}: a file, but neither a Zarr cube (a folder) nor a runoff "
                               "checkpoint (.pth)") from None
         print(ckpt.describe(args.store))
+    elif (where / "best.pth").is_file():
+        raise RunoffError(f"{args.store}: a folder of checkpoints, not a Zarr cube; describe one: "
+                          f"runoff info {where / 'best.pth'}")
     else:
         print(describe_cube(args.store, storage_options))
 

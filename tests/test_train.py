@@ -59,6 +59,8 @@ def test_checkpoint_contents_and_outputs(small_cube, tmp_path, run_cli):
     assert "training    epoch 2 of 2; best epoch" in described.out and "spread" not in described.out
     not_a_checkpoint = run_cli("info", tmp_path / "out" / "history.csv")
     assert not_a_checkpoint.status == 2 and "neither a Zarr cube" in one_error_line(not_a_checkpoint.err)
+    folder = run_cli("info", tmp_path / "ckpt")
+    assert folder.status == 2 and f"runoff info {tmp_path / 'ckpt' / 'best.pth'}" in one_error_line(folder.err)
 
 
 def test_kill_after_epoch_then_resume_equals_uninterrupted(small_cube, tmp_path):
