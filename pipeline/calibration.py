@@ -95,15 +95,6 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     return model.spread_scale * best.to(model.spread_scale.dtype)
 
 
-def spread_text(factors: dict[int, float]) -> str:
-    """The spread factor per lead as the logs print it.
-
-    >>> spread_text({1: 0.8, 6: 1.1})
-    'lead 1 x0.80, lead 6 x1.10'
-    """
-    return ", ".join(f"lead {lead} x{factor:.2f}" for lead, factor in factors.items())
-
-
 def calibrate_model(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
                     rule: str = "spread_skill", thresholds: tuple[float, ...] = (), levels: bool = False) -> None:

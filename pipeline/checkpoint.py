@@ -56,7 +56,6 @@ import numpy as np
 import torch
 
 from . import __version__
-from .calibration import spread_text
 from .cube import SEASON_INPUTS, TARGET, Split
 from .errors import RunoffError, first_line
 from .model import ConvLSTMForecaster
@@ -215,6 +214,15 @@ class Checkpoint:
             lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} ({how}"
                          + ("; levels per flow class too" if config.get("level_calibration") else "") + ")")
         return "\n".join(lines)
+
+
+def spread_text(factors: dict[int, float]) -> str:
+    """The spread factor per lead as the logs print it.
+
+    >>> spread_text({1: 0.8, 6: 1.1})
+    'lead 1 x0.80, lead 6 x1.10'
+    """
+    return ", ".join(f"lead {lead} x{factor:.2f}" for lead, factor in factors.items())
 
 
 def build_model(state_or_config: dict) -> ConvLSTMForecaster:

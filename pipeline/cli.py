@@ -245,7 +245,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from .calibration import spread_text
+    from .checkpoint import spread_text
     from .recalibrate import recalibrate
 
     done = recalibrate(args.weights_path, args.data_dir, args.split, args.output_path, rule=args.calibration,

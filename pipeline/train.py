@@ -35,8 +35,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
-from .calibration import CALIBRATIONS, calibrate_model, model_outputs, spread_text
-from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint, with_model
+from .calibration import CALIBRATIONS, calibrate_model, model_outputs
+from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint, spread_text, with_model
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, is_static,
                    make_splits, open_cube)
 from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_memory, loader_batches,

@@ -429,12 +429,6 @@ def test_impossible_read_options_are_one_line_and_write_nothing(options, words, 
     assert not (tmp_path / "qs.zarr").exists()
 
 
-def test_synth_refuses_a_png_scale_that_is_not_positive(tmp_path, run_cli):
-    result = run_cli("synth", tmp_path / "png", "--days", "3", "--format", "png", "--png_scale", "-3")
-    assert result.status == 2 and "--png_scale -3" in one_error_line(result.err)
-    assert not (tmp_path / "png").exists()
-
-
 def test_a_folder_given_as_data_dir_gets_a_cube_no_other_folder_of_its_name_shares(tmp_path):
     write_series(tmp_path / "a" / "data", days=8, height=16, width=16, seed=1)
     write_series(tmp_path / "b" / "data", days=8, height=16, width=16, seed=2, start="2019-03-01")

@@ -57,7 +57,8 @@ def test_geotiffs_carry_crs_nodata_units(tmp_path):
 
 @pytest.mark.parametrize("args, words", [(["--start", "2019-13-01"], "--start '2019-13-01'"),
                                          (["--days", "0"], "--days >= 1"),
-                                         (["--height", "4"], "8x8 pixels")])
+                                         (["--height", "4"], "8x8 pixels"),
+                                         (["--days", "3", "--format", "png", "--png_scale", "-3"], "--png_scale -3")])
 def test_bad_synth_options_are_one_line_exit_2_and_make_no_folder(args, words, tmp_path, run_cli):
     result = run_cli("synth", tmp_path / "series", *args)
     assert result.status == 2 and words in one_error_line(result.err)
