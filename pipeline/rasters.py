@@ -390,7 +390,9 @@ def read_raster(path: str | Path, options: ReadOptions = ReadOptions(),
                 out: np.ndarray | None = None, grid: Grid | None = None) -> tuple[np.ndarray, Grid, dict]:
     """Read one day: float32 values with NaN for nodata, its :class:`Grid`, and CF attributes.
 
-    PNG codes are scaled to physical values: ``code / max_code * png_scale``. With
+    Packed values are unpacked: ``stored * scale + offset`` where the band declares a scale
+    or offset (GDAL's band metadata, as rioxarray's ``mask_and_scale`` reads it), and PNG
+    codes become ``code / max_code * png_scale``. With
     ``out`` (a float32 array of the raster's shape) the values are read into it. With
     ``grid``, the caller vouches for the file's grid (see :func:`georeferencing_key`), and
     GDAL does not read its georeferencing.
@@ -415,6 +417,7 @@ def read_raster(path: str | Path, options: ReadOptions = ReadOptions(),
         except RasterioError as exc:
             raise RunoffError(f"{path}: cannot read its pixels ({first_line(exc)})") from None
         nodata = src.nodatavals[band - 1]
+        scale, offset = src.scales[band - 1], src.offsets[band - 1]
         tags = {**src.tags(), **src.tags(band)}
         unit = src.units[band - 1] if src.units else None
     values = raw if raw.dtype == np.float32 else raw.astype(np.float32)
@@ -426,6 +429,9 @@ def read_raster(path: str | Path, options: ReadOptions = ReadOptions(),
         invalid = (raw == nodata) if invalid is None else (invalid | (raw == nodata))
     if is_png:
         values *= np.float32(options.png_scale / np.iinfo(native).max)
+    if scale != 1 or offset != 0:
+        values *= np.float32(scale)
+        values += np.float32(offset)
     if invalid is not None:
         values[invalid] = np.nan
     attrs = {}

@@ -53,6 +53,23 @@ def test_geotiff_nodata_becomes_nan(series_dir):
     assert np.isnan(values).any() and attrs["units"] == "kg m-2"
 
 
+def test_packed_geotiff_is_unpacked_by_its_scale_and_offset(series_dir, tmp_path):
+    """int16 products store round(value / scale): the cube must hold the values, not the codes."""
+    source = series_dir / "QS_20190101.tif"
+    truth, grid, _ = read_raster(source)
+    codes = np.where(np.isnan(truth), -32768, np.round((truth - 0.5) / 0.01)).astype("int16")
+    with rasterio.open(source) as src:
+        profile = dict(src.profile, dtype="int16", nodata=-32768)
+    packed = tmp_path / "QS_20190101.tif"
+    with rasterio.open(packed, "w", **profile) as dst:
+        dst.write(codes, 1)
+        dst.scales, dst.offsets = (0.01,), (0.5,)
+    for known in (None, grid):
+        values, _, _ = read_raster(packed, grid=known)
+        assert np.array_equal(np.isnan(values), np.isnan(truth))
+        assert np.nanmax(np.abs(values - truth)) <= 0.005 + 1e-4  # half a code
+
+
 def test_png_scaled_with_world_file_and_crs(tmp_path, series_dir):
     write_series(tmp_path, days=2, height=32, width=40, seed=1, fmt="png", png_scale=200.0)
     png = tmp_path / "QS_20190101.png"
