@@ -168,11 +168,24 @@ def describe_cube(store: str | Path, storage_options: dict | None = None) -> str
         f"crs         {grid.describe()}",
         f"resolution  {abs(grid.transform[0]):g} x {abs(grid.transform[4]):g} {_unit_name(ds)}",
         f"chunks      {dict(zip(qs.dims, qs.encoding.get('chunks', ())))}",
-        f"stored      {size / 1e6:.1f} MB ({qs.size * 4 / max(size, 1):.1f}x smaller than float32)",
+        f"stored      {_stored_text(size, sum(ds[v].size * 4 for v in ds.data_vars))}",
         f"{TARGET} [{qs.attrs.get('units', '?')}]  min {vmin:.3g}  mean {vmean:.3g}  p99 {p99:.3g}  "
         f"max {vmax:.3g}  wet {wet:.1%} of valid  valid {valid_frac:.1%} of cells",
     ]
     return "\n".join(lines)
+
+
+def _stored_text(size: int, float32_bytes: int) -> str:
+    """The store's size against its variables as raw float32.
+
+    >>> _stored_text(3_000_000, 12_000_000)
+    '3 MB (4.0x smaller than float32, chunk and metadata files included)'
+    >>> _stored_text(25_000, 10_000)  # a tiny cube is mostly metadata
+    '0.025 MB (2.5x larger than float32, chunk and metadata files included)'
+    """
+    ratio = float32_bytes / max(size, 1)
+    versus = f"{ratio:.1f}x smaller than" if ratio >= 1 else f"{1 / ratio:.1f}x larger than"
+    return f"{size / 1e6:.3g} MB ({versus} float32, chunk and metadata files included)"
 
 
 def _days_text(days: list[str]) -> str:
