@@ -70,12 +70,19 @@ def atomic_output(path: str | Path | UPath) -> Iterator[Path]:
 
 
 def check_writable(folder: Path | UPath, option: str) -> None:
-    """One clear error, before any work, when ``folder`` (a path or URL) cannot take files."""
+    """One clear error, before any work, when ``folder`` (a path or URL) cannot take files.
+
+    A local folder that did not exist is removed again after the probe: the writers create
+    it with their first file (:func:`atomic_output`), so a run that stops on a later error
+    leaves no empty folder behind."""
+    created = [] if is_url(str(folder)) else [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        for made in created:  # deepest first
+            made.rmdir()
     except Exception as exc:  # OSError locally; object stores raise their clients' own errors
         why = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:160] or type(exc).__name__
         raise RunoffError(f"{option} {folder}: cannot write there ({why})") from None

@@ -158,6 +158,7 @@ def test_bad_input_is_one_line_exit_2(case, small_cube, tmp_path, run_cli):
         run_cli("train", "--epochs", "1", "--output_dir", tmp_path / "out", *args)
     assert result.status == 2
     assert words in one_error_line(result.err)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()  # not even an empty folder
 
 
 def test_resume_refuses_another_grid_or_shape_and_keeps_checkpoints(small_cube, tmp_path, run_cli):
