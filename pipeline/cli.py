@@ -34,7 +34,7 @@ def _scheduler_option(parser: argparse.ArgumentParser) -> None:
 def _read_options(args: argparse.Namespace):
     from .rasters import ReadOptions
 
-    return ReadOptions(band=args.band, png_scale=args.png_scale, crs=args.crs, like=args.like)
+    return ReadOptions(band=args.band, png_scale=args.png_scale, crs=args.crs, like=args.like, nodata=args.nodata)
 
 
 def _storage_options(text: str | None) -> dict | None:
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "png_scale", type=float, help="physical value of the largest PNG code (value = code/max*scale)")
     _option(p, "crs", help="CRS for rasters without one, e.g. EPSG:4326 (PNG with a world file)")
     _option(p, "like", help="reference GeoTIFF giving CRS and transform to PNGs without a world file")
+    _option(p, "nodata", type=float, help="rasters: the stored value that marks no data (e.g. -9999), for files "
+            "that declare none or the wrong one")
     _option(p, "chunks", help="chunk sizes, e.g. time=16,y=256,x=256")
     _option(p, "units", help="rasters: units of qs when the files do not say (default: from tags, else kg m-2); "
             "NetCDF: units to store, e.g. 'kg m-2' converts mm, m and kg m-2 s-1 to kg m-2 per day")

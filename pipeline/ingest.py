@@ -805,7 +805,7 @@ def _write_static(group: zarr.Group, name: str, values: np.ndarray, attrs: dict)
 MADE_FROM = "ingested_from"  # the folder or file a --data_dir / --input_dir cube was made from
 # what `runoff ingest` takes and `train` / `predict` / `evaluate` do not: an error that asks
 # for one of them, met while those commands ingest a folder with the defaults, says where it goes
-_INGEST_OPTIONS = ("--crs", "--png_scale", "--like", "--band", "--date_format", "--start", "--variable",
+_INGEST_OPTIONS = ("--crs", "--png_scale", "--like", "--band", "--nodata", "--date_format", "--start", "--variable",
                    "--aggregate", "--day_start", "--stamp", "--units", "--resample", "--overwrite", "--chunks")
 
 

@@ -117,13 +117,15 @@ class ReadOptions:
 
     ``band``: which band of a multi-band file (1-based); ``png_scale``: physical value
     of the largest PNG code; ``crs``: CRS for files that lack one; ``like``: a
-    reference GeoTIFF whose CRS and transform apply to PNGs without a world file.
+    reference GeoTIFF whose CRS and transform apply to PNGs without a world file;
+    ``nodata``: the stored value that marks no data, in place of what the files declare.
     """
 
     band: int | None = None
     png_scale: float | None = None
     crs: str | None = None
     like: str | None = None
+    nodata: float | None = None
     _like_grid: list = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -416,7 +418,7 @@ def read_raster(path: str | Path, options: ReadOptions = ReadOptions(),
                 raw = src.read(band)
         except RasterioError as exc:
             raise RunoffError(f"{path}: cannot read its pixels ({first_line(exc)})") from None
-        nodata = src.nodatavals[band - 1]
+        nodata = src.nodatavals[band - 1] if options.nodata is None else options.nodata
         scale, offset = src.scales[band - 1], src.offsets[band - 1]
         tags = {**src.tags(), **src.tags(band)}
         unit = src.units[band - 1] if src.units else None
@@ -427,6 +429,8 @@ def read_raster(path: str | Path, options: ReadOptions = ReadOptions(),
     invalid = ~np.isfinite(values) if native.kind == "f" else None
     if nodata is not None and not np.isnan(nodata):
         invalid = (raw == nodata) if invalid is None else (invalid | (raw == nodata))
+    elif not is_png:
+        _refuse_undeclared_fill(path, raw)
     if is_png:
         values *= np.float32(options.png_scale / np.iinfo(native).max)
     if scale != 1 or offset != 0:
@@ -442,6 +446,26 @@ def read_raster(path: str | Path, options: ReadOptions = ReadOptions(),
     if long_name:
         attrs["long_name"] = long_name
     return values, grid, attrs
+
+
+# Values that land-surface-model products and GIS tools write for "no data". A file that
+# holds one without declaring a nodata value would put it into the cube as runoff.
+_FILL_VALUES = np.array([-9999, -99999, -999, -32768, -32767])
+_FILL_MAGNITUDE = 1e15  # float32 max, 1e20, netCDF's default fill 9.97e36
+
+
+def _refuse_undeclared_fill(path: Path, raw: np.ndarray) -> None:
+    if raw.dtype.kind == "f":
+        fills = np.isin(raw, _FILL_VALUES) | (np.abs(raw) >= _FILL_MAGNITUDE)
+    elif raw.dtype.kind == "i":
+        limits = np.iinfo(raw.dtype)
+        fills = np.isin(raw, _FILL_VALUES[(_FILL_VALUES >= limits.min) & (_FILL_VALUES <= limits.max)])
+    else:  # unsigned codes hold no negative fill
+        return
+    if fills.any():
+        value = float(raw[fills][0])
+        raise RunoffError(f"{path}: {int(fills.sum())} cell(s) hold {value:g}, a fill value, but the file does not "
+                          f"declare it as nodata; pass --nodata {value:g}")
 
 
 def raster_env() -> rasterio.Env:

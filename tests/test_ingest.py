@@ -230,6 +230,25 @@ def _profile(path: Path) -> dict:
         return dict(src.profile), src.read(1)
 
 
+def reference_nodata(path: Path) -> float:
+    with rasterio.open(path) as src:
+        return src.nodata
+
+
+def test_nodata_option_masks_an_undeclared_fill_value(series_copy, tmp_path, run_cli):
+    """A fill value the files do not declare is refused (above); ``--nodata`` names it."""
+    fill = reference_nodata(series_copy / "QS_20190101.tif")
+    for path in series_copy.glob("*.tif"):
+        profile, data = _profile(path)
+        with rasterio.open(path, "w", **{**profile, "nodata": None}) as dst:
+            dst.write(np.where(data == fill, -9999, data), 1)
+    result = run_cli("ingest", series_copy, tmp_path / "qs.zarr", "--nodata", "-9999")
+    assert result.status == 0, result.err
+    cube = open_cube(tmp_path / "qs.zarr").qs.sel(time="2019-01-01").values
+    _, original = _profile(series_copy / "QS_20190101.tif")
+    assert np.array_equal(np.isnan(cube), original == -9999) and np.isnan(cube).any()
+
+
 def _bad_inputs(folder: Path, reference: Path) -> dict:
     """Each entry: a function that spoils ``folder`` and the words its error must contain."""
     def text_file():
@@ -251,7 +270,14 @@ def _bad_inputs(folder: Path, reference: Path) -> dict:
         t = profile["transform"]
         write("QS_20190201.tif", transform=rasterio.Affine(t.a, t.b, t.c + t.a / 2, t.d, t.e, t.f))
 
+    def undeclared_fill():
+        profile, data = _profile(reference)
+        profile.update(nodata=None)
+        with rasterio.open(folder / "QS_20190201.tif", "w", **profile) as dst:
+            dst.write(np.where(data == reference_nodata(reference), -9999, data), 1)
+
     return {
+        "undeclared fill value": (undeclared_fill, ["QS_20190201.tif", "-9999, a fill value", "--nodata -9999"]),
         "text file named .tif": (text_file, ["QS_20190201.tif", "not a readable raster"]),
         "truncated TIFF": (truncated, ["QS_20190201.tif"]),
         "multi-band": (lambda: write("QS_20190201.tif", count=3), ["3 bands", "--band"]),
