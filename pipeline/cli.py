@@ -74,7 +74,8 @@ def cmd_ingest(args: argparse.Namespace) -> None:
         _ingest_static(args, storage_options)
         return
     netcdf = NetcdfOptions(variables=parse_variables(args.variable), aggregate=args.aggregate,
-                           day_start=args.day_start, stamp=args.stamp, units=args.units, crs=args.crs)
+                           day_start=args.day_start, stamp=args.stamp, units=args.units, crs=args.crs,
+                           nodata=args.nodata)
     with dask_client(args.scheduler) as client:
         report = ingest(args.input_dir, args.store, date_format=args.date_format, options=_read_options(args),
                         chunks=chunks, overwrite=args.overwrite, units=args.units,
@@ -282,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "png_scale", type=float, help="physical value of the largest PNG code (value = code/max*scale)")
     _option(p, "crs", help="CRS for rasters without one, e.g. EPSG:4326 (PNG with a world file)")
     _option(p, "like", help="reference GeoTIFF giving CRS and transform to PNGs without a world file")
-    _option(p, "nodata", type=float, help="rasters: the stored value that marks no data (e.g. -9999), for files "
-            "that declare none or the wrong one")
+    _option(p, "nodata", type=float, help="the value that marks no data (e.g. -9999) in files that do not declare it "
+            "(rasters: it replaces what they declare; NetCDF: besides _FillValue, in unpacked values)")
     _option(p, "chunks", help="chunk sizes, e.g. time=16,y=256,x=256")
     _option(p, "units", help="rasters: units of qs when the files do not say (default: from tags, else kg m-2); "
             "NetCDF: units to store, e.g. 'kg m-2' converts mm, m and kg m-2 s-1 to kg m-2 per day")

@@ -633,7 +633,7 @@ def ingest(input_dir: str | Path, store: str | Path, *, date_format: str | None 
             _recover_local(Path(store))
         info = read_cube_info(store, storage_options) if _exists(store, storage_options) else None
         if from_netcdf:
-            netcdf = netcdf or NetcdfOptions(units=units, crs=options.crs)
+            netcdf = netcdf or NetcdfOptions(units=units, crs=options.crs, nodata=options.nodata)
             days = _netcdf_input(input_dir, info, store, netcdf, resample, long_name)
         else:
             days = _raster_input(variables, info, store, options, resample, units, long_name)

@@ -52,7 +52,7 @@ import numpy as np
 
 from .cube import TARGET
 from .errors import RunoffError, RunoffWarning, first_line
-from .rasters import Grid, grid_error, resample_onto
+from .rasters import Grid, grid_error, refuse_undeclared_fill, resample_onto
 
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf", ".h5", ".hdf5", ".he5")
 AGGREGATIONS = ("sum", "mean")
@@ -84,7 +84,8 @@ class NetcdfOptions:
     from the units). ``day_start``: hour (UTC) at which a day begins. ``stamp``: which end of
     its interval a step's time marks (auto: ``time_bnds``, else see the module notes).
     ``units``: units to store (``"kg m-2"`` converts amounts and rates to kg m-2 per day).
-    ``crs``: CRS overriding the file's grid mapping.
+    ``crs``: CRS overriding the file's grid mapping. ``nodata``: a value (as read, after
+    the file's scale and offset) that marks no data besides the variable's ``_FillValue``.
     """
 
     variables: dict[str, str] | None = None
@@ -93,6 +94,7 @@ class NetcdfOptions:
     stamp: str = "auto"
     units: str | None = None
     crs: str | None = None
+    nodata: float | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class NetcdfDay:
     factor: float
     layout: _Layout
     resample: tuple[Grid, Grid, str] | None = None  # (file grid, cube grid, method)
+    nodata: float | None = None  # NetcdfOptions.nodata
 
     @property
     def source(self) -> str:
@@ -128,6 +131,9 @@ class NetcdfDay:
         total, count = None, 0
         for path, indices in self.steps:
             block = _read_steps(path, self.variable, indices)
+            if self.nodata is not None:
+                block[block == self.nodata] = np.nan
+            refuse_undeclared_fill(_step_label(path, indices), block)
             if total is None:
                 total = np.zeros(block.shape[1:], np.float64)
             for step in block:  # NaN (masked) in any step stays NaN
@@ -729,7 +735,8 @@ def _days_of(variable: str, steps: list[_Step], length: np.timedelta64, options:
         by_file: dict[str, list[int]] = {}
         for middle in sorted(found):
             by_file.setdefault(found[middle].path, []).append(found[middle].index)
-        days.append(NetcdfDay(day, variable, tuple((p, tuple(i)) for p, i in by_file.items()), how, factor, layout))
+        days.append(NetcdfDay(day, variable, tuple((p, tuple(i)) for p, i in by_file.items()), how, factor, layout,
+                              nodata=options.nodata))
     return days, incomplete
 
 

@@ -430,7 +430,7 @@ def read_raster(path: str | Path, options: ReadOptions = ReadOptions(),
     if nodata is not None and not np.isnan(nodata):
         invalid = (raw == nodata) if invalid is None else (invalid | (raw == nodata))
     elif not is_png:
-        _refuse_undeclared_fill(path, raw)
+        refuse_undeclared_fill(path, raw)
     if is_png:
         values *= np.float32(options.png_scale / np.iinfo(native).max)
     if scale != 1 or offset != 0:
@@ -454,7 +454,8 @@ _FILL_VALUES = np.array([-9999, -99999, -999, -32768, -32767])
 _FILL_MAGNITUDE = 1e15  # float32 max, 1e20, netCDF's default fill 9.97e36
 
 
-def _refuse_undeclared_fill(path: Path, raw: np.ndarray) -> None:
+def refuse_undeclared_fill(source: str | Path, raw: np.ndarray) -> None:
+    """One clear error when ``raw`` (values where no nodata was declared) holds a common fill value."""
     if raw.dtype.kind == "f":
         fills = np.isin(raw, _FILL_VALUES) | (np.abs(raw) >= _FILL_MAGNITUDE)
     elif raw.dtype.kind == "i":
@@ -463,9 +464,12 @@ def _refuse_undeclared_fill(path: Path, raw: np.ndarray) -> None:
     else:  # unsigned codes hold no negative fill
         return
     if fills.any():
-        value = float(raw[fills][0])
-        raise RunoffError(f"{path}: {int(fills.sum())} cell(s) hold {value:g}, a fill value, but the file does not "
-                          f"declare it as nodata; pass --nodata {value:g}")
+        value = raw[fills][0]
+        text = f"{float(value):g}"
+        if raw.dtype.type(float(text)) != value:  # e.g. float32's largest value: spell it so it reads back
+            text = repr(float(value))
+        raise RunoffError(f"{source}: {int((raw == value).sum())} cell(s) hold {text}, a fill value, but the file "
+                          f"does not declare it as nodata; pass --nodata {text}")
 
 
 def raster_env() -> rasterio.Env:

@@ -209,6 +209,25 @@ def test_bad_netcdf_input_is_one_line_naming_it_and_the_cube_is_unchanged(tmp_pa
     assert first.paths  # the cube still holds the first batch only
 
 
+def test_an_undeclared_fill_value_is_refused_and_nodata_masks_it(tmp_path, run_cli):
+    steps = write_lsm_files(tmp_path / "in", "gldas", days=2, seed=3)
+    assert run_cli("ingest", tmp_path / "in", tmp_path / "clean.zarr").status == 0
+    clean = _open(tmp_path / "clean.zarr").qs.values
+    row, col = np.argwhere(np.isfinite(steps.values[3]))[0]
+    with netCDF4.Dataset(steps.paths[3], "r+") as ds:
+        ds["Qs_acc"][0, row, col] = 1e20  # a fill value, not the variable's _FillValue
+    store = tmp_path / "qs.zarr"
+    refused = run_cli("ingest", tmp_path / "in", store)
+    assert refused.status == 2 and not store.exists()
+    line = one_error_line("\n".join(x for x in refused.err.splitlines() if "warning" not in x))
+    assert steps.paths[3].name in line and "1 cell(s) hold 1e+20" in line and "--nodata 1e+20" in line, line
+    assert run_cli("ingest", tmp_path / "in", store, "--nodata", "1e+20").status == 0
+    masked = _open(store).qs.values
+    changed = np.argwhere(np.isnan(masked) != np.isnan(clean))
+    assert len(changed) == 1  # that cell of its day, and nothing else
+    np.testing.assert_array_equal(np.where(np.isnan(masked), np.nan, clean), masked)
+
+
 def test_the_only_candidate_variable_is_chosen_and_several_are_listed(tmp_path, run_cli):
     steps = write_lsm_files(tmp_path / "in", "multi", days=2, seed=8)
     with netCDF4.Dataset(steps.paths[0], "r+") as ds:
