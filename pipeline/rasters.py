@@ -376,7 +376,9 @@ def _band(src: rasterio.io.DatasetReader, path: Path, options: ReadOptions) -> i
             raise RunoffError(f"{path}: --band {options.band} asked for, but the file has {src.count} band(s)")
         return options.band
     if src.count != 1:
-        raise RunoffError(f"{path}: has {src.count} bands; choose one with --band N")
+        colour = (" (3 or 4 bands in a PNG are usually the colours of a rendered map, not its values: "
+                  "export the values as one band)" if src.driver == "PNG" and src.count in (3, 4) else "")
+        raise RunoffError(f"{path}: has {src.count} bands; choose one with --band N{colour}")
     return 1
 
 
