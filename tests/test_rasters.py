@@ -87,7 +87,8 @@ def test_png_scaled_with_world_file_and_crs(tmp_path, series_dir):
 
 def test_colour_png_is_refused_as_a_picture_not_values(tmp_path):
     path = tmp_path / "QS_20190101.png"
-    with rasterio.open(path, "w", driver="PNG", height=8, width=8, count=3, dtype="uint8") as dst:
+    with pytest.warns(rasterio.errors.NotGeoreferencedWarning), \
+            rasterio.open(path, "w", driver="PNG", height=8, width=8, count=3, dtype="uint8") as dst:
         dst.write(np.zeros((3, 8, 8), "uint8"))
     with pytest.raises(RunoffError, match="3 bands; choose one with --band N .*colours of a rendered map"):
         read_raster(path, ReadOptions(png_scale=1.0, crs="EPSG:2154"))
