@@ -259,7 +259,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 class _OneLineParser(argparse.ArgumentParser):
     """argparse without the usage dump on a bad option: one error line naming it, exit 2
-    (``runoff COMMAND --help`` still shows the usage)."""
+    (``runoff COMMAND --help`` still shows the usage). Options are spelled out in full:
+    an abbreviation such as ``--output`` would be "ambiguous" between the two spellings of
+    one option (``--output_path``, ``--output-path``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")

@@ -73,6 +73,13 @@ def test_cli_spellings_chunks_and_info(series_dir, tmp_path, run_cli):
         assert word in info.out
 
 
+def test_an_abbreviated_option_is_unknown_not_ambiguous(series_dir, tmp_path, run_cli):
+    """``--long`` would be "ambiguous" between ``--long_name`` and ``--long-name``, one option."""
+    result = run_cli("ingest", series_dir, tmp_path / "qs.zarr", "--long", "QS")
+    assert result.status == 2 and "unrecognized arguments: --long QS" in one_error_line(result.err)
+    assert not (tmp_path / "qs.zarr").exists()
+
+
 def test_missing_days_are_nan_listed_and_warned(series_copy, tmp_path, run_cli):
     for day in ("20190110", "20190111"):
         (series_copy / f"QS_{day}.tif").unlink()
