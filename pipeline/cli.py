@@ -110,7 +110,7 @@ def _ingest_static(args: argparse.Namespace, storage_options: dict | None) -> No
 def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import read_checkpoint
     from .cube import describe_cube
-    from .storage import location
+    from .storage import is_url, location
 
     storage_options = _storage_options(args.storage_options)
     where = location(args.store, storage_options)
@@ -119,13 +119,32 @@ def cmd_info(args: argparse.Namespace) -> None:
             ckpt = read_checkpoint(args.store, storage_options=storage_options)
         except RunoffError:
             raise RunoffError(f"{args.store}: a file, but neither a Zarr cube (a folder) nor a runoff "
-                              "checkpoint (.pth)") from None
+                              f"checkpoint (.pth){_input_hint(where)}") from None
         print(ckpt.describe(args.store))
     elif (where / "best.pth").is_file():
         raise RunoffError(f"{args.store}: a folder of checkpoints, not a Zarr cube; describe one: "
                           f"runoff info {where / 'best.pth'}")
+    elif not is_url(args.store) and where.is_dir() and not (where / "zarr.json").exists():
+        raise RunoffError(f"{args.store}: a folder, but not a Zarr cube (no zarr.json){_input_hint(where)}")
     else:
         print(describe_cube(args.store, storage_options))
+
+
+def _input_hint(path) -> str:
+    """For input data given to ``runoff info``: the ingest command that makes a cube of it."""
+    from .netcdf import is_netcdf
+    from .rasters import RASTER_SUFFIXES
+
+    if is_netcdf(path):
+        source = path
+    elif path.suffix.lower() in RASTER_SUFFIXES:
+        source = path.parent  # one day of a folder of daily rasters
+    elif path.is_dir():
+        source = path
+    else:
+        return ""
+    name = source.resolve().name if source.is_dir() else source.stem
+    return f"; if it holds input data, make a cube of it: runoff ingest {source} stores/{name}.zarr"
 
 
 def cmd_synth(args: argparse.Namespace) -> None:

@@ -351,6 +351,11 @@ def test_empty_folder_and_non_cube_store(tmp_path, series_dir, run_cli):
 
     result = run_cli("info", tmp_path / "nothing.zarr")
     assert result.status == 2 and "no such cube" in one_error_line(result.err)
+    # input data given to info: the ingest command that makes a cube of it
+    for given in (series_dir, series_dir / "QS_20190101.tif"):
+        result = run_cli("info", given)
+        assert result.status == 2
+        assert f"make a cube of it: runoff ingest {series_dir} stores/input.zarr" in one_error_line(result.err)
 
     # NetCDF settings that rasters would silently ignore
     result = run_cli("ingest", series_dir, tmp_path / "qs.zarr", "--variable", "qs=Qs_acc", "--day_start", "6")
