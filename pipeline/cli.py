@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
@@ -130,7 +131,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(describe_cube(args.store, storage_options))
 
 
-def _input_hint(path) -> str:
+def _input_hint(path: Path) -> str:
     """For input data given to ``runoff info``: the ingest command that makes a cube of it."""
     from .netcdf import is_netcdf
     from .rasters import RASTER_SUFFIXES
