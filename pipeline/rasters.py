@@ -458,13 +458,16 @@ _FILL_MAGNITUDE = 1e15  # float32 max, 1e20, netCDF's default fill 9.97e36
 
 def refuse_undeclared_fill(source: str | Path, raw: np.ndarray) -> None:
     """One clear error when ``raw`` (values where no nodata was declared) holds a common fill value."""
+    if raw.size == 0 or raw.dtype.kind not in "if":
+        return  # unsigned codes hold no negative fill
+    low, high = raw.min(), raw.max()
+    if low > _FILL_VALUES.max() and high < _FILL_MAGNITUDE:
+        return  # no value can be a fill: two passes instead of the membership test (a NaN goes on to it)
     if raw.dtype.kind == "f":
         fills = np.isin(raw, _FILL_VALUES) | (np.abs(raw) >= _FILL_MAGNITUDE)
-    elif raw.dtype.kind == "i":
+    else:
         limits = np.iinfo(raw.dtype)
         fills = np.isin(raw, _FILL_VALUES[(_FILL_VALUES >= limits.min) & (_FILL_VALUES <= limits.max)])
-    else:  # unsigned codes hold no negative fill
-        return
     if fills.any():
         value = raw[fills][0]
         text = f"{float(value):g}"
