@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "nodata", type=float, help="the value that marks no data (e.g. -9999) in files that do not declare it "
             "(rasters: it replaces what they declare; NetCDF: besides _FillValue, in unpacked values)")
     _option(p, "chunks", help="chunk sizes, e.g. time=16,y=256,x=256")
-    _option(p, "units", help="rasters: units of qs when the files do not say (default: from tags, else kg m-2); "
+    _option(p, "units", help="rasters: units of qs (default: the files' tags, else kg m-2); "
             "NetCDF: units to store, e.g. 'kg m-2' converts mm, m and kg m-2 s-1 to kg m-2 per day")
     _option(p, "variable", help="NetCDF: the runoff variable (Qs_acc), or cube=file names for several "
             "(qs=sum_runoff,rainf=Precipitation); default: the file's only (time, y, x) variable")

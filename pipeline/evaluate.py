@@ -87,9 +87,10 @@ def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str) -
 
 
 def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, windows: int, skill_lines: list[str],
-              notes: list[str], categorical: bool = True) -> str:
+              notes: list[str], units: str, categorical: bool = True) -> str:
     """The skill lines, then one table per lead (continuous scores and skill), then the
-    notes; with ``categorical`` a second table per lead of CSI/POD/FAR and FSS at each threshold."""
+    notes; with ``categorical`` a second table per lead of CSI/POD/FAR and FSS at each threshold
+    (in ``units``, the target's)."""
     what = f"the {split.name} split" if ".." not in split.name else "the period"
     lines = [f"# Evaluation on {what} ({split.start} .. {split.end}), {windows} windows", ""]
     if skill_lines:
@@ -102,7 +103,7 @@ def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, win
                       f"climatology: their ensembles):", ""] + _table(rows, ensemble) + [""]
         if categorical:
             extra = [k for k in rows["model"] if k not in _MAIN_COLUMNS and k not in ensemble]
-            lines += [f"Events at thresholds (kg m-2), lead {lead}:", ""] + _table(rows, extra) + [""]
+            lines += [f"Events at thresholds ({units}), lead {lead}:", ""] + _table(rows, extra) + [""]
     lines.append("skill = 1 - MSE_model / MSE_baseline (CRPS and Brier skill alike). Every source is scored on "
                  "the same windows and the same valid pixels.")
     lines += notes
@@ -182,12 +183,15 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     if chosen.overlaps(train_range):
         notes.append(f"The scored days overlap the training split ({train_range.start} .. {train_range.end}): "
                      "those scores are in-sample.")
-    markdown = _markdown(metrics, chosen, n, skill_lines, notes)
-    summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, [], notes, categorical=False)
+    units = ds[TARGET].attrs.get("units", "kg m-2")
+    notes.append(f"Units: mse in ({units})²; rmse, mae, bias{', crps' if probabilistic else ''} and the thresholds "
+                 f"in {units}.")
+    markdown = _markdown(metrics, chosen, n, skill_lines, notes, units)
+    summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, [], notes, units, categorical=False)
     diagnostics = {lead: _diagnostics(ensembles[lead]["model"]) for lead in leads} if probabilistic else {}
     files = _write_outputs(metrics, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
-        "thresholds": thresholds, "checkpoint": str(weights_path), "cube": str(store)}, diagnostics)
+        "thresholds": thresholds, "units": units, "checkpoint": str(weights_path), "cube": str(store)}, diagnostics)
     if probabilistic:
         for lead in leads:
             files.append(plot_ensemble_diagnostics(

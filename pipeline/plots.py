@@ -38,7 +38,7 @@ def plot_loss_curves(history: Sequence[dict], path: str | Path) -> Path:
     ax_skill.plot(epochs, [h["val_skill"] for h in history], "o-", color="tab:green")
     ax_skill.axhline(0, color="black", lw=0.8)
     ax_skill.set(xlabel="epoch", ylabel="1 - MSE / MSE persistence",
-                 title="Validation skill against persistence (kg m-2)")
+                 title="Validation MSE skill against persistence")
     for a in (ax, ax_skill):
         a.grid(alpha=0.3)
     return _save(fig, path)

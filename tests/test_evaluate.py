@@ -31,6 +31,18 @@ def test_evaluate_writes_tables_figures_and_nse_map(trained, tmp_path, run_cli):
         assert np.nanmax(f.read(1, masked=True)) <= 1.0
 
 
+def test_scores_are_labelled_in_the_cubes_units(trained, tmp_path, run_cli):
+    """A cube in mm (not the default kg m-2) says so in metrics.md and metrics.json."""
+    assert run_cli("ingest", trained / "in", tmp_path / "mm.zarr", "--units", "mm").status == 0
+    out = tmp_path / "evaluation"
+    result = run_cli("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir", tmp_path / "mm.zarr",
+                     "--output_dir", out)
+    assert result.status == 0, result.err
+    md = (out / "metrics.md").read_text()
+    assert "Events at thresholds (mm), lead 1:" in md and "Units: mse in (mm)²" in md and "kg m-2" not in md
+    assert json.loads((out / "metrics.json").read_text())["meta"]["units"] == "mm"
+
+
 def test_explicit_thresholds_and_bad_split(trained, tmp_path, run_cli):
     result = run_cli("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir", trained / "qs.zarr",
                      "--thresholds", "1,5", "--split", "val", "--output_dir", tmp_path)
