@@ -460,9 +460,9 @@ def refuse_undeclared_fill(source: str | Path, raw: np.ndarray) -> None:
     """One clear error when ``raw`` (values where no nodata was declared) holds a common fill value."""
     if raw.size == 0 or raw.dtype.kind not in "if":
         return  # unsigned codes hold no negative fill
-    low, high = raw.min(), raw.max()
+    low, high = np.fmin.reduce(raw, axis=None), np.fmax.reduce(raw, axis=None)  # NaN skipped (masked cells)
     if low > _FILL_VALUES.max() and high < _FILL_MAGNITUDE:
-        return  # no value can be a fill: two passes instead of the membership test (a NaN goes on to it)
+        return  # no value can be a fill: two passes instead of the membership test
     if raw.dtype.kind == "f":
         fills = np.isin(raw, _FILL_VALUES) | (np.abs(raw) >= _FILL_MAGNITUDE)
     else:
