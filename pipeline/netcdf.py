@@ -313,11 +313,13 @@ def choose_variable(path: str | Path, wanted: str | None = None) -> str:
     return found[0]
 
 
-def _coordinates(ds, var, path: str) -> tuple[np.ndarray, np.ndarray, _Layout, bool]:
+def _coordinates(ds, var, path: str, crs: str | None = None) -> tuple[np.ndarray, np.ndarray, _Layout, bool]:
     """Cell-centre y and x of a variable's grid, its layout, and whether they are in degrees.
 
     1-D coordinates of either orientation, or 2-D ``lat``/``lon`` that vary along one axis
-    each (NASA LIS); anything else is not a regular grid and is refused.
+    each (NASA LIS on a lat/lon grid), or 2-D ``lat``/``lon`` that do so once projected into
+    ``crs`` (``--crs``: LIS or WRF on a Lambert conformal grid); anything else is not a
+    regular grid and is refused.
     """
     spatial = [d for d in var.dimensions if d != _time_dim(ds, var)]
     first, second = spatial
@@ -335,11 +337,20 @@ def _coordinates(ds, var, path: str) -> tuple[np.ndarray, np.ndarray, _Layout, b
         transpose = lat_dims[0] != first
         if transpose:
             lat, lon = lat.T, lon.T
-        tol = 0.01 * max(np.abs(np.diff(lat[:, 0])).max(initial=0), np.abs(np.diff(lon[0])).max(initial=0), 1e-12)
-        if np.abs(lat - lat[:, :1]).max() > tol or np.abs(lon - lon[:1]).max() > tol:
-            raise RunoffError(f"{path}: {lat_name}/{lon_name} are 2-D and do not form a regular lat/lon grid "
-                              f"(a curvilinear or rotated grid); reproject the files onto a regular grid first")
-        y, x, degrees = lat.mean(axis=1), lon.mean(axis=0), True
+        y, x, degrees = lat, lon, True
+        if _off_grid(lat, lon) > 0.01:
+            if crs is None:
+                raise RunoffError(f"{path}: {lat_name}/{lon_name} are 2-D and do not form a regular lat/lon grid "
+                                  f"(a projected, curvilinear or rotated grid); pass --crs with the projection "
+                                  f"they are regular in (e.g. the model's Lambert conformal), or reproject the "
+                                  f"files onto a regular grid first")
+            x, y = _projected(lat, lon, crs)
+            off = _off_grid(y, x)
+            if off > 0.01:
+                raise RunoffError(f"{path}: {lat_name}/{lon_name} do not form a regular grid in {crs!r} either "
+                                  f"(off by up to {off:.2g} cells); pass --crs with the projection the model ran on")
+            degrees = False
+        y, x = y.mean(axis=1), x.mean(axis=0)
     layout = _Layout(transpose=transpose, flip_y=len(y) > 1 and y[-1] > y[0], flip_x=len(x) > 1 and x[-1] < x[0])
     return y, x, layout, degrees
 
@@ -347,6 +358,57 @@ def _coordinates(ds, var, path: str) -> tuple[np.ndarray, np.ndarray, _Layout, b
 def _unmasked(var) -> np.ndarray:
     var.set_auto_mask(False)  # coordinates have no fill values; masked arrays cost more than the read
     return np.asarray(var[:], np.float64)
+
+
+_LIS_LAMBERT = ("MAP_PROJECTION", "TRUELAT1", "TRUELAT2", "STANDARD_LON", "DX")
+
+
+def _lis_projection(ds, var) -> str | None:
+    """The Lambert conformal grid a NASA LIS file declares in its global attributes
+    (``MAP_PROJECTION``, ``TRUELAT1``, ``TRUELAT2``, ``STANDARD_LON``, ``DX`` in km) as a PROJ
+    string, for a variable on 2-D lat/lon; else None.
+
+    The cells are placed by projecting the file's own lat/lon, so the sphere's radius moves
+    none of them; it scales them all alike, and is chosen so that they lie ``DX`` apart.
+    """
+    if not set(_LIS_LAMBERT) <= set(ds.ncattrs()) or \
+            str(ds.getncattr("MAP_PROJECTION")).strip().upper() != "LAMBERT CONFORMAL":
+        return None
+    lat1, lat2, lon0, dx = (float(ds.getncattr(k)) for k in _LIS_LAMBERT[1:])
+    try:
+        lat_name, lon_name = _two_d_names(ds, var, "")
+    except RunoffError:
+        return None
+    lat, lon = (_unmasked(ds.variables[n]) for n in (lat_name, lon_name))
+    spec = f"+proj=lcc +lat_1={lat1:g} +lat_2={lat2:g} +lat_0={lat1:g} +lon_0={lon0:g} +units=m +no_defs"
+    # the two ends of the middle line along the longer axis: a straight line of cells DX apart
+    axis = int(np.argmax(lat.shape))
+    ends = [tuple(end if a == axis else n // 2 for a, n in enumerate(lat.shape)) for end in (0, -1)]
+    x, y = _projected(np.array([lat[e] for e in ends]), np.array([lon[e] for e in ends]), spec + " +R=6371200")
+    spacing = float(np.hypot(x[1] - x[0], y[1] - y[0])) / max(lat.shape[axis] - 1, 1)
+    radius = 6_371_200 * dx * 1000 / spacing if spacing > 0 and dx > 0 else 6_371_200
+    return f"{spec} +R={radius:.0f}"
+
+
+def _off_grid(y: np.ndarray, x: np.ndarray) -> float:
+    """How far 2-D cell centres stray from a grid whose rows share one y and columns one x,
+    in cells (0 for a regular grid)."""
+    step = max(np.abs(np.diff(y[:, 0])).max(initial=0), np.abs(np.diff(x[0])).max(initial=0), 1e-12)
+    return float(max(np.abs(y - y[:, :1]).max(), np.abs(x - x[:1]).max()) / step)
+
+
+def _projected(lat: np.ndarray, lon: np.ndarray, crs: str) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of the cell centres in ``crs``, their lat/lon read on that CRS's own datum (the
+    sphere of a weather model's Lambert grid), as the model computed them."""
+    import pyproj
+
+    try:
+        target = pyproj.CRS.from_user_input(crs)
+    except pyproj.exceptions.CRSError:
+        raise RunoffError(f"--crs {crs!r}: not a CRS that PROJ knows") from None
+    transformer = pyproj.Transformer.from_crs(target.geodetic_crs or target, target, always_xy=True)
+    x, y = transformer.transform(lon.astype(np.float64), lat.astype(np.float64))
+    return np.asarray(x), np.asarray(y)
 
 
 def _is_longitude(name: str, coord) -> bool:
@@ -403,9 +465,10 @@ def _name_stamp(path: str) -> np.datetime64 | None:
     return None
 
 
-def _scan_file(path: str, variables: tuple[str, ...], required: bool, why: str = "") -> list[_FileScan]:
+def _scan_file(path: str, variables: tuple[str, ...], required: bool, why: str = "",
+               crs: str | None = None) -> list[_FileScan]:
     """The header of one file for each of ``variables`` it holds (all of them if ``required``);
-    ``why`` says, in the error for a missing one, where the names came from."""
+    ``why`` says, in the error for a missing one, where the names came from; ``crs``: ``--crs``."""
     with _dataset(path) as ds:
         missing = [v for v in variables if v not in ds.variables]
         if missing and (required or len(missing) == len(variables)):
@@ -419,11 +482,14 @@ def _scan_file(path: str, variables: tuple[str, ...], required: bool, why: str =
             tdim = _time_dim(ds, var)
             steps = ds.dimensions[tdim].size if tdim else 1
             stamps, bounds = _times(ds, tdim, path, steps)
-            y, x, layout, degrees = _coordinates(ds, var, path)
+            declared = None if crs else _lis_projection(ds, var)
+            y, x, layout, degrees = _coordinates(ds, var, path, crs or declared)
             key = hashlib.sha1(y.tobytes() + x.tobytes() + repr(layout).encode()).hexdigest()
             attrs = {k: str(getattr(var, k)) for k in ("units", "long_name", "standard_name", "cell_methods",
                                                        "grid_mapping") if hasattr(var, k)}
             attrs["_degrees"] = degrees
+            if declared and not degrees:
+                attrs["_crs"] = declared  # the file's own projection, placing its 2-D lat/lon
             scans.append(_FileScan(path, name, tuple(var.shape), attrs, stamps, bounds, key))
         return scans
 
@@ -480,14 +546,15 @@ def _decode_scans(scans: list[_FileScan]) -> list[_FileScan]:
                     bounds=decoded.get((i, "bounds"), scan.bounds)) for i, scan in enumerate(scans)]
 
 
-def _scan_all(paths: list[str], variables: tuple[str, ...], required: bool, why: str = "") -> list[_FileScan]:
+def _scan_all(paths: list[str], variables: tuple[str, ...], required: bool, why: str = "",
+              crs: str | None = None) -> list[_FileScan]:
     """Every file's header, on forked processes where there are many files (one open each)."""
     workers = min(os.cpu_count() or 1, max(1, len(paths) // 64))
     if workers < 2 or sys.platform != "linux":
-        return _decode_scans([s for p in paths for s in _scan_file(p, variables, required, why)])
+        return _decode_scans([s for p in paths for s in _scan_file(p, variables, required, why, crs)])
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         chunks = pool.map(_scan_file, paths, [variables] * len(paths), [required] * len(paths),
-                          [why] * len(paths), chunksize=max(1, len(paths) // (workers * 8)))
+                          [why] * len(paths), [crs] * len(paths), chunksize=max(1, len(paths) // (workers * 8)))
         return _decode_scans([s for scans in chunks for s in scans])
 
 
@@ -632,6 +699,8 @@ def _crs_of(path: str, scan: _FileScan, options: NetcdfOptions) -> str:
             return pyproj.CRS.from_cf(attrs).to_wkt()
         except Exception:  # noqa: BLE001 (pyproj raises its own CRSError and others)
             raise RunoffError(f"{path}: grid_mapping {mapping!r} is not a CRS PROJ understands; pass --crs") from None
+    if scan.attrs.get("_crs"):
+        return CRS.from_user_input(scan.attrs["_crs"]).to_wkt()
     if scan.attrs["_degrees"]:
         warnings.warn(f"{path}: no grid_mapping; latitude/longitude in degrees taken as EPSG:4326 "
                       f"(pass --crs to set another)", RunoffWarning, stacklevel=3)
@@ -782,7 +851,7 @@ def open_netcdf_source(source: str | Path, options: NetcdfOptions = NetcdfOption
         raise RunoffError(f"--stamp {options.stamp!r}: choose {', '.join(STAMPS)}")
     if not 0 <= options.day_start <= 23:
         raise RunoffError(f"--day_start {options.day_start}: an hour from 0 to 23")
-    scans = _scan_sources(source, dict(options.variables or {}))
+    scans = _scan_sources(source, dict(options.variables or {}), options.crs)
     days, attrs, incomplete = {}, {}, {}
     for name in [TARGET] + sorted(n for n in scans if n != TARGET):
         found, grid, grid_from = _variable_days(name, scans[name], options, grid, grid_from, resample)
@@ -790,7 +859,7 @@ def open_netcdf_source(source: str | Path, options: NetcdfOptions = NetcdfOption
     return NetcdfSource(grid, days, attrs, incomplete)
 
 
-def _scan_sources(source: str | Path, wanted: dict[str, str]) -> dict[str, list[_FileScan]]:
+def _scan_sources(source: str | Path, wanted: dict[str, str], crs: str | None = None) -> dict[str, list[_FileScan]]:
     """Every file's header, per cube variable: from its sub-folder, or from the files that
     hold the variable ``wanted`` names for it (by default the only candidate, as qs)."""
     groups = _file_groups(source)
@@ -798,8 +867,8 @@ def _scan_sources(source: str | Path, wanted: dict[str, str]) -> dict[str, list[
         unknown = sorted(set(wanted) - set(groups))
         if unknown:
             raise RunoffError(f"--variable {','.join(unknown)}: no such sub-folder in {source}")
-        return {name: _scan_all([str(p) for p in files], (choose_variable(files[0], wanted.get(name)),), True)
-                for name, files in groups.items()}
+        return {name: _scan_all([str(p) for p in files], (choose_variable(files[0], wanted.get(name)),), True,
+                                crs=crs) for name, files in groups.items()}
     names = [str(p) for p in groups]
     why = ""
     if not wanted:  # a folder of one file per variable (CWatM) must say which is which
@@ -807,7 +876,7 @@ def _scan_sources(source: str | Path, wanted: dict[str, str]) -> dict[str, list[
         why = (f" (taken as {TARGET} from the first file, {Path(names[0]).name}: name the variables with "
                f"--variable {TARGET}=NAME or {TARGET}=NAME,rainf=NAME2)")
     variables = tuple(dict.fromkeys(wanted.values()))
-    found = _scan_all(names, variables, len(variables) == 1, why)
+    found = _scan_all(names, variables, len(variables) == 1, why, crs)
     scans = {name: [s for s in found if s.variable == variable] for name, variable in wanted.items()}
     for name, variable in wanted.items():
         if not scans[name]:
@@ -857,7 +926,8 @@ def _common_grid(scans: list[_FileScan], options: NetcdfOptions) -> tuple[Grid, 
     def grid_of(scan: _FileScan) -> tuple[Grid, _Layout]:
         if scan.coords_key not in grids:
             with _dataset(scan.path) as ds:
-                y, x, layout, _ = _coordinates(ds, ds.variables[scan.variable], scan.path)
+                y, x, layout, _ = _coordinates(ds, ds.variables[scan.variable], scan.path,
+                                               options.crs or scan.attrs.get("_crs"))
             grids[scan.coords_key] = (grid_from_coordinates(y, x, _crs_of(scan.path, scan, options), scan.path),
                                       layout)
         return grids[scan.coords_key]

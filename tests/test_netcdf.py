@@ -317,6 +317,65 @@ def test_projected_x_y_with_a_cf_grid_mapping_and_packed_integers(tmp_path, run_
     np.testing.assert_allclose(cube.qs.values, expected, atol=1e-5)
 
 
+_LAMBERT = "+proj=lcc +lat_1=30 +lat_2=60 +lat_0=38.5 +lon_0=-97.5 +R=6370000 +units=m +no_defs"
+
+
+def _lambert_lis_files(folder: Path, declare: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A day of LIS-like hourly files on a 3 km Lambert conformal grid: 2-D float32 lat/lon
+    (rows south to north), a rate whose southern row is marked; with ``declare``, LIS's
+    global attributes name the projection. Returns the files' lat and lon."""
+    import pyproj
+
+    crs = pyproj.CRS.from_proj4(_LAMBERT)
+    x, y = np.meshgrid(-600_000 + 3000.0 * np.arange(9), -300_000 + 3000.0 * np.arange(7))
+    lon, lat = pyproj.Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(x, y)
+    folder.mkdir()
+    for hour in range(1, 25):
+        with netCDF4.Dataset(folder / f"LIS_HIST_20101231{hour:02d}00.d01.nc" if hour < 24
+                             else folder / "LIS_HIST_201101010000.d01.nc", "w") as ds:
+            ds.createDimension("north_south", 7)
+            ds.createDimension("east_west", 9)
+            for name, values, units in (("lat", lat, "degrees_north"), ("lon", lon, "degrees_east")):
+                var = ds.createVariable(name, "f4", ("north_south", "east_west"))
+                var[:], var.units = values, units
+            qs = ds.createVariable("Qs_tavg", "f4", ("north_south", "east_west"), fill_value=np.float32(-9999))
+            qs.units = "kg m-2 s-1"
+            qs[:] = np.where(np.arange(7)[:, None] == 0, 1e-4, 1e-5) * np.ones((7, 9))
+            if declare:
+                ds.setncatts({"MAP_PROJECTION": "LAMBERT CONFORMAL", "TRUELAT1": 30.0, "TRUELAT2": 60.0,
+                              "STANDARD_LON": -97.5, "DX": 3.0, "DY": 3.0})
+    return lat, lon
+
+
+@pytest.mark.parametrize("declare", [False, True])
+def test_a_lambert_grid_of_2d_lat_lon_is_placed_by_its_projection(tmp_path, run_cli, declare):
+    import pyproj
+
+    lat, lon = _lambert_lis_files(tmp_path / "lis", declare)
+    store = tmp_path / "qs.zarr"
+    args = ("ingest", tmp_path / "lis", store, "--units", "kg m-2")
+    if not declare:
+        refused = run_cli(*args)
+        assert refused.status == 2 and "pass --crs with the projection" in one_error_line(refused.err)
+        wrong = run_cli(*args, "--crs", "EPSG:32614")
+        assert wrong.status == 2 and "do not form a regular grid in 'EPSG:32614' either" in one_error_line(wrong.err)
+    result = run_cli(*args) if declare else run_cli(*args, "--crs", _LAMBERT)
+    assert result.status == 0, result.err
+    cube = _open(store)
+    # 3 km cells (to float32 lat/lon's precision), north up; with LIS's attributes, DX sets the sphere
+    assert cube.rio.transform().a == pytest.approx(3000.0, abs=0.05)
+    assert cube.rio.transform().e == pytest.approx(-3000.0, abs=0.05)
+    # every cell, taken back to lat/lon through the cube's own CRS, is the file's cell (north up)
+    crs = pyproj.CRS.from_wkt(cube.rio.crs.to_wkt())
+    x, y = np.meshgrid(cube.x.values, cube.y.values)
+    back_lon, back_lat = pyproj.Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(x, y)
+    np.testing.assert_allclose(back_lat, lat[::-1], atol=1e-4)
+    np.testing.assert_allclose(back_lon, lon[::-1], atol=1e-4)
+    day = cube.qs.sel(time="2010-12-31").values  # the mean rate x 86400
+    np.testing.assert_allclose(day[-1], 8.64, rtol=1e-5)
+    np.testing.assert_allclose(day[:-1], 0.864, rtol=1e-5)
+
+
 def test_a_time_coordinate_that_disagrees_with_the_file_name_is_named_in_a_warning(tmp_path, run_cli):
     steps = write_lsm_files(tmp_path / "in", "gldas", days=1, seed=12)
     with netCDF4.Dataset(steps.paths[2], "r+") as ds:  # a wrong reference date in one file
