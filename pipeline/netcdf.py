@@ -325,7 +325,7 @@ def _coordinates(ds, var, path: str, crs: str | None = None) -> tuple[np.ndarray
     first, second = spatial
     one_d = [ds.variables.get(d) for d in spatial]
     if all(c is not None and c.ndim == 1 for c in one_d):
-        a, b = (_unmasked(c) for c in one_d)
+        a, b = (_unmasked(c) * _metres_per_unit(c) for c in one_d)
         is_x = [_is_longitude(d, c) for d, c in zip(spatial, one_d)]
         transpose = is_x[0] and not is_x[1]
         y, x = (b, a) if transpose else (a, b)
@@ -416,6 +416,15 @@ def _is_longitude(name: str, coord) -> bool:
     standard = str(getattr(coord, "standard_name", "")).lower()
     return (name.lower() in _LONGITUDE or units.startswith("degrees_e") or standard in ("longitude",
             "projection_x_coordinate", "grid_longitude") or getattr(coord, "axis", "") == "X")
+
+
+_KILOMETRES = ("km", "kilometer", "kilometers", "kilometre", "kilometres")
+
+
+def _metres_per_unit(coord) -> float:
+    """1000 for projected coordinates in km (regional models often write them so), else 1:
+    the CRS of a grid mapping counts in metres."""
+    return 1000.0 if str(getattr(coord, "units", "")).strip().lower() in _KILOMETRES else 1.0
 
 
 def _degrees(coord) -> bool:

@@ -279,7 +279,9 @@ def test_nldas_hours_are_stamped_at_their_start_and_stamp_overrides(tmp_path, ru
     assert shifted.status == 0 and "2010-12-29: 1 of 24 1-hourly steps" in shifted.err
 
 
-def test_projected_x_y_with_a_cf_grid_mapping_and_packed_integers(tmp_path, run_cli):
+@pytest.mark.parametrize("unit, per_metre", [("m", 1.0), ("km", 0.001)])
+def test_projected_x_y_with_a_cf_grid_mapping_and_packed_integers(tmp_path, run_cli, unit, per_metre):
+    """Coordinates in metres or in km (as regional models write them) give the same grid."""
     import pyproj
 
     path = tmp_path / "utm.nc"
@@ -295,8 +297,8 @@ def test_projected_x_y_with_a_cf_grid_mapping_and_packed_integers(tmp_path, run_
         t[:] = [0, 1]
         for name, coords in (("y", y), ("x", x)):
             var = ds.createVariable(name, "f8", (name,))
-            var.units, var.standard_name = "m", f"projection_{name}_coordinate"
-            var[:] = coords
+            var.units, var.standard_name = unit, f"projection_{name}_coordinate"
+            var[:] = coords * per_metre
         crs = ds.createVariable("transverse_mercator", "i4")
         cf = pyproj.CRS.from_epsg(32633).to_cf()
         cf.pop("crs_wkt")  # the CF parameters alone must do
