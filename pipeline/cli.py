@@ -133,19 +133,17 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _input_hint(path: Path) -> str:
     """For input data given to ``runoff info``: the ingest command that makes a cube of it."""
+    from .ingest import default_store
     from .netcdf import is_netcdf
     from .rasters import RASTER_SUFFIXES
 
-    if is_netcdf(path):
+    if is_netcdf(path) or path.is_dir():
         source = path
     elif path.suffix.lower() in RASTER_SUFFIXES:
         source = path.parent  # one day of a folder of daily rasters
-    elif path.is_dir():
-        source = path
     else:
         return ""
-    name = source.resolve().name if source.is_dir() else source.stem
-    return f"; if it holds input data, make a cube of it: runoff ingest {source} stores/{name}.zarr"
+    return f"; if it holds input data, make a cube of it: runoff ingest {source} {default_store(source)}"
 
 
 def cmd_synth(args: argparse.Namespace) -> None:

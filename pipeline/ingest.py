@@ -816,6 +816,17 @@ def _made_from(store: Path) -> str | None:
     return zarr.open_group(store, mode="r", use_consolidated=False).attrs.get(MADE_FROM)
 
 
+def default_store(source: str | Path, stores_dir: str | Path = "stores") -> Path:
+    """Where a folder (or one NetCDF file) of input data is ingested when given in place of a
+    cube: ``stores/<folder name>.zarr`` (``stores/<file stem>.zarr``).
+
+    >>> default_store("data/river")
+    PosixPath('stores/river.zarr')
+    """
+    source = Path(source).resolve()
+    return Path(stores_dir) / f"{source.name if source.is_dir() else source.stem}.zarr"
+
+
 def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage_options: dict | None = None,
                 progress: bool = False, option: str = "--data_dir") -> str:
     """The cube behind ``--data_dir``: a cube as it is, or a folder of rasters or NetCDF files
@@ -828,7 +839,7 @@ def ensure_cube(data_dir: str | Path, stores_dir: str | Path = "stores", storage
         raise RunoffError(f"{option} {path}: no such cube or folder")
     if (Path(path).is_dir() and not path.rstrip("/").endswith(".zarr")) or is_netcdf(path):
         source = Path(path).resolve()
-        store = Path(stores_dir) / f"{source.name if source.is_dir() else source.stem}.zarr"
+        store = default_store(source, stores_dir)
         # two folders of one name (two "input"s) would share the store: their days would mix
         made_from = _made_from(store)
         if made_from not in (None, str(source)):
