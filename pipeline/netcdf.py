@@ -313,16 +313,19 @@ def choose_variable(path: str | Path, wanted: str | None = None) -> str:
     return found[0]
 
 
-def _coordinates(ds, var, path: str, crs: str | None = None) -> tuple[np.ndarray, np.ndarray, _Layout, bool]:
-    """Cell-centre y and x of a variable's grid, its layout, and whether they are in degrees.
+def _coordinates(ds, var, path: str, crs: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, _Layout, bool, str | None]:
+    """Cell-centre y and x of a variable's grid, its layout, whether they are in degrees, and
+    the projection 2-D lat/lon were placed in (else None).
 
     1-D coordinates of either orientation, or 2-D ``lat``/``lon`` that vary along one axis
     each (NASA LIS on a lat/lon grid), or 2-D ``lat``/``lon`` that do so once projected into
-    ``crs`` (``--crs``: LIS or WRF on a Lambert conformal grid); anything else is not a
-    regular grid and is refused.
+    ``crs`` (``--crs``) or into the Lambert grid a LIS file declares (WRF, LIS); anything else
+    is not a regular grid and is refused.
     """
     spatial = [d for d in var.dimensions if d != _time_dim(ds, var)]
     first, second = spatial
+    placed_in = None
     one_d = [ds.variables.get(d) for d in spatial]
     if all(c is not None and c.ndim == 1 for c in one_d):
         a, b = (_unmasked(c) * _metres_per_unit(c) for c in one_d)
@@ -339,6 +342,7 @@ def _coordinates(ds, var, path: str, crs: str | None = None) -> tuple[np.ndarray
             lat, lon = lat.T, lon.T
         y, x, degrees = lat, lon, True
         if _off_grid(lat, lon) > 0.01:
+            crs = crs or _lis_projection(ds, lat, lon)
             if crs is None:
                 raise RunoffError(f"{path}: {lat_name}/{lon_name} are 2-D and do not form a regular lat/lon grid "
                                   f"(a projected, curvilinear or rotated grid); pass --crs with the projection "
@@ -349,10 +353,10 @@ def _coordinates(ds, var, path: str, crs: str | None = None) -> tuple[np.ndarray
             if off > 0.01:
                 raise RunoffError(f"{path}: {lat_name}/{lon_name} do not form a regular grid in {crs!r} either "
                                   f"(off by up to {off:.2g} cells); pass --crs with the projection the model ran on")
-            degrees = False
+            degrees, placed_in = False, crs
         y, x = y.mean(axis=1), x.mean(axis=0)
     layout = _Layout(transpose=transpose, flip_y=len(y) > 1 and y[-1] > y[0], flip_x=len(x) > 1 and x[-1] < x[0])
-    return y, x, layout, degrees
+    return y, x, layout, degrees, placed_in
 
 
 def _unmasked(var) -> np.ndarray:
@@ -363,10 +367,10 @@ def _unmasked(var) -> np.ndarray:
 _LIS_LAMBERT = ("MAP_PROJECTION", "TRUELAT1", "TRUELAT2", "STANDARD_LON", "DX")
 
 
-def _lis_projection(ds, var) -> str | None:
+def _lis_projection(ds, lat: np.ndarray, lon: np.ndarray) -> str | None:
     """The Lambert conformal grid a NASA LIS file declares in its global attributes
     (``MAP_PROJECTION``, ``TRUELAT1``, ``TRUELAT2``, ``STANDARD_LON``, ``DX`` in km) as a PROJ
-    string, for a variable on 2-D lat/lon; else None.
+    string, for its 2-D ``lat``/``lon``; else None.
 
     The cells are placed by projecting the file's own lat/lon, so the sphere's radius moves
     none of them; it scales them all alike, and is chosen so that they lie ``DX`` apart.
@@ -375,11 +379,6 @@ def _lis_projection(ds, var) -> str | None:
             str(ds.getncattr("MAP_PROJECTION")).strip().upper() != "LAMBERT CONFORMAL":
         return None
     lat1, lat2, lon0, dx = (float(ds.getncattr(k)) for k in _LIS_LAMBERT[1:])
-    try:
-        lat_name, lon_name = _two_d_names(ds, var, "")
-    except RunoffError:
-        return None
-    lat, lon = (_unmasked(ds.variables[n]) for n in (lat_name, lon_name))
     spec = f"+proj=lcc +lat_1={lat1:g} +lat_2={lat2:g} +lat_0={lat1:g} +lon_0={lon0:g} +units=m +no_defs"
     # the two ends of the middle line along the longer axis: a straight line of cells DX apart
     axis = int(np.argmax(lat.shape))
@@ -491,14 +490,13 @@ def _scan_file(path: str, variables: tuple[str, ...], required: bool, why: str =
             tdim = _time_dim(ds, var)
             steps = ds.dimensions[tdim].size if tdim else 1
             stamps, bounds = _times(ds, tdim, path, steps)
-            declared = None if crs else _lis_projection(ds, var)
-            y, x, layout, degrees = _coordinates(ds, var, path, crs or declared)
+            y, x, layout, degrees, placed_in = _coordinates(ds, var, path, crs)
             key = hashlib.sha1(y.tobytes() + x.tobytes() + repr(layout).encode()).hexdigest()
             attrs = {k: str(getattr(var, k)) for k in ("units", "long_name", "standard_name", "cell_methods",
                                                        "grid_mapping") if hasattr(var, k)}
             attrs["_degrees"] = degrees
-            if declared and not degrees:
-                attrs["_crs"] = declared  # the file's own projection, placing its 2-D lat/lon
+            if placed_in and not crs:
+                attrs["_crs"] = placed_in  # the file's own projection (LIS), placing its 2-D lat/lon
             scans.append(_FileScan(path, name, tuple(var.shape), attrs, stamps, bounds, key))
         return scans
 
@@ -935,8 +933,8 @@ def _common_grid(scans: list[_FileScan], options: NetcdfOptions) -> tuple[Grid, 
     def grid_of(scan: _FileScan) -> tuple[Grid, _Layout]:
         if scan.coords_key not in grids:
             with _dataset(scan.path) as ds:
-                y, x, layout, _ = _coordinates(ds, ds.variables[scan.variable], scan.path,
-                                               options.crs or scan.attrs.get("_crs"))
+                y, x, layout, _, _ = _coordinates(ds, ds.variables[scan.variable], scan.path,
+                                                  options.crs or scan.attrs.get("_crs"))
             grids[scan.coords_key] = (grid_from_coordinates(y, x, _crs_of(scan.path, scan, options), scan.path),
                                       layout)
         return grids[scan.coords_key]
