@@ -125,6 +125,11 @@ def open_cube(store: str | Path, storage_options: dict | None = None,
                         chunks={} if chunks is None else chunks)
 
 
+def target_units(ds: xr.Dataset) -> str:
+    """Units of the cube's ``qs``, which every score, map and log line is in (kg m-2 when unsaid)."""
+    return ds[TARGET].attrs.get("units", "kg m-2")
+
+
 def is_static(ds: xr.Dataset, name: str) -> bool:
     """Whether ``name`` is a static map of the cube ``ds``: ``(y, x)``, the same on every day."""
     return ds[name].dims == STATIC_DIMS

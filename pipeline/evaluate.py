@@ -34,7 +34,7 @@ from pathlib import Path
 from .baselines import (SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, check_thresholds,
                         wet_thresholds)
 from .checkpoint import read_checkpoint
-from .cube import TARGET, Split, cube_dates, cube_grid
+from .cube import TARGET, Split, cube_dates, cube_grid, target_units
 from .export import write_geotiff
 from .inference import Forecaster, point_forecast, quantile_maps, read_days, split_windows
 from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
@@ -183,7 +183,7 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     if chosen.overlaps(train_range):
         notes.append(f"The scored days overlap the training split ({train_range.start} .. {train_range.end}): "
                      "those scores are in-sample.")
-    units = ds[TARGET].attrs.get("units", "kg m-2")
+    units = target_units(ds)
     notes.append(f"Units: mse in ({units})²; rmse, mae, bias{', crps' if probabilistic else ''} and the thresholds "
                  f"in {units}.")
     markdown = _markdown(metrics, chosen, n, skill_lines, notes, units)

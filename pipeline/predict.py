@@ -30,7 +30,7 @@ import xarray as xr
 
 from . import __version__
 from .checkpoint import Checkpoint, read_checkpoint
-from .cube import TARGET, choose_split, cube_dates, cube_grid, open_cube
+from .cube import TARGET, choose_split, cube_dates, cube_grid, open_cube, target_units
 from .errors import RunoffError, RunoffWarning
 from .export import write_geotiff, write_netcdf
 from .baselines import check_thresholds, wet_thresholds
@@ -113,7 +113,7 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     leads = ckpt.leads
     weights_path = location(weights_path, storage_options)
     sha = file_sha256(weights_path)
-    units = ds[TARGET].attrs.get("units", "kg m-2")
+    units = target_units(ds)
     missing = set(ds.attrs.get("missing_dates", []))
     plotted = plotted_maps(len(issues) * len(leads), max_plots)
     probabilistic = forecaster.probabilistic

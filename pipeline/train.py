@@ -38,7 +38,7 @@ from .baselines import wet_thresholds
 from .calibration import CALIBRATIONS, calibrate_model, model_outputs
 from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint, spread_text, with_model
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, is_static,
-                   make_splits, open_cube)
+                   make_splits, open_cube, target_units)
 from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_memory, loader_batches,
                      queue_marker)
 from .distributed import Ranks, data_parallel
@@ -542,7 +542,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
     run = _Run(config, ranks, model, net, optimiser, scheduler, grad_scaler(ranks.device, config.precision),
                train_set, train_loader, val_loader, record,
                _objective(model, stats[TARGET], config.quantile_log_weight),
-               ds[TARGET].attrs.get("units", "kg m-2"), checkpoint_dir, output_dir, progress and ranks.is_main)
+               target_units(ds), checkpoint_dir, output_dir, progress and ranks.is_main)
     run.log(Checkpoint(record).inputs_note({v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}))
     run.last_path = checkpoint_dir / "model_epoch0.pth"
     if config.probabilistic and config.calibration == "brier":
