@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "split", help="only windows whose targets lie in the checkpoint's train, val or test split, or in "
             "a period START..END (YYYY-MM-DD..YYYY-MM-DD, either end may be left out)")
     _option(p, "format", choices=("tif", "netcdf"), default="tif", help="netcdf: also one CF NetCDF of all forecasts")
-    _option(p, "tile", type=int, default=512, help="predict larger grids in overlapping tiles of this size")
+    _option(p, "tile", type=int, default=512,
+            help="predict larger grids piece by piece, at most this many pixels a side (as the whole grid would be)")
     _option(p, "batch_size", type=int, default=8, help="issue days per forward pass (default 8)")
     _option(p, "quantiles", help="probabilistic checkpoints: quantile maps to write (default 0.1,0.5,0.9)")
     _option(p, "exceedance", help="probabilistic checkpoints: write P(QS > threshold) maps, thresholds in data units "

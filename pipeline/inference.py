@@ -3,9 +3,10 @@ batched, tiled forward passes. ``predict`` and ``evaluate`` both forecast throug
 :class:`Forecaster`; neither needs the training code.
 
 Several issue days go through the network in one forward pass (``batch_size``). Grids
-larger than ``tile`` are predicted in overlapping tiles whose blend weights are zero
-wherever a tile's edge could reach (the model's receptive field), so the tiled result
-equals the untiled one and memory stays bounded by one batch of tiles plus the output.
+larger than ``tile`` are predicted piece by piece (:func:`~pipeline.model.map_tiles`): each
+piece keeps only its core, which lies beyond the reach of the piece's cut edges (the
+model's receptive field), so the tiled result equals the untiled one and memory stays
+bounded by one batch of pieces plus the output.
 
 Example
 -------
@@ -30,7 +31,7 @@ from .cube import (TARGET, Split, choose_split, cube_dates, cube_grid, denormali
 from .device import autocast_for, keep_freed_memory, pick_device
 from .errors import RunoffError
 from .ingest import ensure_cube
-from .model import ConvLSTMForecaster
+from .model import TILE, ConvLSTMForecaster, map_tiles
 from .sampler import WindowSpec, window_issues
 
 
@@ -66,25 +67,6 @@ def split_windows(ckpt: Checkpoint, data_dir: str, split: str, weights_path: str
     return SplitWindows(str(store), ds, period, spec, issues)
 
 
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    step = tile - overlap
-    starts = list(range(0, size - tile, step)) + [size - tile]
-    return sorted(set(starts))
-
-
-def _taper(n: int, margin: int, ramp: int, at_start_edge: bool, at_end_edge: bool) -> np.ndarray:
-    """1-D blend weight: 0 within ``margin`` of an inner tile edge, then a linear ramp."""
-    i = np.arange(n, dtype=np.float64)
-    w = np.ones(n)
-    if not at_start_edge:
-        w = np.minimum(w, np.clip((i - margin + 1) / (ramp + 1), 0, 1))
-    if not at_end_edge:
-        w = np.minimum(w, np.clip((n - i - margin) / (ramp + 1), 0, 1))
-    return w
-
-
 def _forward(model: ConvLSTMForecaster, x: np.ndarray, forcings: np.ndarray | None, device: torch.device
              ) -> np.ndarray:
     def tensor(a: np.ndarray) -> torch.Tensor:
@@ -96,37 +78,28 @@ def _forward(model: ConvLSTMForecaster, x: np.ndarray, forcings: np.ndarray | No
 
 
 @torch.no_grad()
-def forecast_batch(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device, tile: int = 512,
-                   margin: int | None = None, ramp: int = 8, forcings: np.ndarray | None = None) -> np.ndarray:
+def forecast_batch(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device, tile: int = TILE,
+                   forcings: np.ndarray | None = None) -> np.ndarray:
     """Model output for windows ``x`` (B, T, C, H, W) and their ``forcings`` (B, D, F, H, W)
     (normalised, NaN -> 0): (B, L, H, W), or (B, L, Q, H, W) for a probabilistic model."""
     model.eval()
-    b, days, _, h, w = x.shape
-    if h <= tile and w <= tile:
-        return _forward(model, x, forcings, device)
-    margin = model.receptive_radius(days) if margin is None else margin
-    overlap = 2 * margin + ramp
-    if tile <= overlap:
-        raise RunoffError(f"--tile {tile}: must exceed the tile overlap of {overlap} px for this model")
-    per_lead = (model.config.quantiles,) if model.config.quantiles else ()
-    total = np.zeros((b, model.config.leads, *per_lead, h, w), np.float64)
-    weight = np.zeros((h, w), np.float64)
-    th, tw = min(tile, h), min(tile, w)
-    for y0 in _tile_starts(h, tile, overlap):
-        wy = _taper(th, margin, ramp, y0 == 0, y0 + th == h)
-        for x0 in _tile_starts(w, tile, overlap):
-            wgt = np.outer(wy, _taper(tw, margin, ramp, x0 == 0, x0 + tw == w))
-            cut = (Ellipsis, slice(y0, y0 + th), slice(x0, x0 + tw))
-            out = _forward(model, x[cut], None if forcings is None else forcings[cut], device)
-            total[cut] += out * wgt
-            weight[cut[1:]] += wgt
-    return (total / np.maximum(weight, 1e-12)).astype(np.float32)
+    h, w = x.shape[-2:]
+    margin = model.receptive_radius(x.shape[1])
+    if max(h, w) > tile and tile <= 2 * margin:
+        raise RunoffError(f"--tile {tile}: must exceed twice the reach of this model's forecasts ({margin} px)")
+    out = None
+    for piece in map_tiles(h, w, tile, margin):
+        region = (Ellipsis, *piece.region)
+        part = _forward(model, x[region], None if forcings is None else forcings[region], device)
+        if out is None:
+            out = np.empty((*part.shape[:-2], h, w), np.float32)
+        out[(Ellipsis, *piece.core)] = part[(Ellipsis, *piece.inside)]
+    return out
 
 
-def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device, tile: int = 512,
-                    margin: int | None = None, ramp: int = 8) -> np.ndarray:
+def forecast_window(model: ConvLSTMForecaster, x: np.ndarray, device: torch.device, tile: int = TILE) -> np.ndarray:
     """:func:`forecast_batch` for one window ``x`` (T, C, H, W) without forcings: (L, H, W)."""
-    return forecast_batch(model, x[None], device, tile, margin, ramp)[0]
+    return forecast_batch(model, x[None], device, tile)[0]
 
 
 def read_days(ds: xr.Dataset, name: str, first: int, last: int, maps: dict[str, np.ndarray] | None = None
@@ -172,11 +145,11 @@ class Forecaster:
     model: ConvLSTMForecaster
     device: torch.device
     batch_size: int = 8
-    tile: int = 512
+    tile: int = TILE
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8,
-             tile: int = 512) -> "Forecaster":
+             tile: int = TILE) -> "Forecaster":
         if batch_size < 1:
             raise RunoffError(f"--batch_size {batch_size}: must be >= 1")
         dev = pick_device(device)

@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -388,6 +388,48 @@ class ConvLSTMForecaster(nn.Module):
         # the change of the log value, added to today's: no change is exactly persistence
         logged = signed_log1p(today + change * target["rms"]) - signed_log1p(today)
         return (x[:, -1:, :1].float() + logged / target["std"]).to(out.dtype)
+
+
+TILE = 512  # largest side (pixels) of the map pieces a forecast, validation or calibration runs on
+
+
+class MapTile(NamedTuple):
+    """One piece of a map: the ``region`` (rows, columns) the model reads, the ``core`` it
+    gives (in map pixels) and that core's place ``inside`` the region."""
+
+    region: tuple[slice, slice]
+    core: tuple[slice, slice]
+    inside: tuple[slice, slice]
+
+
+def _spans(size: int, tile: int, margin: int) -> list[tuple[slice, slice, slice]]:
+    if size <= tile:
+        return [(slice(0, size), slice(0, size), slice(0, size))]
+    if tile <= 2 * margin:
+        raise ValueError(f"tile {tile} must exceed twice the margin {margin}")
+    step, spans = tile - 2 * margin, []
+    for start in range(0, size, step):
+        stop = min(start + step, size)
+        low, high = max(start - margin, 0), min(stop + margin, size)
+        spans.append((slice(low, high), slice(start, stop), slice(start - low, stop - low)))
+    return spans
+
+
+def map_tiles(height: int, width: int, tile: int, margin: int) -> list[MapTile]:
+    """Pieces of a ``height`` x ``width`` map, each at most ``tile`` a side, for a model whose
+    output pixels see ``margin`` pixels around them (its
+    :meth:`~ConvLSTMForecaster.receptive_radius`). Each core lies ``margin`` pixels from
+    every cut edge of its region, so the model gives it as it would from the whole map;
+    the cores partition the map. A map within ``tile`` is one piece, the whole map.
+
+    >>> [(t.region[0], t.core[0], t.inside[0]) for t in map_tiles(10, 4, 6, 1)][1]
+    (slice(3, 9, None), slice(4, 8, None), slice(1, 5, None))
+    >>> len(map_tiles(10, 4, 6, 1)), len(map_tiles(6, 6, 6, 1))
+    (3, 1)
+    """
+    return [MapTile((rows, cols), (core_rows, core_cols), (in_rows, in_cols))
+            for rows, core_rows, in_rows in _spans(height, tile, margin)
+            for cols, core_cols, in_cols in _spans(width, tile, margin)]
 
 
 def to_physical(values: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:

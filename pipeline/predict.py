@@ -35,6 +35,7 @@ from .errors import RunoffError, RunoffWarning
 from .export import write_geotiff, write_netcdf
 from .baselines import check_thresholds, wet_thresholds
 from .inference import Forecaster, exceedance_maps, point_forecast, quantile_maps
+from .model import TILE
 from .ingest import ensure_cube
 from .plots import plot_comparison, plot_probabilistic
 from .sampler import WindowSpec, window_issues
@@ -79,7 +80,7 @@ def _select_issues(dates: list[dt.date], candidates: list[int], spec_dates: str 
 
 
 def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | Path = "outputs/predictions", *,
-            dates: str | None = None, last: bool = False, split: str | None = None, fmt: str = "tif", tile: int = 512,
+            dates: str | None = None, last: bool = False, split: str | None = None, fmt: str = "tif", tile: int = TILE,
             plots_dir: str | Path = "outputs/plots", max_plots: int = 8, device: str = "auto", batch_size: int = 8,
             quantiles: list[float] | None = None, exceedance: list[float] | None = None, members: int | None = None,
             storage_options: dict | None = None, progress: bool = False) -> PredictReport:

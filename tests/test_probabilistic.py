@@ -405,6 +405,48 @@ def test_the_brier_calibration_picks_the_most_reliable_exceedance_among_factors_
         calibrate_spread(model, batches, cpu, stats, rule="brier")
 
 
+def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(monkeypatch):
+    """Maps wider than the tile are validated and calibrated piece by piece (bounded memory
+    on a large grid); every score and every fitted factor and level is the whole maps'."""
+    from pipeline import calibration
+    from pipeline.calibration import calibrate_model
+    from pipeline.sampler import Window, collate_windows
+    from pipeline.train import evaluate_loader
+
+    torch.manual_seed(0)
+    stats = {"mean": 1.0, "std": 1.0, "rms": 2.0, "max": 40.0}
+    model = ConvLSTMForecaster(in_channels=1, leads=2, hidden_channels=3, quantiles=20, forcing_channels=2,
+                               forcing_scales=(1, 3), quantile_location=True, stats=[stats])
+    with torch.no_grad():
+        for weights in model.parameters():
+            weights.add_(0.2 * torch.randn_like(weights))
+    shape = (40, 56)
+    windows = [Window(torch.randn(3, 1, *shape), torch.randn(2, 1, *shape) + 1, torch.rand(2, 1, *shape) > 0.2, i,
+                      torch.randn(2, 1, *shape)) for i in range(12)]
+    batches = [collate_windows(windows[i:i + 4]) for i in range(0, 12, 4)]
+    cpu = torch.device("cpu")
+
+    def validated_and_calibrated() -> tuple[dict, list, list]:
+        model.spread_scale.fill_(1.0)  # as trained: no calibration of an earlier call
+        model.set_level_calibration([])
+        scores = evaluate_loader(model, batches, cpu, stats)
+        calibrate_model(model, batches, cpu, stats, levels=True)
+        return scores, model.spread_scale.tolist(), model.config.level_calibration
+
+    whole = validated_and_calibrated()
+    assert model.receptive_radius(3) == 5
+    monkeypatch.setattr(calibration, "TILE", 20)  # pieces of 20 px: cores of 10, 24 of them per map
+    with torch.no_grad():
+        outputs = list(calibration.model_outputs(model, batches[:1], cpu))
+    assert len(outputs) == 24 and max(out.shape[-1] for *_, out in outputs) == 10
+    pieces = validated_and_calibrated()
+    assert pieces[0] == pytest.approx(whole[0], rel=1e-5)
+    assert pieces[1] == pytest.approx(whole[1])
+    for lead_pieces, lead_whole in zip(pieces[2], whole[2]):
+        assert lead_pieces["centres"] == pytest.approx(lead_whole["centres"], rel=1e-4)
+        assert np.allclose(lead_pieces["levels"], lead_whole["levels"], atol=1e-4)
+
+
 def test_level_calibration_reads_the_quantiles_where_the_truth_fell_on_new_windows():
     """A model whose quantiles sit below the truth (which scatters around 1.5 times
     persistence): the calibration fitted on half the windows moves the other half's median
