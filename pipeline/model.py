@@ -407,7 +407,8 @@ def _spans(size: int, tile: int, margin: int) -> list[tuple[slice, slice, slice]
         return [(slice(0, size), slice(0, size), slice(0, size))]
     if tile <= 2 * margin:
         raise ValueError(f"tile {tile} must exceed twice the margin {margin}")
-    step, spans = tile - 2 * margin, []
+    pieces = -(-size // (tile - 2 * margin))
+    step, spans = -(-size // pieces), []  # cores of even size: no sliver at the end
     for start in range(0, size, step):
         stop = min(start + step, size)
         low, high = max(start - margin, 0), min(stop + margin, size)
