@@ -414,5 +414,9 @@ def standardise(values: np.ndarray, stats: dict[str, float]) -> np.ndarray:
 
 
 def denormalise(values: np.ndarray, stats: dict[str, float]) -> np.ndarray:
-    """Model space -> physical values, clipped at 0 (inverse of :func:`normalise`)."""
-    return np.maximum(np.expm1(values * stats["std"] + stats["mean"]), 0).astype(np.float32)
+    """Model space -> physical values, clipped at 0 (inverse of :func:`normalise`), float32.
+    One new array, transformed in place: a probabilistic forecast of a large grid is GBs."""
+    out = np.multiply(values, stats["std"], dtype=np.float32)
+    out += np.float32(stats["mean"])
+    np.expm1(out, out=out)
+    return np.maximum(out, 0, out=out)

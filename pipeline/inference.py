@@ -135,6 +135,11 @@ def window_inputs(ds: xr.Dataset, variables: Sequence[str], stats: dict, issues:
     return stack_days(ds, variables, stats, issues, range(1 - input_days, 1), maps)
 
 
+# a batch of a probabilistic model's quantiles: 20 per pixel and lead, so 0.4 GB for 8 issue
+# days of 6 leads at 224x464, and 0.9 GB for one day at 1200x1600
+MEMBERS_BYTES = 2**30
+
+
 @dataclass
 class Forecaster:
     """A trained model ready to forecast on a cube: its checkpoint, the network on
@@ -181,10 +186,16 @@ class Forecaster:
     def forecasts(self, ds: xr.Dataset, issues: Sequence[int], members: bool = False
                   ) -> Iterator[tuple[list[int], np.ndarray]]:
         """:meth:`forecast` in batches of ``batch_size`` issue days: yields each batch's
-        issue indices and its forecasts (B, L, H, W), or with ``members`` (B, L, Q, H, W)."""
+        issue indices and its forecasts (B, L, H, W), or with ``members`` (B, L, Q, H, W).
+        A batch of members holds at most :data:`MEMBERS_BYTES` (fewer issue days, at least one)."""
         issues = [int(t) for t in issues]
-        for start in range(0, len(issues), self.batch_size):
-            chunk = issues[start:start + self.batch_size]
+        size = self.batch_size
+        if members and self.probabilistic:
+            config = self.model.config
+            one_day = 4 * config.leads * config.quantiles * ds.sizes["y"] * ds.sizes["x"]
+            size = max(1, min(size, MEMBERS_BYTES // one_day))
+        for start in range(0, len(issues), size):
+            chunk = issues[start:start + size]
             yield chunk, self.forecast(ds, chunk, members)
 
 

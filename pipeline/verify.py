@@ -212,6 +212,7 @@ class ScoreTable:
 RELIABILITY_BINS = 10
 RELIABILITY_RESAMPLES = 200  # Poisson-bootstrap replicates behind the reliability band
 RELIABILITY_MIN_COUNT = 100  # the fewest pixels a bin needs to count in the reliability gap
+PIXELS_PER_PASS = 2**18  # pixels EnsembleScores scores at once
 # the rows of a reliability table, as metrics.json names them
 RELIABILITY_ROWS = ("count", "forecast_probability", "observed_frequency", "observed_frequency_5",
                     "observed_frequency_95")
@@ -266,19 +267,30 @@ class EnsembleScores:
 
     def accumulate(self, members: np.ndarray, truth: np.ndarray, block: int | None = None) -> "EnsembleScores":
         """Add one map's ``members`` (M, ...) and ``truth`` (...); ``block``: which block of
-        days it belongs to for the band (None: a block of its own)."""
-        members, truth = np.asarray(members, np.float64), np.asarray(truth, np.float64)
+        days it belongs to for the band (None: a block of its own). The pixels are scored
+        ``PIXELS_PER_PASS`` at a time, so that the float64 work arrays stay small on a large grid."""
         m = members.shape[0]
         if self.members is None:
             self.members, self.ranks = m, np.zeros(m + 1, np.int64)
         elif m != self.members:
             raise ValueError(f"an ensemble of {m} members after one of {self.members}")
-        flat = members.reshape(m, -1)
-        y = truth.reshape(-1)
-        ok = np.isfinite(y) & np.isfinite(flat).all(axis=0)
-        x, y = np.sort(flat[:, ok], axis=0), y[ok]
+        flat, truth = np.asarray(members).reshape(m, -1), np.asarray(truth).reshape(-1)
+        bins = np.zeros((len(self.thresholds), 2, RELIABILITY_BINS))  # this map's count and observed sum per bin
+        for start in range(0, truth.size, PIXELS_PER_PASS):
+            part = slice(start, start + PIXELS_PER_PASS)
+            self._accumulate_pixels(np.asarray(flat[:, part], np.float64), np.asarray(truth[part], np.float64), bins)
+        if self.thresholds and bins[:, 0].any():
+            rng = self._resample_rng if block is None else np.random.default_rng([self.seed, 1, block])
+            weights = rng.poisson(1.0, RELIABILITY_RESAMPLES)[:, None]
+            self.resampled += weights * bins[:, :, None]
+        return self
+
+    def _accumulate_pixels(self, members: np.ndarray, y: np.ndarray, bins: np.ndarray) -> None:
+        m = members.shape[0]
+        ok = np.isfinite(y) & np.isfinite(members).all(axis=0)
+        x, y = np.sort(members[:, ok], axis=0), y[ok]
         if not y.size:
-            return self
+            return
         # sum over pairs |x_i - x_j| = 2 * sum_i (2i - m + 1) x_(i) for sorted x (i from 0)
         weights = (2 * np.arange(m) - m + 1)[:, None]
         self.crps_sum += float((np.abs(x - y).mean(axis=0) - (weights * x).sum(axis=0) / m**2).sum())
@@ -288,10 +300,6 @@ class EnsembleScores:
         ranks = below + np.floor(self._rng.random(y.size) * (ties + 1)).astype(np.int64)
         self.ranks += np.bincount(ranks, minlength=m + 1)
         self.count += y.size
-        weights = None
-        if self.thresholds:
-            rng = self._resample_rng if block is None else np.random.default_rng([self.seed, 1, block])
-            weights = rng.poisson(1.0, RELIABILITY_RESAMPLES)[:, None]
         for k, thr in enumerate(self.thresholds):
             p, o = (x > thr).mean(axis=0), (y > thr).astype(np.float64)
             self.brier[k] += float(((p - o) ** 2).sum())
@@ -301,9 +309,8 @@ class EnsembleScores:
             self.bins[k, 0] += count
             self.bins[k, 1] += np.bincount(b, weights=p, minlength=RELIABILITY_BINS)
             self.bins[k, 2] += observed
-            self.resampled[k, 0] += weights * count
-            self.resampled[k, 1] += weights * observed
-        return self
+            bins[k, 0] += count
+            bins[k, 1] += observed
 
     def merge(self, other: "EnsembleScores") -> "EnsembleScores":
         if other.members is not None:

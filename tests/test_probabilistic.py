@@ -56,6 +56,29 @@ def test_ensemble_scores_equal_brute_force_and_merge():
     assert halves.compute() == pytest.approx(one)
 
 
+def test_ensemble_scores_of_a_map_in_passes_equal_one_pass(monkeypatch):
+    """A large map is scored a slice of pixels at a time: the same scores, rank histogram
+    (ties drawn from one stream) and reliability band as in one pass."""
+    from pipeline import verify
+
+    rng = np.random.default_rng(2)
+    members = np.maximum(rng.normal(1.0, 1.0, (6, 3, 30, 40)), 0)  # ties at 0 for the ranks' draws
+    truth = np.maximum(rng.normal(1.0, 1.0, (3, 30, 40)), 0)
+    truth[0, :4] = np.nan
+
+    def scored() -> verify.EnsembleScores:
+        scores = verify.EnsembleScores([0.5, 2.0])
+        for day in range(3):
+            scores.accumulate(members[:, day], truth[day], block=day)
+        return scores
+
+    one_pass = scored()
+    monkeypatch.setattr(verify, "PIXELS_PER_PASS", 7)  # 172 passes per map, the last one short
+    passes = scored()
+    assert passes.compute() == pytest.approx(one_pass.compute(), rel=1e-12)
+    assert np.array_equal(passes.ranks, one_pass.ranks) and np.array_equal(passes.resampled, one_pass.resampled)
+
+
 def test_a_calibrated_ensemble_has_a_flat_rank_histogram_and_unit_spread_skill():
     rng = np.random.default_rng(1)
     centre = rng.gamma(1.0, 2.0, (200, 50))  # truth and members: the same distribution around a centre
