@@ -198,6 +198,25 @@ def test_predict_writes_quantile_and_exceedance_maps_and_members(probabilistic, 
     assert any(p.name.startswith("compare_") for p in (tmp_path / "plots").iterdir())
 
 
+def test_a_batch_of_quantiles_is_held_to_its_memory_budget(probabilistic, monkeypatch):
+    """Quantiles are 20 maps per lead: on a large grid fewer issue days go through at once
+    than --batch_size asks, and the forecasts are the same."""
+    from pipeline import inference
+
+    ckpt = read_checkpoint(probabilistic / "ckpt" / "best.pth")
+    ds = open_cube(probabilistic / "qs.zarr")
+    issues = list(range(10, 15))
+    forecaster = inference.Forecaster.load(ckpt, "cpu", batch_size=4)
+    whole = list(forecaster.forecasts(ds, issues, members=True))
+    one_day = 4 * 2 * 20 * 24 * 32  # bytes of one issue day's quantiles: 2 leads, 20 quantiles, 24x32
+    monkeypatch.setattr(inference, "MEMBERS_BYTES", 2 * one_day + 1)
+    held = list(forecaster.forecasts(ds, issues, members=True))
+    assert [len(b) for b, _ in whole] == [4, 1] and [len(b) for b, _ in held] == [2, 2, 1]
+    np.testing.assert_allclose(np.concatenate([f for _, f in held]), np.concatenate([f for _, f in whole]),
+                               rtol=1e-6)
+    assert [len(b) for b, _ in forecaster.forecasts(ds, issues)] == [4, 1]  # single maps: as asked
+
+
 def test_a_trained_checkpoint_carries_the_training_maximum_that_bounds_its_forecasts(probabilistic):
     ckpt = read_checkpoint(probabilistic / "ckpt" / "best.pth")
     train = ckpt.splits["train"]
