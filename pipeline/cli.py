@@ -404,7 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "--calibrate_levels on an eight-year record, W=0.3 narrowed the widest reliability gap of the "
                  "test year to 0.12 on two worlds at 0-7%% more CRPS; over seven test years it was less reliable "
                  "than the defaults, and on a two-year record it did not help (docs/skill.md; default 0)")
-    _option(p, "max_train_windows", type=int, help="cap on training windows per epoch")
+    _option(p, "max_train_windows", type=int, help="cap on training windows per epoch (evenly spaced, the same each "
+            "epoch)")
+    _option(p, "max_val_windows", type=int, help="cap on validation windows (evenly spaced, the same each epoch): "
+            "validation forecasts whole maps, which on a large grid can take far longer than training on patches")
     _option(p, "precision", choices=("auto", "fp32", "bf16", "fp16"),
             help="mixed precision: auto (bf16 on CUDA where supported, else fp16; fp32 on CPU/MPS), fp32, bf16, fp16")
     _option(p, "storage_options", help="JSON options for fsspec URLs")

@@ -46,7 +46,8 @@ from .errors import RunoffError, RunoffWarning
 from .ingest import ensure_cube
 from .model import QUANTILES, ConvLSTMForecaster, pinball, signed_log1p, to_physical
 from .plots import plot_loss_curves
-from .sampler import WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, window_issues
+from .sampler import (WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, evenly_spaced,
+                      window_issues)
 from .storage import atomic_output, check_writable, location
 from .verify import skill
 
@@ -102,6 +103,7 @@ class TrainConfig:
     ema_decay: float = 0.99  # forecasts use the weights' moving average over the steps, this decay per step (0: none)
     precision: str = "auto"  # auto (bf16 on CUDA where supported), fp32, bf16, fp16
     max_train_windows: int | None = None
+    max_val_windows: int | None = None  # validation windows each epoch, evenly spaced (None: all)
     storage_options: dict | None = None
 
     def __post_init__(self) -> None:
@@ -357,10 +359,16 @@ def _fit(config: TrainConfig, resume_state: dict | None, ranks: Ranks, progress:
     for epoch in range(run.start_epoch + 1, config.epochs + 1):
         if run.stopped:
             break
+        started = time.perf_counter()
         fitted = _train_epoch(run, epoch)
+        trained = time.perf_counter()
         val = evaluate_loader(run.forecaster, run.val_loader, ranks.device, run.record["norm_stats"][TARGET], ranks,
                               config.precision)
         _end_epoch(run, epoch, fitted, val)
+        if epoch == run.start_epoch + 1 and config.max_val_windows is None:
+            hint = validation_hint(trained - started, time.perf_counter() - trained, len(run.val_loader.dataset))
+            if hint:
+                run.log(hint)
     if run.stopped and run.history[-1]["epoch"] < config.epochs and ranks.is_main:
         print(f"early stopping: no validation improvement for {config.patience} epochs "
               f"(best epoch {run.best_epoch})", file=sys.stderr)
@@ -505,9 +513,8 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
     issues = {name: window_issues(ds, split, spec) for name, split in splits.items()}
     for name in ("train", "val"):
         check_windows(issues[name], splits[name], spec, len(dates))
-    train_issues = issues["train"]
-    if config.max_train_windows is not None:
-        train_issues = train_issues[:: max(1, len(train_issues) // config.max_train_windows)]
+    train_issues = evenly_spaced(issues["train"], config.max_train_windows)
+    val_issues = evenly_spaced(issues["val"], config.max_val_windows)
     if resume_state is not None:
         Checkpoint(resume_state).check_grid(grid, f"--resume {config.resume}", str(store))
     train_set = WindowSampler(store, train_issues, spec, resume_state["norm_stats"] if resume_state else {},
@@ -515,7 +522,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
                               storage_options=config.storage_options, maps=maps)
     # a new run's statistics come from the read its first epoch needs anyway, where the cube allows
     stats = train_set.stats if resume_state is not None else train_set.fit_stats(splits["train"])
-    val_set = WindowSampler(store, issues["val"], spec, stats, patch=None, shuffle=False,
+    val_set = WindowSampler(store, val_issues, spec, stats, patch=None, shuffle=False,
                             storage_options=config.storage_options, maps=maps)
     for sampler in (train_set, val_set):
         sampler.shard(ranks.rank, ranks.world_size)
@@ -544,6 +551,9 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
                _objective(model, stats[TARGET], config.quantile_log_weight),
                target_units(ds), checkpoint_dir, output_dir, progress and ranks.is_main)
     run.log(Checkpoint(record).inputs_note({v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}))
+    if val_issues.size < issues["val"].size:
+        run.log(f"validation on {val_issues.size} of the {issues['val'].size} validation windows, evenly spaced "
+                f"(--max_val_windows)")
     run.last_path = checkpoint_dir / "model_epoch0.pth"
     if config.probabilistic and config.calibration == "brier":
         run.thresholds = tuple(wet_thresholds(ds, splits["train"].start, splits["train"].end))
@@ -611,6 +621,23 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
             "windows": ranks.gather(torch.cat(seen).tolist() if seen else [])}
 
 
+def validation_hint(train_s: float, val_s: float, windows: int) -> str | None:
+    """A line for a run whose validation (whole maps) takes over twice its training
+    (patches), as on a large grid: how many evenly spaced windows would take about as long
+    as the training does.
+
+    >>> validation_hint(80.0, 1600.0, 548)
+    'validation took 1600 s against 80 s of training; --max_val_windows 27 would validate on evenly spaced windows in about the training time'
+    >>> validation_hint(80.0, 100.0, 548) is None
+    True
+    """
+    if val_s <= 2 * train_s:
+        return None
+    suggested = max(1, int(windows * train_s / val_s))
+    return (f"validation took {val_s:.0f} s against {train_s:.0f} s of training; --max_val_windows {suggested} would "
+            f"validate on evenly spaced windows in about the training time")
+
+
 def _end_epoch(run: _Run, epoch: int, fitted: dict, val: dict[str, float]) -> None:
     """Scheduler and early stopping on the validation loss, the log line, and (rank 0) the
     epoch's checkpoint, ``last.pth``, ``best.pth`` when it improved, and the history."""
@@ -659,6 +686,8 @@ def _validate(config: TrainConfig) -> None:
         (config.seed >= 0, "--seed", config.seed, "must be >= 0"),
         (config.max_train_windows is None or config.max_train_windows >= 1, "--max_train_windows",
          config.max_train_windows, "must be >= 1 (leave it out for every window)"),
+        (config.max_val_windows is None or config.max_val_windows >= 1, "--max_val_windows",
+         config.max_val_windows, "must be >= 1 (leave it out for every window)"),
         (config.patience >= 1, "--patience", config.patience, "must be >= 1"),
         (0 <= config.ema_decay < 1, "--ema_decay", config.ema_decay, "must be in [0, 1): 0 for no averaging"),
         (config.patch >= 4, "--patch", config.patch, "must be >= 4 pixels"),

@@ -63,6 +63,25 @@ def test_checkpoint_contents_and_outputs(small_cube, tmp_path, run_cli):
     assert folder.status == 2 and f"runoff info {tmp_path / 'ckpt' / 'best.pth'}" in one_error_line(folder.err)
 
 
+def test_validation_on_at_most_max_val_windows(small_cube, tmp_path, run_cli):
+    """--max_val_windows validates on that many evenly spaced windows: said in the log,
+    kept in the checkpoint, and the same training scored on fewer windows scores apart."""
+    common = ["--data_dir", small_cube, "--epochs", "1", "--batch_size", "4", "--hidden_channels", "4",
+              "--patch", "16"]
+    runs = {}
+    for name, extra in (("all", []), ("two", ["--max_val_windows", "2"])):
+        result = run_cli("train", *common, *extra, "--checkpoint_dir", tmp_path / name, "--output_dir",
+                         tmp_path / f"{name}_out")
+        assert result.status == 0, result.err
+        runs[name] = result.out, torch.load(tmp_path / name / "best.pth", weights_only=True)
+    assert "validation on 2 of the" in runs["two"][0] and "validation on" not in runs["all"][0]
+    assert runs["two"][1]["train_config"]["max_val_windows"] == 2
+    assert runs["two"][1]["model_state"].keys() == runs["all"][1]["model_state"].keys()
+    for key, value in runs["all"][1]["model_state"].items():  # the same training
+        assert torch.equal(value, runs["two"][1]["model_state"][key]), key
+    assert runs["two"][1]["best_val_loss"] != pytest.approx(runs["all"][1]["best_val_loss"])
+
+
 def test_kill_after_epoch_then_resume_equals_uninterrupted(small_cube, tmp_path):
     full = subprocess.run(_train_cmd(small_cube, tmp_path / "full"), capture_output=True, text=True)
     assert full.returncode == 0, full.stderr
@@ -139,6 +158,7 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
         "negative weight decay": (["--data_dir", small_cube, "--weight_decay", "-1"], "--weight_decay -1.0"),
         "negative seed": (["--data_dir", small_cube, "--seed", "-1"], "--seed -1"),
         "no training windows": (["--data_dir", small_cube, "--max_train_windows", "0"], "--max_train_windows 0"),
+        "no validation windows": (["--data_dir", small_cube, "--max_val_windows", "0"], "--max_val_windows 0"),
         "png folder without a crs": (["--data_dir", pngs], "pass --crs (e.g. --crs EPSG:4326) (an option of runoff "
                                                          f"ingest: run `runoff ingest {pngs} stores/pngs.zarr` with it"),
     }
@@ -150,7 +170,8 @@ def _bad_train_cases(small_cube: str, tmp_path: Path) -> dict:
                                   "quantile location without quantiles", "calibration without quantiles",
                                   "level calibration without quantiles", "unknown calibration", "ema decay of 1",
                                   "log weight without quantiles", "negative log weight", "negative weight decay",
-                                  "negative seed", "no training windows", "png folder without a crs"])
+                                  "negative seed", "no training windows", "no validation windows",
+                                  "png folder without a crs"])
 def test_bad_input_is_one_line_exit_2(case, small_cube, tmp_path, run_cli):
     args, words = _bad_train_cases(small_cube, tmp_path)[case]
     result = run_cli("train", "--epochs", "1", "--checkpoint_dir", tmp_path / "ckpt", "--output_dir",
