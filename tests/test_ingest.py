@@ -73,6 +73,25 @@ def test_cli_spellings_chunks_and_info(series_dir, tmp_path, run_cli):
         assert word in info.out
 
 
+def test_info_p99_is_the_percentile_over_every_day_or_over_evenly_spaced_days_of_a_large_cube(
+        series_dir, tmp_path, monkeypatch):
+    """It once printed the maximum as the p99 of cubes over 5e7 cells."""
+    from pipeline import cube
+
+    store = tmp_path / "qs.zarr"
+    ingest(series_dir, store)
+    values = open_cube(store).qs.values
+
+    def p99_line() -> str:
+        return cube.describe_cube(store).splitlines()[-1]
+
+    assert f"p99 {np.nanquantile(values, 0.99):.3g} " in p99_line()
+    monkeypatch.setattr(cube, "P99_CELLS", 4 * values[0].size)  # a "large" cube: four days of forty
+    line = p99_line()
+    assert f"p99 (of 4 days) {np.nanquantile(values[[0, 13, 26, 39]], 0.99):.3g} " in line
+    assert f"max {np.nanmax(values):.3g} " in line
+
+
 def test_an_abbreviated_option_is_unknown_not_ambiguous(series_dir, tmp_path, run_cli):
     """``--long`` would be "ambiguous" between ``--long_name`` and ``--long-name``, one option."""
     result = run_cli("ingest", series_dir, tmp_path / "qs.zarr", "--long", "QS")
