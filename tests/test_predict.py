@@ -128,6 +128,8 @@ def test_bad_input_one_line_exit_2_no_partial_outputs(trained, tmp_path, run_cli
          ["--dates 2019-02-20:2019-02-10: START lies after END"]),
         (["--weights_path", ckpt, "--input_dir", trained / "qs.zarr", "--split", "2019-01-01..2019-01-03"],
          ["--split 2019-01-01..2019-01-03: no issue day", "are possible"]),
+        (["--weights_path", ckpt, "--input_dir", trained / "qs.zarr", "--tile", "8"],
+         ["--tile 8: must exceed twice the reach"]),
     ]
     for args, words in cases:
         out = tmp_path / "out"
