@@ -79,8 +79,10 @@ class Climatology:
         width = self._width(doy)
         return "training mean" if width is None else f"±{width} days"
 
-    def _sums(self, doy: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sum and count of the training days on day of year ``doy``, cached."""
+    def _sums(self, doy: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sum and count of the training days on day of year ``doy``, cached: the days of a
+        ``±width`` window and the next day's, not more (each is two float64 maps: 2.8 GB for
+        ±45 days of 1200x1600)."""
         if doy in self._cache:
             self._cache.move_to_end(doy)
             return self._cache[doy]
@@ -89,7 +91,7 @@ class Climatology:
         if doy in self._indices:
             _add_days(total, count, self.days.data[self._indices[doy]])  # this day in every year
         self._cache[doy] = (total, count)
-        if len(self._cache) > 2 * self.wide + 2:
+        while len(self._cache) > 2 * width + 2:
             self._cache.popitem(last=False)
         return total, count
 
@@ -121,7 +123,7 @@ class Climatology:
         total, count = np.zeros(shape), np.zeros(shape)
         for s in range(-width, width + 1):
             if (doy + s) % 366 in self._indices:
-                t, c = self._sums((doy + s) % 366)
+                t, c = self._sums((doy + s) % 366, width)
                 total += t
                 count += c
         return _mean(total, count)
