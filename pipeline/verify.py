@@ -269,12 +269,13 @@ class EnsembleScores:
         """Add one map's ``members`` (M, ...) and ``truth`` (...); ``block``: which block of
         days it belongs to for the band (None: a block of its own). The pixels are scored
         ``PIXELS_PER_PASS`` at a time, so that the float64 work arrays stay small on a large grid."""
+        members, truth = np.asarray(members), np.asarray(truth).reshape(-1)
         m = members.shape[0]
         if self.members is None:
             self.members, self.ranks = m, np.zeros(m + 1, np.int64)
         elif m != self.members:
             raise ValueError(f"an ensemble of {m} members after one of {self.members}")
-        flat, truth = np.asarray(members).reshape(m, -1), np.asarray(truth).reshape(-1)
+        flat = members.reshape(m, -1)
         bins = np.zeros((len(self.thresholds), 2, RELIABILITY_BINS))  # this map's count and observed sum per bin
         for start in range(0, truth.size, PIXELS_PER_PASS):
             part = slice(start, start + PIXELS_PER_PASS)
