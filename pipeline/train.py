@@ -627,7 +627,7 @@ def validation_hint(train_s: float, val_s: float, windows: int) -> str | None:
     as the training does.
 
     >>> validation_hint(80.0, 1600.0, 548)[:80]
-'validation took 1600 s against 80 s of training; --max_val_windows 27 would vali'
+    'validation took 1600 s against 80 s of training; --max_val_windows 27 would vali'
     >>> validation_hint(80.0, 100.0, 548) is None
     True
     """
