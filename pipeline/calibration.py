@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 
 from .device import accumulator_dtype, autocast_for, loader_batches
 from .distributed import Ranks
-from .model import TILE, ConvLSTMForecaster, map_tiles, pinball, quantile_levels, quantiles_median, to_physical
+from .model import (TILE, ConvLSTMForecaster, map_tiles, pinball, quantile_levels, quantiles_median, to_physical,
+                    window_passes)
 from .verify import spread_skill_ratio
 
 
@@ -34,8 +35,9 @@ def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.d
     """The model's output on each of ``loader``'s batches, in ``precision``: yields the
     batch's inputs, targets and mask on ``device``, and that output. Maps wider than
     :data:`~pipeline.model.TILE` come piece by piece (:func:`~pipeline.model.map_tiles`,
-    each piece's exact core), so that memory is bounded by a batch of pieces, not of whole
-    maps: every consumer sums over pixels. Run it under ``torch.no_grad()``: it scores, it
+    each piece's exact core), and a batch whose pieces hold more than
+    :data:`~pipeline.model.PASS_PIXELS` pixels in fewer windows at a time, so that memory
+    is bounded by one pass, not a batch of whole maps: every consumer sums over pixels. Run it under ``torch.no_grad()``: it scores, it
     does not train."""
     for batch in loader_batches(loader, device):
         x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
@@ -44,9 +46,10 @@ def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.d
         # a model that sees farther than a quarter of TILE gets larger pieces, not an error
         for piece in map_tiles(*x.shape[-2:], max(TILE, 4 * margin), margin):
             region, core, inside = ((Ellipsis, *cut) for cut in piece)
-            with autocast_for(device, precision):
-                out = model(x[region], forcings[region], with_centre=with_centre)
-            yield x[core], y[core], mask[core], out[inside]
+            for windows in window_passes(x.shape[0], piece):
+                with autocast_for(device, precision):
+                    out = model(x[windows][region], forcings[windows][region], with_centre=with_centre)
+                yield x[windows][core], y[windows][core], mask[windows][core], out[inside]
 
 
 SPREAD_FACTORS = tuple(round(0.5 + 0.1 * k, 1) for k in range(26))  # 0.5 .. 3.0, tried per lead

@@ -5,8 +5,9 @@ batched, tiled forward passes. ``predict`` and ``evaluate`` both forecast throug
 Several issue days go through the network in one forward pass (``batch_size``). Grids
 larger than ``tile`` are predicted piece by piece (:func:`~pipeline.model.map_tiles`): each
 piece keeps only its core, which lies beyond the reach of the piece's cut edges (the
-model's receptive field), so the tiled result equals the untiled one and memory stays
-bounded by one batch of pieces plus the output.
+model's receptive field), so the tiled result equals the untiled one. A pass takes at most
+:data:`~pipeline.model.PASS_PIXELS` window pixels (fewer issue days when the pieces are
+large), so memory stays bounded by one pass plus the output.
 
 Example
 -------
@@ -31,7 +32,7 @@ from .cube import (TARGET, Split, choose_split, cube_dates, cube_grid, denormali
 from .device import autocast_for, keep_freed_memory, pick_device
 from .errors import RunoffError
 from .ingest import ensure_cube
-from .model import TILE, ConvLSTMForecaster, map_tiles
+from .model import TILE, ConvLSTMForecaster, map_tiles, window_passes
 from .sampler import WindowSpec, window_issues
 
 
@@ -90,10 +91,11 @@ def forecast_batch(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devic
     out = None
     for piece in map_tiles(h, w, tile, margin):
         region = (Ellipsis, *piece.region)
-        part = _forward(model, x[region], None if forcings is None else forcings[region], device)
-        if out is None:
-            out = np.empty((*part.shape[:-2], h, w), np.float32)
-        out[(Ellipsis, *piece.core)] = part[(Ellipsis, *piece.inside)]
+        for windows in window_passes(x.shape[0], piece):
+            part = _forward(model, x[windows][region], None if forcings is None else forcings[windows][region], device)
+            if out is None:
+                out = np.empty((x.shape[0], *part.shape[1:-2], h, w), np.float32)
+            out[windows][(Ellipsis, *piece.core)] = part[(Ellipsis, *piece.inside)]
     return out
 
 

@@ -391,6 +391,10 @@ class ConvLSTMForecaster(nn.Module):
 
 
 TILE = 512  # largest side (pixels) of the map pieces a forecast, validation or calibration runs on
+# window pixels one forward pass of a forecast, validation or calibration takes at most: on a
+# CPU about 1 GB of activations for the default model with rain (~1.9 KB per pixel), and as
+# fast per issue day as larger passes (docs/scaling.md)
+PASS_PIXELS = 2**19
 
 
 class MapTile(NamedTuple):
@@ -431,6 +435,20 @@ def map_tiles(height: int, width: int, tile: int, margin: int) -> list[MapTile]:
     return [MapTile((rows, cols), (core_rows, core_cols), (in_rows, in_cols))
             for rows, core_rows, in_rows in _spans(height, tile, margin)
             for cols, core_cols, in_cols in _spans(width, tile, margin)]
+
+
+def window_passes(windows: int, piece: MapTile) -> list[slice]:
+    """Slices of a batch of ``windows`` that each take at most :data:`PASS_PIXELS` pixels of
+    ``piece``'s region through the model (at least one window).
+
+    >>> [(s.start, s.stop) for s in window_passes(5, map_tiles(512, 512, 512, 0)[0])]  # 2 of 262,144 px
+    [(0, 2), (2, 4), (4, 5)]
+    >>> window_passes(8, map_tiles(128, 160, 512, 8)[0])
+    [slice(0, 8, None)]
+    """
+    rows, cols = piece.region
+    per_pass = max(1, PASS_PIXELS // ((rows.stop - rows.start) * (cols.stop - cols.start)))
+    return [slice(start, min(start + per_pass, windows)) for start in range(0, windows, per_pass)]
 
 
 def to_physical(values: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:

@@ -195,11 +195,13 @@ def test_qgis_opens_the_forecast_on_the_source_grid(trained, tmp_path, run_cli):
         assert abs(band["maximum"] - float(data.max())) <= 1e-3 * max(1.0, float(data.max()))
 
 
-def test_tiles_with_forcings_equal_the_whole_grid():
-    """The forcings' box means reach farther than the recurrence: the tile margin covers them."""
+def test_tiles_with_forcings_equal_the_whole_grid(monkeypatch):
+    """The forcings' box means reach farther than the recurrence: the tile margin covers them.
+    Passes of fewer windows (a pixel budget per forward pass) change nothing either."""
     import numpy as np
     import torch
 
+    from pipeline import model as model_module
     from pipeline.inference import forecast_batch
 
     torch.manual_seed(0)
@@ -210,3 +212,6 @@ def test_tiles_with_forcings_equal_the_whole_grid():
     whole = forecast_batch(model, x, torch.device("cpu"), tile=512, forcings=rain)
     tiled = forecast_batch(model, x, torch.device("cpu"), tile=85, forcings=rain)
     np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(model_module, "PASS_PIXELS", 85 * 85)  # one window per pass
+    one_by_one = forecast_batch(model, x, torch.device("cpu"), tile=85, forcings=rain)
+    np.testing.assert_allclose(one_by_one, whole, rtol=1e-4, atol=1e-5)

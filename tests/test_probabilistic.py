@@ -451,6 +451,7 @@ def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(
     """Maps wider than the tile are validated and calibrated piece by piece (bounded memory
     on a large grid); every score and every fitted factor and level is the whole maps'."""
     from pipeline import calibration
+    from pipeline import model as model_module
     from pipeline.calibration import calibrate_model
     from pipeline.sampler import Window, collate_windows
     from pipeline.train import evaluate_loader
@@ -478,9 +479,11 @@ def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(
     whole = validated_and_calibrated()
     assert model.receptive_radius(3) == 5
     monkeypatch.setattr(calibration, "TILE", 20)  # pieces of 20 px: cores of 10, 24 of them per map
+    monkeypatch.setattr(model_module, "PASS_PIXELS", 800)  # and the 4 windows of a batch in passes of fewer
     with torch.no_grad():
         outputs = list(calibration.model_outputs(model, batches[:1], cpu))
-    assert len(outputs) == 24 and max(out.shape[-1] for *_, out in outputs) == 10
+    assert len(outputs) > 24 and max(out.shape[-1] for *_, out in outputs) == 10
+    assert min(out.shape[0] for *_, out in outputs) < 4  # the pieces of 20x20 px go two windows at a time
     pieces = validated_and_calibrated()
     assert pieces[0] == pytest.approx(whole[0], rel=1e-5)
     assert pieces[1] == pytest.approx(whole[1])
