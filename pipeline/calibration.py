@@ -37,8 +37,8 @@ def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.d
     :data:`~pipeline.model.TILE` come piece by piece (:func:`~pipeline.model.map_tiles`,
     each piece's exact core), and a batch whose pieces hold more than
     :data:`~pipeline.model.PASS_PIXELS` pixels in fewer windows at a time, so that memory
-    is bounded by one pass, not a batch of whole maps: every consumer sums over pixels. Run it under ``torch.no_grad()``: it scores, it
-    does not train."""
+    is bounded by one pass, not a batch of whole maps: every consumer sums over pixels.
+    Run it under ``torch.no_grad()``: it scores, it does not train."""
     for batch in loader_batches(loader, device):
         x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
                                                                         batch.forcings))
