@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
+from .cube import evenly_spaced
 from .errors import RunoffError
 
 SOURCES = ("model", "persistence", "climatology")
@@ -230,7 +231,7 @@ def wet_thresholds(ds: xr.Dataset, train_start, train_end, quantiles=(0.9, 0.99)
     """Quantiles of the wet (> 0) training pixels, in data units, from at most ``max_days``
     training days spread evenly over the split (bounded memory on long cubes)."""
     days = ds[variable].sel(time=slice(str(train_start), str(train_end)))
-    picks = np.unique(np.linspace(0, days.shape[0] - 1, min(max_days, days.shape[0])).round().astype(int))
+    picks = evenly_spaced(np.arange(days.shape[0]), max_days)
     wet = []
     for i in picks:
         day = np.asarray(days.data[int(i)])

@@ -148,18 +148,29 @@ def _stored_bytes(store: str, storage_options: dict | None) -> int:
     return int(fs.du(root))
 
 
+def evenly_spaced(items: np.ndarray, at_most: int | None) -> np.ndarray:
+    """At most ``at_most`` of ``items`` (issue days, day indices), spread evenly from the first
+    to the last (all of them when None or when there are no more).
+
+    >>> evenly_spaced(np.arange(100), 4).tolist(), evenly_spaced(np.arange(3), 5).tolist()
+    ([0, 33, 66, 99], [0, 1, 2])
+    """
+    if at_most is None or items.size <= at_most:
+        return items
+    return items[np.unique(np.linspace(0, items.size - 1, at_most).round().astype(np.int64))]
+
+
 P99_CELLS = 5 * 10**7  # cells the 99th percentile of runoff info is taken over, at most (200 MB of float32)
 
 
-def _p99(qs: xr.DataArray) -> tuple[float, str]:
-    """The 99th percentile of ``qs`` (NaN skipped) and its label: over every day, or on a
-    larger cube over evenly spaced days holding at most ``P99_CELLS`` cells (said in the label)."""
+def _p99(qs: xr.DataArray) -> tuple[xr.DataArray, str]:
+    """The 99th percentile of ``qs`` (NaN skipped; lazy, to compute with the other statistics
+    in one read) and its label: over every day, or on a larger cube over evenly spaced days
+    holding at most ``P99_CELLS`` cells (said in the label)."""
     days = qs.sizes["time"]
-    keep = min(days, max(1, P99_CELLS // (qs.sizes["y"] * qs.sizes["x"])))
-    picked = np.unique(np.linspace(0, days - 1, keep).round().astype(np.int64))
-    values = qs.isel(time=picked).values
-    p99 = float(np.nanquantile(values, 0.99)) if np.isfinite(values).any() else float("nan")
-    return p99, "p99" if picked.size == days else f"p99 (of {picked.size} days)"
+    picked = evenly_spaced(np.arange(days), max(1, P99_CELLS // (qs.sizes["y"] * qs.sizes["x"])))
+    label = "p99" if picked.size == days else f"p99 (of {picked.size} days)"
+    return qs.isel(time=picked).quantile(0.99, skipna=True), label
 
 
 def describe_cube(store: str | Path, storage_options: dict | None = None) -> str:
@@ -172,9 +183,9 @@ def describe_cube(store: str | Path, storage_options: dict | None = None) -> str
     qs = ds[TARGET]
     missing = list(ds.attrs.get("missing_dates", []))
     valid = qs.notnull()
-    stats = dask.compute(qs.min(), qs.max(), qs.mean(), (qs > 0).sum() / valid.sum(), valid.mean())
-    vmin, vmax, vmean, wet, valid_frac = (float(s) for s in stats)
     p99, p99_label = _p99(qs)
+    stats = dask.compute(qs.min(), qs.max(), qs.mean(), (qs > 0).sum() / valid.sum(), valid.mean(), p99)
+    vmin, vmax, vmean, wet, valid_frac, p99 = (float(s) for s in stats)
     size = _stored_bytes(store, storage_options)
     lines = [
         f"cube        {store}",

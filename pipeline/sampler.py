@@ -142,18 +142,6 @@ def window_issues(ds: xr.Dataset, split: Split, spec: WindowSpec) -> np.ndarray:
     return np.array(issues, dtype=np.int64)
 
 
-def evenly_spaced(issues: np.ndarray, at_most: int | None) -> np.ndarray:
-    """At most ``at_most`` of ``issues``, spread evenly from the first to the last (all of
-    them when None or when there are no more).
-
-    >>> evenly_spaced(np.arange(100), 4).tolist(), evenly_spaced(np.arange(3), 5).tolist()
-    ([0, 33, 66, 99], [0, 1, 2])
-    """
-    if at_most is None or issues.size <= at_most:
-        return issues
-    return issues[np.unique(np.linspace(0, issues.size - 1, at_most).round().astype(np.int64))]
-
-
 def check_windows(issues: np.ndarray, split: Split, spec: WindowSpec, n_days: int) -> None:
     """A clear error when a split has no complete window."""
     if issues.size == 0:

@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader
 from .baselines import wet_thresholds
 from .calibration import CALIBRATIONS, calibrate_model, model_outputs
 from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint, spread_text, with_model
-from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, is_static,
-                   make_splits, open_cube, target_units)
+from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, evenly_spaced,
+                   is_static, make_splits, open_cube, target_units)
 from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_memory, loader_batches,
                      queue_marker)
 from .distributed import Ranks, data_parallel
@@ -46,8 +46,7 @@ from .errors import RunoffError, RunoffWarning
 from .ingest import ensure_cube
 from .model import QUANTILES, ConvLSTMForecaster, pinball, signed_log1p, to_physical
 from .plots import plot_loss_curves
-from .sampler import (WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, evenly_spaced,
-                      window_issues)
+from .sampler import WindowSampler, WindowSpec, check_windows, collate_windows, data_loader, window_issues
 from .storage import atomic_output, check_writable, location
 from .verify import skill
 

@@ -276,14 +276,15 @@ class EnsembleScores:
         elif m != self.members:
             raise ValueError(f"an ensemble of {m} members after one of {self.members}")
         flat = members.reshape(m, -1)
-        bins = np.zeros((len(self.thresholds), 2, RELIABILITY_BINS))  # this map's count and observed sum per bin
+        bins = np.zeros_like(self.bins)  # this map's reliability bins: its weight in the band is drawn once
         for start in range(0, truth.size, PIXELS_PER_PASS):
             part = slice(start, start + PIXELS_PER_PASS)
             self._accumulate_pixels(np.asarray(flat[:, part], np.float64), np.asarray(truth[part], np.float64), bins)
+        self.bins += bins
         if self.thresholds and bins[:, 0].any():
             rng = self._resample_rng if block is None else np.random.default_rng([self.seed, 1, block])
             weights = rng.poisson(1.0, RELIABILITY_RESAMPLES)[:, None]
-            self.resampled += weights * bins[:, :, None]
+            self.resampled += weights * bins[:, [0, 2], None]  # count and observed sum
         return self
 
     def _accumulate_pixels(self, members: np.ndarray, y: np.ndarray, bins: np.ndarray) -> None:
@@ -305,13 +306,9 @@ class EnsembleScores:
             p, o = (x > thr).mean(axis=0), (y > thr).astype(np.float64)
             self.brier[k] += float(((p - o) ** 2).sum())
             b = np.minimum((p * RELIABILITY_BINS).astype(np.int64), RELIABILITY_BINS - 1)
-            count = np.bincount(b, minlength=RELIABILITY_BINS)
-            observed = np.bincount(b, weights=o, minlength=RELIABILITY_BINS)
-            self.bins[k, 0] += count
-            self.bins[k, 1] += np.bincount(b, weights=p, minlength=RELIABILITY_BINS)
-            self.bins[k, 2] += observed
-            bins[k, 0] += count
-            bins[k, 1] += observed
+            bins[k, 0] += np.bincount(b, minlength=RELIABILITY_BINS)
+            bins[k, 1] += np.bincount(b, weights=p, minlength=RELIABILITY_BINS)
+            bins[k, 2] += np.bincount(b, weights=o, minlength=RELIABILITY_BINS)
 
     def merge(self, other: "EnsembleScores") -> "EnsembleScores":
         if other.members is not None:
