@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 
 from .device import accumulator_dtype, autocast_for, loader_batches
 from .distributed import Ranks
-from .model import (TILE, ConvLSTMForecaster, map_tiles, pinball, quantile_levels, quantiles_median, to_physical,
-                    window_passes)
+from .model import (TILE, ConvLSTMForecaster, map_passes, pinball, quantile_levels, quantiles_median,
+                    to_physical)
 from .verify import spread_skill_ratio
 
 
@@ -34,7 +34,7 @@ def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.d
                   with_centre: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """The model's output on each of ``loader``'s batches, in ``precision``: yields the
     batch's inputs, targets and mask on ``device``, and that output. Maps wider than
-    :data:`~pipeline.model.TILE` come piece by piece (:func:`~pipeline.model.map_tiles`,
+    :data:`~pipeline.model.TILE` come piece by piece (:func:`~pipeline.model.map_passes`,
     each piece's exact core), and a batch whose pieces hold more than
     :data:`~pipeline.model.PASS_PIXELS` pixels in fewer windows at a time, so that memory
     is bounded by one pass, not a batch of whole maps: every consumer sums over pixels.
@@ -44,12 +44,11 @@ def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.d
                                                                         batch.forcings))
         margin = model.receptive_radius(x.shape[1])
         # a model that sees farther than a quarter of TILE gets larger pieces, not an error
-        for piece in map_tiles(*x.shape[-2:], max(TILE, 4 * margin), margin):
+        for windows, piece in map_passes(x.shape[0], *x.shape[-2:], max(TILE, 4 * margin), margin):
             region, core, inside = ((Ellipsis, *cut) for cut in piece)
-            for windows in window_passes(x.shape[0], piece):
-                with autocast_for(device, precision):
-                    out = model(x[windows][region], forcings[windows][region], with_centre=with_centre)
-                yield x[windows][core], y[windows][core], mask[windows][core], out[inside]
+            with autocast_for(device, precision):
+                out = model(x[windows][region], forcings[windows][region], with_centre=with_centre)
+            yield x[windows][core], y[windows][core], mask[windows][core], out[inside]
 
 
 SPREAD_FACTORS = tuple(round(0.5 + 0.1 * k, 1) for k in range(26))  # 0.5 .. 3.0, tried per lead

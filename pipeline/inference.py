@@ -32,7 +32,7 @@ from .cube import (TARGET, Split, choose_split, cube_dates, cube_grid, denormali
 from .device import autocast_for, keep_freed_memory, pick_device
 from .errors import RunoffError
 from .ingest import ensure_cube
-from .model import TILE, ConvLSTMForecaster, map_tiles, window_passes
+from .model import TILE, ConvLSTMForecaster, map_passes
 from .sampler import WindowSpec, window_issues
 
 
@@ -89,13 +89,12 @@ def forecast_batch(model: ConvLSTMForecaster, x: np.ndarray, device: torch.devic
     if max(h, w) > tile and tile <= 2 * margin:
         raise RunoffError(f"--tile {tile}: must exceed twice the reach of this model's forecasts ({margin} px)")
     out = None
-    for piece in map_tiles(h, w, tile, margin):
+    for windows, piece in map_passes(x.shape[0], h, w, tile, margin):
         region = (Ellipsis, *piece.region)
-        for windows in window_passes(x.shape[0], piece):
-            part = _forward(model, x[windows][region], None if forcings is None else forcings[windows][region], device)
-            if out is None:
-                out = np.empty((x.shape[0], *part.shape[1:-2], h, w), np.float32)
-            out[windows][(Ellipsis, *piece.core)] = part[(Ellipsis, *piece.inside)]
+        part = _forward(model, x[windows][region], None if forcings is None else forcings[windows][region], device)
+        if out is None:
+            out = np.empty((x.shape[0], *part.shape[1:-2], h, w), np.float32)
+        out[windows][(Ellipsis, *piece.core)] = part[(Ellipsis, *piece.inside)]
     return out
 
 

@@ -451,6 +451,17 @@ def window_passes(windows: int, piece: MapTile) -> list[slice]:
     return [slice(start, min(start + per_pass, windows)) for start in range(0, windows, per_pass)]
 
 
+def map_passes(windows: int, height: int, width: int, tile: int, margin: int) -> list[tuple[slice, MapTile]]:
+    """Every pass a batch of ``windows`` whole maps takes through the model: the windows
+    (:func:`window_passes`) and the piece of the map (:func:`map_tiles`) of each, piece by piece.
+
+    >>> [(s.start, s.stop, piece.core) for s, piece in map_passes(2, 6, 10, 6, 1)][:2]
+    [(0, 2, (slice(0, 6, None), slice(0, 4, None))), (0, 2, (slice(0, 6, None), slice(4, 8, None)))]
+    """
+    return [(passed, piece) for piece in map_tiles(height, width, tile, margin)
+            for passed in window_passes(windows, piece)]
+
+
 def to_physical(values: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
     """Normalised space -> physical units: ``expm1(values * std + mean)``, not clipped at 0
     (a forecast below 0 keeps a gradient towards the truth; inference clips)."""
