@@ -30,6 +30,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import xarray as xr
 
 from .baselines import (SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, check_thresholds,
                         wet_thresholds)
@@ -110,6 +114,80 @@ def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, win
     return "\n".join(lines)
 
 
+class Scoreboard:
+    """Every accumulator of one evaluation, fed batch by batch: the point scores per lead and
+    source (the model, its median when probabilistic, persistence, climatology), the
+    ensemble scores per lead and source (probabilistic), the model's per-pixel NSE and KGE
+    at the first lead, and which climatology each scored day got."""
+
+    def __init__(self, ds: xr.Dataset, train_range: Split, leads: list[int], thresholds: list[float],
+                 probabilistic: bool) -> None:
+        self.ds, self.dates, self.leads, self.thresholds = ds, cube_dates(ds), leads, thresholds
+        self.probabilistic = probabilistic
+        self.climatology = Climatology(ds, train_range.start, train_range.end)
+        self.climatology_used: dict[str, int] = {}
+        self.point_sources = ("model", "median", *SOURCES[1:]) if probabilistic else SOURCES
+        self.tables = {lead: {s: ScoreTable(thresholds) for s in self.point_sources} for lead in leads}
+        if probabilistic:
+            self.ensembles = {lead: {s: EnsembleScores(thresholds) for s in SOURCES} for lead in leads}
+            self.climatology_members = ClimatologyEnsemble(ds, train_range.start, train_range.end)
+            self.persistence_members = PersistenceEnsemble(ds, train_range.start, train_range.end, leads)
+        self.pixels = PixelScores(cube_grid(ds).shape)
+
+    def add(self, issues: Sequence[int], out: np.ndarray) -> None:
+        """Score the forecasts ``out`` of the windows issued at ``issues`` (consecutive
+        time indices), and the baselines on the same days and pixels."""
+        pred = point_forecast(out) if self.probabilistic else out
+        first = issues[0]
+        days = read_days(self.ds, TARGET, first, issues[-1] + max(self.leads))  # truth and persistence
+        for k, t in enumerate(issues):
+            last_day = days[t - first]
+            for li, lead in enumerate(self.leads):
+                truth = days[t - first + lead]
+                doy = self.dates[t + lead].timetuple().tm_yday - 1
+                reference = {"model": pred[k, li], "persistence": last_day,
+                             "climatology": self.climatology.for_day(doy)}
+                if self.probabilistic:
+                    reference["median"] = quantile_maps(out[k, li], [0.5])[0]
+                how = self.climatology.source(doy)
+                self.climatology_used[how] = self.climatology_used.get(how, 0) + 1
+                for source, values in reference.items():
+                    self.tables[lead][source].accumulate(values, truth)
+                if li == 0:
+                    self.pixels.accumulate(pred[k, li], truth)
+                if self.probabilistic:
+                    block = (t + lead) // BAND_BLOCK_DAYS  # of the valid day: its truth is what persists
+                    members = {"model": out[k, li], "climatology": self.climatology_members.for_day(doy),
+                               "persistence": self.persistence_members.members(last_day, lead)}
+                    for source, values in members.items():
+                        self.ensembles[lead][source].accumulate(values, truth, block=block)
+
+    def metrics(self) -> dict[int, dict[str, dict[str, float]]]:
+        """Per lead and source: the continuous and categorical scores, MSE skill against
+        both baselines, and when probabilistic the ensemble scores and their skill."""
+        metrics = {}
+        for lead in self.leads:
+            rows = {s: self.tables[lead][s].compute() for s in self.point_sources}
+            for s in self.point_sources:
+                for base in ("persistence", "climatology"):
+                    rows[s][f"skill_vs_{base}"] = skill(rows[s]["mse"], rows[base]["mse"])
+            if self.probabilistic:
+                _add_ensemble_scores(rows, {s: self.ensembles[lead][s].compute() for s in SOURCES}, self.thresholds)
+            metrics[lead] = rows
+        return metrics
+
+    def climatology_note(self) -> str:
+        """Which climatology the scored days got, for metrics.md."""
+        return "Climatology: " + ", ".join(
+            f"{how} on {count} scored day(s)" for how, count in sorted(self.climatology_used.items())) + (
+            " (training days within that many days of the same day of year; the training mean where none lies "
+            "within ±45 days).")
+
+    def diagnostics(self) -> dict:
+        """Probabilistic: the model's rank histogram and reliability tables per lead."""
+        return {lead: _diagnostics(self.ensembles[lead]["model"]) for lead in self.leads} if self.probabilistic else {}
+
+
 def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test",
              output_dir: str | Path = "outputs/evaluation", thresholds: list[float] | None = None,
              device: str = "auto", batch_size: int = 8, storage_options: dict | None = None,
@@ -121,93 +199,60 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     output_dir = location(output_dir, storage_options)
     check_writable(output_dir, "--output_dir")
     windows = split_windows(ckpt, data_dir, split, weights_path, storage_options, progress)
-    store, ds, chosen, spec, issues = windows.store, windows.ds, windows.period, windows.spec, windows.issues
-    grid, dates = cube_grid(ds), cube_dates(ds)
+    ds, chosen, issues = windows.ds, windows.period, windows.issues
     train_range = ckpt.splits["train"]
-    clim = Climatology(ds, train_range.start, train_range.end)
-    clim_used: dict[str, int] = {}  # which climatology each scored day got, for metrics.md
     thresholds = thresholds or wet_thresholds(ds, train_range.start, train_range.end)
     forecaster = Forecaster.load(ckpt, device, batch_size=batch_size)
-    leads = list(spec.leads)
-    probabilistic = forecaster.probabilistic
-    point_sources = ("model", "median", *SOURCES[1:]) if probabilistic else SOURCES
-    tables = {lead: {s: ScoreTable(thresholds) for s in point_sources} for lead in leads}
-    if probabilistic:
-        ensembles = {lead: {s: EnsembleScores(thresholds) for s in SOURCES} for lead in leads}
-        clim_members = ClimatologyEnsemble(ds, train_range.start, train_range.end)
-        persistence_members = PersistenceEnsemble(ds, train_range.start, train_range.end, leads)
-    pixels = PixelScores(grid.shape)  # the model's per-pixel NSE and KGE at the first lead
+    leads = list(windows.spec.leads)
+    scores = Scoreboard(ds, train_range, leads, thresholds, forecaster.probabilistic)
     from tqdm import tqdm
 
-    bar = tqdm(total=len(issues), desc="evaluate", unit="window", disable=not progress)
-    for batch, out in forecaster.forecasts(ds, issues, members=probabilistic):
-        pred = point_forecast(out) if probabilistic else out
-        days = read_days(ds, TARGET, batch[0], batch[-1] + max(leads))  # truth and persistence of the batch
-        for k, t in enumerate(batch):
-            last_day = days[t - batch[0]]
-            for li, lead in enumerate(leads):
-                truth = days[t - batch[0] + lead]
-                doy = dates[t + lead].timetuple().tm_yday - 1
-                reference = {"model": pred[k, li], "persistence": last_day, "climatology": clim.for_day(doy)}
-                if probabilistic:
-                    reference["median"] = quantile_maps(out[k, li], [0.5])[0]
-                how = clim.source(doy)
-                clim_used[how] = clim_used.get(how, 0) + 1
-                for source, values in reference.items():
-                    tables[lead][source].accumulate(values, truth)
-                if li == 0:
-                    pixels.accumulate(pred[k, li], truth)
-                if probabilistic:
-                    block = (t + lead) // BAND_BLOCK_DAYS  # of the valid day: its truth is what persists
-                    ensemble_members = {"model": out[k, li], "climatology": clim_members.for_day(doy),
-                                        "persistence": persistence_members.members(last_day, lead)}
-                    for source, values in ensemble_members.items():
-                        ensembles[lead][source].accumulate(values, truth, block=block)
-        bar.update(len(batch))
-    bar.close()
-    metrics: dict[int, dict[str, dict[str, float]]] = {}
-    for lead in leads:
-        rows = {s: tables[lead][s].compute() for s in point_sources}
-        for s in point_sources:
-            for base in ("persistence", "climatology"):
-                rows[s][f"skill_vs_{base}"] = skill(rows[s]["mse"], rows[base]["mse"])
-        if probabilistic:
-            _add_ensemble_scores(rows, {s: ensembles[lead][s].compute() for s in SOURCES}, thresholds)
-        metrics[lead] = rows
+    with tqdm(total=len(issues), desc="evaluate", unit="window", disable=not progress) as bar:
+        for batch, out in forecaster.forecasts(ds, issues, members=forecaster.probabilistic):
+            scores.add(batch, out)
+            bar.update(len(batch))
+    metrics = scores.metrics()
     n = len(issues)
     long_names = {v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}
     skill_lines = _skill_lines(metrics, ckpt.inputs_note(long_names))
-    notes = ["Climatology: " + ", ".join(
-        f"{how} on {count} scored day(s)" for how, count in sorted(clim_used.items())) + " (training days within "
-        "that many days of the same day of year; the training mean where none lies within ±45 days)."]
+    notes = [scores.climatology_note()]
     if chosen.overlaps(train_range):
         notes.append(f"The scored days overlap the training split ({train_range.start} .. {train_range.end}): "
                      "those scores are in-sample.")
     units = target_units(ds)
-    notes.append(f"Units: mse in ({units})²; rmse, mae, bias{', crps' if probabilistic else ''} and the thresholds "
-                 f"in {units}.")
+    notes.append(f"Units: mse in ({units})²; rmse, mae, bias{', crps' if scores.probabilistic else ''} and the "
+                 f"thresholds in {units}.")
     markdown = _markdown(metrics, chosen, n, skill_lines, notes, units)
     summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, [], notes, units, categorical=False)
-    diagnostics = {lead: _diagnostics(ensembles[lead]["model"]) for lead in leads} if probabilistic else {}
+    diagnostics = scores.diagnostics()
     files = _write_outputs(metrics, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
-        "thresholds": thresholds, "units": units, "checkpoint": str(weights_path), "cube": str(store)}, diagnostics)
-    if probabilistic:
+        "thresholds": thresholds, "units": units, "checkpoint": str(weights_path), "cube": str(windows.store)},
+        diagnostics)
+    if scores.probabilistic:
         for lead in leads:
             files.append(plot_ensemble_diagnostics(
-                ensembles[lead]["model"].ranks, ensembles[lead]["model"].reliability(),
+                scores.ensembles[lead]["model"].ranks, scores.ensembles[lead]["model"].reliability(),
                 output_dir / f"ensemble_lead{lead}.png", title=f"lead {lead} d, {split} split, {n} windows"))
+    files += _write_pixel_maps(scores.pixels, cube_grid(ds), output_dir, leads[0], split, weights_path)
+    return EvaluationReport(metrics, markdown, summary, files, n, diagnostics)
+
+
+def _write_pixel_maps(pixels: PixelScores, grid, output_dir: Path, lead: int, split: str,
+                      weights_path: str | Path) -> list[Path]:
+    """The model's per-pixel NSE and KGE at ``lead``: a GeoTIFF on the cube's grid and a PNG each."""
+    files = []
     for name, values in pixels.compute().items():
         label = name.upper()
-        tags = {"metric": f"{label} per pixel", "lead_days": leads[0], "split": split,
+        tags = {"metric": f"{label} per pixel", "lead_days": lead, "split": split,
                 "checkpoint": location(weights_path).name}
-        stem = output_dir / f"{name}_map_lead{leads[0]}"
+        stem = output_dir / f"{name}_map_lead{lead}"
         files.append(write_geotiff(values, grid, stem.with_suffix(".tif"), tags,
-                                   description=f"{label} per pixel, lead {leads[0]} d", units="1"))
+                                   description=f"{label} per pixel, lead {lead} d", units="1"))
         files.append(plot_map(values, grid, stem.with_suffix(".png"),
-                              title=f"{label} per pixel, lead {leads[0]} d, {split} split", label=label,
+                              title=f"{label} per pixel, lead {lead} d, {split} split", label=label,
                               vmin=-1.0, vmax=1, cmap="RdYlGn"))
-    return EvaluationReport(metrics, markdown, summary, files, n, diagnostics)
+    return files
 
 
 def _diagnostics(scores: EnsembleScores) -> dict:
