@@ -12,7 +12,15 @@ it there, then every window of the block is cut from that array with integer
 indexing. So a chunk is decoded once per pass, never once per sample, and memory is
 bounded by ``block_bytes``. A cube whose windows fit in one block is decoded once per
 run, and :meth:`WindowSampler.fit_stats` takes the training statistics from that same
-read. Blocks are shuffled, then the windows inside each block. Each DataLoader worker
+read. Blocks are shuffled, then the windows inside each block.
+
+Training patches of a grid so large that one stored time chunk of whole maps overflows
+``block_bytes`` (a 1 km continent) come from *regions*: each block of one stored time
+chunk of issue days reads only a region of whole stored spatial chunks, as large as
+``block_bytes`` holds and at least a patch wide, drawn anew for each block and epoch, and
+its windows' patches lie inside it (:meth:`WindowSampler.regions`). Memory stays within
+``block_bytes``, and an epoch decodes that region's share of the map for each block
+instead of the whole map. Each DataLoader worker
 (and each DDP rank) opens the store itself and takes its own share of the blocks.
 
 Example
@@ -243,19 +251,59 @@ class WindowSampler(IterableDataset):
             self._held[name] = held_input(self.ds, name, self.maps)
         return self._held[name]
 
+    def _stored_chunks(self) -> tuple[int, int, int]:
+        """The target's stored chunk shape (time, y, x)."""
+        target = self.ds[TARGET]
+        return tuple(target.encoding.get("chunks", (16, *target.shape[1:])))
+
+    def _whole_map_days(self) -> int:
+        """Issue days whose windows' whole maps fit in ``block_bytes`` (at least 1)."""
+        ds = self.ds
+        day_bytes = 4 * ds.sizes["y"] * ds.sizes["x"] * len(self.spec.inputs)
+        before, after = self.spec.span
+        return max(self.block_bytes // day_bytes - before - after, 1)
+
+    @property
+    def regional(self) -> bool:
+        """Whether blocks read regions rather than whole maps: training patches of a grid
+        whose whole maps for one stored time chunk of issue days overflow ``block_bytes``."""
+        return self.patch is not None and self._whole_map_days() < self._stored_chunks()[0]
+
     def blocks(self) -> list[np.ndarray]:
-        """Issue days grouped so that one block's days fit in ``block_bytes``."""
+        """Issue days grouped so that one block's days fit in ``block_bytes``: whole stored
+        time chunks of them, or one stored time chunk each when blocks read regions."""
         if self.issues.size == 0:
             return []
-        ds = self.ds
-        h, w = ds.sizes["y"], ds.sizes["x"]
-        day_bytes = 4 * h * w * len(self.spec.inputs)
-        before, after = self.spec.span
-        days_per_block = max(self.block_bytes // day_bytes - before - after, 1)
-        chunk = ds[TARGET].encoding.get("chunks", (16,))[0]
-        days_per_block = max(chunk, days_per_block // chunk * chunk)  # chunk-aligned block edges
+        chunk = self._stored_chunks()[0]
+        # chunk-aligned block edges
+        days_per_block = chunk if self.regional else max(chunk, self._whole_map_days() // chunk * chunk)
         keys = self.issues // days_per_block
         return [self.issues[keys == k] for k in np.unique(keys)]
+
+    def region_shape(self) -> tuple[int, int]:
+        """Rows and columns of a block's region: as large as ``block_bytes`` holds for one
+        stored time chunk of windows, in whole stored chunks, at least a patch a side."""
+        h, w = self.ds.sizes["y"], self.ds.sizes["x"]
+        days, rows_chunk, cols_chunk = self._stored_chunks()
+        pixels = self.block_bytes // (4 * len(self.spec.inputs) * (days + sum(self.spec.span)))
+        def side(size: int, stored: int, wanted: float) -> int:
+            at_least = -(-self.patch // stored) * stored
+            return min(size, max(at_least, int(wanted) // stored * stored))
+        rows = side(h, rows_chunk, np.sqrt(pixels))
+        return rows, side(w, cols_chunk, pixels / rows)
+
+    def regions(self, rng: np.random.Generator, count: int) -> list[tuple[slice, slice]]:
+        """``count`` regions (rows, columns) of :meth:`region_shape` drawn from ``rng``,
+        starting at stored chunk edges (or flush with the map's far edge), where a block's
+        patches lie when blocks read regions; the whole map for each otherwise (drawing nothing)."""
+        h, w = self.ds.sizes["y"], self.ds.sizes["x"]
+        if not self.regional:
+            return [(slice(0, h), slice(0, w))] * count
+        spans = []
+        for size, side, stored in zip((h, w), self.region_shape(), self._stored_chunks()[1:]):
+            starts = np.unique([*range(0, size - side + 1, stored), size - side])
+            spans.append([slice(int(start), int(start) + side) for start in rng.choice(starts, count)])
+        return list(zip(*spans))
 
     def _my_blocks(self, rng: np.random.Generator) -> list[tuple[int, int, np.ndarray]]:
         """This rank's and this worker's disjoint share of the windows: ``(first, last, issues)``
@@ -276,10 +324,11 @@ class WindowSampler(IterableDataset):
             blocks = [blocks[i] for i in rng.permutation(len(blocks))]
         return blocks
 
-    def _read(self, first: int, last: int, transform: Callable[[str], Callable[..., np.ndarray]]
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, first: int, last: int, transform: Callable[[str], Callable[..., np.ndarray]],
+              region: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Days ``first..last`` as ``transform(variable)(values, out=...)``, ``(T, V, H, W)``,
-        NaN -> 0, and where they were valid (not NaN).
+        NaN -> 0, and where they were valid (not NaN); of ``region`` (rows, columns) only,
+        else of the whole map.
 
         One Dask task per Dask chunk of the days (whole stored chunks, :func:`block_chunks`),
         run in threads: each decodes its chunks from Zarr straight into its region of the
@@ -289,19 +338,24 @@ class WindowSampler(IterableDataset):
         decoding it, see BENCHMARKS.md).
         """
         ds = self.ds
-        shape = (last - first + 1, len(self.spec.inputs), ds.sizes["y"], ds.sizes["x"])
+        top, left = (0, 0) if region is None else (region[0].start, region[1].start)
+        region = region or (slice(0, ds.sizes["y"]), slice(0, ds.sizes["x"]))
+        shape = (last - first + 1, len(self.spec.inputs), region[0].stop - top, region[1].stop - left)
         data, valid = np.empty(shape, np.float32), np.empty(shape, bool)
         tasks = []
         for v, name in enumerate(self.spec.inputs):
             fill = transform(name)
             held = self.held(name)
             if held is not None:
-                tasks.append(dask.delayed(_read_held)(held_days(held, slice(first, last + 1)), data[:, v],
-                                                      valid[:, v], fill))
+                held = held_days(held, slice(first, last + 1))
+                if held.shape[-2:] != (1, 1):  # a map, not one value per day
+                    held = held[..., region[0], region[1]]
+                tasks.append(dask.delayed(_read_held)(held, data[:, v], valid[:, v], fill))
                 continue
             array = self._group[name]  # one metadata lookup per variable, not per task
-            for days, rows, cols in da.core.slices_from_chunks(ds[name].data[first:last + 1].chunks):
-                stored = (slice(first + days.start, first + days.stop), rows, cols)
+            for days, rows, cols in da.core.slices_from_chunks(ds[name].data[(slice(first, last + 1), *region)].chunks):
+                stored = (slice(first + days.start, first + days.stop), slice(top + rows.start, top + rows.stop),
+                          slice(left + cols.start, left + cols.stop))
                 tasks.append(dask.delayed(_read_region)(array, stored, data[days, v, rows, cols],
                                                         valid[days, v, rows, cols], fill))
         dask.compute(tasks, scheduler="threads")
@@ -310,23 +364,27 @@ class WindowSampler(IterableDataset):
     def _normalisation(self, name: str) -> Callable[..., np.ndarray]:
         return partial(normalise, stats=self.stats[name])
 
-    def _keep(self, first: int, last: int, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _keep(self, key: tuple, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # a copy only when there are covariates: the target's mask alone need not pin theirs
-        self._cached = ((first, last), (data, np.ascontiguousarray(valid[:, 0])))
+        self._cached = (key, (data, np.ascontiguousarray(valid[:, 0])))
         return self._cached[1]
 
-    def load_block(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
-        """Days ``first..last`` (inclusive), normalised, NaN -> 0, time-major ``(T, V, H, W)``,
-        and where the target is valid ``(T, H, W)``.
+    def load_block(self, first: int, last: int, region: tuple[slice, slice] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Days ``first..last`` (inclusive) of ``region`` (rows, columns; default the whole
+        map), normalised, NaN -> 0, time-major ``(T, V, H, W)``, and where the target is
+        valid ``(T, H, W)``.
 
         Filling and masking once per block keeps the per-window work to three slices. The
         last block stays in memory: a cube that fits in one block is decoded once per
         run rather than once per epoch.
         """
-        if self._cached is not None and self._cached[0] == (first, last):
+        key = (first, last, None if region is None else (region[0].start, region[0].stop,
+                                                          region[1].start, region[1].stop))
+        if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         self._cached = None  # free the previous block before reading the next
-        return self._keep(first, last, *self._read(first, last, self._normalisation))
+        return self._keep(key, *self._read(first, last, self._normalisation, region))
 
     def fit_stats(self, split: Split) -> dict[str, dict[str, float]]:
         """Set and return the normalisation statistics of ``split``'s days, as
@@ -340,7 +398,7 @@ class WindowSampler(IterableDataset):
         dates = cube_dates(self.ds)
         days = [i for i, d in enumerate(dates) if split.contains(d)]
         blocks = self._my_blocks(np.random.default_rng(0))
-        if len(blocks) != 1 or not days or not blocks[0][0] <= days[0] <= days[-1] <= blocks[0][1]:
+        if len(blocks) != 1 or self.regional or not days or not blocks[0][0] <= days[0] <= days[-1] <= blocks[0][1]:
             in_memory = {name: held_days(self.held(name), np.asarray(days, np.int64))
                          for name in self.spec.inputs if self.held(name) is not None}
             in_cube = [name for name in self.spec.inputs if name not in in_memory]
@@ -366,7 +424,7 @@ class WindowSampler(IterableDataset):
         for v, name in enumerate(self.spec.inputs):  # log1p values -> normalised, as normalise does
             standardise(data[:, v], stats[name])
         data *= valid  # back to 0 where missing
-        self._keep(first, last, data, valid)
+        self._keep((first, last, None), data, valid)
         return stats
 
     def __len__(self) -> int:
@@ -379,8 +437,9 @@ class WindowSampler(IterableDataset):
         leads = np.array(self.spec.leads)
         n_past = len(self.spec.variables)
         forcing_channels = [self.spec.inputs.index(f) for f in self.spec.forcings]
-        for first, last, block in self._my_blocks(rng):
-            data, valid = self.load_block(first, last)
+        blocks = self._my_blocks(rng)
+        for (first, last, block), region in zip(blocks, self.regions(rng, len(blocks))):
+            data, valid = self.load_block(first, last, region if self.regional else None)
             _, _, h, w = data.shape
             order = rng.permutation(block) if self.shuffle else block
             ph, pw = (h, w) if self.patch is None else (min(self.patch, h), min(self.patch, w))

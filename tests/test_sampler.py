@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.cube import cube_dates, make_splits, normalisation_stats, normalise, open_cube
+from pipeline.cube import cube_dates, held_input, make_splits, map_stats, normalisation_stats, normalise, open_cube
 from pipeline.errors import RunoffError, RunoffWarning
 from pipeline.ingest import ingest
 from pipeline.sampler import Window, WindowSampler, WindowSpec, collate_windows, window_issues
@@ -111,13 +111,54 @@ def test_one_read_per_block_not_per_window(cube):
     sampler, _, _ = _sampler(cube, patch=8, shuffle=True)
     reads = []
     original = sampler.load_block
-    sampler.load_block = lambda first, last: reads.append((first, last)) or original(first, last)
+    sampler.load_block = lambda first, last, region=None: reads.append((first, last)) or original(first, last, region)
     n = sum(1 for _ in sampler)
     assert n == len(sampler) > 10
     assert len(reads) == len(sampler.blocks()) == 1
     sampler.block_bytes = 16 * 24 * 30 * 4  # force several small blocks
     reads.clear()
     assert sum(1 for _ in sampler) == n and 1 < len(reads) < n
+
+
+def test_patches_of_a_grid_too_large_for_whole_map_blocks_come_from_regions(cube):
+    """One stored time chunk (8 days) of whole maps overflows the budget, so each block
+    reads a region of whole 16x16 stored chunks, as large as the budget holds, and cuts its
+    patches there: every window
+    is the patch of the whole-map window at some place inside its region, for the cube's
+    variables, a static map held in memory and a season input alike."""
+    ds = open_cube(cube)
+    train = make_splits(*[cube_dates(ds)[i] for i in (0, -1)])["train"]
+    spec = WindowSpec(6, (1, 2), ("qs", "place", "season_sin"), forcings=("rainf",))
+    maps = {"place": np.arange(24 * 30, dtype=np.float32).reshape(24, 30)}  # each pixel its own value
+    issues = window_issues(ds, train, spec)
+    stats = {**normalisation_stats(ds, ["qs", "rainf"], train), "place": map_stats("place", maps["place"], train),
+             "season_sin": map_stats("season_sin", held_input(ds, "season_sin"), train)}
+    whole = {int(w.issue): w for w in WindowSampler(cube, issues, spec, stats, maps=maps)}
+    day_bytes = 4 * 24 * 30 * 4
+    regional = WindowSampler(cube, issues, spec, stats, patch=8, shuffle=True, seed=1, maps=maps,
+                             block_bytes=day_bytes * 12)  # 12 days of whole maps: 5 issue days, not 8
+    assert regional.regional and not WindowSampler(cube, issues, spec, stats, maps=maps).regional
+    regions = set()
+    original = regional.load_block
+    regional.load_block = lambda first, last, region=None: (
+        regions.add(tuple((r.start, r.stop) for r in region)) or original(first, last, region))
+    seen = []
+    for w in regional:
+        full = whole[int(w.issue)]
+        places = [(y0, x0) for y0 in range(24 - 7) for x0 in range(30 - 7)
+                  if torch.equal(full.x[..., y0:y0 + 8, x0:x0 + 8], w.x)]
+        assert len(places) == 1  # the static map makes every place's patch different
+        (y0, x0), = places
+        for field in ("y", "mask", "forcings"):
+            assert torch.equal(getattr(full, field)[..., y0:y0 + 8, x0:x0 + 8], getattr(w, field))
+        seen.append(int(w.issue))
+    assert sorted(seen) == sorted(issues.tolist())
+    # 576 px of 15 days and 4 inputs fit: 16 rows (one stored chunk) of the whole width, from row 0 or 8
+    assert regional.region_shape() == (16, 30)
+    assert regions == {((0, 16), (0, 30)), ((8, 24), (0, 30))}
+    data, _ = regional.load_block(*next((b.min() - 5, b.max() + 2) for b in regional.blocks()),
+                                  (slice(8, 24), slice(0, 30)))
+    assert data.shape[-2:] == (16, 30)
 
 
 def test_loader_workers_and_ranks_see_disjoint_windows(cube):
