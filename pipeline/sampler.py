@@ -187,6 +187,16 @@ def _read_held(values: np.ndarray, out: np.ndarray, valid: np.ndarray, transform
     valid[...] = held_valid
 
 
+def _region_side(size: int, stored: int, patch: int, wanted: float) -> int:
+    """A side of a region: ``wanted`` pixels down to whole ``stored`` chunks, at least a
+    ``patch`` (up to whole chunks), at most the map's ``size``.
+
+    >>> _region_side(4000, 512, 64, 1577.3), _region_side(4000, 512, 600, 300.0), _region_side(700, 512, 64, 1e4)
+    (1536, 1024, 700)
+    """
+    return min(size, max(-(-patch // stored) * stored, int(wanted) // stored * stored))
+
+
 class WindowSampler(IterableDataset):
     """Iterable dataset of :class:`Window` samples ``(x, y, mask, issue)``, see the module docstring.
 
@@ -286,11 +296,8 @@ class WindowSampler(IterableDataset):
         h, w = self.ds.sizes["y"], self.ds.sizes["x"]
         days, rows_chunk, cols_chunk = self._stored_chunks()
         pixels = self.block_bytes // (4 * len(self.spec.inputs) * (days + sum(self.spec.span)))
-        def side(size: int, stored: int, wanted: float) -> int:
-            at_least = -(-self.patch // stored) * stored
-            return min(size, max(at_least, int(wanted) // stored * stored))
-        rows = side(h, rows_chunk, np.sqrt(pixels))
-        return rows, side(w, cols_chunk, pixels / rows)
+        rows = _region_side(h, rows_chunk, self.patch, np.sqrt(pixels))
+        return rows, _region_side(w, cols_chunk, self.patch, pixels / rows)
 
     def regions(self, rng: np.random.Generator, count: int) -> list[tuple[slice, slice]]:
         """``count`` regions (rows, columns) of :meth:`region_shape` drawn from ``rng``,
@@ -338,8 +345,8 @@ class WindowSampler(IterableDataset):
         decoding it, see BENCHMARKS.md).
         """
         ds = self.ds
-        top, left = (0, 0) if region is None else (region[0].start, region[1].start)
         region = region or (slice(0, ds.sizes["y"]), slice(0, ds.sizes["x"]))
+        top, left = region[0].start, region[1].start
         shape = (last - first + 1, len(self.spec.inputs), region[0].stop - top, region[1].stop - left)
         data, valid = np.empty(shape, np.float32), np.empty(shape, bool)
         tasks = []
@@ -353,7 +360,8 @@ class WindowSampler(IterableDataset):
                 tasks.append(dask.delayed(_read_held)(held, data[:, v], valid[:, v], fill))
                 continue
             array = self._group[name]  # one metadata lookup per variable, not per task
-            for days, rows, cols in da.core.slices_from_chunks(ds[name].data[(slice(first, last + 1), *region)].chunks):
+            chunks = ds[name].data[(slice(first, last + 1), *region)].chunks
+            for days, rows, cols in da.core.slices_from_chunks(chunks):
                 stored = (slice(first + days.start, first + days.stop), slice(top + rows.start, top + rows.stop),
                           slice(left + cols.start, left + cols.stop))
                 tasks.append(dask.delayed(_read_region)(array, stored, data[days, v, rows, cols],
