@@ -42,6 +42,7 @@ from .cube import TARGET, Split, cube_dates, cube_grid, target_units
 from .export import write_geotiff
 from .inference import Forecaster, point_forecast, quantile_maps, read_days, split_windows
 from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
+from .rasters import Grid
 from .storage import atomic_output, check_writable, location
 from .verify import RELIABILITY_ROWS, EnsembleScores, PixelScores, ScoreTable, skill, widest_reliability_gap
 
@@ -238,7 +239,7 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     return EvaluationReport(metrics, markdown, summary, files, n, diagnostics)
 
 
-def _write_pixel_maps(pixels: PixelScores, grid, output_dir: Path, lead: int, split: str,
+def _write_pixel_maps(pixels: PixelScores, grid: Grid, output_dir: Path, lead: int, split: str,
                       weights_path: str | Path) -> list[Path]:
     """The model's per-pixel NSE and KGE at ``lead``: a GeoTIFF on the cube's grid and a PNG each."""
     files = []
