@@ -133,7 +133,7 @@ class Scoreboard:
             self.ensembles = {lead: {s: EnsembleScores(thresholds) for s in SOURCES} for lead in leads}
             self.climatology_members = ClimatologyEnsemble(ds, train_range.start, train_range.end)
             self.persistence_members = PersistenceEnsemble(ds, train_range.start, train_range.end, leads)
-        self.pixels = PixelScores(cube_grid(ds).shape)
+        self.pixels = PixelScores(ds[TARGET].shape[1:])
 
     def add(self, issues: Sequence[int], out: np.ndarray) -> None:
         """Score the forecasts ``out`` of the windows issued at ``issues`` (consecutive

@@ -299,13 +299,14 @@ class WindowSampler(IterableDataset):
         rows = _region_side(h, rows_chunk, self.patch, np.sqrt(pixels))
         return rows, _region_side(w, cols_chunk, self.patch, pixels / rows)
 
-    def regions(self, rng: np.random.Generator, count: int) -> list[tuple[slice, slice]]:
+    def regions(self, rng: np.random.Generator, count: int) -> list[tuple[slice, slice] | None]:
         """``count`` regions (rows, columns) of :meth:`region_shape` drawn from ``rng``,
         starting at stored chunk edges (or flush with the map's far edge), where a block's
-        patches lie when blocks read regions; the whole map for each otherwise (drawing nothing)."""
-        h, w = self.ds.sizes["y"], self.ds.sizes["x"]
+        patches lie when blocks read regions; None (the whole map) for each otherwise,
+        drawing nothing."""
         if not self.regional:
-            return [(slice(0, h), slice(0, w))] * count
+            return [None] * count
+        h, w = self.ds.sizes["y"], self.ds.sizes["x"]
         spans = []
         for size, side, stored in zip((h, w), self.region_shape(), self._stored_chunks()[1:]):
             starts = np.unique([*range(0, size - side + 1, stored), size - side])
@@ -387,8 +388,7 @@ class WindowSampler(IterableDataset):
         last block stays in memory: a cube that fits in one block is decoded once per
         run rather than once per epoch.
         """
-        key = (first, last, None if region is None else (region[0].start, region[0].stop,
-                                                          region[1].start, region[1].stop))
+        key = (first, last, region)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         self._cached = None  # free the previous block before reading the next
@@ -447,7 +447,7 @@ class WindowSampler(IterableDataset):
         forcing_channels = [self.spec.inputs.index(f) for f in self.spec.forcings]
         blocks = self._my_blocks(rng)
         for (first, last, block), region in zip(blocks, self.regions(rng, len(blocks))):
-            data, valid = self.load_block(first, last, region if self.regional else None)
+            data, valid = self.load_block(first, last, region)
             _, _, h, w = data.shape
             order = rng.permutation(block) if self.shuffle else block
             ph, pw = (h, w) if self.patch is None else (min(self.patch, h), min(self.patch, w))
