@@ -175,6 +175,24 @@ class Checkpoint:
             raise RunoffError(f"{data}: the model needs variable(s) {', '.join(lacking)}, which the cube lacks "
                               f"(it has {', '.join(names)})")
 
+    def check_combinable(self, other: "Checkpoint", mine: str, theirs: str) -> None:
+        """One clear error unless ``other`` forecasts the same leads from the same inputs,
+        grid and split days as this checkpoint, with the same normalisation, so that their
+        forecasts can be combined (``mine`` and ``theirs``: the two paths). The networks
+        themselves may differ (another seed, other hidden channels)."""
+        differences = [what for what, a, b in (
+            ("kind (deterministic or probabilistic)", bool(self.quantiles), bool(other.quantiles)),
+            ("inputs", self.variables, other.variables), ("forcings", self.forcings, other.forcings),
+            ("input days", self.input_days, other.input_days), ("leads", self.leads, other.leads),
+            ("split days", self.splits, other.splits),
+            ("normalisation", _stats_values(self.norm_stats), _stats_values(other.norm_stats))) if a != b]
+        if not self.grid.matches(other.grid):
+            differences.append("grid")
+        if differences:
+            raise RunoffError(f"--weights_path {theirs}: differs from {mine} in its {', '.join(differences)}; "
+                              "checkpoints forecast together must share them (train them alike, e.g. with "
+                              "another --seed)")
+
     def build_model(self) -> ConvLSTMForecaster:
         """The model with its trained weights (on the CPU, in training mode)."""
         return build_model(self.state)
@@ -214,6 +232,12 @@ class Checkpoint:
             lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} ({how}"
                          + ("; levels per flow class too" if config.get("level_calibration") else "") + ")")
         return "\n".join(lines)
+
+
+def _stats_values(stats: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Normalisation statistics as comparable values (None for NaN, which equals nothing)."""
+    return {name: {key: None if np.isnan(value) else float(value) for key, value in values.items()}
+            for name, values in stats.items()}
 
 
 def spread_text(factors: dict[int, float]) -> str:

@@ -414,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="forecast GeoTIFFs (and figures) from a checkpoint and a cube or rasters")
-    _option(p, "weights_path", required=True, help="checkpoint, e.g. checkpoints/best.pth")
+    _option(p, "weights_path", required=True, nargs="+", metavar="WEIGHTS_PATH",
+            help="checkpoint, e.g. checkpoints/best.pth; several trained alike (e.g. seeds/*/best.pth) forecast "
+                 "together: the mean of their maps, or a probabilistic model's quantiles pooled")
     _option(p, "input_dir", required=True, help="Zarr cube, or folder of rasters (ingested into stores/<name>.zarr)")
     _option(p, "output_dir", default="outputs/predictions", help="where the GeoTIFFs go (default outputs/predictions)")
     _option(p, "dates", help="issue days START:END (YYYY-MM-DD:YYYY-MM-DD), or one day")
@@ -438,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="score the model against persistence and climatology per lead time")
-    _option(p, "weights_path", required=True, help="checkpoint, e.g. checkpoints/best.pth")
+    _option(p, "weights_path", required=True, nargs="+", metavar="WEIGHTS_PATH",
+            help="checkpoint, e.g. checkpoints/best.pth; several trained alike (e.g. seeds/*/best.pth) forecast "
+                 "together: the mean of their maps, or a probabilistic model's quantiles pooled")
     _option(p, "data_dir", default="stores/qs.zarr", help="Zarr cube or raster folder (default stores/qs.zarr)")
     _option(p, "split", default="test", help="train, val, test (default), all, or a period START..END "
             "(YYYY-MM-DD..YYYY-MM-DD, either end may be left out: e.g. the days that arrived after training)")

@@ -37,10 +37,9 @@ import xarray as xr
 
 from .baselines import (SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, check_thresholds,
                         wet_thresholds)
-from .checkpoint import read_checkpoint
 from .cube import TARGET, Split, cube_dates, cube_grid, target_units
 from .export import write_geotiff
-from .inference import Forecaster, point_forecast, quantile_maps, read_days, split_windows
+from .inference import Forecaster, checkpoint_names, point_forecast, quantile_maps, read_checkpoints, read_days, split_windows
 from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
 from .rasters import Grid
 from .storage import atomic_output, check_writable, location
@@ -189,21 +188,24 @@ class Scoreboard:
         return {lead: _diagnostics(self.ensembles[lead]["model"]) for lead in self.leads} if self.probabilistic else {}
 
 
-def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test",
+def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Path, split: str = "test",
              output_dir: str | Path = "outputs/evaluation", thresholds: list[float] | None = None,
              device: str = "auto", batch_size: int = 8, storage_options: dict | None = None,
              progress: bool = False) -> EvaluationReport:
-    """Score the checkpoint on ``split`` (train, val, test, all, or a period START..END) of ``data_dir``;
-    ``batch_size`` windows per forward pass and per accumulator update."""
+    """Score the checkpoint ``weights_path`` (or several trained alike, forecasting together:
+    see :class:`~pipeline.inference.Forecaster`) on ``split`` (train, val, test, all, or a
+    period START..END) of ``data_dir``; ``batch_size`` windows per forward pass and per
+    accumulator update."""
     check_thresholds(thresholds, "--thresholds")
-    ckpt = read_checkpoint(weights_path, storage_options=storage_options)
+    paths, checkpoints = read_checkpoints(weights_path, storage_options)
+    ckpt = checkpoints[0]
     output_dir = location(output_dir, storage_options)
     check_writable(output_dir, "--output_dir")
-    windows = split_windows(ckpt, data_dir, split, weights_path, storage_options, progress)
+    windows = split_windows(ckpt, data_dir, split, paths[0], storage_options, progress)
     ds, chosen, issues = windows.ds, windows.period, windows.issues
     train_range = ckpt.splits["train"]
     thresholds = thresholds or wet_thresholds(ds, train_range.start, train_range.end)
-    forecaster = Forecaster.load(ckpt, device, batch_size=batch_size)
+    forecaster = Forecaster.load(checkpoints, device, batch_size=batch_size)
     leads = list(windows.spec.leads)
     scores = Scoreboard(ds, train_range, leads, thresholds, forecaster.probabilistic)
     from tqdm import tqdm
@@ -217,6 +219,10 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     long_names = {v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}
     skill_lines = _skill_lines(metrics, ckpt.inputs_note(long_names))
     notes = [scores.climatology_note()]
+    if len(paths) > 1:
+        notes.append(f"Model: {len(paths)} checkpoints forecasting together ({', '.join(paths)}): "
+                     + (f"their quantiles pooled, {forecaster.members} members." if forecaster.probabilistic
+                        else "the mean of their maps."))
     if chosen.overlaps(train_range):
         notes.append(f"The scored days overlap the training split ({train_range.start} .. {train_range.end}): "
                      "those scores are in-sample.")
@@ -228,25 +234,25 @@ def evaluate(weights_path: str | Path, data_dir: str | Path, split: str = "test"
     diagnostics = scores.diagnostics()
     files = _write_outputs(metrics, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
-        "thresholds": thresholds, "units": units, "checkpoint": str(weights_path), "cube": str(windows.store)},
+        "thresholds": thresholds, "units": units, "checkpoint": paths[0] if len(paths) == 1 else paths, "cube": str(windows.store)},
         diagnostics)
     if scores.probabilistic:
         for lead in leads:
             files.append(plot_ensemble_diagnostics(
                 scores.ensembles[lead]["model"].ranks, scores.ensembles[lead]["model"].reliability(),
                 output_dir / f"ensemble_lead{lead}.png", title=f"lead {lead} d, {split} split, {n} windows"))
-    files += _write_pixel_maps(scores.pixels, cube_grid(ds), output_dir, leads[0], split, weights_path)
+    files += _write_pixel_maps(scores.pixels, cube_grid(ds), output_dir, leads[0], split, paths)
     return EvaluationReport(metrics, markdown, summary, files, n, diagnostics)
 
 
 def _write_pixel_maps(pixels: PixelScores, grid: Grid, output_dir: Path, lead: int, split: str,
-                      weights_path: str | Path) -> list[Path]:
+                      weights_paths: list[str]) -> list[Path]:
     """The model's per-pixel NSE and KGE at ``lead``: a GeoTIFF on the cube's grid and a PNG each."""
     files = []
     for name, values in pixels.compute().items():
         label = name.upper()
         tags = {"metric": f"{label} per pixel", "lead_days": lead, "split": split,
-                "checkpoint": location(weights_path).name}
+                "checkpoint": checkpoint_names(weights_paths)}
         stem = output_dir / f"{name}_map_lead{lead}"
         files.append(write_geotiff(values, grid, stem.with_suffix(".tif"), tags,
                                    description=f"{label} per pixel, lead {lead} d", units="1"))

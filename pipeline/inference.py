@@ -20,13 +20,14 @@ Example
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import xarray as xr
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, read_checkpoint
 from .cube import (TARGET, Split, choose_split, cube_dates, cube_grid, denormalise, held_days, held_input, normalise,
                    open_cube)
 from .device import autocast_for, keep_freed_memory, pick_device
@@ -66,6 +67,32 @@ def split_windows(ckpt: Checkpoint, data_dir: str, split: str, weights_path: str
         raise RunoffError(f"--split {split}: no complete window with targets in {period.start}..{period.end} "
                           f"in {store} ({dates[0]}..{dates[-1]})")
     return SplitWindows(str(store), ds, period, spec, issues)
+
+
+def read_checkpoints(weights_path: str | Path | Sequence[str | Path], storage_options: dict | None = None
+                     ) -> tuple[list[str], list[Checkpoint]]:
+    """``--weights_path``: one checkpoint, or several trained alike whose forecasts
+    :class:`Forecaster` combines; their paths and checkpoints. One clear error for a path
+    given twice or a checkpoint that cannot be combined with the first."""
+    paths = [str(weights_path)] if isinstance(weights_path, (str, Path)) else [str(p) for p in weights_path]
+    if not paths:
+        raise RunoffError("--weights_path: no checkpoint given")
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise RunoffError(f"--weights_path {twice[0]}: given twice (each checkpoint counts once)")
+    checkpoints = [read_checkpoint(p, storage_options=storage_options) for p in paths]
+    for path, ckpt in zip(paths[1:], checkpoints[1:]):
+        checkpoints[0].check_combinable(ckpt, paths[0], path)
+    return paths, checkpoints
+
+
+def checkpoint_names(paths: Sequence[str]) -> str:
+    """How outputs name the checkpoint(s) they come from: one file's name, or several paths.
+
+    >>> checkpoint_names(["checkpoints/best.pth"]), checkpoint_names(["s0/best.pth", "s1/best.pth"])
+    ('best.pth', 's0/best.pth,s1/best.pth')
+    """
+    return Path(paths[0]).name if len(paths) == 1 else ",".join(paths)
 
 
 def _forward(model: ConvLSTMForecaster, x: np.ndarray, forcings: np.ndarray | None, device: torch.device
@@ -143,41 +170,61 @@ MEMBERS_BYTES = 2**30
 
 @dataclass
 class Forecaster:
-    """A trained model ready to forecast on a cube: its checkpoint, the network on
+    """Trained models ready to forecast on a cube: their checkpoints, the networks on
     ``device``, and how many issue days (``batch_size``) and pixels (``tile``) one forward
-    pass takes."""
+    pass takes. Usually one model; several checkpoints trained alike (e.g. with other
+    seeds: a seed ensemble) forecast together, their maps averaged, or a probabilistic
+    model's quantiles pooled into one ensemble (the mixture of their distributions)."""
 
-    checkpoint: Checkpoint
-    model: ConvLSTMForecaster
+    checkpoints: list[Checkpoint]
+    models: list[ConvLSTMForecaster]
     device: torch.device
     batch_size: int = 8
     tile: int = TILE
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8,
+    def load(cls, checkpoints: Checkpoint | Sequence[Checkpoint], device: str = "auto", batch_size: int = 8,
              tile: int = TILE) -> "Forecaster":
+        """The networks of ``checkpoints`` (one, or several checked by
+        :meth:`~pipeline.checkpoint.Checkpoint.check_combinable` by the caller) on ``device``."""
         if batch_size < 1:
             raise RunoffError(f"--batch_size {batch_size}: must be >= 1")
+        checkpoints = [checkpoints] if isinstance(checkpoints, Checkpoint) else list(checkpoints)
         dev = pick_device(device)
         keep_freed_memory(dev)  # a batch's activations are freed and asked for again every pass
-        return cls(checkpoint, checkpoint.build_model().to(dev).eval(), dev, batch_size, tile)
+        return cls(checkpoints, [c.build_model().to(dev).eval() for c in checkpoints], dev, batch_size, tile)
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The first checkpoint: the inputs, leads, grid and days all of them share."""
+        return self.checkpoints[0]
 
     @property
     def probabilistic(self) -> bool:
-        return bool(self.model.config.quantiles)
+        return bool(self.models[0].config.quantiles)
+
+    @property
+    def members(self) -> int:
+        """Members of a probabilistic forecast: every model's quantiles."""
+        return sum(model.config.quantiles for model in self.models)
 
     def forecast(self, ds: xr.Dataset, issues: Sequence[int], members: bool = False) -> np.ndarray:
         """Forecasts (B, L, H, W) in physical units for the issue days ``issues`` (time
         indices), clipped at 0, NaN where the target had no data on any input day (the
         sea, outside the domain). A probabilistic model's is the mean of its quantiles;
-        with ``members`` it gives the quantiles themselves, (B, L, Q, H, W), increasing."""
+        with ``members`` it gives the quantiles themselves, (B, L, Q, H, W), increasing.
+        Several models: the mean of their maps, or all their quantiles, sorted."""
         ckpt = self.checkpoint
         x = window_inputs(ds, ckpt.variables, ckpt.norm_stats, issues, ckpt.input_days, ckpt.maps)
-        ahead = stack_days(ds, ckpt.forcings, ckpt.norm_stats, issues, range(1, max(ckpt.leads) + 1))
+        ahead = np.nan_to_num(stack_days(ds, ckpt.forcings, ckpt.norm_stats, issues, range(1, max(ckpt.leads) + 1)),
+                              nan=0.0)
         nodata = np.isnan(x[:, :, 0]).all(axis=1)  # (B, H, W)
-        out = forecast_batch(self.model, np.nan_to_num(x, nan=0.0), self.device, tile=self.tile,
-                             forcings=np.nan_to_num(ahead, nan=0.0))
-        values = denormalise(out, ckpt.norm_stats[TARGET])  # monotone: quantiles stay quantiles
+        x = np.nan_to_num(x, nan=0.0)
+        outs = [denormalise(forecast_batch(model, x, self.device, tile=self.tile, forcings=ahead),
+                            ckpt.norm_stats[TARGET])  # monotone: quantiles stay quantiles
+                for model in self.models]
+        values = combine_forecasts(outs, self.probabilistic)
+        del outs
         if self.probabilistic and not members:
             values = point_forecast(values)
         mask = nodata.reshape(nodata.shape[0], 1, *([1] * (values.ndim - 4)), *nodata.shape[1:])
@@ -192,12 +239,31 @@ class Forecaster:
         issues = [int(t) for t in issues]
         size = self.batch_size
         if members and self.probabilistic:
-            config = self.model.config
-            one_day = 4 * config.leads * config.quantiles * ds.sizes["y"] * ds.sizes["x"]
+            one_day = 4 * len(self.checkpoint.leads) * self.members * ds.sizes["y"] * ds.sizes["x"]
             size = max(1, min(size, MEMBERS_BYTES // one_day))
         for start in range(0, len(issues), size):
             chunk = issues[start:start + size]
             yield chunk, self.forecast(ds, chunk, members)
+
+
+def combine_forecasts(outputs: list[np.ndarray], probabilistic: bool) -> np.ndarray:
+    """Several models' forecasts of the same windows as one: the mean of their maps
+    (B, L, H, W), or for probabilistic models all their quantiles (B, L, Q, H, W) pooled
+    along Q and sorted, the members of the mixture of their distributions.
+
+    >>> a, b = np.array([[[[0.0, 1.0]], [[2.0, 5.0]]]]), np.array([[[[4.0, 6.0]], [[3.0, 3.0]]]])
+    >>> combine_forecasts([a, b], probabilistic=False)[..., 0].tolist()      # one window, leads 1 and 2
+    [[[2.0], [2.5]]]
+    >>> combine_forecasts([a[:, :, None], b[:, :, None]], probabilistic=True)[0, :, :, 0, 0].tolist()
+    [[0.0, 4.0], [2.0, 3.0]]
+    """
+    if len(outputs) == 1:
+        return outputs[0]
+    if not probabilistic:
+        return np.mean(outputs, axis=0, dtype=np.float32)
+    pooled = np.concatenate(outputs, axis=2)
+    pooled.sort(axis=2)
+    return pooled
 
 
 def point_forecast(members: np.ndarray) -> np.ndarray:

@@ -24,17 +24,18 @@ import datetime as dt
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import xarray as xr
 
 from . import __version__
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint
 from .cube import TARGET, choose_split, cube_dates, cube_grid, open_cube, target_units
 from .errors import RunoffError, RunoffWarning
 from .export import write_geotiff, write_netcdf
 from .baselines import check_thresholds, wet_thresholds
-from .inference import Forecaster, exceedance_maps, point_forecast, quantile_maps
+from .inference import Forecaster, checkpoint_names, exceedance_maps, point_forecast, quantile_maps, read_checkpoints
 from .model import TILE
 from .ingest import ensure_cube
 from .plots import plot_comparison, plot_probabilistic
@@ -79,12 +80,14 @@ def _select_issues(dates: list[dt.date], candidates: list[int], spec_dates: str 
     return candidates
 
 
-def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | Path = "outputs/predictions", *,
+def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Path,
+            output_dir: str | Path = "outputs/predictions", *,
             dates: str | None = None, last: bool = False, split: str | None = None, fmt: str = "tif", tile: int = TILE,
             plots_dir: str | Path = "outputs/plots", max_plots: int = 8, device: str = "auto", batch_size: int = 8,
             quantiles: list[float] | None = None, exceedance: list[float] | None = None, members: int | None = None,
             storage_options: dict | None = None, progress: bool = False) -> PredictReport:
-    """Forecast from ``input_dir`` with the checkpoint ``weights_path``; see the module docstring.
+    """Forecast from ``input_dir`` with the checkpoint ``weights_path`` (or several trained
+    alike, forecasting together: see :class:`~pipeline.inference.Forecaster`); see the module docstring.
 
     ``dates``: issue days ``START:END`` (inclusive); ``last``: only the latest issue day;
     ``split``: only windows whose target days lie in the checkpoint's train, val or test split, in all
@@ -98,8 +101,9 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
         raise RunoffError(f"--format {fmt!r}: choose tif or netcdf")
     if max_plots < -1:
         raise RunoffError(f"--max_plots {max_plots}: a number of figures, 0 for none or -1 for all")
-    ckpt = read_checkpoint(weights_path, storage_options=storage_options)
-    _check_probabilistic_options(ckpt, str(weights_path), quantiles, exceedance, members, fmt)
+    paths, checkpoints = read_checkpoints(weights_path, storage_options)
+    ckpt = checkpoints[0]
+    _check_probabilistic_options(ckpt, paths[0], quantiles, exceedance, members, fmt)
     output_dir, plots_dir = location(output_dir, storage_options), location(plots_dir, storage_options)
     check_writable(output_dir, "--output_dir")
     if max_plots:
@@ -107,13 +111,12 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
     store = ensure_cube(input_dir, storage_options=storage_options, progress=progress, option="--input_dir")
     ds = open_cube(store, storage_options)
     grid = cube_grid(ds)
-    ckpt.check_grid(grid, f"--weights_path {weights_path}", f"--input_dir {input_dir}")
+    ckpt.check_grid(grid, f"--weights_path {paths[0]}", f"--input_dir {input_dir}")
     all_dates = cube_dates(ds)
     issues = _issue_days(ds, ckpt, all_dates, str(input_dir), dates, last, split)
-    forecaster = Forecaster.load(ckpt, device, batch_size=batch_size, tile=tile)
+    forecaster = Forecaster.load(checkpoints, device, batch_size=batch_size, tile=tile)
     leads = ckpt.leads
-    weights_path = location(weights_path, storage_options)
-    sha = file_sha256(weights_path)
+    sha = ",".join(file_sha256(location(p, storage_options)) for p in paths)
     units = target_units(ds)
     missing = set(ds.attrs.get("missing_dates", []))
     plotted = plotted_maps(len(issues) * len(leads), max_plots)
@@ -135,7 +138,7 @@ def predict(weights_path: str | Path, input_dir: str | Path, output_dir: str | P
                 valid = issued + dt.timedelta(days=lead)
                 tags = {"issue_date": issued.isoformat(), "valid_date": valid.isoformat(), "lead_days": lead,
                         "units": units, "checkpoint_sha256": sha, "package_version": __version__,
-                        "source": f"runoff-forecast ConvLSTM, {weights_path.name}"}
+                        "source": f"runoff-forecast ConvLSTM, {checkpoint_names(paths)}"}
                 stem = output_dir / f"QS_{valid:%Y%m%d}_lead{lead}"
                 what = "mean of the forecast distribution" if probabilistic else "QS forecast"
                 geotiffs.append(write_geotiff(values[li], grid, stem.with_suffix(".tif"), tags,
