@@ -19,6 +19,9 @@ each threshold, the reliability gap at each threshold (from the diagonal, and be
 band of resampled days), and ``ensemble_lead{L}.png`` (rank histogram and reliability
 diagram).
 
+Several checkpoints trained alike are scored as one model (:class:`~pipeline.inference.Forecaster`
+combines them); ``metrics.md`` says how.
+
 Example
 -------
 >>> report = evaluate("checkpoints/best.pth", "stores/qs.zarr", split="test")   # doctest: +SKIP

@@ -13,6 +13,10 @@ probabilities ``..._p{thr}.tif`` (``exceedance``, in data units; by default the 
 the NetCDF output (the quantiles at N evenly spaced levels), and figures truth | median |
 10-90% spread | exceedance probability.
 
+Several checkpoints trained alike forecast together (a seed ensemble): each map is the mean
+of theirs, or a probabilistic model's members are all their quantiles pooled; the tag
+``checkpoint_sha256`` lists every checkpoint's hash.
+
 Example
 -------
 >>> report = predict("checkpoints/best.pth", "data/test", "outputs/predictions")  # doctest: +SKIP
