@@ -9,6 +9,8 @@ with the past days only.
     python benchmarks/bench_probabilistic.py --cube stores/cwatm.zarr --patch 32 \\
         --train_end 2000-08-31 --val_end 2000-09-20       # a real cube (CWatM, monsoon split)
     python benchmarks/bench_probabilistic.py --cube stores/vic.zarr --patch 10 --past_only   # a cube without rain
+    python benchmarks/bench_probabilistic.py --cube stores/cwatm.zarr --patch 32 --train_end 2000-08-31 \
+        --val_end 2000-09-20 --epochs 30 --patience 8 --seeds 3   # three seeds of each model, forecasting together
 
 Trains a deterministic and a probabilistic model with the same settings, evaluates both,
 and prints per lead: CRPS skill against the climatological and the persistence ensembles
@@ -17,6 +19,8 @@ gap between forecast probability and observed frequency in reliability bins of >
 pixels (<= 0.1) and how much of it lies outside the observed frequency's 5-95% band over
 resampled test days (what the test days can tell from chance), and the MSE of the median and of the mean against the deterministic
 model's (median within 10%; both rows of ``runoff evaluate``); then the training cost per epoch (<= 2x).
+With ``--seeds N`` each model is trained N times (seeds ``--seed`` .. ``--seed`` + N - 1) and
+its N checkpoints are scored together, as ``runoff evaluate --weights_path A B C`` does.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +58,12 @@ def main() -> int:
                         help="the probabilistic model's weight of the log values' pinball loss, as runoff train")
     parser.add_argument("--past_only", action="store_true",
                         help="no rain of the forecast days: the past days only (a cube without rain, such as VIC's)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train each model this many times (seeds --seed, --seed + 1, ...) and score the "
+                             "checkpoints together, as runoff evaluate --weights_path A B C")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: at least 1")
     leads = int_list(args.leads, "--leads")
     forcings = [] if args.past_only else [args.rain]
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,18 +71,21 @@ def main() -> int:
         cube, described = skill_cube(args, tmp)
         runs = {}
         for name, probabilistic in (("deterministic", False), ("probabilistic", True)):
-            config = skill_train_config(args, cube, leads, tmp / name, forcings=forcings, probabilistic=probabilistic,
-                                        quantile_location=args.quantile_location if probabilistic else None,
-                                        calibration=args.calibration if probabilistic else "spread_skill",
-                                        calibrate_levels=args.calibrate_levels and probabilistic,
-                                        quantile_log_weight=args.quantile_log_weight if probabilistic else 0.0)
-            started = time.perf_counter()
-            result = train(config)
-            seconds = time.perf_counter() - started
-            report = evaluate(result.best_checkpoint, cube, split="test", output_dir=tmp / name / "eval")
-            runs[name] = (result, report, seconds)
-            print(f"{name}: {result.epochs_run} epochs (best {result.best_epoch}), {seconds:.0f} s",
-                  file=sys.stderr)
+            results = []
+            for seed in range(args.seed, args.seed + args.seeds):
+                config = skill_train_config(args, cube, leads, tmp / f"{name}{seed}", forcings=forcings,
+                                            probabilistic=probabilistic,
+                                            quantile_location=args.quantile_location if probabilistic else None,
+                                            calibration=args.calibration if probabilistic else "spread_skill",
+                                            calibrate_levels=args.calibrate_levels and probabilistic,
+                                            quantile_log_weight=args.quantile_log_weight if probabilistic else 0.0)
+                started = time.perf_counter()
+                result = train(replace(config, seed=seed))
+                results.append(result)
+                print(f"{name}, seed {seed}: {result.epochs_run} epochs (best {result.best_epoch}), "
+                      f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+            report = evaluate([r.best_checkpoint for r in results], cube, split="test", output_dir=tmp / name / "eval")
+            runs[name] = (results, report)
     det, prob = runs["deterministic"][1].metrics, runs["probabilistic"][1].metrics
     ensemble = runs["probabilistic"][1].ensemble
     rain = f"rain: {','.join(forcings)} (observed, a perfect forecast)" if forcings else "no rain (past days only)"
@@ -82,7 +95,8 @@ def main() -> int:
           + ("; quantiles located off an MSE-trained centre" if args.quantile_location else "; quantiles centred")
           + f"; spread calibration: {args.calibration}"
           + ("; levels calibrated per flow class" if args.calibrate_levels else "")
-          + (f"; log values' pinball loss x{args.quantile_log_weight:g}" if args.quantile_log_weight else ""))
+          + (f"; log values' pinball loss x{args.quantile_log_weight:g}" if args.quantile_log_weight else "")
+          + (f"; {args.seeds} seeds together ({args.seed}..{args.seed + args.seeds - 1})" if args.seeds > 1 else ""))
     print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "
           "| median MSE / deterministic | mean MSE / deterministic | reliability gap beyond the 5-95% band "
           "| MSE skill vs persistence: deterministic, mean |")
@@ -96,7 +110,7 @@ def main() -> int:
         print(f"| {lead} | " + " | ".join(f"{v:+.3f}" if i < 2 else f"{v:.3f}" for i, v in enumerate(rows[lead]))
               + f" | {det[lead]['model']['skill_vs_persistence']:+.3f}, {model['skill_vs_persistence']:+.3f} |")
     # training throughput of epochs 2+ (epoch 1 also pays the first reads and the start-up)
-    cost = [1 / np.mean([h["samples_per_s"] for h in runs[n][0].history[1:] or runs[n][0].history])
+    cost = [1 / np.mean([h["samples_per_s"] for r in runs[n][0] for h in r.history[1:] or r.history])
             for n in ("deterministic", "probabilistic")]
     checks = [
         ("CRPS skill > 0.3 vs climatology at every lead", all(r[0] > 0.3 for r in rows.values())),

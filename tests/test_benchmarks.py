@@ -74,6 +74,7 @@ def test_skill_benchmark_prints_skill_per_lead_and_the_targets():
      ["; rain: rainf (observed, a perfect forecast);", "; spread calibration: brier; levels calibrated per flow class"]),
     (["--past_only"], ["; no rain (past days only);"]),
     (["--num_layers", "2", "--hidden_channels", "4"], [", 2 x 4 hidden,"]),
+    (["--seeds", "2"], ["; 2 seeds together (0..1)"]),
 ])
 def test_probabilistic_benchmark_prints_scores_per_lead_and_the_targets(options, heading):
     lines = _stdout_lines("bench_probabilistic.py", "--days", "100", "--height", "24", "--width", "32", "--epochs", "1",
