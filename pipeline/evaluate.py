@@ -42,7 +42,8 @@ from .baselines import (SOURCES, Climatology, ClimatologyEnsemble, PersistenceEn
                         wet_thresholds)
 from .cube import TARGET, Split, cube_dates, cube_grid, target_units
 from .export import write_geotiff
-from .inference import Forecaster, checkpoint_names, point_forecast, quantile_maps, read_checkpoints, read_days, split_windows
+from .inference import (Forecaster, checkpoint_names, point_forecast, quantile_maps, read_checkpoints, read_days,
+                        split_windows)
 from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
 from .rasters import Grid
 from .storage import atomic_output, check_writable, location
@@ -237,7 +238,8 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     diagnostics = scores.diagnostics()
     files = _write_outputs(metrics, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
-        "thresholds": thresholds, "units": units, "checkpoint": paths[0] if len(paths) == 1 else paths, "cube": str(windows.store)},
+        "thresholds": thresholds, "units": units, "checkpoint": paths[0] if len(paths) == 1 else paths,
+        "cube": str(windows.store)},
         diagnostics)
     if scores.probabilistic:
         for lead in leads:
