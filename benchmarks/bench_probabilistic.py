@@ -9,7 +9,7 @@ with the past days only.
     python benchmarks/bench_probabilistic.py --cube stores/cwatm.zarr --patch 32 \\
         --train_end 2000-08-31 --val_end 2000-09-20       # a real cube (CWatM, monsoon split)
     python benchmarks/bench_probabilistic.py --cube stores/vic.zarr --patch 10 --past_only   # a cube without rain
-    python benchmarks/bench_probabilistic.py --cube stores/cwatm.zarr --patch 32 --train_end 2000-08-31 \
+    python benchmarks/bench_probabilistic.py --cube stores/cwatm.zarr --patch 32 --train_end 2000-08-31 \\
         --val_end 2000-09-20 --epochs 30 --patience 8 --seeds 3   # three seeds of each model, forecasting together
 
 Trains a deterministic and a probabilistic model with the same settings, evaluates both,
