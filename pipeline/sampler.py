@@ -266,10 +266,13 @@ class WindowSampler(IterableDataset):
         target = self.ds[TARGET]
         return tuple(target.encoding.get("chunks", (16, *target.shape[1:])))
 
+    def _pixel_day_bytes(self) -> int:
+        """Bytes a block holds per pixel and day: one float32 per input."""
+        return 4 * len(self.spec.inputs)
+
     def _whole_map_days(self) -> int:
         """Issue days whose windows' whole maps fit in ``block_bytes`` (at least 1)."""
-        ds = self.ds
-        day_bytes = 4 * ds.sizes["y"] * ds.sizes["x"] * len(self.spec.inputs)
+        day_bytes = self._pixel_day_bytes() * self.ds.sizes["y"] * self.ds.sizes["x"]
         before, after = self.spec.span
         return max(self.block_bytes // day_bytes - before - after, 1)
 
@@ -295,7 +298,7 @@ class WindowSampler(IterableDataset):
         stored time chunk of windows, in whole stored chunks, at least a patch a side."""
         h, w = self.ds.sizes["y"], self.ds.sizes["x"]
         days, rows_chunk, cols_chunk = self._stored_chunks()
-        pixels = self.block_bytes // (4 * len(self.spec.inputs) * (days + sum(self.spec.span)))
+        pixels = self.block_bytes // (self._pixel_day_bytes() * (days + sum(self.spec.span)))
         rows = _region_side(h, rows_chunk, self.patch, np.sqrt(pixels))
         return rows, _region_side(w, cols_chunk, self.patch, pixels / rows)
 
