@@ -3,8 +3,10 @@ training and before ``best.pth`` is written: the spread of its quantiles per lea
 (:func:`calibrate_spread`, always), and optionally the levels its quantiles are read at, per
 lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``). Both
 stream over a DataLoader's batches and combine the sums of data-parallel ranks, so a
-calibration costs one inference pass over the split, not memory for it. Their batch loop,
-:func:`model_outputs`, is also the one the trainer validates with.
+calibration costs one inference pass over the split, not memory for it. Both score at most
+:data:`CALIBRATION_PIXELS` pixels of a map (a regular lattice of a larger one), so that the
+spread's 26 trial factors cost little beside that pass on a large grid. Their batch loop,
+:func:`model_outputs`, is also the one the trainer validates with (on every pixel).
 
 :func:`calibrate_model` does both in place; ``runoff calibrate`` (:mod:`pipeline.recalibrate`)
 does it again on a trained checkpoint, over a period of the user's choice.
@@ -18,6 +20,7 @@ Example
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -30,25 +33,49 @@ from .model import (TILE, ConvLSTMForecaster, map_passes, pinball, quantile_leve
 from .verify import spread_skill_ratio
 
 
+CALIBRATION_PIXELS = 2**16  # pixels per map a calibration scores: a 256x256 map, or a lattice of a larger one
+
+
+def pixel_stride(height: int, width: int, max_pixels: int | None) -> int:
+    """The step between the rows and columns kept of a ``height`` x ``width`` map so that
+    at most ``max_pixels`` are kept (1: every pixel, also for ``None``).
+
+    >>> pixel_stride(256, 256, 2**16), pixel_stride(1200, 1600, 2**16), pixel_stride(1200, 1600, None)
+    (1, 6, 1)
+    """
+    if max_pixels is None:
+        return 1
+    stride = max(1, math.isqrt(max(height * width - 1, 0) // max_pixels))
+    while -(-height // stride) * -(-width // stride) > max_pixels:
+        stride += 1
+    return stride
+
+
 def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device, precision: str = "auto",
-                  with_centre: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+                  with_centre: bool = False, max_pixels: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """The model's output on each of ``loader``'s batches, in ``precision``: yields the
     batch's inputs, targets and mask on ``device``, and that output. Maps wider than
     :data:`~pipeline.model.TILE` come piece by piece (:func:`~pipeline.model.map_passes`,
     each piece's exact core), and a batch whose pieces hold more than
     :data:`~pipeline.model.PASS_PIXELS` pixels in fewer windows at a time, so that memory
     is bounded by one pass, not a batch of whole maps: every consumer sums over pixels.
-    Run it under ``torch.no_grad()``: it scores, it does not train."""
+    With ``max_pixels``, a map larger than that yields only a regular lattice of its pixels
+    (every :func:`pixel_stride`-th row and column of each piece's core), for scores whose
+    cost per pixel exceeds the forward pass's. Run it under ``torch.no_grad()``: it scores,
+    it does not train."""
     for batch in loader_batches(loader, device):
         x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
                                                                         batch.forcings))
         margin = model.receptive_radius(x.shape[1])
+        stride = pixel_stride(*x.shape[-2:], max_pixels)
         # a model that sees farther than a quarter of TILE gets larger pieces, not an error
         for windows, piece in map_passes(x.shape[0], *x.shape[-2:], max(TILE, 4 * margin), margin):
             region, core, inside = ((Ellipsis, *cut) for cut in piece)
             with autocast_for(device, precision):
                 out = model(x[windows][region], forcings[windows][region], with_centre=with_centre)
-            yield x[windows][core], y[windows][core], mask[windows][core], out[inside]
+            kept = (Ellipsis, slice(None, None, stride), slice(None, None, stride))
+            yield (x[windows][core][kept], y[windows][core][kept], mask[windows][core][kept],
+                   out[inside][kept])
 
 
 SPREAD_FACTORS = tuple(round(0.5 + 0.1 * k, 1) for k in range(26))  # 0.5 .. 3.0, tried per lead
@@ -58,7 +85,8 @@ CALIBRATIONS = ("spread_skill", "brier")  # the tie-breaks of calibrate_spread
 
 def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                      stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
-                     rule: str = "spread_skill", thresholds: tuple[float, ...] = ()) -> torch.Tensor:
+                     rule: str = "spread_skill", thresholds: tuple[float, ...] = (),
+                     max_pixels: int | None = CALIBRATION_PIXELS) -> torch.Tensor:
     """A probabilistic model's ``spread_scale``, per lead: a factor of ``SPREAD_FACTORS`` on
     the quantiles' spread around their centre (in the model's log space, so a multiplicative
     widening in data units), times the current scale.
@@ -71,7 +99,10 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
       fitted on training windows is usually too narrow on new ones, more so at long leads);
     * ``brier``: the one with the lowest Brier score of ``P(X > threshold)`` summed over
       ``thresholds`` (the exceedance maps' own: the wet p90 and p99 of the training split),
-      so that those probabilities are as reliable as the validation days can make them."""
+      so that those probabilities are as reliable as the validation days can make them.
+
+    Each factor is scored on every pixel kept, so a map larger than ``max_pixels`` is scored
+    on a regular lattice of that many (:func:`model_outputs`); ``None`` scores every pixel."""
     if rule not in CALIBRATIONS or (rule == "brier" and not thresholds):
         raise ValueError(f"rule {rule!r} with thresholds {thresholds}: one of {CALIBRATIONS}, brier with thresholds")
     model.eval()
@@ -82,7 +113,7 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
                        dtype=accumulator_dtype(device), device=device)
     # the quantiles as trained, rescaled, then bounded: what forward gives at each factor
     with torch.no_grad(), model.unbounded():
-        for _, y, mask, q in model_outputs(model, loader, device, precision):
+        for _, y, mask, q in model_outputs(model, loader, device, precision, max_pixels=max_pixels):
             q = q.float()
             centre, truth, m = q.mean(dim=2, keepdim=True), to_physical(y, stats), mask.float()
             for i, factor in enumerate(factors):
@@ -106,16 +137,19 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
 
 def calibrate_model(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
-                    rule: str = "spread_skill", thresholds: tuple[float, ...] = (), levels: bool = False) -> None:
+                    rule: str = "spread_skill", thresholds: tuple[float, ...] = (), levels: bool = False,
+                    max_pixels: int | None = CALIBRATION_PIXELS) -> None:
     """Calibrate a probabilistic model in place on ``loader``'s windows, from its quantiles as
     trained (spread 1, no levels, whatever an earlier calibration set): its spread per lead
     (:func:`calibrate_spread` with ``rule``), then with ``levels`` its levels per lead and flow
-    class (:func:`calibrate_levels`, fitted on the calibrated spread)."""
+    class (:func:`calibrate_levels`, fitted on the calibrated spread); both on at most
+    ``max_pixels`` pixels of each map."""
     model.spread_scale.fill_(1.0)
     model.set_level_calibration([])
-    model.spread_scale.copy_(calibrate_spread(model, loader, device, stats, ranks, precision, rule, thresholds))
+    model.spread_scale.copy_(calibrate_spread(model, loader, device, stats, ranks, precision, rule, thresholds,
+                                              max_pixels))
     if levels:
-        model.set_level_calibration(calibrate_levels(model, loader, device, stats, ranks, precision))
+        model.set_level_calibration(calibrate_levels(model, loader, device, stats, ranks, precision, max_pixels))
 
 
 LEVEL_CLASS_SHARES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)  # shares of validation pixels below each class edge
@@ -148,7 +182,8 @@ def pit_intervals(quantiles: torch.Tensor, truth: torch.Tensor) -> tuple[torch.T
 
 
 def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
-                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> list[dict]:
+                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
+                     max_pixels: int | None = CALIBRATION_PIXELS) -> list[dict]:
     """A probabilistic model's level calibration, per lead (see
     :meth:`~pipeline.model.ConvLSTMForecaster.set_level_calibration`), fitted on ``loader``'s
     windows: the pixels are put in classes by the median of their quantiles (edges at
@@ -157,7 +192,7 @@ def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     class). So a class whose truth lies above its median more often than half the time has
     its quantiles read higher. Streamed: per lead, a histogram of the medians, each bin with
     the PIT distribution of its pixels; under data-parallel training the ranks' sums are
-    combined."""
+    combined. A map larger than ``max_pixels`` is fitted on a regular lattice of that many."""
     model.eval()
     q, leads = model.config.quantiles, model.config.leads
     dry = -stats["mean"] / stats["std"]  # a value of 0 in the model's normalised space
@@ -166,7 +201,7 @@ def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     # per lead and median bin: the PIT CDF summed over its pixels at each grid point, then the medians' sum
     sums = torch.zeros(leads * _MEDIAN_BINS, _PIT_GRID + 1, dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():
-        for _, y, mask, quantiles in model_outputs(model, loader, device, precision):
+        for _, y, mask, quantiles in model_outputs(model, loader, device, precision, max_pixels=max_pixels):
             quantiles, y = quantiles.float().clamp(min=dry), y.float().clamp(min=dry)  # as clipped at 0 in data units
             median = quantiles_median(quantiles)  # (B, L, H, W)
             low, high = pit_intervals(quantiles, y)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .baselines import wet_thresholds
-from .calibration import CALIBRATIONS, calibrate_model
+from .calibration import CALIBRATION_PIXELS, CALIBRATIONS, calibrate_model
 from .checkpoint import read_checkpoint, save_checkpoint, with_model
 from .cube import TARGET, Split
 from .device import pick_device
@@ -46,11 +46,12 @@ class Recalibration:
 
 def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, output_path: str | Path,
                 rule: str | None = None, levels: bool | None = None, device: str = "auto", batch_size: int = 8,
-                storage_options: dict | None = None) -> Recalibration:
+                storage_options: dict | None = None, max_pixels: int | None = CALIBRATION_PIXELS) -> Recalibration:
     """Calibrate the probabilistic checkpoint ``weights_path`` on the windows of ``data_dir``
     whose targets lie in ``split`` (a split of the checkpoint, or a period START..END) and
     write it to ``output_path``, which must not exist. ``rule`` and ``levels`` default to the
-    checkpoint's own (``--calibration``, ``--calibrate_levels`` of its training)."""
+    checkpoint's own (``--calibration``, ``--calibrate_levels`` of its training). Maps larger
+    than ``max_pixels`` are scored on a lattice of that many pixels (``None``: every pixel)."""
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
     if not ckpt.quantiles:
         raise RunoffError(f"--weights_path {weights_path}: a deterministic checkpoint; only a probabilistic one "
@@ -76,7 +77,7 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
                             storage_options=storage_options, maps=ckpt.maps)
     with data_loader(sampler, batch_size=batch_size, collate_fn=collate_windows) as loader:
         calibrate_model(model, loader, torch_device, ckpt.norm_stats[TARGET], rule=rule, thresholds=thresholds,
-                        levels=levels)
+                        levels=levels, max_pixels=max_pixels)
     state = with_model(ckpt.state, model)
     state["calibrated_on"] = [period.start.isoformat(), period.end.isoformat()]
     save_checkpoint(state, output)

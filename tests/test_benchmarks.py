@@ -37,6 +37,8 @@ def _table_rows(script: str, *args: str) -> list[dict[str, str]]:
     ("bench_predict.py", ["--big", "96", "--tile", "64"], ["prediction 224x464", "prediction 96x96"]),
     ("bench_netcdf.py", ["--days", "2", "--height", "8", "--width", "10"],
      ["ingest against open_mfdataset", "ingest against reading every file with netCDF4"]),
+    ("bench_calibration.py", ["--height", "64", "--width", "80", "--max_pixels", "1024", "--windows", "1"],
+     ["runoff calibrate over 1 window(s) of 64x80", "leads whose spread factor the lattice picks"]),
     ("bench_evaluate.py", ["--size", "48", "--windows", "10,30", "--issues", "3"],
      ["evaluate peak RSS", "prediction 224x464"]),
     ("bench_precision.py", ["--days", "60", "--height", "32", "--width", "40", "--patch", "16", "--batch", "4",

@@ -492,6 +492,50 @@ def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(
         assert np.allclose(lead_pieces["levels"], lead_whole["levels"], atol=1e-4)
 
 
+def test_a_map_larger_than_the_calibration_budget_is_calibrated_on_a_lattice_of_its_pixels():
+    """Above ``max_pixels`` per map, the spread and the levels are fitted on every second row
+    and column (here): exactly what every pixel gives when the mask keeps only those."""
+    from pipeline.calibration import calibrate_model, model_outputs
+    from pipeline.sampler import Window, collate_windows
+
+    torch.manual_seed(1)
+    stats = {"mean": 1.0, "std": 1.0, "rms": 2.0, "max": 40.0}
+    model = ConvLSTMForecaster(in_channels=1, leads=2, hidden_channels=3, quantiles=20, forcing_channels=2,
+                               quantile_location=True, stats=[stats])
+    with torch.no_grad():
+        for weights in model.parameters():
+            weights.add_(0.3 * torch.randn_like(weights))
+    shape, budget = (40, 56), 600  # 2240 pixels; every second row and column keeps 20 x 28 = 560
+    lattice_only = torch.zeros(shape, dtype=torch.bool)
+    lattice_only[::2, ::2] = True
+    scatter = 0.02 + 0.18 * lattice_only.float()  # the lattice's truth scatters wider: it asks for another spread
+    windows = [Window(torch.randn(3, 1, *shape), scatter * torch.randn(2, 1, *shape) + 1,
+                      torch.rand(2, 1, *shape) > 0.2, i, torch.randn(2, 1, *shape)) for i in range(12)]
+    masked = [w._replace(mask=w.mask & lattice_only) for w in windows]
+    batches, masked_batches = ([collate_windows(ws[i:i + 4]) for i in range(0, 12, 4)] for ws in (windows, masked))
+    cpu = torch.device("cpu")
+
+    with torch.no_grad():
+        every, kept = (list(model_outputs(model, batches, cpu, max_pixels=m)) for m in (None, budget))
+    for whole, lattice in zip(every, kept):
+        for a, b in zip(whole, lattice):
+            assert torch.equal(a[..., ::2, ::2], b)
+
+    def calibrated(on: list, max_pixels: int | None) -> tuple[list, list]:
+        model.spread_scale.fill_(1.0)
+        model.set_level_calibration([])
+        calibrate_model(model, on, cpu, stats, levels=True, max_pixels=max_pixels)
+        return model.spread_scale.tolist(), model.config.level_calibration
+
+    on_lattice, on_masked, on_every = (calibrated(batches, budget), calibrated(masked_batches, None),
+                                       calibrated(batches, None))
+    assert on_lattice[0] == pytest.approx(on_masked[0])
+    for lattice, masked_lead in zip(on_lattice[1], on_masked[1]):
+        assert lattice["centres"] == pytest.approx(masked_lead["centres"], rel=1e-5)
+        assert np.allclose(lattice["levels"], masked_lead["levels"], atol=1e-5)
+    assert on_every[0] != on_lattice[0] and on_every[1] != on_lattice[1]  # every pixel: another fit
+
+
 def test_level_calibration_reads_the_quantiles_where_the_truth_fell_on_new_windows():
     """A model whose quantiles sit below the truth (which scatters around 1.5 times
     persistence): the calibration fitted on half the windows moves the other half's median
