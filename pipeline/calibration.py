@@ -60,8 +60,8 @@ def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.d
     :data:`~pipeline.model.PASS_PIXELS` pixels in fewer windows at a time, so that memory
     is bounded by one pass, not a batch of whole maps: every consumer sums over pixels.
     With ``max_pixels``, a map larger than that yields only a regular lattice of its pixels
-    (every :func:`pixel_stride`-th row and column of each piece's core), for scores whose
-    cost per pixel exceeds the forward pass's. Run it under ``torch.no_grad()``: it scores,
+    (every :func:`pixel_stride`-th row and column of the map, from the first, in each
+    piece's core), for scores whose cost per pixel exceeds the forward pass's. Run it under ``torch.no_grad()``: it scores,
     it does not train."""
     for batch in loader_batches(loader, device):
         x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
@@ -73,7 +73,8 @@ def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.d
             region, core, inside = ((Ellipsis, *cut) for cut in piece)
             with autocast_for(device, precision):
                 out = model(x[windows][region], forcings[windows][region], with_centre=with_centre)
-            kept = (Ellipsis, slice(None, None, stride), slice(None, None, stride))
+            # the map's lattice (rows and columns 0, stride, 2 stride, ..) wherever the core starts
+            kept = (Ellipsis, *(slice(-cut.start % stride, None, stride) for cut in piece.core))
             yield (x[windows][core][kept], y[windows][core][kept], mask[windows][core][kept],
                    out[inside][kept])
 

@@ -492,25 +492,30 @@ def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(
         assert np.allclose(lead_pieces["levels"], lead_whole["levels"], atol=1e-4)
 
 
-def test_a_map_larger_than_the_calibration_budget_is_calibrated_on_a_lattice_of_its_pixels():
+def test_a_map_larger_than_the_calibration_budget_is_calibrated_on_a_lattice_of_its_pixels(monkeypatch):
     """Above ``max_pixels`` per map, the spread and the levels are fitted on every second row
-    and column (here): exactly what every pixel gives when the mask keeps only those."""
+    and column (here): exactly what every pixel gives when the mask keeps only those, also
+    when the map goes through the model in pieces that start on odd columns."""
+    from pipeline import calibration
     from pipeline.calibration import calibrate_model, model_outputs
     from pipeline.sampler import Window, collate_windows
 
     torch.manual_seed(1)
     stats = {"mean": 1.0, "std": 1.0, "rms": 2.0, "max": 40.0}
     model = ConvLSTMForecaster(in_channels=1, leads=2, hidden_channels=3, quantiles=20, forcing_channels=2,
-                               quantile_location=True, stats=[stats])
+                               forcing_scales=(1, 3), quantile_location=True, stats=[stats])
     with torch.no_grad():
         for weights in model.parameters():
             weights.add_(0.3 * torch.randn_like(weights))
     shape, budget = (40, 56), 600  # 2240 pixels; every second row and column keeps 20 x 28 = 560
     lattice_only = torch.zeros(shape, dtype=torch.bool)
     lattice_only[::2, ::2] = True
-    scatter = 0.02 + 0.18 * lattice_only.float()  # the lattice's truth scatters wider: it asks for another spread
-    windows = [Window(torch.randn(3, 1, *shape), scatter * torch.randn(2, 1, *shape) + 1,
-                      torch.rand(2, 1, *shape) > 0.2, i, torch.randn(2, 1, *shape)) for i in range(12)]
+    x, forcings = torch.randn(12, 3, 1, *shape), torch.randn(12, 2, 1, *shape)
+    with torch.no_grad():
+        centre = model(x, forcings).mean(dim=2, keepdim=True)
+    scatter = 0.05 + 0.45 * lattice_only.float()  # the lattice's truth scatters wider: it asks for another spread
+    truth = centre + scatter * torch.randn_like(centre)
+    windows = [Window(x[i], truth[i], torch.rand(2, 1, *shape) > 0.2, i, forcings[i]) for i in range(12)]
     masked = [w._replace(mask=w.mask & lattice_only) for w in windows]
     batches, masked_batches = ([collate_windows(ws[i:i + 4]) for i in range(0, 12, 4)] for ws in (windows, masked))
     cpu = torch.device("cpu")
@@ -534,6 +539,14 @@ def test_a_map_larger_than_the_calibration_budget_is_calibrated_on_a_lattice_of_
         assert lattice["centres"] == pytest.approx(masked_lead["centres"], rel=1e-5)
         assert np.allclose(lattice["levels"], masked_lead["levels"], atol=1e-5)
     assert on_every[0] != on_lattice[0] and on_every[1] != on_lattice[1]  # every pixel: another fit
+
+    monkeypatch.setattr(calibration, "TILE", 29)  # cores of 14 rows and 19 columns: pieces start at column 19, 38
+    with torch.no_grad():
+        assert {out.shape[-1] for *_, out in model_outputs(model, batches[:1], cpu, max_pixels=budget)} == {10, 9}
+    in_pieces = calibrated(batches, budget)
+    assert in_pieces[0] == pytest.approx(on_masked[0])
+    for lead_pieces, masked_lead in zip(in_pieces[1], on_masked[1]):
+        assert np.allclose(lead_pieces["levels"], masked_lead["levels"], atol=1e-5)
 
 
 def test_level_calibration_reads_the_quantiles_where_the_truth_fell_on_new_windows():
