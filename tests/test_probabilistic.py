@@ -447,6 +447,20 @@ def test_the_brier_calibration_picks_the_most_reliable_exceedance_among_factors_
         calibrate_spread(model, batches, cpu, stats, rule="brier")
 
 
+def _perturbed_two_lead_model(seed: int, perturbation: float) -> tuple[ConvLSTMForecaster, dict]:
+    """A located two-lead quantile model with rain seen at 1 and 3 px (a reach of 5 px on 3
+    input days), its weights moved at random from their start so that its quantiles vary
+    from pixel to pixel; and its normalisation statistics."""
+    torch.manual_seed(seed)
+    stats = {"mean": 1.0, "std": 1.0, "rms": 2.0, "max": 40.0}
+    model = ConvLSTMForecaster(in_channels=1, leads=2, hidden_channels=3, quantiles=20, forcing_channels=2,
+                               forcing_scales=(1, 3), quantile_location=True, stats=[stats])
+    with torch.no_grad():
+        for weights in model.parameters():
+            weights.add_(perturbation * torch.randn_like(weights))
+    return model, stats
+
+
 def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(monkeypatch):
     """Maps wider than the tile are validated and calibrated piece by piece (bounded memory
     on a large grid); every score and every fitted factor and level is the whole maps'."""
@@ -456,13 +470,7 @@ def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(
     from pipeline.sampler import Window, collate_windows
     from pipeline.train import evaluate_loader
 
-    torch.manual_seed(0)
-    stats = {"mean": 1.0, "std": 1.0, "rms": 2.0, "max": 40.0}
-    model = ConvLSTMForecaster(in_channels=1, leads=2, hidden_channels=3, quantiles=20, forcing_channels=2,
-                               forcing_scales=(1, 3), quantile_location=True, stats=[stats])
-    with torch.no_grad():
-        for weights in model.parameters():
-            weights.add_(0.2 * torch.randn_like(weights))
+    model, stats = _perturbed_two_lead_model(seed=0, perturbation=0.2)
     shape = (40, 56)
     windows = [Window(torch.randn(3, 1, *shape), torch.randn(2, 1, *shape) + 1, torch.rand(2, 1, *shape) > 0.2, i,
                       torch.randn(2, 1, *shape)) for i in range(12)]
@@ -500,13 +508,7 @@ def test_a_map_larger_than_the_calibration_budget_is_calibrated_on_a_lattice_of_
     from pipeline.calibration import calibrate_model, model_outputs
     from pipeline.sampler import Window, collate_windows
 
-    torch.manual_seed(1)
-    stats = {"mean": 1.0, "std": 1.0, "rms": 2.0, "max": 40.0}
-    model = ConvLSTMForecaster(in_channels=1, leads=2, hidden_channels=3, quantiles=20, forcing_channels=2,
-                               forcing_scales=(1, 3), quantile_location=True, stats=[stats])
-    with torch.no_grad():
-        for weights in model.parameters():
-            weights.add_(0.3 * torch.randn_like(weights))
+    model, stats = _perturbed_two_lead_model(seed=1, perturbation=0.3)
     shape, budget = (40, 56), 600  # 2240 pixels; every second row and column keeps 20 x 28 = 560
     lattice_only = torch.zeros(shape, dtype=torch.bool)
     lattice_only[::2, ::2] = True
