@@ -4,10 +4,10 @@ lattice of at most ``CALIBRATION_PIXELS`` per map; prints measured ratios.
     python benchmarks/bench_calibration.py [--height 1200] [--width 1600] [--windows 2]
 
 A synthetic cube with rain is written, a probabilistic model trained for one epoch on its
-first days, and then ``runoff calibrate`` (:func:`pipeline.recalibrate.recalibrate`, with
-the levels) runs twice over the same ``--windows`` later windows: scoring every pixel of
-each map, and on the lattice. It prints how much longer every pixel takes, and on how many
-leads the two pick the same spread factor.
+first days, and then ``runoff calibrate`` (:func:`pipeline.recalibrate.recalibrate`: the
+spread, as ``runoff train --probabilistic`` calibrates it) runs twice over the same
+``--windows`` later windows: scoring every pixel of each map, and on the lattice. It prints
+how much longer every pixel takes, and on how many leads the two pick the same factor.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def timed_calibration(checkpoint: Path, store: str, period: str, output: Path, m
                       ) -> tuple[float, list[float]]:
     """Seconds ``runoff calibrate`` took over ``period``, and the spread factor it picked per lead."""
     start = time.perf_counter()
-    done = recalibrate(checkpoint, store, period, output, levels=True, device="cpu", max_pixels=max_pixels)
+    done = recalibrate(checkpoint, store, period, output, device="cpu", max_pixels=max_pixels)
     return time.perf_counter() - start, list(done.spread.values())
 
 

@@ -3,9 +3,10 @@ training and before ``best.pth`` is written: the spread of its quantiles per lea
 (:func:`calibrate_spread`, always), and optionally the levels its quantiles are read at, per
 lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``). Both
 stream over a DataLoader's batches and combine the sums of data-parallel ranks, so a
-calibration costs one inference pass over the split, not memory for it. Both score at most
-:data:`CALIBRATION_PIXELS` pixels of a map (a regular lattice of a larger one), so that the
-spread's 26 trial factors cost little beside that pass on a large grid. Their batch loop,
+calibration costs one inference pass over the split, not memory for it. The spread is
+scored on at most :data:`CALIBRATION_PIXELS` pixels of a map (a regular lattice of a larger
+one), so that its 26 trial factors cost little beside that pass on a large grid; the levels
+cost about one pass more and are fitted on every pixel. Their batch loop,
 :func:`model_outputs`, is also the one the trainer validates with (on every pixel).
 
 :func:`calibrate_model` does both in place; ``runoff calibrate`` (:mod:`pipeline.recalibrate`)
@@ -33,7 +34,7 @@ from .model import (TILE, ConvLSTMForecaster, map_passes, pinball, quantile_leve
 from .verify import spread_skill_ratio
 
 
-CALIBRATION_PIXELS = 2**16  # pixels per map a calibration scores: a 256x256 map, or a lattice of a larger one
+CALIBRATION_PIXELS = 2**16  # pixels per map the spread is scored on: a 256x256 map, or a lattice of a larger one
 
 
 def pixel_stride(height: int, width: int, max_pixels: int | None) -> int:
@@ -143,14 +144,14 @@ def calibrate_model(model: ConvLSTMForecaster, loader: DataLoader, device: torch
     """Calibrate a probabilistic model in place on ``loader``'s windows, from its quantiles as
     trained (spread 1, no levels, whatever an earlier calibration set): its spread per lead
     (:func:`calibrate_spread` with ``rule``), then with ``levels`` its levels per lead and flow
-    class (:func:`calibrate_levels`, fitted on the calibrated spread); both on at most
-    ``max_pixels`` pixels of each map."""
+    class (:func:`calibrate_levels`, fitted on the calibrated spread). The spread is scored
+    on at most ``max_pixels`` pixels of each map, the levels on every pixel."""
     model.spread_scale.fill_(1.0)
     model.set_level_calibration([])
     model.spread_scale.copy_(calibrate_spread(model, loader, device, stats, ranks, precision, rule, thresholds,
                                               max_pixels))
     if levels:
-        model.set_level_calibration(calibrate_levels(model, loader, device, stats, ranks, precision, max_pixels))
+        model.set_level_calibration(calibrate_levels(model, loader, device, stats, ranks, precision))
 
 
 LEVEL_CLASS_SHARES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)  # shares of validation pixels below each class edge
@@ -183,8 +184,7 @@ def pit_intervals(quantiles: torch.Tensor, truth: torch.Tensor) -> tuple[torch.T
 
 
 def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
-                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
-                     max_pixels: int | None = CALIBRATION_PIXELS) -> list[dict]:
+                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> list[dict]:
     """A probabilistic model's level calibration, per lead (see
     :meth:`~pipeline.model.ConvLSTMForecaster.set_level_calibration`), fitted on ``loader``'s
     windows: the pixels are put in classes by the median of their quantiles (edges at
@@ -193,7 +193,7 @@ def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     class). So a class whose truth lies above its median more often than half the time has
     its quantiles read higher. Streamed: per lead, a histogram of the medians, each bin with
     the PIT distribution of its pixels; under data-parallel training the ranks' sums are
-    combined. A map larger than ``max_pixels`` is fitted on a regular lattice of that many."""
+    combined."""
     model.eval()
     q, leads = model.config.quantiles, model.config.leads
     dry = -stats["mean"] / stats["std"]  # a value of 0 in the model's normalised space
@@ -202,7 +202,7 @@ def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     # per lead and median bin: the PIT CDF summed over its pixels at each grid point, then the medians' sum
     sums = torch.zeros(leads * _MEDIAN_BINS, _PIT_GRID + 1, dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():
-        for _, y, mask, quantiles in model_outputs(model, loader, device, precision, max_pixels=max_pixels):
+        for _, y, mask, quantiles in model_outputs(model, loader, device, precision):
             quantiles, y = quantiles.float().clamp(min=dry), y.float().clamp(min=dry)  # as clipped at 0 in data units
             median = quantiles_median(quantiles)  # (B, L, H, W)
             low, high = pit_intervals(quantiles, y)

@@ -50,8 +50,9 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     """Calibrate the probabilistic checkpoint ``weights_path`` on the windows of ``data_dir``
     whose targets lie in ``split`` (a split of the checkpoint, or a period START..END) and
     write it to ``output_path``, which must not exist. ``rule`` and ``levels`` default to the
-    checkpoint's own (``--calibration``, ``--calibrate_levels`` of its training). Maps larger
-    than ``max_pixels`` are scored on a lattice of that many pixels (``None``: every pixel)."""
+    checkpoint's own (``--calibration``, ``--calibrate_levels`` of its training). The spread
+    of maps larger than ``max_pixels`` is scored on a lattice of that many pixels (``None``:
+    every pixel)."""
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
     if not ckpt.quantiles:
         raise RunoffError(f"--weights_path {weights_path}: a deterministic checkpoint; only a probabilistic one "

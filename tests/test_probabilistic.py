@@ -500,12 +500,13 @@ def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(
         assert np.allclose(lead_pieces["levels"], lead_whole["levels"], atol=1e-4)
 
 
-def test_a_map_larger_than_the_calibration_budget_is_calibrated_on_a_lattice_of_its_pixels(monkeypatch):
-    """Above ``max_pixels`` per map, the spread and the levels are fitted on every second row
-    and column (here): exactly what every pixel gives when the mask keeps only those, also
-    when the map goes through the model in pieces that start on odd columns."""
+def test_the_spread_of_a_map_larger_than_the_budget_is_calibrated_on_a_lattice_of_its_pixels(monkeypatch):
+    """Above ``max_pixels`` per map, the spread is fitted on every second row and column
+    (here): exactly what every pixel gives when the mask keeps only those, also when the map
+    goes through the model in pieces that start on odd columns. The levels are fitted on
+    every pixel."""
     from pipeline import calibration
-    from pipeline.calibration import calibrate_model, model_outputs
+    from pipeline.calibration import calibrate_levels, calibrate_model, model_outputs
     from pipeline.sampler import Window, collate_windows
 
     model, stats = _perturbed_two_lead_model(seed=1, perturbation=0.3)
@@ -534,21 +535,27 @@ def test_a_map_larger_than_the_calibration_budget_is_calibrated_on_a_lattice_of_
         calibrate_model(model, on, cpu, stats, levels=True, max_pixels=max_pixels)
         return model.spread_scale.tolist(), model.config.level_calibration
 
-    on_lattice, on_masked, on_every = (calibrated(batches, budget), calibrated(masked_batches, None),
-                                       calibrated(batches, None))
-    assert on_lattice[0] == pytest.approx(on_masked[0])
-    for lattice, masked_lead in zip(on_lattice[1], on_masked[1]):
-        assert lattice["centres"] == pytest.approx(masked_lead["centres"], rel=1e-5)
-        assert np.allclose(lattice["levels"], masked_lead["levels"], atol=1e-5)
-    assert on_every[0] != on_lattice[0] and on_every[1] != on_lattice[1]  # every pixel: another fit
+    spread, levels = calibrated(batches, budget)
+    assert spread == pytest.approx(calibrated(masked_batches, None)[0])
+    assert calibrated(batches, None)[0] != spread  # every pixel asks for another spread
+    model.spread_scale.copy_(torch.tensor(spread))
+    model.set_level_calibration([])
+    every_pixel_levels = calibrate_levels(model, batches, cpu, stats)
+
+    def assert_levels_equal(fitted: list, expected: list) -> None:
+        for lead, lead_expected in zip(fitted, expected, strict=True):
+            assert lead["centres"] == pytest.approx(lead_expected["centres"], rel=1e-5)
+            assert np.allclose(lead["levels"], lead_expected["levels"], atol=1e-5)
+
+    assert_levels_equal(levels, every_pixel_levels)
+    assert levels != calibrate_levels(model, masked_batches, cpu, stats)  # not the lattice's own fit
 
     monkeypatch.setattr(calibration, "TILE", 29)  # cores of 14 rows and 19 columns: pieces start at column 19, 38
     with torch.no_grad():
         assert {out.shape[-1] for *_, out in model_outputs(model, batches[:1], cpu, max_pixels=budget)} == {10, 9}
     in_pieces = calibrated(batches, budget)
-    assert in_pieces[0] == pytest.approx(on_masked[0])
-    for lead_pieces, masked_lead in zip(in_pieces[1], on_masked[1]):
-        assert np.allclose(lead_pieces["levels"], masked_lead["levels"], atol=1e-5)
+    assert in_pieces[0] == pytest.approx(spread)
+    assert_levels_equal(in_pieces[1], levels)
 
 
 def test_level_calibration_reads_the_quantiles_where_the_truth_fell_on_new_windows():
