@@ -62,8 +62,8 @@ def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.d
     is bounded by one pass, not a batch of whole maps: every consumer sums over pixels.
     With ``max_pixels``, a map larger than that yields only a regular lattice of its pixels
     (every :func:`pixel_stride`-th row and column of the map, from the first, in each
-    piece's core), for scores whose cost per pixel exceeds the forward pass's. Run it under ``torch.no_grad()``: it scores,
-    it does not train."""
+    piece's core), for scores whose cost per pixel exceeds the forward pass's. Run it under
+    ``torch.no_grad()``: it scores, it does not train."""
     for batch in loader_batches(loader, device):
         x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
                                                                         batch.forcings))
