@@ -525,8 +525,8 @@ def test_the_spread_of_a_map_larger_than_the_budget_is_calibrated_on_a_lattice_o
 
     with torch.no_grad():
         every, kept = (list(model_outputs(model, batches, cpu, max_pixels=m)) for m in (None, budget))
-    for whole, lattice in zip(every, kept):
-        for a, b in zip(whole, lattice):
+    for whole, lattice in zip(every, kept, strict=True):
+        for a, b in zip(whole, lattice, strict=True):
             assert torch.equal(a[..., ::2, ::2], b)
 
     def calibrated(on: list, max_pixels: int | None) -> tuple[list, list]:
