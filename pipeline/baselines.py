@@ -138,7 +138,9 @@ def _spread_picks(count: int, members: int) -> np.ndarray:
 class ClimatologyEnsemble:
     """The climatological ensemble for a day of year: ``members`` training days within
     ``±window`` days of it (widened as :class:`Climatology` does: ±``wide``, then every
-    training day), spread evenly over those days, as maps (members, H, W).
+    training day), spread evenly over those days, as maps (members, H, W). The members of
+    the last ``cached`` days of year asked for are kept: a forecast issued each day asks for
+    the next ``max(leads)`` valid days, so that many are read once each.
 
     >>> import numpy as np, pandas as pd, xarray as xr
     >>> times = pd.date_range("2019-01-01", periods=60, freq="D")
@@ -150,10 +152,10 @@ class ClimatologyEnsemble:
     """
 
     def __init__(self, ds: xr.Dataset, train_start: str | dt.date, train_end: str | dt.date, window: int = 15,
-                 wide: int = 45, members: int = ENSEMBLE_MEMBERS, variable: str = "qs") -> None:
+                 wide: int = 45, members: int = ENSEMBLE_MEMBERS, variable: str = "qs", cached: int = 8) -> None:
         self.days = ds[variable].sel(time=slice(str(train_start), str(train_end)))
         self.doy = _day_of_year(self.days.time)
-        self.window, self.wide, self.members = window, wide, members
+        self.window, self.wide, self.members, self.cached = window, wide, members, cached
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _candidates(self, doy: int) -> np.ndarray:
@@ -165,12 +167,12 @@ class ClimatologyEnsemble:
         return np.arange(self.days.shape[0])
 
     def for_day(self, doy: int) -> np.ndarray:
-        """Members (M, H, W) for day of year ``doy`` (0-based), float32; the last few cached."""
+        """Members (M, H, W) for day of year ``doy`` (0-based), float32; the last ``cached`` kept."""
         if doy not in self._maps:
             found = self._candidates(doy)
             picks = found[_spread_picks(found.size, self.members)]  # sorted: one read of those days
             self._maps[doy] = np.asarray(self.days.data[picks], np.float32)
-            if len(self._maps) > 8:
+            if len(self._maps) > self.cached:
                 self._maps.popitem(last=False)
         return self._maps[doy]
 

@@ -438,10 +438,16 @@ def standardise(values: np.ndarray, stats: dict[str, float]) -> np.ndarray:
     return values
 
 
-def denormalise(values: np.ndarray, stats: dict[str, float]) -> np.ndarray:
-    """Model space -> physical values, clipped at 0 (inverse of :func:`normalise`), float32.
-    One new array, transformed in place: a probabilistic forecast of a large grid is GBs."""
-    out = np.multiply(values, stats["std"], dtype=np.float32)
+def denormalise(values: np.ndarray, stats: dict[str, float], out: np.ndarray | None = None) -> np.ndarray:
+    """Model space -> physical values, clipped at 0 (inverse of :func:`normalise`), float32:
+    into ``out`` (which may be ``values`` itself), else one new array, transformed in place:
+    a probabilistic forecast of a large grid is GBs.
+
+    >>> values = np.array([0.0, -1.0], np.float32)
+    >>> denormalise(values, {"mean": 1.0, "std": 2.0}, out=values) is values, [round(float(v), 3) for v in values]
+    (True, [1.718, 0.0])
+    """
+    out = np.multiply(values, stats["std"], out=out, dtype=np.float32)
     out += np.float32(stats["mean"])
     np.expm1(out, out=out)
     return np.maximum(out, 0, out=out)

@@ -134,7 +134,8 @@ class Scoreboard:
         self.tables = {lead: {s: ScoreTable(thresholds) for s in self.point_sources} for lead in leads}
         if probabilistic:
             self.ensembles = {lead: {s: EnsembleScores(thresholds) for s in SOURCES} for lead in leads}
-            self.climatology_members = ClimatologyEnsemble(ds, train_range.start, train_range.end)
+            self.climatology_members = ClimatologyEnsemble(ds, train_range.start, train_range.end,
+                                                           cached=max(leads))
             self.persistence_members = PersistenceEnsemble(ds, train_range.start, train_range.end, leads)
         self.pixels = PixelScores(ds[TARGET].shape[1:])
 

@@ -163,9 +163,10 @@ def window_inputs(ds: xr.Dataset, variables: Sequence[str], stats: dict, issues:
     return stack_days(ds, variables, stats, issues, range(1 - input_days, 1), maps)
 
 
-# a batch of a probabilistic model's quantiles: 20 per pixel and lead, so 0.4 GB for 8 issue
-# days of 6 leads at 224x464, and 0.9 GB for one day at 1200x1600
-MEMBERS_BYTES = 2**30
+# a batch of a probabilistic model's quantiles: 20 per pixel and lead, so 50 MB per issue day
+# of 6 leads at 224x464 (5 days a batch), 0.2 GB at 600x800 (1 day) and 0.9 GB at 1200x1600
+# (1 day); larger batches forecast no faster on those grids and held several GB (docs/scaling.md)
+MEMBERS_BYTES = 2**28
 
 
 @dataclass
@@ -220,9 +221,10 @@ class Forecaster:
                               nan=0.0)
         nodata = np.isnan(x[:, :, 0]).all(axis=1)  # (B, H, W)
         x = np.nan_to_num(x, nan=0.0)
-        outs = [denormalise(forecast_batch(model, x, self.device, tile=self.tile, forcings=ahead),
-                            ckpt.norm_stats[TARGET])  # monotone: quantiles stay quantiles
-                for model in self.models]
+        outs = []
+        for model in self.models:
+            out = forecast_batch(model, x, self.device, tile=self.tile, forcings=ahead)
+            outs.append(denormalise(out, ckpt.norm_stats[TARGET], out=out))  # monotone: quantiles stay quantiles
         values = combine_forecasts(outs, self.probabilistic)
         del outs
         if self.probabilistic and not members:
