@@ -31,9 +31,12 @@ Example
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import xarray as xr
@@ -118,11 +121,20 @@ def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, win
     return "\n".join(lines)
 
 
+# threads scoring at once (one accumulator each); one scoring an ensemble holds ~0.4 GB of
+# work arrays (verify.PIXELS_PER_PASS pixels of 30 members in float64)
+SCORING_THREADS = 4
+
+
 class Scoreboard:
     """Every accumulator of one evaluation, fed batch by batch: the point scores per lead and
     source (the model, its median when probabilistic, persistence, climatology), the
     ensemble scores per lead and source (probabilistic), the model's per-pixel NSE and KGE
-    at the first lead, and which climatology each scored day got."""
+    at the first lead, and which climatology each scored day got.
+
+    The maps of one issue day are scored on up to :data:`SCORING_THREADS` threads (NumPy
+    and SciPy release the GIL): each accumulator still takes its maps in the order of the
+    issue days, so the scores are those of one thread."""
 
     def __init__(self, ds: xr.Dataset, train_range: Split, leads: list[int], thresholds: list[float],
                  probabilistic: bool) -> None:
@@ -138,6 +150,7 @@ class Scoreboard:
                                                            cached=max(leads))
             self.persistence_members = PersistenceEnsemble(ds, train_range.start, train_range.end, leads)
         self.pixels = PixelScores(ds[TARGET].shape[1:])
+        self.threads = min(SCORING_THREADS, os.cpu_count() or 1)
 
     def add(self, issues: Sequence[int], out: np.ndarray) -> None:
         """Score the forecasts ``out`` of the windows issued at ``issues`` (consecutive
@@ -145,27 +158,44 @@ class Scoreboard:
         pred = point_forecast(out) if self.probabilistic else out
         first = issues[0]
         days = read_days(self.ds, TARGET, first, issues[-1] + max(self.leads))  # truth and persistence
-        for k, t in enumerate(issues):
-            last_day = days[t - first]
-            for li, lead in enumerate(self.leads):
-                truth = days[t - first + lead]
-                doy = self.dates[t + lead].timetuple().tm_yday - 1
-                reference = {"model": pred[k, li], "persistence": last_day,
-                             "climatology": self.climatology.for_day(doy)}
-                if self.probabilistic:
-                    reference["median"] = quantile_maps(out[k, li], [0.5])[0]
-                how = self.climatology.source(doy)
-                self.climatology_used[how] = self.climatology_used.get(how, 0) + 1
-                for source, values in reference.items():
-                    self.tables[lead][source].accumulate(values, truth)
-                if li == 0:
-                    self.pixels.accumulate(pred[k, li], truth)
-                if self.probabilistic:
-                    block = (t + lead) // BAND_BLOCK_DAYS  # of the valid day: its truth is what persists
-                    members = {"model": out[k, li], "climatology": self.climatology_members.for_day(doy),
-                               "persistence": self.persistence_members.members(last_day, lead)}
-                    for source, values in members.items():
-                        self.ensembles[lead][source].accumulate(values, truth, block=block)
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            for k, t in enumerate(issues):
+                today, jobs = days[t - first], []
+                for li, lead in enumerate(self.leads):
+                    truth, doy = days[t - first + lead], self.dates[t + lead].timetuple().tm_yday - 1
+                    jobs += self._point_jobs(lead, doy, pred[k, li], out[k, li] if self.probabilistic else None,
+                                             today, truth)
+                    if li == 0:
+                        jobs.append(partial(self.pixels.accumulate, pred[k, li], truth))
+                    if self.probabilistic:
+                        block = (t + lead) // BAND_BLOCK_DAYS  # of the valid day: its truth is what persists
+                        jobs += self._ensemble_jobs(lead, doy, out[k, li], today, truth, block)
+                for _ in pool.map(lambda job: job(), jobs):  # one day at a time: each accumulator in day order
+                    pass
+
+    def _point_jobs(self, lead: int, doy: int, pred: np.ndarray, members: np.ndarray | None, today: np.ndarray,
+                    truth: np.ndarray) -> list[Callable[[], object]]:
+        """The point scorings of one lead's map ``pred`` (and of the median of its
+        ``members``) and of both baselines against ``truth`` on day of year ``doy``, to run
+        on any thread (each touches its own accumulator)."""
+        reference = {"model": pred, "persistence": today, "climatology": self.climatology.for_day(doy)}
+        if members is not None:
+            reference["median"] = quantile_maps(members, [0.5])[0]
+        how = self.climatology.source(doy)
+        self.climatology_used[how] = self.climatology_used.get(how, 0) + 1
+        return [partial(self.tables[lead][source].accumulate, values, truth) for source, values in reference.items()]
+
+    def _ensemble_jobs(self, lead: int, doy: int, members: np.ndarray, today: np.ndarray, truth: np.ndarray,
+                       block: int) -> list[Callable[[], object]]:
+        """The ensemble scorings of one lead's ``members`` and of both reference ensembles,
+        to run on any thread (each touches its own accumulator)."""
+        scores = self.ensembles[lead]
+        climatology = self.climatology_members.for_day(doy)  # here: its cache is not shared between threads
+        return [partial(scores["model"].accumulate, members, truth, block=block),
+                partial(scores["climatology"].accumulate, climatology, truth, block=block),
+                # made on the thread, so only the running jobs' member maps are held
+                lambda: scores["persistence"].accumulate(self.persistence_members.members(today, lead), truth,
+                                                         block=block)]
 
     def metrics(self) -> dict[int, dict[str, dict[str, float]]]:
         """Per lead and source: the continuous and categorical scores, MSE skill against

@@ -263,6 +263,21 @@ def test_evaluate_scores_crps_brier_and_reliability_against_reference_ensembles(
     assert runoff_only.status == 2 and "needs variable(s) rainf" in one_error_line(runoff_only.err)
 
 
+def test_evaluate_scores_the_same_on_one_thread_as_on_several(probabilistic, tmp_path, monkeypatch):
+    """Each accumulator takes an issue day's maps in day order whatever the threads, so the
+    scores, the rank histograms (ties broken at random) and the bands are the same."""
+    from pipeline import evaluate
+
+    documents = []
+    for threads in (1, 4):
+        monkeypatch.setattr(evaluate, "SCORING_THREADS", threads)
+        report = evaluate.evaluate(probabilistic / "ckpt" / "best.pth", probabilistic / "qs.zarr", split="all",
+                                   output_dir=tmp_path / f"threads{threads}", device="cpu", batch_size=3)
+        assert report.windows > 3 * 10  # several batches of several days
+        documents.append((tmp_path / f"threads{threads}" / "metrics.json").read_text())
+    assert documents[0] == documents[1]
+
+
 def test_evaluate_scores_the_median_that_predict_writes(probabilistic, tmp_path, run_cli):
     """The ``median`` row of ``runoff evaluate`` is the MSE of predict's ``_q50`` maps
     against the cube's truth, over the same windows; the ``model`` row is the mean's."""
