@@ -121,8 +121,8 @@ def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, win
     return "\n".join(lines)
 
 
-# threads scoring at once (one accumulator each); one scoring an ensemble holds ~0.4 GB of
-# work arrays (verify.PIXELS_PER_PASS pixels of 30 members in float64)
+# threads scoring at once (one accumulator each); one scoring an ensemble holds its members
+# and ~0.1 GB of work arrays (verify.PIXELS_PER_PASS pixels of 30 members in float64)
 SCORING_THREADS = 4
 
 
