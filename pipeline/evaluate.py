@@ -133,8 +133,8 @@ class Scoreboard:
     at the first lead, and which climatology each scored day got.
 
     The maps of one issue day are scored on up to :data:`SCORING_THREADS` threads (NumPy
-    and SciPy release the GIL): each accumulator still takes its maps in the order of the
-    issue days, so the scores are those of one thread."""
+    releases the GIL while it sorts and sums): each accumulator still takes its maps in the
+    order of the issue days, so the scores are those of one thread."""
 
     def __init__(self, ds: xr.Dataset, train_range: Split, leads: list[int], thresholds: list[float],
                  probabilistic: bool) -> None:
