@@ -545,9 +545,7 @@ def test_the_spread_of_a_map_larger_than_the_budget_is_calibrated_on_a_lattice_o
             assert torch.equal(a[..., ::2, ::2], b)
 
     def calibrated(on: list, max_pixels: int | None) -> tuple[list, list]:
-        model.spread_scale.fill_(1.0)
-        model.set_level_calibration([])
-        calibrate_model(model, on, cpu, stats, levels=True, max_pixels=max_pixels)
+        calibrate_model(model, on, cpu, stats, levels=True, max_pixels=max_pixels)  # from the quantiles as trained
         return model.spread_scale.tolist(), model.config.level_calibration
 
     spread, levels = calibrated(batches, budget)
