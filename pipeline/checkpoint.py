@@ -220,7 +220,9 @@ class Checkpoint:
                          + (f"; best epoch {best} (validation loss {self.state['best_val_loss']:.4g})"
                             if best else "")
                          + (f"; weights averaged (decay {settings['ema_decay']:g})"
-                            if settings.get("ema_decay") else ""))
+                            if settings.get("ema_decay") else "")
+                         + (f"; forcings times a forecast error (log std {settings['forcing_error']:g})"
+                            if settings.get("forcing_error") else ""))
         scale = self.state["model_state"].get("spread_scale")  # absent before the spread was calibrated
         if self.quantiles and scale is not None:
             scale = scale.tolist()

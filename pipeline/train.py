@@ -26,7 +26,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.distributed.algorithms.join import Join
@@ -90,6 +90,8 @@ class TrainConfig:
     climatology_map: bool = False  # also each pixel's training mean of log1p(qs), carried by the checkpoint
     season: bool = False  # also where each past day lies in the year (cube.SEASON_INPUTS, from the dates)
     forcings: list[str] = field(default_factory=list)  # on the lead days: known ahead (a rain forecast)
+    # training only: the forcings times a smooth log-normal error of this log std (a forecast's error; 0: none)
+    forcing_error: float = 0.0
     predict_delta: bool = True  # forecast the change from the last day: untrained = persistence
     linear_response: bool = True  # that change linear in physical units, with gains set per pixel (needs predict_delta)
     probabilistic: bool = False  # QUANTILES quantiles per pixel and lead, trained by the pinball loss
@@ -186,6 +188,41 @@ def located_quantile_loss(stats: dict[str, float], log_weight: float = 0.0
         return mse(pred[:, :, :1], y, mask) + pinball_loss(pred[:, :, 1:], y, mask)
 
     return loss
+
+
+def forecast_error(forcings: torch.Tensor, stats: Sequence[dict[str, float]], sigma: float, smoothing: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The forcings (B, D, F, h, w), normalised as the model reads them (``stats``: each
+    variable's), each map multiplied by a log-normal error of mean 1 and log std ``sigma``,
+    smooth over ``smoothing`` pixels (a Gaussian's sigma): the error of a rain forecast, as
+    ``runoff synth`` gives ``rainf_fc``. Trained on such maps, a model given the observed
+    rain learns not to take the rain of a forecast at its word (docs/skill.md). The noise is
+    drawn on the CPU from ``generator``, so a resumed run draws it again alike.
+
+    >>> rain = torch.full((2, 1, 1, 8, 8), 0.5)
+    >>> noisy = forecast_error(rain, [{"mean": 0.0, "std": 1.0}], 0.5, 1.0, torch.Generator().manual_seed(0))
+    >>> noisy.shape, bool((noisy != rain).all()), forecast_error(rain, [{"mean": 0.0, "std": 1.0}], 0.0, 1.0,
+    ...                                                          torch.Generator()).equal(rain)
+    (torch.Size([2, 1, 1, 8, 8]), True, True)
+    """
+    if not sigma:
+        return forcings
+    b, d, f, h, w = forcings.shape
+    radius = max(1, math.ceil(3 * smoothing))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-taps ** 2 / (2 * smoothing ** 2))
+    kernel = (kernel / kernel.sum()).to(forcings.device)
+    # white noise reaching the kernel's width beyond the patch: each pixel's error is a weighted sum
+    # of independent draws, whose std is sum(k^2) for this separable kernel, however small the patch
+    noise = torch.randn((b * d * f, 1, h + 2 * radius, w + 2 * radius), generator=generator).to(forcings.device)
+    noise = torch.nn.functional.conv2d(torch.nn.functional.conv2d(noise, kernel.view(1, 1, 1, -1)),
+                                       kernel.view(1, 1, -1, 1))
+    noise = (noise * (sigma / kernel.square().sum())).view(b, d, f, h, w)
+    out = torch.empty_like(forcings)
+    for k, st in enumerate(stats):
+        physical = to_physical(forcings[:, :, k], st).clamp(min=0) * torch.exp(noise[:, :, k] - sigma ** 2 / 2)
+        out[:, :, k] = ((torch.log1p(physical) - st["mean"]) / st["std"]).to(out.dtype)
+    return out
 
 
 def _objective(model: ConvLSTMForecaster, stats: dict[str, float], quantile_log_weight: float = 0.0
@@ -405,6 +442,8 @@ class _Run:
     best_state: dict | None = None  # the best epoch's weights of this session (probabilistic runs)
     thresholds: tuple[float, ...] = ()  # probabilistic: the wet p90 and p99 of the training split
     averaged: AveragedModel | None = None  # the weights' moving average (ema_decay > 0)
+    forcing_stats: list[dict[str, float]] = field(default_factory=list)  # normalisation of each forcing
+    error_smoothing: float = 1.0  # pixels over which forcing_error is smooth
 
     @property
     def forecaster(self) -> ConvLSTMForecaster:
@@ -554,6 +593,8 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         run.log(f"validation on {val_issues.size} of the {issues['val'].size} validation windows, evenly spaced "
                 f"(--max_val_windows)")
     run.last_path = checkpoint_dir / "model_epoch0.pth"
+    run.forcing_stats = [stats[name] for name in config.forcings]
+    run.error_smoothing = max(grid.height, grid.width) / 24  # as runoff synth smooths rainf_fc's error
     if config.probabilistic and config.calibration == "brier":
         run.thresholds = tuple(wet_thresholds(ds, splits["train"].start, splits["train"].end))
     if resume_state is not None:
@@ -592,6 +633,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     bar = tqdm(total=len(run.train_set), unit="win", desc=f"epoch {epoch}/{config.epochs}",
                disable=not run.progress, leave=False)
     batches = loader_batches(run.train_loader, device)
+    # the forecast error's draws: fixed by the seed, epoch and rank, so a resumed epoch draws them again
+    errors = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1009 + ranks.rank)
     # Join: ranks whose share holds fewer batches shadow the others' all-reduces
     with Join([run.net]) if ranks.world_size > 1 else contextlib.nullcontext():
         while True:
@@ -603,6 +646,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
             if queued is None or queued.query():  # the device had run out of work: it waited too
                 waited_s += time.perf_counter() - waited
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (x, y, mask, forcings))
+            if config.forcing_error and forcings.numel():
+                forcings = forecast_error(forcings, run.forcing_stats, config.forcing_error, run.error_smoothing,
+                                          errors)
             totals[0] += train_step(run.net, run.optimiser, run.scaler, x, y, mask, config.precision,
                                     config.clip_grad, forcings, run.loss, run.model.config.quantile_location)
             if run.averaged is not None:
@@ -692,6 +738,10 @@ def _validate(config: TrainConfig) -> None:
         (config.patch >= 4, "--patch", config.patch, "must be >= 4 pixels"),
         (config.num_workers >= 0, "--num_workers", config.num_workers, "must be >= 0"),
         (config.quantile_log_weight >= 0, "--quantile_log_weight", config.quantile_log_weight, "must be >= 0"),
+        (0 <= config.forcing_error <= 2, "--forcing_error", config.forcing_error,
+         "must be in [0, 2]: the log std of the forcings' error (0.5: a factor of about 1.6 either way)"),
+        (not config.forcing_error or bool(config.forcings), "--forcing_error", config.forcing_error,
+         "it perturbs the forcings: it needs --forcings"),
         (config.calibration in CALIBRATIONS, "--calibration", config.calibration, f"must be one of {CALIBRATIONS}"),
     ]
     for ok, option, value, why in checks:

@@ -93,8 +93,51 @@ def test_untrained_model_is_persistence(rain_run):
     torch.testing.assert_close(fresh(x, rain), x[:, -1:, :1].expand(2, 2, 1, 8, 8))
 
 
+def test_forecast_error_is_a_smooth_factor_of_mean_one_that_keeps_dry_days_dry():
+    from pipeline.train import forecast_error
+
+    stats = {"mean": 0.5, "std": 2.0}
+    physical = torch.full((64, 1, 1, 32, 32), 5.0)
+    physical[:, :, :, :4] = 0.0  # dry rows
+    rain = (torch.log1p(physical) - stats["mean"]) / stats["std"]
+    noisy = forecast_error(rain, [stats], 0.5, 2.0, torch.Generator().manual_seed(1))
+    again = forecast_error(rain, [stats], 0.5, 2.0, torch.Generator().manual_seed(1))
+    assert torch.equal(noisy, again)
+    factor = torch.expm1(noisy * stats["std"] + stats["mean"]) / 5.0
+    assert torch.allclose(factor[:, :, :, :4], torch.zeros(()), atol=1e-5)  # no rain from a dry day
+    wet = factor[:, 0, 0, 4:]
+    assert abs(float(wet.mean()) - 1.0) < 0.05 and abs(float(wet.log().std()) - 0.5) < 0.05
+    log = wet.log()  # smooth: neighbours err alike, as a forecast's rain field does
+    assert float(torch.corrcoef(torch.stack([log[:, :, :-1].flatten(), log[:, :, 1:].flatten()]))[0, 1]) > 0.8
+
+
+def test_training_on_a_forecast_error_changes_the_model_and_resumes_exactly(rain_run, tmp_path, run_cli):
+    common = ["--data_dir", rain_run / "qs.zarr", "--batch_size", "4", "--hidden_channels", "4", "--patch", "16",
+              "--leads", "1-2", "--forcings", "rainf", "--device", "cpu", "--ema_decay", "0"]
+
+    def run(name, *extra):
+        result = run_cli("train", *common, "--checkpoint_dir", tmp_path / name, "--output_dir", tmp_path / "out",
+                         *extra)
+        assert result.status == 0, result.err
+        return load_checkpoint(tmp_path / name / "model_epoch2.pth")
+
+    plain = run("plain", "--epochs", "2")
+    noisy = run("noisy", "--epochs", "2", "--forcing_error", "0.5")
+    assert noisy["train_config"]["forcing_error"] == 0.5
+    info = run_cli("info", tmp_path / "noisy" / "best.pth")
+    assert info.status == 0 and "forecast error (log std 0.5)" in info.out
+    assert any(not torch.equal(t, noisy["model_state"][k]) for k, t in plain["model_state"].items())
+    assert run_cli("train", *common, "--epochs", "1", "--forcing_error", "0.5", "--checkpoint_dir",
+                   tmp_path / "halves", "--output_dir", tmp_path / "out").status == 0
+    resumed = run("halves", "--epochs", "2", "--resume", tmp_path / "halves" / "model_epoch1.pth")
+    for name, tensor in noisy["model_state"].items():
+        assert torch.equal(tensor, resumed["model_state"][name]), name
+
+
 @pytest.mark.parametrize("args, option", [
     (["--forcings", "qs"], "--forcings"),
+    (["--forcing_error", "0.5"], "--forcing_error"),
+    (["--forcings", "rainf", "--forcing_error", "-1"], "--forcing_error"),
     (["--forcings", "rainf", "--covariates", "rainf"], "--forcings / --covariates"),
     (["--forcings", "soilm"], "--forcings soilm"),
 ])
