@@ -442,8 +442,6 @@ class _Run:
     best_state: dict | None = None  # the best epoch's weights of this session (probabilistic runs)
     thresholds: tuple[float, ...] = ()  # probabilistic: the wet p90 and p99 of the training split
     averaged: AveragedModel | None = None  # the weights' moving average (ema_decay > 0)
-    forcing_stats: list[dict[str, float]] = field(default_factory=list)  # normalisation of each forcing
-    error_smoothing: float = 1.0  # pixels over which forcing_error is smooth
 
     @property
     def forecaster(self) -> ConvLSTMForecaster:
@@ -593,8 +591,6 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         run.log(f"validation on {val_issues.size} of the {issues['val'].size} validation windows, evenly spaced "
                 f"(--max_val_windows)")
     run.last_path = checkpoint_dir / "model_epoch0.pth"
-    run.forcing_stats = [stats[name] for name in config.forcings]
-    run.error_smoothing = max(grid.height, grid.width) / 24  # as runoff synth smooths rainf_fc's error
     if config.probabilistic and config.calibration == "brier":
         run.thresholds = tuple(wet_thresholds(ds, splits["train"].start, splits["train"].end))
     if resume_state is not None:
@@ -635,6 +631,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     batches = loader_batches(run.train_loader, device)
     # the forecast error's draws: fixed by the seed, epoch and rank, so a resumed epoch draws them again
     errors = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1009 + ranks.rank)
+    forcing_stats = [run.record["norm_stats"][name] for name in config.forcings]
+    smoothing = max(run.record["grid"]["height"], run.record["grid"]["width"]) / 24  # as runoff synth's rainf_fc
     # Join: ranks whose share holds fewer batches shadow the others' all-reduces
     with Join([run.net]) if ranks.world_size > 1 else contextlib.nullcontext():
         while True:
@@ -647,8 +645,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
                 waited_s += time.perf_counter() - waited
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (x, y, mask, forcings))
             if config.forcing_error and forcings.numel():
-                forcings = forecast_error(forcings, run.forcing_stats, config.forcing_error, run.error_smoothing,
-                                          errors)
+                forcings = forecast_error(forcings, forcing_stats, config.forcing_error, smoothing, errors)
             totals[0] += train_step(run.net, run.optimiser, run.scaler, x, y, mask, config.precision,
                                     config.clip_grad, forcings, run.loss, run.model.config.quantile_location)
             if run.averaged is not None:
