@@ -10,7 +10,9 @@ cost about one pass more and are fitted on every pixel. Their batch loop,
 :func:`model_outputs`, is also the one the trainer validates with (on every pixel).
 
 :func:`calibrate_model` does both in place; ``runoff calibrate`` (:mod:`pipeline.recalibrate`)
-does it again on a trained checkpoint, over a period of the user's choice.
+does it again on a trained checkpoint, over a period of the user's choice. A model trained
+with ``--forcing_error`` is calibrated with that error on its forcings
+(:mod:`pipeline.forcing_error`): the spread of forecasts made with forecast rain.
 
 Example
 -------
@@ -22,7 +24,7 @@ Example
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -34,6 +36,8 @@ from .model import (TILE, ConvLSTMForecaster, map_passes, pinball, quantile_leve
 from .verify import spread_skill_ratio
 
 
+# (forcings, issue days) -> the forcings with a forecast's error (forcing_error.window_errors)
+ForcingError = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CALIBRATION_PIXELS = 2**16  # pixels per map the spread is scored on: a 256x256 map, or a lattice of a larger one
 
 
@@ -53,7 +57,8 @@ def pixel_stride(height: int, width: int, max_pixels: int | None) -> int:
 
 
 def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device, precision: str = "auto",
-                  with_centre: bool = False, max_pixels: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+                  with_centre: bool = False, max_pixels: int | None = None, forcing_error: ForcingError | None = None
+                  ) -> Iterator[tuple[torch.Tensor, ...]]:
     """The model's output on each of ``loader``'s batches, in ``precision``: yields the
     batch's inputs, targets and mask on ``device``, and that output. Maps wider than
     :data:`~pipeline.model.TILE` come piece by piece (:func:`~pipeline.model.map_passes`,
@@ -62,11 +67,14 @@ def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.d
     is bounded by one pass, not a batch of whole maps: every consumer sums over pixels.
     With ``max_pixels``, a map larger than that yields only a regular lattice of its pixels
     (every :func:`pixel_stride`-th row and column of the map, from the first, in each
-    piece's core), for scores whose cost per pixel exceeds the forward pass's. Run it under
-    ``torch.no_grad()``: it scores, it does not train."""
+    piece's core), for scores whose cost per pixel exceeds the forward pass's. The forcings
+    pass through ``forcing_error`` first where one is given (:func:`~pipeline.forcing_error.window_errors`).
+    Run it under ``torch.no_grad()``: it scores, it does not train."""
     for batch in loader_batches(loader, device):
         x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (batch.x, batch.y, batch.mask,
                                                                         batch.forcings))
+        if forcing_error is not None:
+            forcings = forcing_error(forcings, batch.issue)
         margin = model.receptive_radius(x.shape[1])
         stride = pixel_stride(*x.shape[-2:], max_pixels)
         # a model that sees farther than a quarter of TILE gets larger pieces, not an error
@@ -88,7 +96,8 @@ CALIBRATIONS = ("spread_skill", "brier")  # the tie-breaks of calibrate_spread
 def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                      stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
                      rule: str = "spread_skill", thresholds: tuple[float, ...] = (),
-                     max_pixels: int | None = CALIBRATION_PIXELS) -> torch.Tensor:
+                     max_pixels: int | None = CALIBRATION_PIXELS, forcing_error: ForcingError | None = None
+                     ) -> torch.Tensor:
     """A probabilistic model's ``spread_scale``, per lead: a factor of ``SPREAD_FACTORS`` on
     the quantiles' spread around their centre (in the model's log space, so a multiplicative
     widening in data units), times the current scale.
@@ -104,7 +113,9 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
       so that those probabilities are as reliable as the validation days can make them.
 
     Each factor is scored on every pixel kept, so a map larger than ``max_pixels`` is scored
-    on a regular lattice of that many (:func:`model_outputs`); ``None`` scores every pixel."""
+    on a regular lattice of that many (:func:`model_outputs`); ``None`` scores every pixel.
+    With ``forcing_error``, the windows' forcings carry that error (a model that will forecast
+    with rain forecasts gets the spread of such forecasts)."""
     if rule not in CALIBRATIONS or (rule == "brier" and not thresholds):
         raise ValueError(f"rule {rule!r} with thresholds {thresholds}: one of {CALIBRATIONS}, brier with thresholds")
     model.eval()
@@ -115,7 +126,8 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
                        dtype=accumulator_dtype(device), device=device)
     # the quantiles as trained, rescaled, then bounded: what forward gives at each factor
     with torch.no_grad(), model.unbounded():
-        for _, y, mask, q in model_outputs(model, loader, device, precision, max_pixels=max_pixels):
+        for _, y, mask, q in model_outputs(model, loader, device, precision, max_pixels=max_pixels,
+                                           forcing_error=forcing_error):
             q = q.float()
             centre, truth, m = q.mean(dim=2, keepdim=True), to_physical(y, stats), mask.float()
             for i, factor in enumerate(factors):
@@ -140,18 +152,19 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
 def calibrate_model(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
                     rule: str = "spread_skill", thresholds: tuple[float, ...] = (), levels: bool = False,
-                    max_pixels: int | None = CALIBRATION_PIXELS) -> None:
+                    max_pixels: int | None = CALIBRATION_PIXELS, forcing_error: ForcingError | None = None) -> None:
     """Calibrate a probabilistic model in place on ``loader``'s windows, from its quantiles as
     trained (spread 1, no levels, whatever an earlier calibration set): its spread per lead
     (:func:`calibrate_spread` with ``rule``), then with ``levels`` its levels per lead and flow
     class (:func:`calibrate_levels`, fitted on the calibrated spread). The spread is scored
-    on at most ``max_pixels`` pixels of each map, the levels on every pixel."""
+    on at most ``max_pixels`` pixels of each map, the levels on every pixel; both on
+    forcings with ``forcing_error`` where one is given."""
     model.spread_scale.fill_(1.0)
     model.set_level_calibration([])
     model.spread_scale.copy_(calibrate_spread(model, loader, device, stats, ranks, precision, rule, thresholds,
-                                              max_pixels))
+                                              max_pixels, forcing_error))
     if levels:
-        model.set_level_calibration(calibrate_levels(model, loader, device, stats, ranks, precision))
+        model.set_level_calibration(calibrate_levels(model, loader, device, stats, ranks, precision, forcing_error))
 
 
 LEVEL_CLASS_SHARES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)  # shares of validation pixels below each class edge
@@ -184,7 +197,8 @@ def pit_intervals(quantiles: torch.Tensor, truth: torch.Tensor) -> tuple[torch.T
 
 
 def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
-                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto") -> list[dict]:
+                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
+                     forcing_error: ForcingError | None = None) -> list[dict]:
     """A probabilistic model's level calibration, per lead (see
     :meth:`~pipeline.model.ConvLSTMForecaster.set_level_calibration`), fitted on ``loader``'s
     windows: the pixels are put in classes by the median of their quantiles (edges at
@@ -193,7 +207,7 @@ def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     class). So a class whose truth lies above its median more often than half the time has
     its quantiles read higher. Streamed: per lead, a histogram of the medians, each bin with
     the PIT distribution of its pixels; under data-parallel training the ranks' sums are
-    combined."""
+    combined. ``forcing_error`` as in :func:`calibrate_spread`."""
     model.eval()
     q, leads = model.config.quantiles, model.config.leads
     dry = -stats["mean"] / stats["std"]  # a value of 0 in the model's normalised space
@@ -202,7 +216,7 @@ def calibrate_levels(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     # per lead and median bin: the PIT CDF summed over its pixels at each grid point, then the medians' sum
     sums = torch.zeros(leads * _MEDIAN_BINS, _PIT_GRID + 1, dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():
-        for _, y, mask, quantiles in model_outputs(model, loader, device, precision):
+        for _, y, mask, quantiles in model_outputs(model, loader, device, precision, forcing_error=forcing_error):
             quantiles, y = quantiles.float().clamp(min=dry), y.float().clamp(min=dry)  # as clipped at 0 in data units
             median = quantiles_median(quantiles)  # (B, L, H, W)
             low, high = pit_intervals(quantiles, y)

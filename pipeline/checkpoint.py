@@ -36,6 +36,9 @@ calibrated_on
     a probabilistic model's ``[start, end]`` ISO dates its spread (and levels) were
     calibrated on: the validation split in ``best.pth``, the period of ``runoff calibrate``;
     absent where the quantiles are as trained (the epoch checkpoints, ``last.pth``).
+calibrated_forcing_error
+    beside ``calibrated_on``: the log std of the forecast error its forcings were given
+    there (``--forcing_error``; 0 or absent: the forcings as the cube holds them).
 
 Example
 -------
@@ -229,6 +232,8 @@ class Checkpoint:
             days = self.state.get("calibrated_on")
             if days:
                 how = f"calibrated on {days[0]}..{days[1]}"
+                if self.state.get("calibrated_forcing_error"):
+                    how += f" with the forcings' forecast error (log std {self.state['calibrated_forcing_error']:g})"
             else:  # best.pth before 2026-12-05 was calibrated on the validation split without saying so
                 how = "as trained" if all(f == 1 for f in scale) else "calibrated on the validation split"
             lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} ({how}"

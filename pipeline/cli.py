@@ -269,9 +269,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     done = recalibrate(args.weights_path, args.data_dir, args.split, args.output_path, rule=args.calibration,
                        levels=args.calibrate_levels, device=args.device, batch_size=args.batch_size,
-                       storage_options=_storage_options(args.storage_options))
-    print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} window(s)): "
-          + spread_text(done.spread) + ("; levels per flow class too" if done.levels else ""))
+                       storage_options=_storage_options(args.storage_options), forcing_error=args.forcing_error)
+    print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} window(s))"
+          + (f" with the forcings' forecast error (log std {done.forcing_error:g})" if done.forcing_error else "")
+          + ": " + spread_text(done.spread) + ("; levels per flow class too" if done.levels else ""))
     print(f"wrote {done.path}")
 
 
@@ -378,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="train on the forcings times a smooth log-normal error of log std SIGMA (mean 1), the error of "
                  "a rain forecast, so that a model trained on observed rain holds up when forecasting with "
                  "forecast rain: on CWatM, 0.5 kept the skill against persistence with a forecast of that error "
-                 "at +0.54 .. +0.68 where a model trained without it fell to +0.17 .. +0.55, at a cost with the "
-                 "observed rain (docs/skill.md; default 0: none)")
+                 "at +0.53 .. +0.66 where a model trained without it fell to +0.17 .. +0.55, at a cost with the "
+                 "observed rain; a probabilistic model's spread is calibrated with the same error "
+                 "(docs/skill.md; default 0: none)")
     _option(p, "predict_delta", action=argparse.BooleanOptionalAction, default=None,
             help="forecast the change from the last input day, so that an untrained model is persistence "
                  "(default; --no-predict_delta to forecast the map itself)")
@@ -470,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "calibration", choices=CALIBRATION_RULES, help="the rule (default: the checkpoint's own)")
     _option(p, "calibrate_levels", action=argparse.BooleanOptionalAction, default=None,
             help="also calibrate the levels per flow class (default: as the checkpoint was trained)")
+    _option(p, "forcing_error", type=float, metavar="SIGMA",
+            help="calibrate with the forcings times a forecast error of this log std (default: the checkpoint's "
+                 "--forcing_error; 0 on a cube whose forcings are forecasts already)")
     _option(p, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
     _option(p, "storage_options", help="JSON options for fsspec URLs")

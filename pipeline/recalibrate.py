@@ -9,7 +9,9 @@ narrow for the dry ones; calibrated on three years instead, spread/skill came in
 calibrates the quantiles as trained on the windows whose targets lie in ``--split`` (by
 the rule and with the levels the checkpoint was trained with, unless told otherwise), and
 writes a new checkpoint beside it; the weights are unchanged, and ``predict`` and
-``evaluate`` read the new file as they read ``best.pth``.
+``evaluate`` read the new file as they read ``best.pth``. A checkpoint trained with
+``--forcing_error`` is calibrated with its forcings times that error, as in training, unless
+told ``forcing_error=0`` (a cube whose forcings already hold forecasts).
 
 >>> recalibrate("checkpoints/best.pth", "stores/qs.zarr", "2025-01-01..2027-12-31",
 ...             "checkpoints/best_2025_2027.pth")                    # doctest: +SKIP
@@ -27,6 +29,7 @@ from .checkpoint import read_checkpoint, save_checkpoint, with_model
 from .cube import TARGET, Split
 from .device import pick_device
 from .errors import RunoffError, RunoffWarning
+from .forcing_error import window_errors
 from .inference import split_windows
 from .sampler import WindowSampler, collate_windows, data_loader
 from .storage import location
@@ -34,23 +37,26 @@ from .storage import location
 
 @dataclass
 class Recalibration:
-    """What :func:`recalibrate` did: the checkpoint it wrote, the days it calibrated on, and
-    the spread factor per lead."""
+    """What :func:`recalibrate` did: the checkpoint it wrote, the days it calibrated on, the
+    spread factor per lead, and the forecast error the forcings were given."""
 
     path: Path
     period: Split
     windows: int
     spread: dict[int, float]
     levels: bool
+    forcing_error: float
 
 
 def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, output_path: str | Path,
                 rule: str | None = None, levels: bool | None = None, device: str = "auto", batch_size: int = 8,
-                storage_options: dict | None = None, max_pixels: int | None = CALIBRATION_PIXELS) -> Recalibration:
+                storage_options: dict | None = None, max_pixels: int | None = CALIBRATION_PIXELS,
+                forcing_error: float | None = None) -> Recalibration:
     """Calibrate the probabilistic checkpoint ``weights_path`` on the windows of ``data_dir``
     whose targets lie in ``split`` (a split of the checkpoint, or a period START..END) and
-    write it to ``output_path``, which must not exist. ``rule`` and ``levels`` default to the
-    checkpoint's own (``--calibration``, ``--calibrate_levels`` of its training). The spread
+    write it to ``output_path``, which must not exist. ``rule``, ``levels`` and
+    ``forcing_error`` default to the checkpoint's own (``--calibration``,
+    ``--calibrate_levels``, ``--forcing_error`` of its training). The spread
     of maps larger than ``max_pixels`` is scored on a lattice of that many pixels (``None``:
     every pixel)."""
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
@@ -62,6 +68,12 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     if rule not in CALIBRATIONS:
         raise RunoffError(f"--calibration {rule}: choose {' or '.join(CALIBRATIONS)}")
     levels = bool(trained_with.get("calibrate_levels", False)) if levels is None else levels
+    forcing_error = float(trained_with.get("forcing_error", 0.0)) if forcing_error is None else forcing_error
+    if not 0 <= forcing_error <= 2:
+        raise RunoffError(f"--forcing_error {forcing_error:g}: must be in [0, 2]: the log std of the forcings' error "
+                          "(0 for none: a cube whose forcings are forecasts already)")
+    if forcing_error and not ckpt.forcings:
+        raise RunoffError(f"--forcing_error {forcing_error:g}: {weights_path} reads no forcings to put an error on")
     output = location(output_path, storage_options)
     if output.exists():
         raise RunoffError(f"--output_path {output_path}: exists; name a new file (nothing is overwritten)")
@@ -78,9 +90,12 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
                             storage_options=storage_options, maps=ckpt.maps)
     with data_loader(sampler, batch_size=batch_size, collate_fn=collate_windows) as loader:
         calibrate_model(model, loader, torch_device, ckpt.norm_stats[TARGET], rule=rule, thresholds=thresholds,
-                        levels=levels, max_pixels=max_pixels)
+                        levels=levels, max_pixels=max_pixels,
+                        forcing_error=window_errors(forcing_error, [ckpt.norm_stats[name] for name in ckpt.forcings],
+                                                    ckpt.state["grid"], int(trained_with.get("seed", 0))))
     state = with_model(ckpt.state, model)
     state["calibrated_on"] = [period.start.isoformat(), period.end.isoformat()]
+    state["calibrated_forcing_error"] = forcing_error
     save_checkpoint(state, output)
     return Recalibration(output, period, int(issues.size),
-                         dict(zip(ckpt.leads, model.spread_scale.tolist())), levels)
+                         dict(zip(ckpt.leads, model.spread_scale.tolist())), levels, forcing_error)

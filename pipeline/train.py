@@ -26,7 +26,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch.distributed.algorithms.join import Join
@@ -43,6 +43,7 @@ from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_me
                      queue_marker)
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError, RunoffWarning
+from .forcing_error import window_errors
 from .ingest import ensure_cube
 from .model import QUANTILES, ConvLSTMForecaster, pinball, signed_log1p, to_physical
 from .plots import plot_loss_curves
@@ -190,41 +191,6 @@ def located_quantile_loss(stats: dict[str, float], log_weight: float = 0.0
     return loss
 
 
-def forecast_error(forcings: torch.Tensor, stats: Sequence[dict[str, float]], sigma: float, smoothing: float,
-                   generator: torch.Generator) -> torch.Tensor:
-    """The forcings (B, D, F, h, w), normalised as the model reads them (``stats``: each
-    variable's), each map multiplied by a log-normal error of mean 1 and log std ``sigma``,
-    smooth over ``smoothing`` pixels (a Gaussian's sigma): the error of a rain forecast, as
-    ``runoff synth`` gives ``rainf_fc``. Trained on such maps, a model given the observed
-    rain learns not to take the rain of a forecast at its word (docs/skill.md). The noise is
-    drawn on the CPU from ``generator``, so a resumed run draws it again alike.
-
-    >>> rain = torch.full((2, 1, 1, 8, 8), 0.5)
-    >>> noisy = forecast_error(rain, [{"mean": 0.0, "std": 1.0}], 0.5, 1.0, torch.Generator().manual_seed(0))
-    >>> noisy.shape, bool((noisy != rain).all()), forecast_error(rain, [{"mean": 0.0, "std": 1.0}], 0.0, 1.0,
-    ...                                                          torch.Generator()).equal(rain)
-    (torch.Size([2, 1, 1, 8, 8]), True, True)
-    """
-    if not sigma:
-        return forcings
-    b, d, f, h, w = forcings.shape
-    radius = max(1, math.ceil(3 * smoothing))
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-taps ** 2 / (2 * smoothing ** 2))
-    kernel = (kernel / kernel.sum()).to(forcings.device)
-    # white noise reaching the kernel's width beyond the patch: each pixel's error is a weighted sum
-    # of independent draws, whose std is sum(k^2) for this separable kernel, however small the patch
-    noise = torch.randn((b * d * f, 1, h + 2 * radius, w + 2 * radius), generator=generator).to(forcings.device)
-    noise = torch.nn.functional.conv2d(torch.nn.functional.conv2d(noise, kernel.view(1, 1, 1, -1)),
-                                       kernel.view(1, 1, -1, 1))
-    noise = (noise * (sigma / kernel.square().sum())).view(b, d, f, h, w)
-    out = torch.empty_like(forcings)
-    for k, st in enumerate(stats):
-        physical = to_physical(forcings[:, :, k], st).clamp(min=0) * torch.exp(noise[:, :, k] - sigma ** 2 / 2)
-        out[:, :, k] = ((torch.log1p(physical) - st["mean"]) / st["std"]).to(out.dtype)
-    return out
-
-
 def _objective(model: ConvLSTMForecaster, stats: dict[str, float], quantile_log_weight: float = 0.0
                ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The training loss of ``model``: MSE, pinball, or both (a located quantile model)."""
@@ -320,16 +286,28 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
             "persistence_mse": sse_p / count}
 
 
+def _forcing_error(run: "_Run", epoch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``--forcing_error``'s errors for ``epoch``'s training windows (epoch 0: the calibration's
+    validation windows); ``None`` without an error."""
+    config = run.config
+    return window_errors(config.forcing_error, [run.record["norm_stats"][name] for name in config.forcings],
+                         run.record["grid"], config.seed, epoch)
+
+
 def _calibrate_best(run: "_Run") -> None:
     """Calibrate the spread of the best epoch's weights on the validation split, and with
     ``calibrate_levels`` their levels per flow class, and write both into ``best.pth`` (epoch
-    checkpoints keep the quantiles as trained)."""
+    checkpoints keep the quantiles as trained). With ``--forcing_error`` the validation
+    windows' forcings carry that error, as the forecasts' rain will."""
     if run.best_state is None:  # no improvement in this session: best.pth stays as it is
         return
     run.model.load_state_dict(run.best_state)
     calibrate_model(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET], run.ranks,
-                    run.config.precision, run.config.calibration, run.thresholds, run.config.calibrate_levels)
-    run.log("spread calibrated on the validation split (best.pth): "
+                    run.config.precision, run.config.calibration, run.thresholds, run.config.calibrate_levels,
+                    forcing_error=_forcing_error(run, epoch=0))
+    run.log("spread calibrated on the validation split"
+            + (f" with the forcings' forecast error (log std {run.config.forcing_error:g})"
+               if run.config.forcing_error else "") + " (best.pth): "
             + spread_text(dict(zip(run.config.leads, run.model.spread_scale.tolist()))))
     if run.config.calibrate_levels:
         run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(
@@ -339,6 +317,7 @@ def _calibrate_best(run: "_Run") -> None:
         best = run.checkpoint_dir / "best.pth"
         state = with_model(load_checkpoint(best), run.model)
         state["calibrated_on"] = list(run.record["splits"]["val"])
+        state["calibrated_forcing_error"] = run.config.forcing_error
         save_checkpoint(state, best)
 
 
@@ -629,10 +608,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     bar = tqdm(total=len(run.train_set), unit="win", desc=f"epoch {epoch}/{config.epochs}",
                disable=not run.progress, leave=False)
     batches = loader_batches(run.train_loader, device)
-    # the forecast error's draws: fixed by the seed, epoch and rank, so a resumed epoch draws them again
-    errors = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1009 + ranks.rank)
-    forcing_stats = [run.record["norm_stats"][name] for name in config.forcings]
-    smoothing = max(run.record["grid"]["height"], run.record["grid"]["width"]) / 24  # as runoff synth's rainf_fc
+    forcing_error = _forcing_error(run, epoch)
     # Join: ranks whose share holds fewer batches shadow the others' all-reduces
     with Join([run.net]) if ranks.world_size > 1 else contextlib.nullcontext():
         while True:
@@ -644,8 +620,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
             if queued is None or queued.query():  # the device had run out of work: it waited too
                 waited_s += time.perf_counter() - waited
             x, y, mask, forcings = (t.to(device, non_blocking=True) for t in (x, y, mask, forcings))
-            if config.forcing_error and forcings.numel():
-                forcings = forecast_error(forcings, forcing_stats, config.forcing_error, smoothing, errors)
+            if forcing_error is not None:
+                forcings = forcing_error(forcings, issue)
             totals[0] += train_step(run.net, run.optimiser, run.scaler, x, y, mask, config.precision,
                                     config.clip_grad, forcings, run.loss, run.model.config.quantile_location)
             if run.averaged is not None:

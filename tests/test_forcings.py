@@ -94,7 +94,7 @@ def test_untrained_model_is_persistence(rain_run):
 
 
 def test_forecast_error_is_a_smooth_factor_of_mean_one_that_keeps_dry_days_dry():
-    from pipeline.train import forecast_error
+    from pipeline.forcing_error import forecast_error
 
     stats = {"mean": 0.5, "std": 2.0}
     physical = torch.full((64, 1, 1, 32, 32), 5.0)
@@ -132,6 +132,37 @@ def test_training_on_a_forecast_error_changes_the_model_and_resumes_exactly(rain
     resumed = run("halves", "--epochs", "2", "--resume", tmp_path / "halves" / "model_epoch1.pth")
     for name, tensor in noisy["model_state"].items():
         assert torch.equal(tensor, resumed["model_state"][name]), name
+
+
+def test_a_probabilistic_model_trained_with_a_forecast_error_has_its_spread_calibrated_with_it(
+        rain_run, tmp_path, run_cli):
+    common = ["--data_dir", rain_run / "qs.zarr", "--batch_size", "4", "--hidden_channels", "4", "--patch", "16",
+              "--leads", "1-2", "--device", "cpu", "--epochs", "1", "--probabilistic", "--output_dir", tmp_path / "out"]
+    result = run_cli("train", *common, "--forcings", "rainf", "--forcing_error", "0.5", "--checkpoint_dir",
+                     tmp_path / "ckpt")
+    assert result.status == 0, result.err
+    assert "spread calibrated on the validation split with the forcings' forecast error (log std 0.5)" in result.out
+    best = tmp_path / "ckpt" / "best.pth"
+    assert load_checkpoint(best)["calibrated_forcing_error"] == 0.5
+    # runoff calibrate takes the checkpoint's error and draws the same errors again: best.pth's spread back
+    again = run_cli("calibrate", "--weights_path", best, "--data_dir", rain_run / "qs.zarr", "--split", "val",
+                    "--batch_size", "1", "--output_path", tmp_path / "val.pth")
+    assert again.status == 0, again.err
+    assert "forecast error (log std 0.5)" in again.out
+    assert torch.equal(load_checkpoint(best)["model_state"]["spread_scale"],
+                       load_checkpoint(tmp_path / "val.pth")["model_state"]["spread_scale"])
+    plain = run_cli("calibrate", "--weights_path", best, "--data_dir", rain_run / "qs.zarr", "--split", "val",
+                    "--forcing_error", "0", "--output_path", tmp_path / "plain.pth")
+    assert plain.status == 0 and "forecast error" not in plain.out
+    assert load_checkpoint(tmp_path / "plain.pth")["calibrated_forcing_error"] == 0
+
+    assert run_cli("train", *common, "--checkpoint_dir", tmp_path / "alone").status == 0  # reads no forcings
+    for weights, sigma, words in ((best, "3", "must be in [0, 2]"), (tmp_path / "alone" / "best.pth", "0.5",
+                                                                        "reads no forcings")):
+        result = run_cli("calibrate", "--weights_path", weights, "--data_dir", rain_run / "qs.zarr", "--split", "val",
+                         "--forcing_error", sigma, "--output_path", tmp_path / "x.pth")
+        assert result.status == 2 and words in one_error_line(result.err)
+        assert not (tmp_path / "x.pth").exists()
 
 
 @pytest.mark.parametrize("args, option", [

@@ -733,6 +733,43 @@ def test_a_probabilistic_checkpoint_from_before_the_location_setting_resumes_cen
     assert again["model_config"]["quantile_location"] is False and again["train_config"]["quantile_location"] is False
 
 
+def test_calibrate_with_a_forecast_error_on_the_forcings(probabilistic, tmp_path, run_cli):
+    """`runoff calibrate --forcing_error` scores the quantiles on validation windows whose rain
+    carries a forecast's error, each window's drawn alike whatever the batches; the
+    checkpoint and `runoff info` say so."""
+    from pipeline.calibration import model_outputs
+    from pipeline.forcing_error import window_errors
+    from pipeline.inference import split_windows
+    from pipeline.sampler import WindowSampler, collate_windows, data_loader
+
+    best = probabilistic / "ckpt" / "best.pth"
+    args = ("calibrate", "--weights_path", best, "--data_dir", probabilistic / "qs.zarr", "--split", "val",
+            "--forcing_error", "1")
+    one = run_cli(*args, "--output_path", tmp_path / "a.pth")
+    assert one.status == 0, one.err
+    assert "with the forcings' forecast error (log std 1)" in one.out
+    assert run_cli(*args, "--batch_size", "1", "--output_path", tmp_path / "b.pth").status == 0
+    a, b = (torch.load(tmp_path / name, weights_only=True) for name in ("a.pth", "b.pth"))
+    assert a["calibrated_forcing_error"] == 1.0
+    assert torch.equal(a["model_state"]["spread_scale"], b["model_state"]["spread_scale"])
+    assert "with the forcings' forecast error (log std 1))" in run_cli("info", tmp_path / "a.pth").out
+
+    ckpt = read_checkpoint(best)
+    model, windows = ckpt.build_model().eval(), split_windows(ckpt, probabilistic / "qs.zarr", "val", best)
+    sampler = WindowSampler(windows.store, windows.issues, windows.spec, ckpt.norm_stats, patch=None, shuffle=False,
+                            maps=ckpt.maps)
+
+    def quantiles(batch_size, forcing_error=None):
+        with torch.no_grad(), data_loader(sampler, batch_size=batch_size, collate_fn=collate_windows) as loader:
+            return torch.cat([out for *_, out in model_outputs(model, loader, torch.device("cpu"),
+                                                               forcing_error=forcing_error)])
+
+    errors = window_errors(1.0, [ckpt.norm_stats["rainf"]], ckpt.state["grid"], seed=0)
+    noisy = quantiles(4, errors)
+    assert not torch.allclose(noisy, quantiles(4))
+    torch.testing.assert_close(noisy, quantiles(1, errors))
+
+
 def test_calibrate_again_on_a_period_into_a_new_checkpoint(probabilistic, trained, tmp_path, run_cli):
     """`runoff calibrate` on the validation split gives best.pth's own spread back; on another
     period (with the levels) it writes a new checkpoint that evaluate reads; bad input: one

@@ -1,0 +1,95 @@
+"""The error of a rain forecast, put on the forcings that a model reads (``--forcing_error``).
+
+In a hindcast the cube's observed rain stands in for the forecast of the lead days, and a
+model trained on it trusts the rain it is given; forecasting with a real rain forecast, it
+turns the forecast's errors into floods (docs/skill.md, "Forecast rain instead of the
+observed rain"). ``runoff train --forcing_error SIGMA`` multiplies each training window's
+forcings by :func:`forecast_error`, so that the model learns how far the rain can be
+trusted, and calibrates a probabilistic model's spread on validation windows whose forcings
+carry the same error, so that its spread is that of a forecast made with forecast rain.
+:func:`window_errors` gives that function with a run's settings, each window's error
+drawn by seed, epoch and issue day.
+
+Example
+-------
+>>> with_error = window_errors(0.5, [{"mean": 0.0, "std": 1.0}], {"height": 24, "width": 48}, seed=0, epoch=1)
+>>> rain, issues = torch.full((2, 1, 1, 24, 48), 0.5), torch.tensor([40, 41])
+>>> noisy = with_error(rain, issues)
+>>> noisy.shape, noisy[1:].equal(with_error(rain[1:], issues[1:]))
+(torch.Size([2, 1, 1, 24, 48]), True)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from .model import to_physical
+
+
+def forecast_error(forcings: torch.Tensor, stats: Sequence[dict[str, float]], sigma: float, smoothing: float,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The forcings (B, D, F, h, w), normalised as the model reads them (``stats``: each
+    variable's), each map multiplied by a log-normal error of mean 1 and log std ``sigma``,
+    smooth over ``smoothing`` pixels (a Gaussian's sigma): the error of a rain forecast, as
+    ``runoff synth`` gives ``rainf_fc``. Trained on such maps, a model given the observed
+    rain learns not to take the rain of a forecast at its word (docs/skill.md). The noise is
+    drawn on the CPU from ``generator``, so the same generator draws it alike on any device.
+
+    >>> rain = torch.full((2, 1, 1, 8, 8), 0.5)
+    >>> noisy = forecast_error(rain, [{"mean": 0.0, "std": 1.0}], 0.5, 1.0, torch.Generator().manual_seed(0))
+    >>> noisy.shape, bool((noisy != rain).all()), forecast_error(rain, [{"mean": 0.0, "std": 1.0}], 0.0, 1.0,
+    ...                                                          torch.Generator()).equal(rain)
+    (torch.Size([2, 1, 1, 8, 8]), True, True)
+    """
+    if not sigma:
+        return forcings
+    b, d, f, h, w = forcings.shape
+    radius = max(1, math.ceil(3 * smoothing))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-taps ** 2 / (2 * smoothing ** 2))
+    kernel = (kernel / kernel.sum()).to(forcings.device)
+    # white noise reaching the kernel's width beyond the patch: each pixel's error is a weighted sum
+    # of independent draws, whose std is sum(k^2) for this separable kernel, however small the patch
+    noise = torch.randn((b * d * f, 1, h + 2 * radius, w + 2 * radius), generator=generator).to(forcings.device)
+    noise = torch.nn.functional.conv2d(torch.nn.functional.conv2d(noise, kernel.view(1, 1, 1, -1)),
+                                       kernel.view(1, 1, -1, 1))
+    noise = (noise * (sigma / kernel.square().sum())).view(b, d, f, h, w)
+    out = torch.empty_like(forcings)
+    for k, st in enumerate(stats):
+        physical = to_physical(forcings[:, :, k], st).clamp(min=0) * torch.exp(noise[:, :, k] - sigma ** 2 / 2)
+        out[:, :, k] = ((torch.log1p(physical) - st["mean"]) / st["std"]).to(out.dtype)
+    return out
+
+
+def error_smoothing(height: int, width: int) -> float:
+    """The error's smoothing on a ``height`` x ``width`` grid, in pixels (a Gaussian's
+    sigma): max(height, width) / 24, as ``runoff synth`` smooths ``rainf_fc``'s.
+
+    >>> error_smoothing(48, 64)
+    2.6666666666666665
+    """
+    return max(height, width) / 24
+
+
+def window_errors(sigma: float, stats: Sequence[dict[str, float]], grid: dict, seed: int, epoch: int = 0
+                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """A function of a batch's forcings and issue days that gives the forcings times
+    :func:`forecast_error` of log std ``sigma`` (normalised by ``stats``, each variable's;
+    smooth as on ``grid``, its ``height`` and ``width``). Each window's error is drawn from
+    a generator of its own, seeded by ``seed``, ``epoch`` and its issue day, so the same
+    window draws the same error however the windows are batched or shared among ranks: a
+    resumed epoch draws its errors again, and ``runoff calibrate --split val`` (epoch 0)
+    those of the calibration ``runoff train`` ended with. ``None`` where there is no error
+    to draw (``sigma`` 0, or no forcings)."""
+    if not sigma or not stats:
+        return None
+    stats, smoothing = list(stats), error_smoothing(grid["height"], grid["width"])
+
+    def with_error(forcings: torch.Tensor, issues: torch.Tensor) -> torch.Tensor:
+        return torch.cat([forecast_error(forcings[k:k + 1], stats, sigma, smoothing, torch.Generator().manual_seed(
+            ((seed * 1_000_003 + epoch) * 1_000_033 + issue) % 2**63)) for k, issue in enumerate(issues.tolist())])
+
+    return with_error
