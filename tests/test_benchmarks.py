@@ -63,12 +63,16 @@ def _stdout_lines(script: str, *args: str) -> list[str]:
 
 def test_skill_benchmark_prints_skill_per_lead_and_the_targets():
     lines = _stdout_lines("bench_skill.py", "--days", "80", "--height", "24", "--width", "32", "--epochs", "1",
-                          "--leads", "1-2", "--runs", "rain,forecast,past")
-    assert any(line.startswith("| lead | rain: vs persistence") for line in lines), lines
+                          "--leads", "1-2", "--runs", "rain,forecast,forcing_error,past")
+    header = next(line for line in lines if line.startswith("| lead | rain: vs persistence"))
+    # the runs trained on the observed rain are scored given the noisy forecast too
+    assert "| rain, given rainf_fc: vs persistence |" in header and "forcing_error, given rainf_fc" in header
+    assert "forecast, given" not in header and "past, given" not in header
     rows = [line for line in lines if re.match(r"^\| [12] \| [+-]\d\.\d{3} \|", line)]
-    assert len(rows) == 2, lines
+    assert len(rows) == 2 and all(row.count("|") == header.count("|") for row in rows), lines
     assert any(line.startswith("rain: lead 1 vs persistence") for line in lines)
     assert any(line.startswith("past only: worst lead") for line in lines)
+    assert any(line.startswith("given rainf_fc: forcing_error at or above rain at every lead: ") for line in lines)
 
 
 @pytest.mark.parametrize("options, heading", [
