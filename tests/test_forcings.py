@@ -138,19 +138,25 @@ def test_a_probabilistic_model_trained_with_a_forecast_error_has_its_spread_cali
         rain_run, tmp_path, run_cli):
     common = ["--data_dir", rain_run / "qs.zarr", "--batch_size", "4", "--hidden_channels", "4", "--patch", "16",
               "--leads", "1-2", "--device", "cpu", "--epochs", "1", "--probabilistic", "--output_dir", tmp_path / "out"]
-    result = run_cli("train", *common, "--forcings", "rainf", "--forcing_error", "0.5", "--checkpoint_dir",
-                     tmp_path / "ckpt")
+    result = run_cli("train", *common, "--forcings", "rainf", "--forcing_error", "0.5", "--calibrate_levels",
+                     "--checkpoint_dir", tmp_path / "ckpt")
     assert result.status == 0, result.err
     assert "spread calibrated on the validation split with the forcings' forecast error (log std 0.5)" in result.out
     best = tmp_path / "ckpt" / "best.pth"
     assert load_checkpoint(best)["calibrated_forcing_error"] == 0.5
-    # runoff calibrate takes the checkpoint's error and draws the same errors again: best.pth's spread back
+    # runoff calibrate takes the checkpoint's error and draws the same errors again, whatever its batches:
+    # best.pth's spread and levels back (the levels, fitted on where the truth falls among the quantiles,
+    # come out otherwise from other draws)
     again = run_cli("calibrate", "--weights_path", best, "--data_dir", rain_run / "qs.zarr", "--split", "val",
                     "--batch_size", "1", "--output_path", tmp_path / "val.pth")
     assert again.status == 0, again.err
     assert "forecast error (log std 0.5)" in again.out
-    assert torch.equal(load_checkpoint(best)["model_state"]["spread_scale"],
-                       load_checkpoint(tmp_path / "val.pth")["model_state"]["spread_scale"])
+    trained, recalibrated = load_checkpoint(best), load_checkpoint(tmp_path / "val.pth")
+    assert torch.equal(trained["model_state"]["spread_scale"], recalibrated["model_state"]["spread_scale"])
+    for ours, theirs in zip(trained["model_config"]["level_calibration"],
+                            recalibrated["model_config"]["level_calibration"], strict=True):
+        for key in ("centres", "levels"):  # to the sums' rounding: batches of 1 here, of 4 in training
+            torch.testing.assert_close(torch.tensor(ours[key]), torch.tensor(theirs[key]), rtol=1e-6, atol=1e-6)
     plain = run_cli("calibrate", "--weights_path", best, "--data_dir", rain_run / "qs.zarr", "--split", "val",
                     "--forcing_error", "0", "--output_path", tmp_path / "plain.pth")
     assert plain.status == 0 and "forecast error" not in plain.out
