@@ -39,6 +39,15 @@ class Ranks:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values
 
+    def from_main(self, value):
+        """The main rank's ``value`` (any picklable object; tensors on the CPU) on every rank:
+        ``value`` itself when not distributed."""
+        if self.world_size == 1:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather(self, value):
         """Every rank's ``value``, in rank order (a one-item list when not distributed)."""
         if self.world_size == 1:

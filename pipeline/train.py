@@ -631,12 +631,42 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
             seen.append(issue)
             bar.update(x.shape[0])
     bar.close()
+    _take_main_rank_state(run)
     totals[3] += waited_s
     loss_sum, steps, samples, wait = ranks.sum(totals).tolist()  # also waits for the queued steps
     elapsed = time.perf_counter() - started
     return {"train_loss": loss_sum / max(steps, 1), "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
             "data_wait": wait / ranks.world_size / elapsed if elapsed > 0 else 0.0,
             "windows": ranks.gather(torch.cat(seen).tolist() if seen else [])}
+
+
+def _on_cpu(value):
+    """``value`` with every tensor in it (through dicts, lists and tuples) copied to the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
+
+
+def _take_main_rank_state(run: _Run) -> None:
+    """After an epoch, every rank takes the main rank's weights, their moving average and the
+    optimiser's state. A rank whose share of the windows held fewer batches stops stepping
+    before the others (Join lets them carry on), so its average and optimiser moments fall
+    behind; without this, each rank would validate and calibrate another model than the
+    one ``best.pth`` holds, and start the next epoch from it."""
+    if run.ranks.world_size == 1:
+        return
+    state = run.ranks.from_main(_on_cpu({"model": run.model.state_dict(), "optimiser": run.optimiser.state_dict(),
+                                         "averaged": None if run.averaged is None else run.averaged.state_dict()})
+                                if run.ranks.is_main else None)
+    if not run.ranks.is_main:
+        run.model.load_state_dict(state["model"])
+        run.optimiser.load_state_dict(state["optimiser"])
+        if run.averaged is not None:
+            run.averaged.load_state_dict(state["averaged"])
 
 
 def validation_hint(train_s: float, val_s: float, windows: int) -> str | None:
