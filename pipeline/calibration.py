@@ -24,20 +24,19 @@ Example
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from .device import accumulator_dtype, autocast_for, loader_batches
 from .distributed import Ranks
+from .forcing_error import ForcingError
 from .model import (TILE, ConvLSTMForecaster, map_passes, pinball, quantile_levels, quantiles_median,
                     to_physical)
 from .verify import spread_skill_ratio
 
 
-# (forcings, issue days) -> the forcings with a forecast's error (forcing_error.window_errors)
-ForcingError = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CALIBRATION_PIXELS = 2**16  # pixels per map the spread is scored on: a 256x256 map, or a lattice of a larger one
 
 

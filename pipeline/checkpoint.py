@@ -232,8 +232,7 @@ class Checkpoint:
             days = self.state.get("calibrated_on")
             if days:
                 how = f"calibrated on {days[0]}..{days[1]}"
-                if self.state.get("calibrated_forcing_error"):
-                    how += f" with the forcings' forecast error (log std {self.state['calibrated_forcing_error']:g})"
+                how += error_text(self.state.get("calibrated_forcing_error", 0.0))
             else:  # best.pth before 2026-12-05 was calibrated on the validation split without saying so
                 how = "as trained" if all(f == 1 for f in scale) else "calibrated on the validation split"
             lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} ({how}"
@@ -254,6 +253,16 @@ def spread_text(factors: dict[int, float]) -> str:
     'lead 1 x0.80, lead 6 x1.10'
     """
     return ", ".join(f"lead {lead} x{factor:.2f}" for lead, factor in factors.items())
+
+
+def error_text(sigma: float) -> str:
+    """How the logs say that a spread was calibrated with a forecast error on the forcings
+    (``--forcing_error``): nothing for none.
+
+    >>> error_text(0.5), error_text(0.0)
+    (" with the forcings' forecast error (log std 0.5)", '')
+    """
+    return f" with the forcings' forecast error (log std {sigma:g})" if sigma else ""
 
 
 def build_model(state_or_config: dict) -> ConvLSTMForecaster:

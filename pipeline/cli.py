@@ -264,15 +264,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from .checkpoint import spread_text
+    from .checkpoint import error_text, spread_text
     from .recalibrate import recalibrate
 
     done = recalibrate(args.weights_path, args.data_dir, args.split, args.output_path, rule=args.calibration,
                        levels=args.calibrate_levels, device=args.device, batch_size=args.batch_size,
                        storage_options=_storage_options(args.storage_options), forcing_error=args.forcing_error)
     print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} window(s))"
-          + (f" with the forcings' forecast error (log std {done.forcing_error:g})" if done.forcing_error else "")
-          + ": " + spread_text(done.spread) + ("; levels per flow class too" if done.levels else ""))
+          + error_text(done.forcing_error) + ": " + spread_text(done.spread) + ("; levels per flow class too" if done.levels else ""))
     print(f"wrote {done.path}")
 
 

@@ -7,12 +7,14 @@ observed rain"). ``runoff train --forcing_error SIGMA`` multiplies each training
 forcings by :func:`forecast_error`, so that the model learns how far the rain can be
 trusted, and calibrates a probabilistic model's spread on validation windows whose forcings
 carry the same error, so that its spread is that of a forecast made with forecast rain.
-:func:`window_errors` gives that function with a run's settings, each window's error
-drawn by seed, epoch and issue day.
+:func:`window_errors` gives that function for a run, each window's error drawn by seed,
+epoch and issue day.
 
 Example
 -------
->>> with_error = window_errors(0.5, [{"mean": 0.0, "std": 1.0}], {"height": 24, "width": 48}, seed=0, epoch=1)
+>>> record = {"forcings": ["rainf"], "norm_stats": {"rainf": {"mean": 0.0, "std": 1.0}},
+...           "grid": {"height": 24, "width": 48}, "train_config": {"seed": 0}}
+>>> with_error = window_errors(record, 0.5, epoch=1)
 >>> rain, issues = torch.full((2, 1, 1, 24, 48), 0.5), torch.tensor([40, 41])
 >>> noisy = with_error(rain, issues)
 >>> noisy.shape, noisy[1:].equal(with_error(rain[1:], issues[1:]))
@@ -27,6 +29,10 @@ from typing import Callable, Sequence
 import torch
 
 from .model import to_physical
+
+MAX_FORCING_ERROR = 2.0  # the largest log std --forcing_error takes (a factor of 7.4 either way)
+# (forcings, issue days) -> the forcings times a forecast's error: what window_errors gives
+ForcingError = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def forecast_error(forcings: torch.Tensor, stats: Sequence[dict[str, float]], sigma: float, smoothing: float,
@@ -74,19 +80,21 @@ def error_smoothing(height: int, width: int) -> float:
     return max(height, width) / 24
 
 
-def window_errors(sigma: float, stats: Sequence[dict[str, float]], grid: dict, seed: int, epoch: int = 0
-                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+def window_errors(record: dict, sigma: float, epoch: int = 0) -> ForcingError | None:
     """A function of a batch's forcings and issue days that gives the forcings times
-    :func:`forecast_error` of log std ``sigma`` (normalised by ``stats``, each variable's;
-    smooth as on ``grid``, its ``height`` and ``width``). Each window's error is drawn from
-    a generator of its own, seeded by ``seed``, ``epoch`` and its issue day, so the same
-    window draws the same error however the windows are batched or shared among ranks: a
-    resumed epoch draws its errors again, and ``runoff calibrate --split val`` (epoch 0)
-    those of the calibration ``runoff train`` ended with. ``None`` where there is no error
-    to draw (``sigma`` 0, or no forcings)."""
-    if not sigma or not stats:
+    :func:`forecast_error` of log std ``sigma``, for the run of ``record`` (a checkpoint's
+    state, or a training run's record: its ``forcings``, their ``norm_stats``, the ``grid``
+    the error is smooth on, and the ``train_config``'s ``seed``). Each window's error is
+    drawn from a generator of its own, seeded by that seed, ``epoch`` and its issue day, so
+    the same window draws the same error however the windows are batched or shared among
+    ranks: a resumed epoch draws its errors again, and ``runoff calibrate --split val``
+    (epoch 0) those of the calibration ``runoff train`` ended with. ``None`` where there is
+    no error to draw (``sigma`` 0, or no forcings)."""
+    if not sigma or not record.get("forcings"):
         return None
-    stats, smoothing = list(stats), error_smoothing(grid["height"], grid["width"])
+    stats = [record["norm_stats"][name] for name in record["forcings"]]
+    smoothing = error_smoothing(record["grid"]["height"], record["grid"]["width"])
+    seed = int(record.get("train_config", {}).get("seed", 0))
 
     def with_error(forcings: torch.Tensor, issues: torch.Tensor) -> torch.Tensor:
         return torch.cat([forecast_error(forcings[k:k + 1], stats, sigma, smoothing, torch.Generator().manual_seed(

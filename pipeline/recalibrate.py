@@ -29,7 +29,7 @@ from .checkpoint import read_checkpoint, save_checkpoint, with_model
 from .cube import TARGET, Split
 from .device import pick_device
 from .errors import RunoffError, RunoffWarning
-from .forcing_error import window_errors
+from .forcing_error import MAX_FORCING_ERROR, window_errors
 from .inference import split_windows
 from .sampler import WindowSampler, collate_windows, data_loader
 from .storage import location
@@ -69,9 +69,9 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
         raise RunoffError(f"--calibration {rule}: choose {' or '.join(CALIBRATIONS)}")
     levels = bool(trained_with.get("calibrate_levels", False)) if levels is None else levels
     forcing_error = float(trained_with.get("forcing_error", 0.0)) if forcing_error is None else forcing_error
-    if not 0 <= forcing_error <= 2:
-        raise RunoffError(f"--forcing_error {forcing_error:g}: must be in [0, 2]: the log std of the forcings' error "
-                          "(0 for none: a cube whose forcings are forecasts already)")
+    if not 0 <= forcing_error <= MAX_FORCING_ERROR:
+        raise RunoffError(f"--forcing_error {forcing_error:g}: must be in [0, {MAX_FORCING_ERROR:g}]: the log std of "
+                          "the forcings' error (0 for none: a cube whose forcings are forecasts already)")
     if forcing_error and not ckpt.forcings:
         raise RunoffError(f"--forcing_error {forcing_error:g}: {weights_path} reads no forcings to put an error on")
     output = location(output_path, storage_options)
@@ -91,8 +91,7 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     with data_loader(sampler, batch_size=batch_size, collate_fn=collate_windows) as loader:
         calibrate_model(model, loader, torch_device, ckpt.norm_stats[TARGET], rule=rule, thresholds=thresholds,
                         levels=levels, max_pixels=max_pixels,
-                        forcing_error=window_errors(forcing_error, [ckpt.norm_stats[name] for name in ckpt.forcings],
-                                                    ckpt.state["grid"], int(trained_with.get("seed", 0))))
+                        forcing_error=window_errors(ckpt.state, forcing_error))
     state = with_model(ckpt.state, model)
     state["calibrated_on"] = [period.start.isoformat(), period.end.isoformat()]
     state["calibrated_forcing_error"] = forcing_error

@@ -36,14 +36,15 @@ from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
 from .calibration import CALIBRATIONS, calibrate_model, model_outputs
-from .checkpoint import Checkpoint, load_checkpoint, run_record, save_checkpoint, spread_text, with_model
+from .checkpoint import (Checkpoint, error_text, load_checkpoint, run_record, save_checkpoint, spread_text,
+                         with_model)
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, evenly_spaced,
                    is_static, make_splits, open_cube, target_units)
 from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_memory, loader_batches,
                      queue_marker)
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError, RunoffWarning
-from .forcing_error import window_errors
+from .forcing_error import MAX_FORCING_ERROR, window_errors
 from .ingest import ensure_cube
 from .model import QUANTILES, ConvLSTMForecaster, pinball, signed_log1p, to_physical
 from .plots import plot_loss_curves
@@ -286,14 +287,6 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
             "persistence_mse": sse_p / count}
 
 
-def _forcing_error(run: "_Run", epoch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """``--forcing_error``'s errors for ``epoch``'s training windows (epoch 0: the calibration's
-    validation windows); ``None`` without an error."""
-    config = run.config
-    return window_errors(config.forcing_error, [run.record["norm_stats"][name] for name in config.forcings],
-                         run.record["grid"], config.seed, epoch)
-
-
 def _calibrate_best(run: "_Run") -> None:
     """Calibrate the spread of the best epoch's weights on the validation split, and with
     ``calibrate_levels`` their levels per flow class, and write both into ``best.pth`` (epoch
@@ -304,10 +297,8 @@ def _calibrate_best(run: "_Run") -> None:
     run.model.load_state_dict(run.best_state)
     calibrate_model(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET], run.ranks,
                     run.config.precision, run.config.calibration, run.thresholds, run.config.calibrate_levels,
-                    forcing_error=_forcing_error(run, epoch=0))
-    run.log("spread calibrated on the validation split"
-            + (f" with the forcings' forecast error (log std {run.config.forcing_error:g})"
-               if run.config.forcing_error else "") + " (best.pth): "
+                    forcing_error=window_errors(run.record, run.config.forcing_error))  # epoch 0's draws
+    run.log("spread calibrated on the validation split" + error_text(run.config.forcing_error) + " (best.pth): "
             + spread_text(dict(zip(run.config.leads, run.model.spread_scale.tolist()))))
     if run.config.calibrate_levels:
         run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(
@@ -608,7 +599,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     bar = tqdm(total=len(run.train_set), unit="win", desc=f"epoch {epoch}/{config.epochs}",
                disable=not run.progress, leave=False)
     batches = loader_batches(run.train_loader, device)
-    forcing_error = _forcing_error(run, epoch)
+    forcing_error = window_errors(run.record, config.forcing_error, epoch)
     # Join: ranks whose share holds fewer batches shadow the others' all-reduces
     with Join([run.net]) if ranks.world_size > 1 else contextlib.nullcontext():
         while True:
@@ -741,8 +732,9 @@ def _validate(config: TrainConfig) -> None:
         (config.patch >= 4, "--patch", config.patch, "must be >= 4 pixels"),
         (config.num_workers >= 0, "--num_workers", config.num_workers, "must be >= 0"),
         (config.quantile_log_weight >= 0, "--quantile_log_weight", config.quantile_log_weight, "must be >= 0"),
-        (0 <= config.forcing_error <= 2, "--forcing_error", config.forcing_error,
-         "must be in [0, 2]: the log std of the forcings' error (0.5: a factor of about 1.6 either way)"),
+        (0 <= config.forcing_error <= MAX_FORCING_ERROR, "--forcing_error", config.forcing_error,
+         f"must be in [0, {MAX_FORCING_ERROR:g}]: the log std of the forcings' error (0.5: a factor of about 1.6 "
+         "either way)"),
         (not config.forcing_error or bool(config.forcings), "--forcing_error", config.forcing_error,
          "it perturbs the forcings: it needs --forcings"),
         (config.calibration in CALIBRATIONS, "--calibration", config.calibration, f"must be one of {CALIBRATIONS}"),

@@ -764,7 +764,7 @@ def test_calibrate_with_a_forecast_error_on_the_forcings(probabilistic, tmp_path
             return torch.cat([out for *_, out in model_outputs(model, loader, torch.device("cpu"),
                                                                forcing_error=forcing_error)])
 
-    errors = window_errors(1.0, [ckpt.norm_stats["rainf"]], ckpt.state["grid"], seed=0)
+    errors = window_errors(ckpt.state, 1.0)
     noisy = quantiles(4, errors)
     assert not torch.allclose(noisy, quantiles(4))
     torch.testing.assert_close(noisy, quantiles(1, errors))
