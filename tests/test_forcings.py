@@ -4,6 +4,7 @@ runs past the last qs day with the forecast rain."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import numpy as np
@@ -109,6 +110,21 @@ def test_forecast_error_is_a_smooth_factor_of_mean_one_that_keeps_dry_days_dry()
     assert abs(float(wet.mean()) - 1.0) < 0.05 and abs(float(wet.log().std()) - 0.5) < 0.05
     log = wet.log()  # smooth: neighbours err alike, as a forecast's rain field does
     assert float(torch.corrcoef(torch.stack([log[:, :, :-1].flatten(), log[:, :, 1:].flatten()]))[0, 1]) > 0.8
+
+
+def test_a_large_grids_error_is_drawn_coarse_as_smooth_and_as_spread():
+    from pipeline.forcing_error import smooth_noise
+
+    # smooth over 24 pixels (a 576-pixel grid's error): drawn on a grid 12 times coarser
+    noise = smooth_noise(600, 48, 48, 24.0, torch.Generator().manual_seed(3), std=0.5)
+    assert noise.shape == (600, 48, 48)
+    for y, x in ((0, 0), (6, 6), (30, 41)):  # a point of the coarse grid, one halfway between, one anywhere
+        assert abs(float(noise[:, y, x].std()) - 0.5) < 0.04
+    pairs = torch.stack([noise[:, :, :-24].flatten(), noise[:, :, 24:].flatten()])
+    assert abs(float(torch.corrcoef(pairs)[0, 1]) - math.exp(-1 / 4)) < 0.05  # a Gaussian's, 24 pixels apart
+    fine = smooth_noise(600, 48, 48, 3.0, torch.Generator().manual_seed(3))  # drawn at full resolution
+    pairs = torch.stack([fine[:, :, :-3].flatten(), fine[:, :, 3:].flatten()])
+    assert abs(float(fine.std()) - 1.0) < 0.02 and abs(float(torch.corrcoef(pairs)[0, 1]) - math.exp(-1 / 4)) < 0.02
 
 
 def test_training_on_a_forecast_error_changes_the_model_and_resumes_exactly(rain_run, tmp_path, run_cli):
