@@ -67,10 +67,11 @@ def smooth_noise(count: int, height: int, width: int, smoothing: float, generato
     ``smoothing`` pixels (a Gaussian's sigma), drawn on the CPU from ``generator``: white noise
     on a margin of the kernel's width beyond the maps, convolved, so each pixel is a weighted
     sum of independent draws, whose std is sum(k^2) for this separable kernel, however small the
-    maps. Where the smoothing spans many pixels (a large grid), the noise is drawn on a grid
-    ``smoothing / 2`` times coarser and interpolated: what the maps hold is as smooth, and the
-    cost no longer grows with the smoothing's square (a 64-pixel patch of a 1,200 x 1,600 grid
-    would otherwise draw and convolve 464 x 464 pixels).
+    maps. Where the smoothing spans 4 pixels or more (a grid of 96 pixels or more, see
+    :func:`error_smoothing`), the noise is drawn on a grid ``smoothing // 2`` times coarser and
+    interpolated bilinearly: as smooth and as spread, at a cost that no longer grows with the
+    smoothing's square (a 64-pixel patch of a 1,200 x 1,600 grid drew and convolved 464 x 464
+    pixels; docs/scaling.md). Below 4 pixels the draws are those of full resolution.
 
     >>> noise = smooth_noise(400, 16, 16, 20.0, torch.Generator().manual_seed(0))
     >>> noise.shape, round(noise.std().item(), 1), round(noise[:, 0, 0].std().item(), 1)
