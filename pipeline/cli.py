@@ -376,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
             "the observed values stand in, a perfect forecast")
     _option(p, "forcing_error", type=float, metavar="SIGMA",
             help="train on the forcings times a smooth log-normal error of log std SIGMA (mean 1), the error of "
-                 "a rain forecast's amounts (it does not mend storms a day off), so that a model trained on observed rain holds up when forecasting with "
-                 "forecast rain: on CWatM, 0.5 kept the skill against persistence with a forecast of that error "
+                 "a rain forecast's amounts (it does not mend storms a day off), so that a model trained on "
+                 "observed rain holds up when forecasting with forecast rain: on CWatM, 0.5 kept the skill against persistence with a forecast of that error "
                  "at +0.53 .. +0.66 where a model trained without it fell to +0.17 .. +0.55, at a cost with the "
                  "observed rain; a probabilistic model's spread is calibrated with the same error "
                  "(docs/skill.md; default 0: none)")
