@@ -28,7 +28,6 @@ import argparse
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,22 +38,6 @@ from pipeline.cli import int_list  # noqa: E402
 from pipeline.cube import open_cube  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.train import train  # noqa: E402
-
-
-def with_forecast_rain(cube: str, rain: str, forecast: str, folder: Path) -> str | None:
-    """A copy of ``cube`` whose ``rain`` holds ``forecast``'s values, written under
-    ``folder``: what a model trained on the observed rain reads when it forecasts with a rain
-    forecast. ``None`` where the cube holds no ``forecast``."""
-    ds = open_cube(cube)
-    if forecast not in ds:
-        return None
-    swapped = ds.drop_vars(forecast).assign({rain: ds[forecast].assign_attrs(ds[rain].attrs)})
-    swapped[rain].encoding = ds[rain].encoding
-    store = str(folder / "forecast_rain.zarr")
-    with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec", as ingest knows
-        warnings.simplefilter("ignore")
-        swapped.to_zarr(store, mode="w-", consolidated=True)
-    return store
 
 
 def main() -> int:
@@ -75,8 +58,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cube, described = skill_cube(args, tmp)
-        forecast_cube = (with_forecast_rain(cube, args.rain, args.rain_forecast, tmp)
-                         if {"rain", "forcing_error"} & set(chosen) else None)
+        holds_forecast = args.rain_forecast in open_cube(cube)
         table, given_forecast = {}, {}
         for name in chosen:
             started = time.perf_counter()
@@ -87,9 +69,10 @@ def main() -> int:
             result = train(config)
             report = evaluate(result.best_checkpoint, cube, split="test", output_dir=tmp / name / "eval")
             table[name] = report.metrics
-            if forecast_cube and forcings == [args.rain]:
-                given_forecast[name] = evaluate(result.best_checkpoint, forecast_cube, split="test",
-                                                output_dir=tmp / name / "eval_forecast_rain").metrics
+            if holds_forecast and forcings == [args.rain]:  # runoff evaluate --forcings rainf=rainf_fc
+                given_forecast[name] = evaluate(result.best_checkpoint, cube, split="test",
+                                                output_dir=tmp / name / "eval_forecast_rain",
+                                                forcings_from={args.rain: args.rain_forecast}).metrics
             print(f"{name}: {result.epochs_run} epochs (best {result.best_epoch}), "
                   f"{time.perf_counter() - started:.0f} s, {report.windows} test windows", file=sys.stderr)
     print(f"{machine()}; cube: {described}; "

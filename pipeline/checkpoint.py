@@ -149,18 +149,21 @@ class Checkpoint:
         return {name: Split(name, *(dt.date.fromisoformat(d) for d in ends))
                 for name, ends in self.state["splits"].items()}
 
-    def inputs_note(self, long_names: dict[str, str] | None = None) -> str:
+    def inputs_note(self, long_names: dict[str, str] | None = None, sources: dict[str, str] | None = None) -> str:
         """The model's inputs in words, printed beside every skill figure. A forcing whose
         ``long_names`` entry (the cube's ``long_name``) does not call it a forecast is taken
-        as observed: in a hindcast it stands in for the forecast, a perfect one."""
+        as observed: in a hindcast it stands in for the forecast, a perfect one. One read
+        from another variable (``sources``, ``--forcings rainf=rainf_fc``) is named so."""
         covariates = [v for v in self.variables if v != TARGET]
         parts = [f"inputs: {TARGET} on {self.input_days} past days"]
         if covariates:
             parts.append(f"covariates: {', '.join(covariates)}")
         for name in self.forcings:
             forecast = "forecast" in (long_names or {}).get(name, "").lower()
-            parts.append(f"forcings: {name}, " + ("a forecast (its long_name says so)" if forecast else
-                                                  "observed values used as a perfect forecast"))
+            source = (sources or {}).get(name)
+            told = ", a forecast (its long_name says so)" if forecast else ""
+            parts.append(f"forcings: {name} read from {source} (--forcings){told}" if source else
+                         f"forcings: {name}{told or ', observed values used as a perfect forecast'}")
         return "; ".join(parts)
 
     def check_grid(self, grid: Grid, checkpoint: str, data: str) -> None:

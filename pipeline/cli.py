@@ -250,14 +250,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .cluster import dask_client
     from .evaluate import evaluate
+    from .inference import parse_forcing_sources
 
     thresholds = _float_list(args.thresholds, "--thresholds", "numbers in data units, e.g. 5,20")
     storage_options = _storage_options(args.storage_options)
     with dask_client(args.scheduler):  # the cube's reads and the climatology run on the cluster
         report = evaluate(args.weights_path, args.data_dir, split=args.split, output_dir=args.output_dir,
                           thresholds=thresholds, device=args.device, batch_size=args.batch_size,
-                          storage_options=storage_options,
-                          progress=sys.stderr.isatty())
+                          storage_options=storage_options, progress=sys.stderr.isatty(),
+                          forcings_from=parse_forcing_sources(args.forcings))
     print(report.summary)
     for path in report.files:
         print(f"wrote {path}")
@@ -455,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
             "(YYYY-MM-DD..YYYY-MM-DD, either end may be left out: e.g. the days that arrived after training)")
     _option(p, "output_dir", default="outputs/evaluation", help="where metrics and figures go")
     _option(p, "thresholds", help="event thresholds in data units, e.g. 5,20 (default: training p90, p99 of wet pixels)")
+    _option(p, "forcings", metavar="NAME=VARIABLE",
+            help="read the checkpoint's forcing NAME on the lead days from the cube's VARIABLE, e.g. rainf=rainf_fc: "
+                 "a model trained on the observed rain scored with an archive of rain forecasts ingested beside it")
     _option(p, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
     _option(p, "storage_options", help="JSON options for fsspec URLs")

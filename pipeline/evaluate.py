@@ -226,17 +226,18 @@ class Scoreboard:
 def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Path, split: str = "test",
              output_dir: str | Path = "outputs/evaluation", thresholds: list[float] | None = None,
              device: str = "auto", batch_size: int = 8, storage_options: dict | None = None,
-             progress: bool = False) -> EvaluationReport:
+             progress: bool = False, forcings_from: dict[str, str] | None = None) -> EvaluationReport:
     """Score the checkpoint ``weights_path`` (or several trained alike, forecasting together:
     see :class:`~pipeline.inference.Forecaster`) on ``split`` (train, val, test, all, or a
     period START..END) of ``data_dir``; ``batch_size`` windows per forward pass and per
-    accumulator update."""
+    accumulator update. ``forcings_from`` reads forcings from other cube variables
+    (``{"rainf": "rainf_fc"}``: scored with a rain forecast; :func:`~pipeline.inference.forcings_read_from`)."""
     check_thresholds(thresholds, "--thresholds")
     paths, checkpoints = read_checkpoints(weights_path, storage_options)
     ckpt = checkpoints[0]
     output_dir = location(output_dir, storage_options)
     check_writable(output_dir, "--output_dir")
-    windows = split_windows(ckpt, data_dir, split, paths[0], storage_options, progress)
+    windows = split_windows(ckpt, data_dir, split, paths[0], storage_options, progress, forcings_from)
     ds, chosen, issues = windows.ds, windows.period, windows.issues
     train_range = ckpt.splits["train"]
     thresholds = thresholds or wet_thresholds(ds, train_range.start, train_range.end)
@@ -252,7 +253,7 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     metrics = scores.metrics()
     n = len(issues)
     long_names = {v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}
-    skill_lines = _skill_lines(metrics, ckpt.inputs_note(long_names))
+    skill_lines = _skill_lines(metrics, ckpt.inputs_note(long_names, forcings_from))
     notes = [scores.climatology_note()]
     if len(paths) > 1:
         notes.append(f"Model: {len(paths)} checkpoints forecasting together ({', '.join(paths)}): "
@@ -270,7 +271,7 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     files = _write_outputs(metrics, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
         "thresholds": thresholds, "units": units, "checkpoint": paths[0] if len(paths) == 1 else paths,
-        "cube": str(windows.store)},
+        "cube": str(windows.store), **({"forcings_from": forcings_from} if forcings_from else {})},
         diagnostics)
     if scores.probabilistic:
         for lead in leads:

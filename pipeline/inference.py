@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -51,12 +51,14 @@ class SplitWindows:
 
 
 def split_windows(ckpt: Checkpoint, data_dir: str, split: str, weights_path: str, storage_options: dict | None = None,
-                  progress: bool = False) -> SplitWindows:
+                  progress: bool = False, forcings_from: Mapping[str, str] | None = None) -> SplitWindows:
     """Open ``data_dir`` (a cube, or rasters ingested first) for ``ckpt``, checked against
     its grid and variables, and find the windows of ``split`` (a split of the checkpoint,
-    ``all``, or a period START..END); one clear error when none is complete."""
+    ``all``, or a period START..END); one clear error when none is complete. With
+    ``forcings_from``, the forcings it names are read from other variables of the cube
+    (:func:`forcings_read_from`)."""
     store = ensure_cube(data_dir, storage_options=storage_options, progress=progress)
-    ds = open_cube(store, storage_options)
+    ds = forcings_read_from(open_cube(store, storage_options), ckpt, forcings_from or {}, data_dir)
     ckpt.check_grid(cube_grid(ds), f"--weights_path {weights_path}", f"--data_dir {data_dir}")
     ckpt.check_variables(list(ds.data_vars), f"--data_dir {data_dir}")
     dates = cube_dates(ds)
@@ -67,6 +69,42 @@ def split_windows(ckpt: Checkpoint, data_dir: str, split: str, weights_path: str
         raise RunoffError(f"--split {split}: no complete window with targets in {period.start}..{period.end} "
                           f"in {store} ({dates[0]}..{dates[-1]})")
     return SplitWindows(str(store), ds, period, spec, issues)
+
+
+def parse_forcing_sources(text: str | None) -> dict[str, str]:
+    """``--forcings NAME=VARIABLE[,NAME=VARIABLE]`` of evaluate: which cube variable each
+    named forcing of the checkpoint is read from.
+
+    >>> parse_forcing_sources("rainf=rainf_fc"), parse_forcing_sources(None)
+    ({'rainf': 'rainf_fc'}, {})
+    """
+    if not text:
+        return {}
+    sources: dict[str, str] = {}
+    for part in text.split(","):
+        name, eq, variable = (piece.strip() for piece in part.partition("="))
+        if not (name and eq and variable) or name in sources:
+            raise RunoffError(f"--forcings {text}: expected NAME=VARIABLE, each forcing once, e.g. rainf=rainf_fc "
+                              "(the checkpoint's forcing, then the cube variable to read it from)")
+        sources[name] = variable
+    return sources
+
+
+def forcings_read_from(ds: xr.Dataset, ckpt: Checkpoint, sources: Mapping[str, str], data_dir: str) -> xr.Dataset:
+    """``ds`` whose forcings named in ``sources`` hold the cube variables given there, with
+    their attributes (``--forcings rainf=rainf_fc``): a model trained on the observed rain,
+    scored with an archive of rain forecasts ingested beside it. They are read on the lead
+    days only (a forcing is never a past input), normalised as the checkpoint's forcing. One
+    clear error for a name that is not a forcing of ``ckpt`` or a variable the cube lacks."""
+    for name, variable in sources.items():
+        option = f"--forcings {name}={variable}"
+        if name not in ckpt.forcings:
+            raise RunoffError(f"{option}: the checkpoint reads no forcing {name} "
+                              f"(its forcings: {', '.join(ckpt.forcings) or 'none'})")
+        if variable not in ds.data_vars:
+            raise RunoffError(f"{option}: --data_dir {data_dir} has no variable {variable} "
+                              f"(it has {', '.join(map(str, ds.data_vars))})")
+    return ds.assign({name: ds[variable] for name, variable in sources.items()})
 
 
 def read_checkpoints(weights_path: str | Path | Sequence[str | Path], storage_options: dict | None = None

@@ -4,8 +4,10 @@ runs past the last qs day with the forecast rain."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -83,6 +85,36 @@ def test_evaluate_says_the_rain_was_a_perfect_forecast(rain_run, tmp_path, run_c
     assert first.startswith("lead 1: skill vs persistence") and "vs climatology" in first
     assert "forcings: rainf, observed values used as a perfect forecast" in first
     assert "forcings: rainf" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def test_evaluate_reads_a_forcing_from_another_variable_as_a_cube_holding_it_would(rain_run, tmp_path, run_cli):
+    from pipeline.cube import open_cube
+
+    ds = open_cube(rain_run / "qs.zarr")
+    forecast = (ds["rainf"] * 3).assign_attrs(ds["rainf"].attrs)  # an archive of (poor) rain forecasts
+    with warnings.catch_warnings():  # "consolidated metadata is not in the v3 spec", as ingest knows
+        warnings.simplefilter("ignore")
+        ds.assign(rainf_fc=forecast).to_zarr(tmp_path / "both.zarr", consolidated=True)
+        ds.assign(rainf=forecast).to_zarr(tmp_path / "swapped.zarr", consolidated=True)
+
+    def scores(cube: str, out: str, *options: str) -> tuple[dict, str]:
+        result = run_cli("evaluate", "--weights_path", rain_run / "ckpt" / "best.pth", "--data_dir",
+                         tmp_path / cube, "--output_dir", tmp_path / out, "--device", "cpu", *options)
+        assert result.status == 0, result.err
+        return json.loads((tmp_path / out / "metrics.json").read_text()), result.out
+
+    (read_from, out), (swapped, _), (observed, _) = (scores("both.zarr", "a", "--forcings", "rainf=rainf_fc"),
+                                                     scores("swapped.zarr", "b"), scores("both.zarr", "c"))
+    assert read_from["leads"] == swapped["leads"] and read_from["leads"] != observed["leads"]
+    assert read_from["meta"]["forcings_from"] == {"rainf": "rainf_fc"} and "forcings_from" not in observed["meta"]
+    assert "forcings: rainf read from rainf_fc (--forcings)" in out.splitlines()[0]
+    before = tree_digest(tmp_path / "both.zarr")
+    for value, words in (("rainf=soilm", "has no variable soilm"), ("snow=rainf_fc", "reads no forcing snow"),
+                         ("rainf", "expected NAME=VARIABLE")):
+        result = run_cli("evaluate", "--weights_path", rain_run / "ckpt" / "best.pth", "--data_dir",
+                         tmp_path / "both.zarr", "--output_dir", tmp_path / "bad", "--forcings", value)
+        assert result.status == 2 and words in one_error_line(result.err)
+    assert not (tmp_path / "bad").exists() and tree_digest(tmp_path / "both.zarr") == before
 
 
 def test_untrained_model_is_persistence(rain_run):
