@@ -228,6 +228,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from .cluster import dask_client
+    from .inference import parse_forcing_sources
     from .predict import predict
 
     storage_options = _storage_options(args.storage_options)
@@ -238,7 +239,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                          quantiles=_float_list(args.quantiles, "--quantiles", "levels such as 0.1,0.5,0.9"),
                          exceedance=_float_list(args.exceedance, "--exceedance", "thresholds in data units, e.g. 5,20"),
                          members=args.members, storage_options=storage_options,
-                         progress=sys.stderr.isatty())
+                         progress=sys.stderr.isatty(), forcings_from=parse_forcing_sources(args.forcings))
     print(f"{len(report.geotiffs)} forecast GeoTIFF(s) for {len(report.issues)} issue day(s) "
           f"({report.issues[0]} .. {report.issues[-1]}) in {args.output_dir}")
     if report.netcdf:
@@ -287,6 +288,13 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
+
+
+def _forcings_from_option(p: argparse.ArgumentParser, doing: str) -> None:
+    """``--forcings NAME=VARIABLE`` of predict and evaluate."""
+    _option(p, "forcings", metavar="NAME=VARIABLE",
+            help="read the checkpoint's forcing NAME on the lead days from the cube's VARIABLE, e.g. rainf=rainf_fc: "
+                 f"a model trained on the observed rain {doing} with an archive of rain forecasts ingested beside it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(with --format netcdf)")
     _option(p, "plots_dir", default="outputs/plots", help="where the side-by-side figures go")
     _option(p, "max_plots", type=int, default=8, help="figures spread over the forecasts (0: none, -1: all)")
+    _forcings_from_option(p, "forecasting")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
     _option(p, "storage_options", help="JSON options for fsspec URLs")
     _scheduler_option(p)
@@ -456,9 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(YYYY-MM-DD..YYYY-MM-DD, either end may be left out: e.g. the days that arrived after training)")
     _option(p, "output_dir", default="outputs/evaluation", help="where metrics and figures go")
     _option(p, "thresholds", help="event thresholds in data units, e.g. 5,20 (default: training p90, p99 of wet pixels)")
-    _option(p, "forcings", metavar="NAME=VARIABLE",
-            help="read the checkpoint's forcing NAME on the lead days from the cube's VARIABLE, e.g. rainf=rainf_fc: "
-                 "a model trained on the observed rain scored with an archive of rain forecasts ingested beside it")
+    _forcings_from_option(p, "scored")
     _option(p, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
     _option(p, "storage_options", help="JSON options for fsspec URLs")

@@ -58,7 +58,7 @@ def split_windows(ckpt: Checkpoint, data_dir: str, split: str, weights_path: str
     ``forcings_from``, the forcings it names are read from other variables of the cube
     (:func:`forcings_read_from`)."""
     store = ensure_cube(data_dir, storage_options=storage_options, progress=progress)
-    ds = forcings_read_from(open_cube(store, storage_options), ckpt, forcings_from or {}, data_dir)
+    ds = forcings_read_from(open_cube(store, storage_options), ckpt, forcings_from or {}, f"--data_dir {data_dir}")
     ckpt.check_grid(cube_grid(ds), f"--weights_path {weights_path}", f"--data_dir {data_dir}")
     ckpt.check_variables(list(ds.data_vars), f"--data_dir {data_dir}")
     dates = cube_dates(ds)
@@ -72,7 +72,7 @@ def split_windows(ckpt: Checkpoint, data_dir: str, split: str, weights_path: str
 
 
 def parse_forcing_sources(text: str | None) -> dict[str, str]:
-    """``--forcings NAME=VARIABLE[,NAME=VARIABLE]`` of evaluate: which cube variable each
+    """``--forcings NAME=VARIABLE[,NAME=VARIABLE]`` of evaluate and predict: which cube variable each
     named forcing of the checkpoint is read from.
 
     >>> parse_forcing_sources("rainf=rainf_fc"), parse_forcing_sources(None)
@@ -90,19 +90,20 @@ def parse_forcing_sources(text: str | None) -> dict[str, str]:
     return sources
 
 
-def forcings_read_from(ds: xr.Dataset, ckpt: Checkpoint, sources: Mapping[str, str], data_dir: str) -> xr.Dataset:
+def forcings_read_from(ds: xr.Dataset, ckpt: Checkpoint, sources: Mapping[str, str], cube: str) -> xr.Dataset:
     """``ds`` whose forcings named in ``sources`` hold the cube variables given there, with
     their attributes (``--forcings rainf=rainf_fc``): a model trained on the observed rain,
     scored with an archive of rain forecasts ingested beside it. They are read on the lead
     days only (a forcing is never a past input), normalised as the checkpoint's forcing. One
-    clear error for a name that is not a forcing of ``ckpt`` or a variable the cube lacks."""
+    clear error for a name that is not a forcing of ``ckpt`` or a variable the cube lacks
+    (``cube``: the option and value that gave it, for the message)."""
     for name, variable in sources.items():
         option = f"--forcings {name}={variable}"
         if name not in ckpt.forcings:
             raise RunoffError(f"{option}: the checkpoint reads no forcing {name} "
                               f"(its forcings: {', '.join(ckpt.forcings) or 'none'})")
         if variable not in ds.data_vars:
-            raise RunoffError(f"{option}: --data_dir {data_dir} has no variable {variable} "
+            raise RunoffError(f"{option}: {cube} has no variable {variable} "
                               f"(it has {', '.join(map(str, ds.data_vars))})")
     return ds.assign({name: ds[variable] for name, variable in sources.items()})
 

@@ -39,7 +39,8 @@ from .cube import TARGET, choose_split, cube_dates, cube_grid, open_cube, target
 from .errors import RunoffError, RunoffWarning
 from .export import write_geotiff, write_netcdf
 from .baselines import check_thresholds, wet_thresholds
-from .inference import Forecaster, checkpoint_names, exceedance_maps, point_forecast, quantile_maps, read_checkpoints
+from .inference import (Forecaster, checkpoint_names, exceedance_maps, forcings_read_from, point_forecast,
+                        quantile_maps, read_checkpoints)
 from .model import TILE
 from .ingest import ensure_cube
 from .plots import plot_comparison, plot_probabilistic
@@ -89,7 +90,8 @@ def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Pa
             dates: str | None = None, last: bool = False, split: str | None = None, fmt: str = "tif", tile: int = TILE,
             plots_dir: str | Path = "outputs/plots", max_plots: int = 8, device: str = "auto", batch_size: int = 8,
             quantiles: list[float] | None = None, exceedance: list[float] | None = None, members: int | None = None,
-            storage_options: dict | None = None, progress: bool = False) -> PredictReport:
+            storage_options: dict | None = None, progress: bool = False,
+            forcings_from: dict[str, str] | None = None) -> PredictReport:
     """Forecast from ``input_dir`` with the checkpoint ``weights_path`` (or several trained
     alike, forecasting together: see :class:`~pipeline.inference.Forecaster`); see the module docstring.
 
@@ -99,7 +101,9 @@ def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Pa
     ``fmt``: ``tif`` or ``netcdf`` (GeoTIFFs plus one NetCDF of all forecasts);
     ``max_plots``: side-by-side figures, spread over the forecasts (-1: all, 0: none);
     ``batch_size``: issue days per forward pass; ``tile``: largest tile side in pixels;
-    ``quantiles``, ``exceedance``, ``members``: what a probabilistic checkpoint writes besides.
+    ``quantiles``, ``exceedance``, ``members``: what a probabilistic checkpoint writes besides;
+    ``forcings_from``: forcings read from other cube variables (``{"rainf": "rainf_fc"}``,
+    :func:`~pipeline.inference.forcings_read_from`), named in every GeoTIFF's tags.
     """
     if fmt not in ("tif", "netcdf"):
         raise RunoffError(f"--format {fmt!r}: choose tif or netcdf")
@@ -113,7 +117,7 @@ def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Pa
     if max_plots:
         check_writable(plots_dir, "--plots_dir")
     store = ensure_cube(input_dir, storage_options=storage_options, progress=progress, option="--input_dir")
-    ds = open_cube(store, storage_options)
+    ds = forcings_read_from(open_cube(store, storage_options), ckpt, forcings_from or {}, f"--input_dir {input_dir}")
     grid = cube_grid(ds)
     ckpt.check_grid(grid, f"--weights_path {paths[0]}", f"--input_dir {input_dir}")
     all_dates = cube_dates(ds)
@@ -130,6 +134,7 @@ def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Pa
         train = ckpt.splits["train"]
         exceedance = exceedance or wet_thresholds(ds, train.start, train.end)
     geotiffs, figures, forecasts = [], [], []
+    read_from = {"forcings_from": ",".join(f"{k}={v}" for k, v in forcings_from.items())} if forcings_from else {}
     from tqdm import tqdm
 
     k = 0
@@ -142,7 +147,7 @@ def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Pa
                 valid = issued + dt.timedelta(days=lead)
                 tags = {"issue_date": issued.isoformat(), "valid_date": valid.isoformat(), "lead_days": lead,
                         "units": units, "checkpoint_sha256": sha, "package_version": __version__,
-                        "source": f"runoff-forecast ConvLSTM, {checkpoint_names(paths)}"}
+                        "source": f"runoff-forecast ConvLSTM, {checkpoint_names(paths)}", **read_from}
                 stem = output_dir / f"QS_{valid:%Y%m%d}_lead{lead}"
                 what = "mean of the forecast distribution" if probabilistic else "QS forecast"
                 geotiffs.append(write_geotiff(values[li], grid, stem.with_suffix(".tif"), tags,

@@ -87,7 +87,10 @@ def test_evaluate_says_the_rain_was_a_perfect_forecast(rain_run, tmp_path, run_c
     assert "forcings: rainf" in (tmp_path / "eval" / "metrics.md").read_text()
 
 
-def test_evaluate_reads_a_forcing_from_another_variable_as_a_cube_holding_it_would(rain_run, tmp_path, run_cli):
+def test_evaluate_and_predict_read_a_forcing_from_another_variable_as_a_cube_holding_it_would(
+        rain_run, tmp_path, run_cli):
+    import rasterio
+
     from pipeline.cube import open_cube
 
     ds = open_cube(rain_run / "qs.zarr")
@@ -108,10 +111,25 @@ def test_evaluate_reads_a_forcing_from_another_variable_as_a_cube_holding_it_wou
     assert read_from["leads"] == swapped["leads"] and read_from["leads"] != observed["leads"]
     assert read_from["meta"]["forcings_from"] == {"rainf": "rainf_fc"} and "forcings_from" not in observed["meta"]
     assert "forcings: rainf read from rainf_fc (--forcings)" in out.splitlines()[0]
+
+    def forecast(cube: str, out: str, *options: str) -> tuple[np.ndarray, dict]:
+        result = run_cli("predict", "--weights_path", rain_run / "ckpt" / "best.pth", "--input_dir", tmp_path / cube,
+                         "--output_dir", tmp_path / out, "--last", "--max_plots", "0", "--device", "cpu", *options)
+        assert result.status == 0, result.err
+        with rasterio.open(tmp_path / out / "QS_20190321_lead2.tif") as f:  # issued on the last runoff day
+            return f.read(1), f.tags()
+
+    (read_from, tags), (swapped, _), (observed, plain) = (forecast("both.zarr", "p", "--forcings", "rainf=rainf_fc"),
+                                                          forecast("swapped.zarr", "q"), forecast("both.zarr", "r"))
+    assert np.array_equal(read_from, swapped, equal_nan=True) and not np.array_equal(read_from, observed, equal_nan=True)
+    assert tags["forcings_from"] == "rainf=rainf_fc" and "forcings_from" not in plain
+
     before = tree_digest(tmp_path / "both.zarr")
-    for value, words in (("rainf=soilm", "has no variable soilm"), ("snow=rainf_fc", "reads no forcing snow"),
-                         ("rainf", "expected NAME=VARIABLE")):
-        result = run_cli("evaluate", "--weights_path", rain_run / "ckpt" / "best.pth", "--data_dir",
+    for command, value, words in (("evaluate", "rainf=soilm", "has no variable soilm"),
+                                  ("predict", "snow=rainf_fc", "reads no forcing snow"),
+                                  ("evaluate", "rainf", "expected NAME=VARIABLE")):
+        cube_option = "--data_dir" if command == "evaluate" else "--input_dir"
+        result = run_cli(command, "--weights_path", rain_run / "ckpt" / "best.pth", cube_option,
                          tmp_path / "both.zarr", "--output_dir", tmp_path / "bad", "--forcings", value)
         assert result.status == 2 and words in one_error_line(result.err)
     assert not (tmp_path / "bad").exists() and tree_digest(tmp_path / "both.zarr") == before
