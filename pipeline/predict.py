@@ -176,7 +176,7 @@ def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Pa
     bar.close()
     netcdf = None
     if fmt == "netcdf":
-        netcdf = write_netcdf(_forecast_dataset(forecasts, units, sha), grid,
+        netcdf = write_netcdf(_forecast_dataset(forecasts, units, {"checkpoint_sha256": sha, **read_from}), grid,
                               output_dir / f"QS_forecasts_{all_dates[issues[0]]:%Y%m%d}_{all_dates[issues[-1]]:%Y%m%d}.nc")
     return PredictReport(geotiffs, figures, netcdf, [all_dates[t] for t in issues])
 
@@ -299,8 +299,9 @@ def member_levels(n: int) -> np.ndarray:
     return (np.arange(n) + 0.5) / n
 
 
-def _forecast_dataset(forecasts: list[Forecast], units: str, sha: str) -> xr.Dataset:
-    """All forecasts as ``qs_forecast(time, lead, y, x)``, ``time`` being the issue day."""
+def _forecast_dataset(forecasts: list[Forecast], units: str, attrs: dict[str, str]) -> xr.Dataset:
+    """All forecasts as ``qs_forecast(time, lead, y, x)``, ``time`` being the issue day; ``attrs``
+    (the checkpoint's digest, the forcings' sources) go into the global attributes."""
     leads = forecasts[0].leads
     times = np.array([np.datetime64(f.issue, "ns") for f in forecasts])
     values = np.stack([f.values for f in forecasts])
@@ -321,6 +322,5 @@ def _forecast_dataset(forecasts: list[Forecast], units: str, sha: str) -> xr.Dat
         coords["member_level"] = ("member", member_levels(n),
                                   {"long_name": "quantile level of the forecast distribution the member is read at"})
     ds = xr.Dataset(data_vars, coords=coords)
-    ds.attrs.update(Conventions="CF-1.8", title="QS forecasts", source=f"runoff-forecast {__version__}",
-                    checkpoint_sha256=sha)
+    ds.attrs.update(Conventions="CF-1.8", title="QS forecasts", source=f"runoff-forecast {__version__}", **attrs)
     return ds

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.synth import write_series
@@ -119,10 +120,14 @@ def test_evaluate_and_predict_read_a_forcing_from_another_variable_as_a_cube_hol
         with rasterio.open(tmp_path / out / "QS_20190321_lead2.tif") as f:  # issued on the last runoff day
             return f.read(1), f.tags()
 
-    (read_from, tags), (swapped, _), (observed, plain) = (forecast("both.zarr", "p", "--forcings", "rainf=rainf_fc"),
-                                                          forecast("swapped.zarr", "q"), forecast("both.zarr", "r"))
-    assert np.array_equal(read_from, swapped, equal_nan=True) and not np.array_equal(read_from, observed, equal_nan=True)
+    (read_from, tags), (swapped, _), (observed, plain) = (
+        forecast("both.zarr", "p", "--forcings", "rainf=rainf_fc", "--format", "netcdf"),
+        forecast("swapped.zarr", "q"), forecast("both.zarr", "r"))
+    assert np.array_equal(read_from, swapped, equal_nan=True)
+    assert not np.array_equal(read_from, observed, equal_nan=True)
     assert tags["forcings_from"] == "rainf=rainf_fc" and "forcings_from" not in plain
+    with xr.open_dataset(next((tmp_path / "p").glob("*.nc"))) as written:
+        assert written.attrs["forcings_from"] == "rainf=rainf_fc" and "checkpoint_sha256" in written.attrs
 
     before = tree_digest(tmp_path / "both.zarr")
     for command, value, words in (("evaluate", "rainf=soilm", "has no variable soilm"),
