@@ -273,7 +273,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                        levels=args.calibrate_levels, device=args.device, batch_size=args.batch_size,
                        storage_options=_storage_options(args.storage_options), forcing_error=args.forcing_error)
     print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} window(s))"
-          + error_text(done.forcing_error) + ": " + spread_text(done.spread) + ("; levels per flow class too" if done.levels else ""))
+          + error_text(done.forcing_error) + ": " + spread_text(done.spread)
+          + ("; levels per flow class too" if done.levels else ""))
     print(f"wrote {done.path}")
 
 
@@ -386,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "forcing_error", type=float, metavar="SIGMA",
             help="train on the forcings times a smooth log-normal error of log std SIGMA (mean 1), the error of "
                  "a rain forecast's amounts (it does not mend storms a day off), so that a model trained on "
-                 "observed rain holds up when forecasting with forecast rain: on CWatM, 0.5 kept the skill against persistence with a forecast of that error "
-                 "at +0.53 .. +0.66 where a model trained without it fell to +0.17 .. +0.55, at a cost with the "
+                 "observed rain holds up when forecasting with forecast rain: on CWatM, 0.5 kept the skill "
+                 "against persistence with a forecast of that error at +0.53 .. +0.66 where a model trained without it fell to +0.17 .. +0.55, at a cost with the "
                  "observed rain; a probabilistic model's spread is calibrated with the same error "
                  "(docs/skill.md; default 0: none)")
     _option(p, "predict_delta", action=argparse.BooleanOptionalAction, default=None,
