@@ -7,6 +7,13 @@ Writes ``metrics.json``, ``metrics.md`` (one table per lead),
 ``skill_by_lead.png`` and the per-pixel NSE and KGE maps of the first lead as a GeoTIFF (on
 the cube's grid) and a PNG.
 
+Pixels pooled weigh the wettest cells most; a hydrologist also asks how well the area's
+total is forecast. So each source's map and the truth are averaged over the area every day
+(weighted by cell area, over the pixels valid in all of them) and scored as a series:
+``area_mean`` in ``metrics.json``, a table in ``metrics.md``, the series in
+``area_mean.csv`` and, for the first and last lead, ``area_mean.png``. Evaluated on a
+cube cut to one catchment, that is the catchment's mean runoff.
+
 A probabilistic checkpoint's single map (``model``) is the mean of its quantiles, the map
 ``runoff predict`` writes; its median (``median``: the quantile map at 0.5, the ``_q50``
 GeoTIFF) gets the same continuous scores beside it. It is also scored as an ensemble (its
@@ -47,10 +54,11 @@ from .cube import TARGET, Split, cube_dates, cube_grid, target_units
 from .export import write_geotiff
 from .inference import (Forecaster, checkpoint_names, point_forecast, quantile_maps, read_checkpoints, read_days,
                         split_windows)
-from .plots import plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
+from .plots import plot_area_means, plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
 from .rasters import Grid
 from .storage import atomic_output, check_writable, location
-from .verify import RELIABILITY_ROWS, EnsembleScores, PixelScores, ScoreTable, skill, widest_reliability_gap
+from .verify import (RELIABILITY_ROWS, ContinuousScores, EnsembleScores, PixelScores, ScoreTable, area_means, skill,
+                     widest_reliability_gap)
 
 
 @dataclass
@@ -63,10 +71,12 @@ class EvaluationReport:
     files: list[Path]
     windows: int
     ensemble: dict[int, dict] = field(default_factory=dict)  # probabilistic: rank histogram, reliability per lead
+    area_mean: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)  # the area's mean, scored per lead
 
 
 BAND_BLOCK_DAYS = 10  # consecutive valid days resampled together for the reliability band (docs/skill.md)
 _MAIN_COLUMNS = ("mse", "rmse", "mae", "bias", "nse", "kge", "skill_vs_persistence", "skill_vs_climatology")
+_AREA_COLUMNS = ("mse", "bias", "nse", "kge", "skill_vs_persistence", "skill_vs_climatology")
 _ENSEMBLE_PREFIXES = ("crps", "brier", "spread_skill", "reliability_gap")
 
 
@@ -97,11 +107,25 @@ def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str) -
     return lines
 
 
+def _area_section(area: dict[int, dict[str, dict[str, float]]], windows: int, geographic: bool) -> list[str]:
+    """metrics.md's table of the scores of the area's mean, per lead and source."""
+    weights = "weighted by cell area, the cosine of the latitude" if geographic else "cells weighted equally"
+    lines = ["## Mean over the scored area", "",
+             f"Each map and the truth averaged over the pixels valid in all of them ({weights}), one value per "
+             f"window, and scored as a series of {windows} days per lead: a catchment's mean runoff. Day by day in "
+             "area_mean.csv and area_mean.png.", "",
+             "| lead | source | " + " | ".join(_AREA_COLUMNS) + " |", "|---" * (len(_AREA_COLUMNS) + 2) + "|"]
+    for lead, rows in area.items():
+        lines += [f"| {lead} | {source} | " + " | ".join(f"{row[c]:.4g}" for c in _AREA_COLUMNS) + " |"
+                  for source, row in rows.items()]
+    return lines + [""]
+
+
 def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, windows: int, skill_lines: list[str],
-              notes: list[str], units: str, categorical: bool = True) -> str:
+              notes: list[str], units: str, area: list[str], categorical: bool = True) -> str:
     """The skill lines, then one table per lead (continuous scores and skill), then the
-    notes; with ``categorical`` a second table per lead of CSI/POD/FAR and FSS at each threshold
-    (in ``units``, the target's)."""
+    ``area`` section (:func:`_area_section`) and the notes; with ``categorical`` a second
+    table per lead of CSI/POD/FAR and FSS at each threshold (in ``units``, the target's)."""
     what = f"the {split.name} split" if ".." not in split.name else "the period"
     lines = [f"# Evaluation on {what} ({split.start} .. {split.end}), {windows} windows", ""]
     if skill_lines:
@@ -115,6 +139,7 @@ def _markdown(metrics: dict[int, dict[str, dict[str, float]]], split: Split, win
         if categorical:
             extra = [k for k in rows["model"] if k not in _MAIN_COLUMNS and k not in ensemble]
             lines += [f"Events at thresholds ({units}), lead {lead}:", ""] + _table(rows, extra) + [""]
+    lines += area
     lines.append("skill = 1 - MSE_model / MSE_baseline (CRPS and Brier skill alike). Every source is scored on "
                  "the same windows and the same valid pixels.")
     lines += notes
@@ -130,7 +155,9 @@ class Scoreboard:
     """Every accumulator of one evaluation, fed batch by batch: the point scores per lead and
     source (the model, its median when probabilistic, persistence, climatology), the
     ensemble scores per lead and source (probabilistic), the model's per-pixel NSE and KGE
-    at the first lead, and which climatology each scored day got.
+    at the first lead, which climatology each scored day got, and each source's mean over
+    the area (weighted by cell area, over the pixels valid in every source and the truth)
+    per lead and day, scored as a series.
 
     The maps of one issue day are scored on up to :data:`SCORING_THREADS` threads (NumPy
     releases the GIL while it sorts and sums): each accumulator still takes its maps in the
@@ -150,6 +177,9 @@ class Scoreboard:
                                                            cached=max(leads))
             self.persistence_members = PersistenceEnsemble(ds, train_range.start, train_range.end, leads)
         self.pixels = PixelScores(ds[TARGET].shape[1:])
+        self.cell_areas = cube_grid(ds).area_weights()
+        self.areas = {lead: {s: ContinuousScores() for s in self.point_sources} for lead in leads}
+        self.area_series: dict[int, list[tuple[int, np.ndarray]]] = {lead: [] for lead in leads}  # (issue, means)
         self.threads = min(SCORING_THREADS, os.cpu_count() or 1)
 
     def add(self, issues: Sequence[int], out: np.ndarray) -> None:
@@ -163,8 +193,8 @@ class Scoreboard:
                 today, jobs = days[t - first], []
                 for li, lead in enumerate(self.leads):
                     truth, doy = days[t - first + lead], self.dates[t + lead].timetuple().tm_yday - 1
-                    jobs += self._point_jobs(lead, doy, pred[k, li], out[k, li] if self.probabilistic else None,
-                                             today, truth)
+                    jobs += self._point_jobs(lead, t, doy, pred[k, li],
+                                             out[k, li] if self.probabilistic else None, today, truth)
                     if li == 0:
                         jobs.append(partial(self.pixels.accumulate, pred[k, li], truth))
                     if self.probabilistic:
@@ -173,17 +203,26 @@ class Scoreboard:
                 for _ in pool.map(lambda job: job(), jobs):  # one day at a time: each accumulator in day order
                     pass
 
-    def _point_jobs(self, lead: int, doy: int, pred: np.ndarray, members: np.ndarray | None, today: np.ndarray,
-                    truth: np.ndarray) -> list[Callable[[], object]]:
+    def _point_jobs(self, lead: int, issue: int, doy: int, pred: np.ndarray, members: np.ndarray | None,
+                    today: np.ndarray, truth: np.ndarray) -> list[Callable[[], object]]:
         """The point scorings of one lead's map ``pred`` (and of the median of its
-        ``members``) and of both baselines against ``truth`` on day of year ``doy``, to run
-        on any thread (each touches its own accumulator)."""
+        ``members``) and of both baselines against ``truth`` on day of year ``doy``, per pixel
+        and as the area's mean, to run on any thread (each touches its own accumulators)."""
         reference = {"model": pred, "persistence": today, "climatology": self.climatology.for_day(doy)}
         if members is not None:
             reference["median"] = quantile_maps(members, [0.5])[0]
         how = self.climatology.source(doy)
         self.climatology_used[how] = self.climatology_used.get(how, 0) + 1
-        return [partial(self.tables[lead][source].accumulate, values, truth) for source, values in reference.items()]
+        return [partial(self.tables[lead][source].accumulate, values, truth) for source, values in reference.items()
+                ] + [partial(self._score_area_means, lead, issue, [reference[s] for s in self.point_sources], truth)]
+
+    def _score_area_means(self, lead: int, issue: int, maps: list[np.ndarray], truth: np.ndarray) -> None:
+        """Each source's mean over the area against the truth's (``maps`` in the order of
+        ``point_sources``), recorded for the series of ``lead``."""
+        means = area_means([truth, *maps], self.cell_areas)
+        for source, k in zip(self.point_sources, range(1, len(means))):
+            self.areas[lead][source].accumulate(means[k:k + 1], means[:1])
+        self.area_series[lead].append((issue, means))
 
     def _ensemble_jobs(self, lead: int, doy: int, members: np.ndarray, today: np.ndarray, truth: np.ndarray,
                        block: int) -> list[Callable[[], object]]:
@@ -202,14 +241,36 @@ class Scoreboard:
         both baselines, and when probabilistic the ensemble scores and their skill."""
         metrics = {}
         for lead in self.leads:
-            rows = {s: self.tables[lead][s].compute() for s in self.point_sources}
-            for s in self.point_sources:
-                for base in ("persistence", "climatology"):
-                    rows[s][f"skill_vs_{base}"] = skill(rows[s]["mse"], rows[base]["mse"])
+            rows = _with_mse_skill({s: self.tables[lead][s].compute() for s in self.point_sources})
             if self.probabilistic:
                 _add_ensemble_scores(rows, {s: self.ensembles[lead][s].compute() for s in SOURCES}, self.thresholds)
             metrics[lead] = rows
         return metrics
+
+    def area_metrics(self) -> dict[int, dict[str, dict[str, float]]]:
+        """Per lead and source: the continuous scores of the area's mean, with MSE skill
+        against both baselines' means."""
+        return {lead: _with_mse_skill({s: self.areas[lead][s].compute() for s in self.point_sources})
+                for lead in self.leads}
+
+    def area_table(self) -> list[str]:
+        """The series of the area's mean as CSV lines: per lead and issue day, the valid
+        day, the truth's mean and each source's."""
+        lines = ["issue_date,valid_date,lead,truth," + ",".join(self.point_sources)]
+        for lead in self.leads:
+            for issue, means in self.area_series[lead]:
+                lines.append(f"{self.dates[issue]},{self.dates[issue + lead]},{lead},"
+                             + ",".join(f"{m:.6g}" for m in means))
+        return lines
+
+    def area_plot_series(self) -> tuple[dict[int, dict[str, list[float]]], dict[int, list]]:
+        """The series of the first and last lead for :func:`~pipeline.plots.plot_area_means`."""
+        series, dates = {}, {}
+        for lead in dict.fromkeys((self.leads[0], self.leads[-1])):
+            names = ("truth", *self.point_sources)
+            series[lead] = {n: [float(means[k]) for _, means in self.area_series[lead]] for k, n in enumerate(names)}
+            dates[lead] = [self.dates[issue + lead] for issue, _ in self.area_series[lead]]
+        return series, dates
 
     def climatology_note(self) -> str:
         """Which climatology the scored days got, for metrics.md."""
@@ -265,21 +326,38 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     units = target_units(ds)
     notes.append(f"Units: mse in ({units})²; rmse, mae, bias{', crps' if scores.probabilistic else ''} and the "
                  f"thresholds in {units}.")
-    markdown = _markdown(metrics, chosen, n, skill_lines, notes, units)
-    summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, [], notes, units, categorical=False)
+    area = scores.area_metrics()
+    grid = cube_grid(ds)
+    area_lines = _area_section(area, n, grid.crs.is_geographic)
+    markdown = _markdown(metrics, chosen, n, skill_lines, notes, units, area_lines)
+    summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, [], notes, units, area_lines,
+                                                           categorical=False)
     diagnostics = scores.diagnostics()
-    files = _write_outputs(metrics, markdown, output_dir, {
+    files = _write_outputs(metrics, area, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
         "thresholds": thresholds, "units": units, "checkpoint": paths[0] if len(paths) == 1 else paths,
         "cube": str(windows.store), **({"forcings_from": forcings_from} if forcings_from else {})},
         diagnostics)
+    files.append(output_dir / "area_mean.csv")
+    with atomic_output(files[-1]) as tmp:
+        tmp.write_text("\n".join(scores.area_table()) + "\n")
+    files.append(plot_area_means(*scores.area_plot_series(), output_dir / "area_mean.png", units=units,
+                                 title=f"mean over the scored area, {split} split, {n} windows"))
     if scores.probabilistic:
         for lead in leads:
             files.append(plot_ensemble_diagnostics(
                 scores.ensembles[lead]["model"].ranks, scores.ensembles[lead]["model"].reliability(),
                 output_dir / f"ensemble_lead{lead}.png", title=f"lead {lead} d, {split} split, {n} windows"))
-    files += _write_pixel_maps(scores.pixels, cube_grid(ds), output_dir, leads[0], split, paths)
-    return EvaluationReport(metrics, markdown, summary, files, n, diagnostics)
+    files += _write_pixel_maps(scores.pixels, grid, output_dir, leads[0], split, paths)
+    return EvaluationReport(metrics, markdown, summary, files, n, diagnostics, area)
+
+
+def _with_mse_skill(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``rows`` (continuous scores per source) with each source's MSE skill against both baselines."""
+    for row in rows.values():
+        for base in ("persistence", "climatology"):
+            row[f"skill_vs_{base}"] = skill(row["mse"], rows[base]["mse"])
+    return rows
 
 
 def _write_pixel_maps(pixels: PixelScores, grid: Grid, output_dir: Path, lead: int, split: str,
@@ -321,9 +399,11 @@ def _add_ensemble_scores(rows: dict[str, dict[str, float]], scores: dict[str, di
             rows[source][f"brier_skill@{thr:g}"] = skill(values[key], scores["climatology"][key])
 
 
-def _write_outputs(metrics: dict, markdown: str, output_dir: Path, meta: dict, diagnostics: dict) -> list[Path]:
+def _write_outputs(metrics: dict, area: dict, markdown: str, output_dir: Path, meta: dict,
+                   diagnostics: dict) -> list[Path]:
     json_path, md_path = output_dir / "metrics.json", output_dir / "metrics.md"
-    document = {"meta": meta, "leads": {str(k): v for k, v in metrics.items()}}
+    document = {"meta": meta, "leads": {str(k): v for k, v in metrics.items()},
+                "area_mean": {str(k): v for k, v in area.items()}}
     if diagnostics:
         document["ensemble"] = {str(k): v for k, v in diagnostics.items()}
     for path, text in ((json_path, json.dumps(document, indent=2, allow_nan=True)), (md_path, markdown + "\n")):

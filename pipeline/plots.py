@@ -1,5 +1,5 @@
-"""Figures: loss curves (training), side-by-side maps (inference), skill by lead, rank histograms
-and reliability diagrams (evaluation)."""
+"""Figures: loss curves (training), side-by-side maps (inference), skill by lead, the area's
+mean day by day, rank histograms and reliability diagrams (evaluation)."""
 
 from __future__ import annotations
 
@@ -151,6 +151,29 @@ def plot_skill_by_lead(metrics: dict, path: str | Path) -> Path:
     for a in (ax, ax_nse):
         a.grid(alpha=0.3)
         a.legend()
+    return _save(fig, path)
+
+
+def plot_area_means(series: dict[int, dict[str, Sequence[float]]], dates: dict[int, Sequence], path: str | Path,
+                    *, units: str, title: str) -> Path:
+    """The truth's mean over the area day by day beside each source's forecast of it, one
+    panel per lead in ``series`` (``{lead: {"truth": [...], source: [...]}}``, on the valid
+    days ``dates[lead]``): a hydrograph of the catchment's mean runoff."""
+    styles = {"truth": dict(color="black", lw=1.6), "model": dict(color="tab:blue", lw=1.2),
+              "median": dict(color="tab:purple", lw=1.0, ls="-."),
+              "persistence": dict(color="tab:orange", lw=1.0, ls="--"),
+              "climatology": dict(color="tab:green", lw=1.0, ls=":")}
+    fig, axes = plt.subplots(len(series), 1, figsize=(10, 2.9 * len(series)), squeeze=False, sharex=True,
+                             layout="constrained")
+    for ax, (lead, columns) in zip(axes[:, 0], series.items()):
+        for source, values in columns.items():
+            ax.plot(dates[lead], values, label=source, **styles.get(source, {}))
+        ax.set(ylabel=f"mean QS [{units}]", title=f"lead {lead} d")
+        ax.grid(alpha=0.3)
+        ax.legend(ncol=len(columns), fontsize="small")
+    axes[-1, 0].set_xlabel("valid day")
+    fig.autofmt_xdate()
+    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -89,6 +89,18 @@ class Grid:
         _, _, _, _, e, f = self.transform
         return f + (np.arange(self.height) + 0.5) * e
 
+    def area_weights(self) -> np.ndarray:
+        """Each cell's area relative to the others, (height, width): the cosine of the row's
+        latitude on a geographic grid (a degree of longitude narrows towards the poles), 1 on
+        a projected one (its cells are equal in map units).
+
+        >>> grid = Grid(CRS.from_epsg(4326).to_wkt(), (1.0, 0.0, 10.0, 0.0, -60.0, 90.0), 3, 2)
+        >>> grid.area_weights().round(3).tolist()
+        [[0.5, 0.5], [1.0, 1.0], [0.5, 0.5]]
+        """
+        rows = np.cos(np.deg2rad(self.y_coords())) if self.crs.is_geographic else np.ones(self.height)
+        return np.repeat(rows[:, None], self.width, axis=1)
+
     def matches(self, other: "Grid") -> bool:
         """Same shape, same CRS and the same transform to 1e-6 of a pixel."""
         if self.shape != other.shape:

@@ -10,6 +10,8 @@ scores. Memory does not grow with the number of maps (the pysteps verification h
   over square neighbourhoods of given sizes.
 - :class:`PixelScores`: per-pixel NSE and KGE maps over the time axis.
 - :class:`ScoreTable`: all of the above for one forecast source.
+- :func:`area_means`: the (area-weighted) means of maps over the pixels valid in all of
+  them, to score a basin's mean as a series.
 - :class:`EnsembleScores`: CRPS, spread/skill, rank histogram, and Brier score and
   reliability at thresholds, of an ensemble (members, or the quantiles of a probabilistic
   forecast taken as equally likely members).
@@ -205,6 +207,24 @@ class ScoreTable:
 
     def compute(self) -> dict[str, float]:
         return {**self.continuous.compute(), **self.events.compute()}
+
+
+def area_means(maps: Sequence[np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
+    """The means of several maps (H, W), each weighted by ``weights`` (relative cell areas;
+    equal if None), over the pixels where every map is finite: one value per map, all over
+    the same area (NaN where no pixel is). Scored with :class:`ContinuousScores`, the series
+    of a basin's mean runoff gives the scores hydrologists compute on a catchment's totals.
+
+    >>> area_means([np.array([[1.0, np.nan, 2.0]]), np.array([[3.0, 5.0, 6.0]])], np.array([[1.0, 1.0, 3.0]]))
+    array([1.75, 5.25])
+    """
+    stack = np.asarray(maps, np.float64).reshape(len(maps), -1)
+    ok = np.isfinite(stack).all(axis=0)
+    w = np.where(ok, 1.0 if weights is None else np.asarray(weights, np.float64).ravel(), 0.0)
+    total = w.sum()
+    if total <= 0:
+        return np.full(len(stack), _NAN)
+    return np.where(ok, stack, 0.0) @ w / total
 
 
 # --- one-shot shortcuts -------------------------------------------------------------------

@@ -80,3 +80,73 @@ def test_period_scores_the_days_it_names(trained, tmp_path, run_cli):
         result = run_cli(*args, "--split", bad, "--output_dir", tmp_path / "bad")
         assert result.status == 2 and f"--split {bad!r}" in one_error_line(result.err), bad
         assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_scores_the_areas_mean_day_by_day(trained, tmp_path, run_cli):
+    """Each source's map and the truth averaged over the area every day (on this projected
+    grid, cells weigh alike) and scored as a series: the CSV holds the cube's own means, and
+    metrics.json's scores are those of the CSV's columns."""
+    import pandas as pd
+    import xarray as xr
+
+    out = tmp_path / "evaluation"
+    result = run_cli("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir",
+                     trained / "qs.zarr", "--output_dir", out)
+    assert result.status == 0, result.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    table = pd.read_csv(out / "area_mean.csv", parse_dates=["issue_date", "valid_date"])
+    assert list(table.columns) == ["issue_date", "valid_date", "lead", "truth", "model", "persistence", "climatology"]
+    assert sorted(table.lead.unique()) == [1, 2] and (table.lead == 1).sum() == metrics["meta"]["windows"]
+    assert ((table.valid_date - table.issue_date).dt.days == table.lead).all()
+    qs = xr.open_zarr(trained / "qs.zarr").qs
+    for row in table[table.lead == 2].itertuples():
+        truth, today = qs.sel(time=row.valid_date).values, qs.sel(time=row.issue_date).values
+        valid = np.isfinite(truth) & np.isfinite(today)
+        assert valid.sum() > 0.5 * valid.size
+        assert np.isclose(row.truth, truth[valid].mean(), rtol=1e-5, atol=1e-6)
+        assert np.isclose(row.persistence, today[valid].mean(), rtol=1e-5, atol=1e-6)
+    for lead in (1, 2):
+        rows, scored = metrics["area_mean"][str(lead)], table[table.lead == lead]
+        assert set(rows) == {"model", "persistence", "climatology"}
+        for source in rows:
+            errors = scored[source] - scored.truth
+            assert np.isclose(rows[source]["mse"], (errors ** 2).mean(), rtol=1e-4)
+            assert np.isclose(rows[source]["bias"], errors.mean(), rtol=1e-4, atol=1e-6)
+            spread = ((scored.truth - scored.truth.mean()) ** 2).sum()
+            assert np.isclose(rows[source]["nse"], 1 - (errors ** 2).sum() / spread, rtol=1e-4, atol=1e-6)
+        model = rows["model"]
+        assert model["skill_vs_persistence"] == 1 - model["mse"] / rows["persistence"]["mse"]
+    md = (out / "metrics.md").read_text()
+    assert "## Mean over the scored area" in md and "cells weighted equally" in md
+    assert f"| 2 | model | {rows['model']['mse']:.4g} |" in md
+    assert (out / "area_mean.png").stat().st_size > 10_000
+
+
+def test_the_areas_mean_weighs_cells_by_their_area_on_a_geographic_grid(tmp_path, run_cli):
+    """On a latitude/longitude grid from 72.5 to 17.5 degrees north a cell at the top is a
+    third of one at the bottom: the area's mean weighs each by the cosine of its latitude."""
+    import pandas as pd
+    import xarray as xr
+
+    from pipeline.synth import write_lsm_files
+
+    write_lsm_files(tmp_path / "nc", "multi", days=40, height=12, width=16, resolution=5.0, origin=(-100.0, 75.0))
+    assert run_cli("ingest", tmp_path / "nc", tmp_path / "qs.zarr").status == 0
+    trained = run_cli("train", "--data_dir", tmp_path / "qs.zarr", "--epochs", "1", "--hidden_channels", "4",
+                      "--leads", "1", "--checkpoint_dir", tmp_path / "ckpt", "--output_dir", tmp_path / "out")
+    assert trained.status == 0, trained.err
+    out = tmp_path / "evaluation"
+    result = run_cli("evaluate", "--weights_path", tmp_path / "ckpt" / "best.pth", "--data_dir", tmp_path / "qs.zarr",
+                     "--output_dir", out)
+    assert result.status == 0, result.err
+    assert "weighted by cell area, the cosine of the latitude" in (out / "metrics.md").read_text()
+    qs = xr.open_zarr(tmp_path / "qs.zarr").qs
+    weights = np.cos(np.deg2rad(qs.y.values))[:, None] * np.ones(qs.shape[2])
+    table = pd.read_csv(out / "area_mean.csv", parse_dates=["issue_date", "valid_date"])
+    assert len(table) > 0
+    for row in table.itertuples():
+        truth, today = qs.sel(time=row.valid_date).values, qs.sel(time=row.issue_date).values
+        valid = np.isfinite(truth) & np.isfinite(today)
+        weighted = np.average(truth[valid], weights=weights[valid])
+        assert np.isclose(row.truth, weighted, rtol=1e-5) and not np.isclose(row.truth, truth[valid].mean(), rtol=1e-3)
+        assert np.isclose(row.persistence, np.average(today[valid], weights=weights[valid]), rtol=1e-5)
