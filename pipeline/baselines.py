@@ -229,15 +229,16 @@ def check_thresholds(thresholds: Sequence[float] | None, option: str) -> None:
 
 
 def wet_thresholds(ds: xr.Dataset, train_start, train_end, quantiles=(0.9, 0.99), max_days: int = 120,
-                   variable: str = "qs") -> list[float]:
-    """Quantiles of the wet (> 0) training pixels, in data units, from at most ``max_days``
-    training days spread evenly over the split (bounded memory on long cubes)."""
+                   variable: str = "qs", mask: np.ndarray | None = None) -> list[float]:
+    """Quantiles of the wet (> 0) training pixels (those of ``mask`` only, if given), in data
+    units, from at most ``max_days`` training days spread evenly over the split (bounded
+    memory on long cubes)."""
     days = ds[variable].sel(time=slice(str(train_start), str(train_end)))
     picks = evenly_spaced(np.arange(days.shape[0]), max_days)
     wet = []
     for i in picks:
         day = np.asarray(days.data[int(i)])
-        wet.append(day[np.isfinite(day) & (day > 0)])
+        wet.append(day[np.isfinite(day) & (day > 0) & (True if mask is None else mask)])
     wet = np.concatenate(wet) if wet else np.empty(0)
     if wet.size == 0:
         return [0.1]

@@ -259,7 +259,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         report = evaluate(args.weights_path, args.data_dir, split=args.split, output_dir=args.output_dir,
                           thresholds=thresholds, device=args.device, batch_size=args.batch_size,
                           storage_options=storage_options, progress=sys.stderr.isatty(),
-                          forcings_from=parse_forcing_sources(args.forcings))
+                          forcings_from=parse_forcing_sources(args.forcings), mask=args.mask)
     print(report.summary)
     for path in report.files:
         print(f"wrote {path}")
@@ -467,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "output_dir", default="outputs/evaluation", help="where metrics and figures go")
     _option(p, "thresholds", help="event thresholds in data units, e.g. 5,20 (default: training p90, p99 of wet pixels)")
     _forcings_from_option(p, "scored")
+    _option(p, "mask", metavar="RASTER", help="score only the pixels this raster on the cube's grid selects (neither 0 "
+            "nor nodata), e.g. a catchment rasterised in QGIS: every score, the area's mean and the default thresholds")
     _option(p, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
     _option(p, "storage_options", help="JSON options for fsspec URLs")

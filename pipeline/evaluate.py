@@ -51,11 +51,12 @@ import xarray as xr
 from .baselines import (SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, check_thresholds,
                         wet_thresholds)
 from .cube import TARGET, Split, cube_dates, cube_grid, target_units
+from .errors import RunoffError
 from .export import write_geotiff
 from .inference import (Forecaster, checkpoint_names, point_forecast, quantile_maps, read_checkpoints, read_days,
                         split_windows)
 from .plots import plot_area_means, plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
-from .rasters import Grid
+from .rasters import Grid, read_mask
 from .storage import atomic_output, check_writable, location
 from .verify import (RELIABILITY_ROWS, ContinuousScores, EnsembleScores, PixelScores, ScoreTable, area_means, skill,
                      widest_reliability_gap)
@@ -164,8 +165,9 @@ class Scoreboard:
     order of the issue days, so the scores are those of one thread."""
 
     def __init__(self, ds: xr.Dataset, train_range: Split, leads: list[int], thresholds: list[float],
-                 probabilistic: bool) -> None:
+                 probabilistic: bool, mask: np.ndarray | None = None) -> None:
         self.ds, self.dates, self.leads, self.thresholds = ds, cube_dates(ds), leads, thresholds
+        self.mask = mask  # the pixels scored (all if None): the truth is NaN elsewhere
         self.probabilistic = probabilistic
         self.climatology = Climatology(ds, train_range.start, train_range.end)
         self.climatology_used: dict[str, int] = {}
@@ -188,6 +190,8 @@ class Scoreboard:
         pred = point_forecast(out) if self.probabilistic else out
         first = issues[0]
         days = read_days(self.ds, TARGET, first, issues[-1] + max(self.leads))  # truth and persistence
+        if self.mask is not None:
+            days = np.where(self.mask, days, np.float32(np.nan))
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
             for k, t in enumerate(issues):
                 today, jobs = days[t - first], []
@@ -287,12 +291,15 @@ class Scoreboard:
 def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Path, split: str = "test",
              output_dir: str | Path = "outputs/evaluation", thresholds: list[float] | None = None,
              device: str = "auto", batch_size: int = 8, storage_options: dict | None = None,
-             progress: bool = False, forcings_from: dict[str, str] | None = None) -> EvaluationReport:
+             progress: bool = False, forcings_from: dict[str, str] | None = None,
+             mask: str | Path | None = None) -> EvaluationReport:
     """Score the checkpoint ``weights_path`` (or several trained alike, forecasting together:
     see :class:`~pipeline.inference.Forecaster`) on ``split`` (train, val, test, all, or a
     period START..END) of ``data_dir``; ``batch_size`` windows per forward pass and per
     accumulator update. ``forcings_from`` reads forcings from other cube variables
-    (``{"rainf": "rainf_fc"}``: scored with a rain forecast; :func:`~pipeline.inference.forcings_read_from`)."""
+    (``{"rainf": "rainf_fc"}``: scored with a rain forecast; :func:`~pipeline.inference.forcings_read_from`).
+    ``mask``, a raster on the cube's grid, limits every score to the pixels it selects
+    (:func:`~pipeline.rasters.read_mask`: a catchment), the default thresholds too."""
     check_thresholds(thresholds, "--thresholds")
     paths, checkpoints = read_checkpoints(weights_path, storage_options)
     ckpt = checkpoints[0]
@@ -300,11 +307,15 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     check_writable(output_dir, "--output_dir")
     windows = split_windows(ckpt, data_dir, split, paths[0], storage_options, progress, forcings_from)
     ds, chosen, issues = windows.ds, windows.period, windows.issues
+    grid = cube_grid(ds)
+    selected = read_mask(mask, grid, f"the cube {windows.store}", "--mask") if mask is not None else None
+    if selected is not None and not (selected & np.isfinite(np.asarray(ds[TARGET].data[issues[0]]))).any():
+        raise RunoffError(f"--mask {mask}: selects only pixels without data in the cube {windows.store}")
     train_range = ckpt.splits["train"]
-    thresholds = thresholds or wet_thresholds(ds, train_range.start, train_range.end)
+    thresholds = thresholds or wet_thresholds(ds, train_range.start, train_range.end, mask=selected)
     forecaster = Forecaster.load(checkpoints, device, batch_size=batch_size)
     leads = list(windows.spec.leads)
-    scores = Scoreboard(ds, train_range, leads, thresholds, forecaster.probabilistic)
+    scores = Scoreboard(ds, train_range, leads, thresholds, forecaster.probabilistic, selected)
     from tqdm import tqdm
 
     with tqdm(total=len(issues), desc="evaluate", unit="window", disable=not progress) as bar:
@@ -316,6 +327,8 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     long_names = {v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}
     skill_lines = _skill_lines(metrics, ckpt.inputs_note(long_names, forcings_from))
     notes = [scores.climatology_note()]
+    if selected is not None:
+        notes.append(f"Scored inside {mask} (--mask): {int(selected.sum())} of the grid's {selected.size} pixels.")
     if len(paths) > 1:
         notes.append(f"Model: {len(paths)} checkpoints forecasting together ({', '.join(paths)}): "
                      + (f"their quantiles pooled, {forecaster.members} members." if forecaster.probabilistic
@@ -327,7 +340,6 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     notes.append(f"Units: mse in ({units})²; rmse, mae, bias{', crps' if scores.probabilistic else ''} and the "
                  f"thresholds in {units}.")
     area = scores.area_metrics()
-    grid = cube_grid(ds)
     area_lines = _area_section(area, n, grid.crs.is_geographic)
     markdown = _markdown(metrics, chosen, n, skill_lines, notes, units, area_lines)
     summary = "\n".join(skill_lines) + "\n\n" + _markdown(metrics, chosen, n, [], notes, units, area_lines,
@@ -336,7 +348,8 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     files = _write_outputs(metrics, area, markdown, output_dir, {
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
         "thresholds": thresholds, "units": units, "checkpoint": paths[0] if len(paths) == 1 else paths,
-        "cube": str(windows.store), **({"forcings_from": forcings_from} if forcings_from else {})},
+        "cube": str(windows.store), **({"forcings_from": forcings_from} if forcings_from else {}),
+        **({"mask": str(mask)} if mask is not None else {})},
         diagnostics)
     files.append(output_dir / "area_mean.csv")
     with atomic_output(files[-1]) as tmp:

@@ -498,6 +498,25 @@ def raster_env() -> rasterio.Env:
     return rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="TRUE")
 
 
+def read_mask(path: str | Path, expected: Grid, expected_from: str, option: str) -> np.ndarray:
+    """The pixels a raster selects on ``expected``'s grid: where it is neither nodata nor 0
+    (a catchment rasterised in a GIS onto the cube's grid). One error naming ``option`` and
+    the file for a file off that grid or one that selects nothing.
+
+    >>> read_mask("basin.tif", cube_grid(ds), "the cube stores/qs.zarr", "--mask")   # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RunoffError(f"{option} {path}: no such file")
+    values, grid, _ = read_raster(path)
+    if not grid.matches(expected):
+        raise RunoffError(f"{option} {grid_error(path, grid, expected, expected_from)}")
+    selected = np.isfinite(values) & (values != 0)
+    if not selected.any():
+        raise RunoffError(f"{option} {path}: selects no pixel (every one is 0 or nodata)")
+    return selected
+
+
 def grid_error(path: Path, grid: Grid, expected: Grid, expected_from: str) -> RunoffError:
     """The one-line error for a raster that does not lie on the expected grid."""
     return RunoffError(f"{path}: grid {grid.describe()} differs from {expected_from}: {expected.describe()}")

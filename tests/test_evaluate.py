@@ -150,3 +150,46 @@ def test_the_areas_mean_weighs_cells_by_their_area_on_a_geographic_grid(tmp_path
         weighted = np.average(truth[valid], weights=weights[valid])
         assert np.isclose(row.truth, weighted, rtol=1e-5) and not np.isclose(row.truth, truth[valid].mean(), rtol=1e-3)
         assert np.isclose(row.persistence, np.average(today[valid], weights=weights[valid]), rtol=1e-5)
+
+
+def test_a_mask_limits_every_score_to_the_pixels_it_selects(trained, tmp_path, run_cli):
+    """``--mask`` (a catchment rasterised on the cube's grid) scores its pixels only: the
+    pooled scores, the area's mean and the per-pixel maps; a mask off the grid, selecting
+    nothing or missing is one line, exit 2, nothing written."""
+    import pandas as pd
+    import xarray as xr
+
+    with rasterio.open(trained / "in" / "QS_20190101.tif") as src:
+        profile = {**src.profile, "dtype": "uint8", "nodata": 255}
+    inside = np.zeros((profile["height"], profile["width"]), np.uint8)
+    inside[5:25, 10:40] = 1
+    masks = {"basin": inside, "empty": inside * 0, "cut": inside[:-1]}
+    for name, values in masks.items():
+        shape = {"height": values.shape[0], "width": values.shape[1]}
+        with rasterio.open(tmp_path / f"{name}.tif", "w", **{**profile, **shape}) as dst:
+            dst.write(values, 1)
+    args = ("evaluate", "--weights_path", trained / "ckpt" / "best.pth", "--data_dir", trained / "qs.zarr")
+    out = tmp_path / "evaluation"
+    result = run_cli(*args, "--mask", tmp_path / "basin.tif", "--output_dir", out)
+    assert result.status == 0, result.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["meta"]["mask"] == str(tmp_path / "basin.tif")
+    assert f"Scored inside {tmp_path / 'basin.tif'} (--mask): 600 of the grid's 2080 pixels." in (
+        out / "metrics.md").read_text()
+    qs = xr.open_zarr(trained / "qs.zarr").qs
+    table = pd.read_csv(out / "area_mean.csv", parse_dates=["issue_date", "valid_date"])
+    errors = []
+    for row in table[table.lead == 1].itertuples():
+        truth, today = qs.sel(time=row.valid_date).values, qs.sel(time=row.issue_date).values
+        valid = (inside == 1) & np.isfinite(truth) & np.isfinite(today)
+        assert np.isclose(row.truth, truth[valid].mean(), rtol=1e-5, atol=1e-6)
+        errors.append(today[valid] - truth[valid])
+    errors = np.concatenate(errors)
+    assert np.isclose(metrics["leads"]["1"]["persistence"]["mse"], np.mean(errors ** 2), rtol=1e-6)
+    with rasterio.open(out / "nse_map_lead1.tif") as f:
+        nse = f.read(1, masked=True)
+    assert nse.mask[inside == 0].all() and not nse.mask[inside == 1].all()
+    for name, words in (("cut", "differs from the cube"), ("empty", "selects no pixel"), ("absent", "no such file")):
+        bad = run_cli(*args, "--mask", tmp_path / f"{name}.tif", "--output_dir", tmp_path / name)
+        assert bad.status == 2 and words in one_error_line(bad.err) and "--mask" in bad.err
+        assert not (tmp_path / name).exists()
