@@ -39,6 +39,9 @@ calibrated_on
 calibrated_forcing_error
     beside ``calibrated_on``: the log std of the forecast error its forcings were given
     there (``--forcing_error``; 0 or absent: the forcings as the cube holds them).
+calibrated_forcing_error_area
+    beside it: the log std of that error's factor over each whole map
+    (``--forcing_error_area``; 0 or absent: none).
 
 Example
 -------
@@ -227,15 +230,18 @@ class Checkpoint:
                             if best else "")
                          + (f"; weights averaged (decay {settings['ema_decay']:g})"
                             if settings.get("ema_decay") else "")
-                         + (f"; forcings times a forecast error (log std {settings['forcing_error']:g})"
-                            if settings.get("forcing_error") else ""))
+                         + ("; forcings times a forecast error" + error_text(settings.get("forcing_error", 0.0),
+                                                                             settings.get("forcing_error_area", 0.0),
+                                                                             how="")
+                            if settings.get("forcing_error") or settings.get("forcing_error_area") else ""))
         scale = self.state["model_state"].get("spread_scale")  # absent before the spread was calibrated
         if self.quantiles and scale is not None:
             scale = scale.tolist()
             days = self.state.get("calibrated_on")
             if days:
                 how = f"calibrated on {days[0]}..{days[1]}"
-                how += error_text(self.state.get("calibrated_forcing_error", 0.0))
+                how += error_text(self.state.get("calibrated_forcing_error", 0.0),
+                                  self.state.get("calibrated_forcing_error_area", 0.0))
             else:  # best.pth before 2026-12-05 was calibrated on the validation split without saying so
                 how = "as trained" if all(f == 1 for f in scale) else "calibrated on the validation split"
             lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} ({how}"
@@ -258,14 +264,18 @@ def spread_text(factors: dict[int, float]) -> str:
     return ", ".join(f"lead {lead} x{factor:.2f}" for lead, factor in factors.items())
 
 
-def error_text(sigma: float) -> str:
+def error_text(sigma: float, area_sigma: float = 0.0, how: str = " with the forcings' forecast error") -> str:
     """How the logs say that a spread was calibrated with a forecast error on the forcings
-    (``--forcing_error``): nothing for none.
+    (``--forcing_error``, ``--forcing_error_area``): nothing for none.
 
     >>> error_text(0.5), error_text(0.0)
     (" with the forcings' forecast error (log std 0.5)", '')
+    >>> error_text(0.3, 0.4)
+    " with the forcings' forecast error (log std 0.3; log std 0.4 over the whole map)"
     """
-    return f" with the forcings' forecast error (log std {sigma:g})" if sigma else ""
+    parts = ([f"log std {sigma:g}"] if sigma else []) + (
+        [f"log std {area_sigma:g} over the whole map"] if area_sigma else [])
+    return f"{how} ({'; '.join(parts)})" if parts else ""
 
 
 def build_model(state_or_config: dict) -> ConvLSTMForecaster:

@@ -271,9 +271,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     done = recalibrate(args.weights_path, args.data_dir, args.split, args.output_path, rule=args.calibration,
                        levels=args.calibrate_levels, device=args.device, batch_size=args.batch_size,
-                       storage_options=_storage_options(args.storage_options), forcing_error=args.forcing_error)
+                       storage_options=_storage_options(args.storage_options), forcing_error=args.forcing_error,
+                       forcing_error_area=args.forcing_error_area)
     print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} window(s))"
-          + error_text(done.forcing_error) + ": " + spread_text(done.spread)
+          + error_text(done.forcing_error, done.forcing_error_area) + ": " + spread_text(done.spread)
           + ("; levels per flow class too" if done.levels else ""))
     print(f"wrote {done.path}")
 
@@ -391,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "against persistence with a forecast of that error at +0.53 .. +0.66 where a model trained without it fell to +0.17 .. +0.55, at a cost with the "
                  "observed rain; a probabilistic model's spread is calibrated with the same error "
                  "(docs/skill.md; default 0: none)")
+    _option(p, "forcing_error_area", type=float, metavar="SIGMA",
+            help="and times one log-normal factor per map of log std SIGMA (mean 1): a forecast that misjudges a "
+                 "storm's total over the whole basin, which --forcing_error's field averages out over a basin "
+                 "(docs/skill.md, 'A forecast whose error covers the whole basin'; default 0: none)")
     _option(p, "predict_delta", action=argparse.BooleanOptionalAction, default=None,
             help="forecast the change from the last input day, so that an untrained model is persistence "
                  "(default; --no-predict_delta to forecast the map itself)")
@@ -488,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(p, "forcing_error", type=float, metavar="SIGMA",
             help="calibrate with the forcings times a forecast error of this log std (default: the checkpoint's "
                  "--forcing_error; 0 on a cube whose forcings are forecasts already)")
+    _option(p, "forcing_error_area", type=float, metavar="SIGMA",
+            help="and times one factor per map of this log std (default: the checkpoint's --forcing_error_area)")
     _option(p, "batch_size", type=int, default=8, help="windows per forward pass (default 8)")
     _option(p, "device", default="auto", help="auto, cpu, cuda or mps")
     _option(p, "storage_options", help="JSON options for fsspec URLs")

@@ -7,8 +7,11 @@ observed rain"). ``runoff train --forcing_error SIGMA`` multiplies each training
 forcings by :func:`forecast_error`, so that the model learns how far the rain can be
 trusted, and calibrates a probabilistic model's spread on validation windows whose forcings
 carry the same error, so that its spread is that of a forecast made with forecast rain.
-:func:`window_errors` gives that function for a run, each window's error drawn by seed,
-epoch and issue day.
+That error varies over a few pixels, and over a basin it averages out; a real forecast also
+misjudges a storm's total, by a factor the whole map shares. ``--forcing_error_area SIGMA``
+adds that part: one log-normal factor per map (docs/skill.md, "A forecast whose error covers
+the whole basin"). :func:`window_errors` gives that function for a run, each window's error
+drawn by seed, epoch and issue day.
 
 Example
 -------
@@ -36,13 +39,15 @@ ForcingError = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def forecast_error(forcings: torch.Tensor, stats: Sequence[dict[str, float]], sigma: float, smoothing: float,
-                   generator: torch.Generator) -> torch.Tensor:
+                   generator: torch.Generator, area_sigma: float = 0.0) -> torch.Tensor:
     """The forcings (B, D, F, h, w), normalised as the model reads them (``stats``: each
-    variable's), each map multiplied by a log-normal error of mean 1 and log std ``sigma``,
-    smooth over ``smoothing`` pixels (a Gaussian's sigma): the error of a rain forecast, as
-    ``runoff synth`` gives ``rainf_fc``. Trained on such maps, a model given the observed
-    rain learns not to take the rain of a forecast at its word (docs/skill.md). The noise is
-    drawn on the CPU from ``generator``, so the same generator draws it alike on any device.
+    variable's), each map multiplied by a log-normal error of mean 1: a field of log std
+    ``sigma``, smooth over ``smoothing`` pixels (a Gaussian's sigma), as ``runoff synth``
+    gives ``rainf_fc``, times one factor over the whole map of log std ``area_sigma``. Trained
+    on such maps, a model given the observed rain learns not to take the rain of a forecast
+    at its word (docs/skill.md). The noise is drawn on the CPU from ``generator``, so the same
+    generator draws it alike on any device; the field first, so that without ``area_sigma``
+    the draws are those of the field alone.
 
     >>> rain = torch.full((2, 1, 1, 8, 8), 0.5)
     >>> noisy = forecast_error(rain, [{"mean": 0.0, "std": 1.0}], 0.5, 1.0, torch.Generator().manual_seed(0))
@@ -50,13 +55,17 @@ def forecast_error(forcings: torch.Tensor, stats: Sequence[dict[str, float]], si
     ...                                                          torch.Generator()).equal(rain)
     (torch.Size([2, 1, 1, 8, 8]), True, True)
     """
-    if not sigma:
+    if not sigma and not area_sigma:
         return forcings
     b, d, f, h, w = forcings.shape
-    noise = smooth_noise(b * d * f, h, w, smoothing, generator, std=sigma).to(forcings.device).view(b, d, f, h, w)
+    noise = smooth_noise(b * d * f, h, w, smoothing, generator, std=sigma) if sigma else torch.zeros(b * d * f, h, w)
+    if area_sigma:
+        noise = noise + area_sigma * torch.randn((b * d * f, 1, 1), generator=generator)
+    noise = noise.to(forcings.device).view(b, d, f, h, w)
+    variance = sigma ** 2 + area_sigma ** 2
     out = torch.empty_like(forcings)
     for k, st in enumerate(stats):
-        physical = to_physical(forcings[:, :, k], st).clamp(min=0) * torch.exp(noise[:, :, k] - sigma ** 2 / 2)
+        physical = to_physical(forcings[:, :, k], st).clamp(min=0) * torch.exp(noise[:, :, k] - variance / 2)
         out[:, :, k] = ((torch.log1p(physical) - st["mean"]) / st["std"]).to(out.dtype)
     return out
 
@@ -103,17 +112,18 @@ def error_smoothing(height: int, width: int) -> float:
     return max(height, width) / 24
 
 
-def window_errors(record: dict, sigma: float, epoch: int = 0) -> ForcingError | None:
+def window_errors(record: dict, sigma: float, epoch: int = 0, area_sigma: float = 0.0) -> ForcingError | None:
     """A function of a batch's forcings and issue days that gives the forcings times
-    :func:`forecast_error` of log std ``sigma``, for the run of ``record`` (a checkpoint's
+    :func:`forecast_error` of log std ``sigma`` (and ``area_sigma`` over each whole map),
+    for the run of ``record`` (a checkpoint's
     state, or a training run's record: its ``forcings``, their ``norm_stats``, the ``grid``
     the error is smooth on, and the ``train_config``'s ``seed``). Each window's error is
     drawn from a generator of its own, seeded by that seed, ``epoch`` and its issue day, so
     the same window draws the same error however the windows are batched or shared among
     ranks: a resumed epoch draws its errors again, and ``runoff calibrate --split val``
     (epoch 0) those of the calibration ``runoff train`` ended with. ``None`` where there is
-    no error to draw (``sigma`` 0, or no forcings)."""
-    if not sigma or not record.get("forcings"):
+    no error to draw (both log stds 0, or no forcings)."""
+    if not (sigma or area_sigma) or not record.get("forcings"):
         return None
     stats = [record["norm_stats"][name] for name in record["forcings"]]
     smoothing = error_smoothing(record["grid"]["height"], record["grid"]["width"])
@@ -121,6 +131,7 @@ def window_errors(record: dict, sigma: float, epoch: int = 0) -> ForcingError | 
 
     def with_error(forcings: torch.Tensor, issues: torch.Tensor) -> torch.Tensor:
         return torch.cat([forecast_error(forcings[k:k + 1], stats, sigma, smoothing, torch.Generator().manual_seed(
-            ((seed * 1_000_003 + epoch) * 1_000_033 + issue) % 2**63)) for k, issue in enumerate(issues.tolist())])
+            ((seed * 1_000_003 + epoch) * 1_000_033 + issue) % 2**63), area_sigma)
+            for k, issue in enumerate(issues.tolist())])
 
     return with_error

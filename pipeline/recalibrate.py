@@ -38,7 +38,8 @@ from .storage import location
 @dataclass
 class Recalibration:
     """What :func:`recalibrate` did: the checkpoint it wrote, the days it calibrated on, the
-    spread factor per lead, and the forecast error the forcings were given."""
+    spread factor per lead, and the forecast error the forcings were given (its log std, and
+    that of its factor over each whole map)."""
 
     path: Path
     period: Split
@@ -46,17 +47,19 @@ class Recalibration:
     spread: dict[int, float]
     levels: bool
     forcing_error: float
+    forcing_error_area: float = 0.0
 
 
 def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, output_path: str | Path,
                 rule: str | None = None, levels: bool | None = None, device: str = "auto", batch_size: int = 8,
                 storage_options: dict | None = None, max_pixels: int | None = CALIBRATION_PIXELS,
-                forcing_error: float | None = None) -> Recalibration:
+                forcing_error: float | None = None, forcing_error_area: float | None = None) -> Recalibration:
     """Calibrate the probabilistic checkpoint ``weights_path`` on the windows of ``data_dir``
     whose targets lie in ``split`` (a split of the checkpoint, or a period START..END) and
-    write it to ``output_path``, which must not exist. ``rule``, ``levels`` and
-    ``forcing_error`` default to the checkpoint's own (``--calibration``,
-    ``--calibrate_levels``, ``--forcing_error`` of its training). The spread
+    write it to ``output_path``, which must not exist. ``rule``, ``levels``,
+    ``forcing_error`` and ``forcing_error_area`` default to the checkpoint's own
+    (``--calibration``, ``--calibrate_levels``, ``--forcing_error``, ``--forcing_error_area``
+    of its training). The spread
     of maps larger than ``max_pixels`` is scored on a lattice of that many pixels (``None``:
     every pixel)."""
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
@@ -68,12 +71,15 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     if rule not in CALIBRATIONS:
         raise RunoffError(f"--calibration {rule}: choose {' or '.join(CALIBRATIONS)}")
     levels = bool(trained_with.get("calibrate_levels", False)) if levels is None else levels
-    forcing_error = float(trained_with.get("forcing_error", 0.0)) if forcing_error is None else forcing_error
-    if not 0 <= forcing_error <= MAX_FORCING_ERROR:
-        raise RunoffError(f"--forcing_error {forcing_error:g}: must be in [0, {MAX_FORCING_ERROR:g}]: the log std of "
-                          "the forcings' error (0 for none: a cube whose forcings are forecasts already)")
-    if forcing_error and not ckpt.forcings:
-        raise RunoffError(f"--forcing_error {forcing_error:g}: {weights_path} reads no forcings to put an error on")
+    errors = {name: float(trained_with.get(name, 0.0)) if given is None else given
+              for name, given in (("forcing_error", forcing_error), ("forcing_error_area", forcing_error_area))}
+    for name, sigma in errors.items():
+        if not 0 <= sigma <= MAX_FORCING_ERROR:
+            raise RunoffError(f"--{name} {sigma:g}: must be in [0, {MAX_FORCING_ERROR:g}]: a log std of the "
+                              "forcings' error (0 for none: a cube whose forcings are forecasts already)")
+        if sigma and not ckpt.forcings:
+            raise RunoffError(f"--{name} {sigma:g}: {weights_path} reads no forcings to put an error on")
+    forcing_error, forcing_error_area = errors["forcing_error"], errors["forcing_error_area"]
     output = location(output_path, storage_options)
     if output.exists():
         raise RunoffError(f"--output_path {output_path}: exists; name a new file (nothing is overwritten)")
@@ -91,10 +97,11 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     with data_loader(sampler, batch_size=batch_size, collate_fn=collate_windows) as loader:
         calibrate_model(model, loader, torch_device, ckpt.norm_stats[TARGET], rule=rule, thresholds=thresholds,
                         levels=levels, max_pixels=max_pixels,
-                        forcing_error=window_errors(ckpt.state, forcing_error))
+                        forcing_error=window_errors(ckpt.state, forcing_error, area_sigma=forcing_error_area))
     state = with_model(ckpt.state, model)
     state["calibrated_on"] = [period.start.isoformat(), period.end.isoformat()]
     state["calibrated_forcing_error"] = forcing_error
+    state["calibrated_forcing_error_area"] = forcing_error_area
     save_checkpoint(state, output)
     return Recalibration(output, period, int(issues.size),
-                         dict(zip(ckpt.leads, model.spread_scale.tolist())), levels, forcing_error)
+                         dict(zip(ckpt.leads, model.spread_scale.tolist())), levels, forcing_error, forcing_error_area)

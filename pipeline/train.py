@@ -94,6 +94,7 @@ class TrainConfig:
     forcings: list[str] = field(default_factory=list)  # on the lead days: known ahead (a rain forecast)
     # training only: the forcings times a smooth log-normal error of this log std (a forecast's error; 0: none)
     forcing_error: float = 0.0
+    forcing_error_area: float = 0.0  # and times one log-normal factor per map of this log std (a storm's total)
     predict_delta: bool = True  # forecast the change from the last day: untrained = persistence
     linear_response: bool = True  # that change linear in physical units, with gains set per pixel (needs predict_delta)
     probabilistic: bool = False  # QUANTILES quantiles per pixel and lead, trained by the pinball loss
@@ -297,8 +298,10 @@ def _calibrate_best(run: "_Run") -> None:
     run.model.load_state_dict(run.best_state)
     calibrate_model(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET], run.ranks,
                     run.config.precision, run.config.calibration, run.thresholds, run.config.calibrate_levels,
-                    forcing_error=window_errors(run.record, run.config.forcing_error))  # epoch 0's draws
-    run.log("spread calibrated on the validation split" + error_text(run.config.forcing_error) + " (best.pth): "
+                    forcing_error=window_errors(run.record, run.config.forcing_error,
+                                                area_sigma=run.config.forcing_error_area))  # epoch 0's draws
+    run.log("spread calibrated on the validation split"
+            + error_text(run.config.forcing_error, run.config.forcing_error_area) + " (best.pth): "
             + spread_text(dict(zip(run.config.leads, run.model.spread_scale.tolist()))))
     if run.config.calibrate_levels:
         run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(
@@ -309,6 +312,7 @@ def _calibrate_best(run: "_Run") -> None:
         state = with_model(load_checkpoint(best), run.model)
         state["calibrated_on"] = list(run.record["splits"]["val"])
         state["calibrated_forcing_error"] = run.config.forcing_error
+        state["calibrated_forcing_error_area"] = run.config.forcing_error_area
         save_checkpoint(state, best)
 
 
@@ -599,7 +603,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict:
     bar = tqdm(total=len(run.train_set), unit="win", desc=f"epoch {epoch}/{config.epochs}",
                disable=not run.progress, leave=False)
     batches = loader_batches(run.train_loader, device)
-    forcing_error = window_errors(run.record, config.forcing_error, epoch)
+    forcing_error = window_errors(run.record, config.forcing_error, epoch, config.forcing_error_area)
     # Join: ranks whose share holds fewer batches shadow the others' all-reduces
     with Join([run.net]) if ranks.world_size > 1 else contextlib.nullcontext():
         while True:
@@ -735,7 +739,11 @@ def _validate(config: TrainConfig) -> None:
         (0 <= config.forcing_error <= MAX_FORCING_ERROR, "--forcing_error", config.forcing_error,
          f"must be in [0, {MAX_FORCING_ERROR:g}]: the log std of the forcings' error (0.5: a factor of about 1.6 "
          "either way)"),
+        (0 <= config.forcing_error_area <= MAX_FORCING_ERROR, "--forcing_error_area", config.forcing_error_area,
+         f"must be in [0, {MAX_FORCING_ERROR:g}]: the log std of one factor per map of the forcings"),
         (not config.forcing_error or bool(config.forcings), "--forcing_error", config.forcing_error,
+         "it perturbs the forcings: it needs --forcings"),
+        (not config.forcing_error_area or bool(config.forcings), "--forcing_error_area", config.forcing_error_area,
          "it perturbs the forcings: it needs --forcings"),
         (config.calibration in CALIBRATIONS, "--calibration", config.calibration, f"must be one of {CALIBRATIONS}"),
     ]

@@ -167,6 +167,30 @@ def test_forecast_error_is_a_smooth_factor_of_mean_one_that_keeps_dry_days_dry()
     assert float(torch.corrcoef(torch.stack([log[:, :, :-1].flatten(), log[:, :, 1:].flatten()]))[0, 1]) > 0.8
 
 
+def test_an_error_over_the_whole_map_is_one_factor_per_map_of_mean_one():
+    """``area_sigma``: one log-normal factor per map (a storm's total misjudged), on top of the
+    smooth field or alone; without it the field's draws are as they were."""
+    from pipeline.forcing_error import forecast_error
+
+    stats = {"mean": 0.5, "std": 2.0}
+    rain = (torch.log1p(torch.full((400, 1, 1, 16, 16), 5.0)) - stats["mean"]) / stats["std"]
+
+    def factor(sigma, area_sigma):
+        noisy = forecast_error(rain, [stats], sigma, 2.0, torch.Generator().manual_seed(2), area_sigma)
+        return (torch.expm1(noisy * stats["std"] + stats["mean"]) / 5.0)[:, 0, 0]
+
+    whole = factor(0.0, 0.5)
+    assert float(whole.log().std(dim=(1, 2)).max()) < 1e-4  # the same factor over each map
+    per_map = whole[:, 0, 0]
+    assert abs(float(per_map.mean()) - 1.0) < 0.05 and abs(float(per_map.log().std()) - 0.5) < 0.05
+    both = factor(0.3, 0.4).log()
+    assert abs(float(both.std()) - 0.5) < 0.05  # log variances add: 0.3^2 + 0.4^2 = 0.5^2
+    assert float(both.std(dim=(1, 2)).mean()) < 0.3  # within a map: the field only
+    assert torch.equal(factor(0.5, 0.0), factor(0.5, 0.0)) and torch.equal(
+        forecast_error(rain, [stats], 0.5, 2.0, torch.Generator().manual_seed(2)),
+        forecast_error(rain, [stats], 0.5, 2.0, torch.Generator().manual_seed(2), 0.0))
+
+
 def test_a_large_grids_error_is_drawn_coarse_as_smooth_and_as_spread():
     from pipeline.forcing_error import smooth_noise
 
@@ -203,6 +227,11 @@ def test_training_on_a_forecast_error_changes_the_model_and_resumes_exactly(rain
     resumed = run("halves", "--epochs", "2", "--resume", tmp_path / "halves" / "model_epoch1.pth")
     for name, tensor in noisy["model_state"].items():
         assert torch.equal(tensor, resumed["model_state"][name]), name
+    whole = run("whole", "--epochs", "2", "--forcing_error", "0.5", "--forcing_error_area", "0.5")
+    assert whole["train_config"]["forcing_error_area"] == 0.5
+    info = run_cli("info", tmp_path / "whole" / "best.pth")
+    assert "forecast error (log std 0.5; log std 0.5 over the whole map)" in info.out
+    assert any(not torch.equal(t, whole["model_state"][k]) for k, t in noisy["model_state"].items())
 
 
 def test_a_probabilistic_model_trained_with_a_forecast_error_has_its_spread_calibrated_with_it(
@@ -232,20 +261,27 @@ def test_a_probabilistic_model_trained_with_a_forecast_error_has_its_spread_cali
                     "--forcing_error", "0", "--output_path", tmp_path / "plain.pth")
     assert plain.status == 0 and "forecast error" not in plain.out
     assert load_checkpoint(tmp_path / "plain.pth")["calibrated_forcing_error"] == 0
+    whole = run_cli("calibrate", "--weights_path", best, "--data_dir", rain_run / "qs.zarr", "--split", "val",
+                    "--forcing_error_area", "0.5", "--output_path", tmp_path / "whole.pth")
+    assert whole.status == 0 and "(log std 0.5; log std 0.5 over the whole map)" in whole.out
+    assert load_checkpoint(tmp_path / "whole.pth")["calibrated_forcing_error_area"] == 0.5
 
     assert run_cli("train", *common, "--checkpoint_dir", tmp_path / "alone").status == 0  # reads no forcings
     for weights, sigma, words in ((best, "3", "must be in [0, 2]"), (tmp_path / "alone" / "best.pth", "0.5",
                                                                         "reads no forcings")):
-        result = run_cli("calibrate", "--weights_path", weights, "--data_dir", rain_run / "qs.zarr", "--split", "val",
-                         "--forcing_error", sigma, "--output_path", tmp_path / "x.pth")
-        assert result.status == 2 and words in one_error_line(result.err)
-        assert not (tmp_path / "x.pth").exists()
+        for option in ("--forcing_error", "--forcing_error_area"):
+            result = run_cli("calibrate", "--weights_path", weights, "--data_dir", rain_run / "qs.zarr", "--split",
+                             "val", option, sigma, "--output_path", tmp_path / "x.pth")
+            assert result.status == 2 and f"{option} {float(sigma):g}: " in one_error_line(result.err)
+            assert words in result.err and not (tmp_path / "x.pth").exists()
 
 
 @pytest.mark.parametrize("args, option", [
     (["--forcings", "qs"], "--forcings"),
     (["--forcing_error", "0.5"], "--forcing_error"),
     (["--forcings", "rainf", "--forcing_error", "-1"], "--forcing_error"),
+    (["--forcing_error_area", "0.5"], "--forcing_error_area"),
+    (["--forcings", "rainf", "--forcing_error_area", "2.5"], "--forcing_error_area"),
     (["--forcings", "rainf", "--covariates", "rainf"], "--forcings / --covariates"),
     (["--forcings", "soilm"], "--forcings soilm"),
 ])
