@@ -55,6 +55,8 @@ class CubeInfo:
     attrs: dict[str, dict] = field(default_factory=dict)
     format_version: int | None = None  # CUBE_FORMAT once the writer finished creating it
     static: list[str] = field(default_factory=list)  # the static maps, (y, x)
+    # the group lists its arrays' metadata (a cube that xarray appended to without it does not)
+    consolidated: bool = True
 
 
 def _open_group(store: str, storage_options: dict | None) -> zarr.Group:
@@ -108,7 +110,7 @@ def read_cube_info(store: str | Path, storage_options: dict | None = None) -> Cu
         records[name] = Records(dict(a.get("source_files", {})), dict(a.get("source_digest", {})))
         attrs[name] = {k: a[k] for k in _DESCRIPTIVE_ATTRS if k in a}
     return CubeInfo(grid, start, start + dt.timedelta(days=valid - 1), variables, records, attrs,
-                    group.attrs.get("runoff_cube_format"), static)
+                    group.attrs.get("runoff_cube_format"), static, group.metadata.consolidated_metadata is not None)
 
 
 def open_cube(store: str | Path, storage_options: dict | None = None,
@@ -120,8 +122,8 @@ def open_cube(store: str | Path, storage_options: dict | None = None,
     store = str(store)
     if not is_url(store) and not Path(store).exists():
         raise RunoffError(f"{store}: no such cube")
-    read_cube_info(store, storage_options)  # clear errors for non-cubes before xarray's own
-    return xr.open_zarr(store, decode_coords="all", consolidated=True, storage_options=storage_options,
+    info = read_cube_info(store, storage_options)  # clear errors for non-cubes before xarray's own
+    return xr.open_zarr(store, decode_coords="all", consolidated=info.consolidated, storage_options=storage_options,
                         chunks={} if chunks is None else chunks)
 
 

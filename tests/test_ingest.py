@@ -62,6 +62,22 @@ def test_round_trip_keeps_crs_transform_values_and_metadata(series_dir, tmp_path
         assert plain.rio.transform() == src.transform
 
 
+def test_a_cube_that_xarray_appended_to_without_consolidating_opens(series_dir, tmp_path, run_cli):
+    """``to_zarr(mode="a", consolidated=False)`` (a forecast added beside the rain with xarray)
+    rewrites the group without its arrays' metadata: the cube still opens, the new variable in it."""
+    store = tmp_path / "qs.zarr"
+    assert run_cli("ingest", series_dir, store).status == 0
+    ds = xr.open_zarr(store, decode_coords="all")
+    doubled = (2 * ds.qs).to_dataset(name="doubled").drop_vars("spatial_ref")
+    doubled.doubled.attrs = {"units": "kg m-2"}
+    doubled.to_zarr(store, mode="a", consolidated=False)
+    assert zarr.open_group(store, mode="r", use_consolidated=False).metadata.consolidated_metadata is None
+    info = run_cli("info", store)
+    assert info.status == 0 and "doubled float32" in info.out, info.err
+    reopened = open_cube(store)
+    np.testing.assert_array_equal(reopened.doubled[3].values, 2 * reopened.qs[3].values)
+
+
 def test_cli_spellings_chunks_and_info(series_dir, tmp_path, run_cli):
     store = tmp_path / "qs.zarr"
     assert run_cli("ingest", series_dir, store, "--chunks", "time=8,y=16,x=16", "--long-name", "QS").status == 0
