@@ -11,8 +11,9 @@ Pixels pooled weigh the wettest cells most; a hydrologist also asks how well the
 total is forecast. So each source's map and the truth are averaged over the area every day
 (weighted by cell area, over the pixels valid in all of them) and scored as a series:
 ``area_mean`` in ``metrics.json``, a table in ``metrics.md``, the series in
-``area_mean.csv`` and, for the first and last lead, ``area_mean.png``. Evaluated on a
-cube cut to one catchment, that is the catchment's mean runoff.
+``area_mean.csv`` and, for the first and last lead, ``area_mean.png``. On a cube of one
+catchment, or with ``mask`` (``--mask``: a raster selecting a catchment's pixels, to which
+every score is then limited), that is the catchment's mean runoff.
 
 A probabilistic checkpoint's single map (``model``) is the mean of its quantiles, the map
 ``runoff predict`` writes; its median (``median``: the quantile map at 0.5, the ``_q50``
@@ -224,7 +225,7 @@ class Scoreboard:
         """Each source's mean over the area against the truth's (``maps`` in the order of
         ``point_sources``), recorded for the series of ``lead``."""
         means = area_means([truth, *maps], self.cell_areas)
-        for source, k in zip(self.point_sources, range(1, len(means))):
+        for k, source in enumerate(self.point_sources, start=1):
             self.areas[lead][source].accumulate(means[k:k + 1], means[:1])
         self.area_series[lead].append((issue, means))
 
