@@ -181,8 +181,9 @@ class Scoreboard:
             self.persistence_members = PersistenceEnsemble(ds, train_range.start, train_range.end, leads)
         self.pixels = PixelScores(ds[TARGET].shape[1:])
         self.cell_areas = cube_grid(ds).area_weights()
-        self.areas = {lead: {s: ContinuousScores() for s in self.point_sources} for lead in leads}
-        self.area_series: dict[int, list[tuple[int, np.ndarray]]] = {lead: [] for lead in leads}  # (issue, means)
+        # per lead, (issue, [truth, *point sources]) of each scored day: a few numbers a day, kept for
+        # the CSV, the figure and the scores
+        self.area_series: dict[int, list[tuple[int, np.ndarray]]] = {lead: [] for lead in leads}
         self.threads = min(SCORING_THREADS, os.cpu_count() or 1)
 
     def add(self, issues: Sequence[int], out: np.ndarray) -> None:
@@ -219,15 +220,12 @@ class Scoreboard:
         how = self.climatology.source(doy)
         self.climatology_used[how] = self.climatology_used.get(how, 0) + 1
         return [partial(self.tables[lead][source].accumulate, values, truth) for source, values in reference.items()
-                ] + [partial(self._score_area_means, lead, issue, [reference[s] for s in self.point_sources], truth)]
+                ] + [partial(self._record_area_means, lead, issue, [reference[s] for s in self.point_sources], truth)]
 
-    def _score_area_means(self, lead: int, issue: int, maps: list[np.ndarray], truth: np.ndarray) -> None:
-        """Each source's mean over the area against the truth's (``maps`` in the order of
+    def _record_area_means(self, lead: int, issue: int, maps: list[np.ndarray], truth: np.ndarray) -> None:
+        """The truth's mean over the area and each source's (``maps`` in the order of
         ``point_sources``), recorded for the series of ``lead``."""
-        means = area_means([truth, *maps], self.cell_areas)
-        for k, source in enumerate(self.point_sources, start=1):
-            self.areas[lead][source].accumulate(means[k:k + 1], means[:1])
-        self.area_series[lead].append((issue, means))
+        self.area_series[lead].append((issue, area_means([truth, *maps], self.cell_areas)))
 
     def _ensemble_jobs(self, lead: int, doy: int, members: np.ndarray, today: np.ndarray, truth: np.ndarray,
                        block: int) -> list[Callable[[], object]]:
@@ -255,8 +253,12 @@ class Scoreboard:
     def area_metrics(self) -> dict[int, dict[str, dict[str, float]]]:
         """Per lead and source: the continuous scores of the area's mean, with MSE skill
         against both baselines' means."""
-        return {lead: _with_mse_skill({s: self.areas[lead][s].compute() for s in self.point_sources})
-                for lead in self.leads}
+        metrics = {}
+        for lead in self.leads:
+            means = np.array([m for _, m in self.area_series[lead]]).reshape(-1, 1 + len(self.point_sources))
+            metrics[lead] = _with_mse_skill({s: ContinuousScores().accumulate(means[:, k], means[:, 0]).compute()
+                                             for k, s in enumerate(self.point_sources, start=1)})
+        return metrics
 
     def area_table(self) -> list[str]:
         """The series of the area's mean as CSV lines: per lead and issue day, the valid
