@@ -755,7 +755,8 @@ def _validate(config: TrainConfig) -> None:
     both = sorted(set(config.forcings) & set(config.covariates))
     if both:
         raise RunoffError(f"--forcings / --covariates: {','.join(both)} named in both; a variable is either a "
-                          f"past input (--covariates) or known on the lead days (--forcings)")
+                          f"past input (--covariates) or known on the lead days (--forcings): to read its past "
+                          f"days too, ingest it a second time under another name (docs/skill.md)")
     if len(config.hidden_channels) == 1:
         config.hidden_channels = config.hidden_channels * config.num_layers
     elif config.num_layers not in (1, len(config.hidden_channels)):

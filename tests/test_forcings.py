@@ -283,6 +283,7 @@ def test_a_probabilistic_model_trained_with_a_forecast_error_has_its_spread_cali
     (["--forcing_error_area", "0.5"], "--forcing_error_area"),
     (["--forcings", "rainf", "--forcing_error_area", "2.5"], "--forcing_error_area"),
     (["--forcings", "rainf", "--covariates", "rainf"], "--forcings / --covariates"),
+    (["--forcings", "rainf", "--covariates", "rainf"], "ingest it a second time under another name"),
     (["--forcings", "soilm"], "--forcings soilm"),
 ])
 def test_bad_forcings_are_one_line_and_write_nothing(rain_run, tmp_path, run_cli, args, option):
