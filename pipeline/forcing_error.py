@@ -27,15 +27,35 @@ Example
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .errors import RunoffError
 from .model import to_physical
 
 MAX_FORCING_ERROR = 2.0  # the largest log std --forcing_error takes (a factor of 7.4 either way)
 # (forcings, issue days) -> the forcings times a forecast's error: what window_errors gives
 ForcingError = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_forcing_errors(sigmas: Mapping[str, float], has_forcings: bool, nothing_to_perturb: str) -> None:
+    """One clear error for a log std of ``sigmas`` (``{"--forcing_error": 0.5, ...}``) outside
+    [0, :data:`MAX_FORCING_ERROR`], or one set where there are no forcings to put it on
+    (``nothing_to_perturb`` says so, after the option and its value): the checks of ``runoff
+    train`` and ``runoff calibrate``.
+
+    >>> check_forcing_errors({"--forcing_error": 0.5, "--forcing_error_area": 0.0}, True, "")
+    >>> check_forcing_errors({"--forcing_error_area": 3.0}, True, "")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    pipeline.errors.RunoffError: --forcing_error_area 3: must be in [0, 2]: a log std of ...
+    """
+    for option, sigma in sigmas.items():
+        if not 0 <= sigma <= MAX_FORCING_ERROR:
+            raise RunoffError(f"{option} {sigma:g}: must be in [0, {MAX_FORCING_ERROR:g}]: a log std of the "
+                              "forcings' forecast error (0.5: a factor of about 1.6 either way; 0: none)")
+        if sigma and not has_forcings:
+            raise RunoffError(f"{option} {sigma:g}: {nothing_to_perturb}")
 
 
 def forecast_error(forcings: torch.Tensor, stats: Sequence[dict[str, float]], sigma: float, smoothing: float,

@@ -29,7 +29,7 @@ from .checkpoint import read_checkpoint, save_checkpoint, with_model
 from .cube import TARGET, Split
 from .device import pick_device
 from .errors import RunoffError, RunoffWarning
-from .forcing_error import MAX_FORCING_ERROR, window_errors
+from .forcing_error import check_forcing_errors, window_errors
 from .inference import split_windows
 from .sampler import WindowSampler, collate_windows, data_loader
 from .storage import location
@@ -73,12 +73,8 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     levels = bool(trained_with.get("calibrate_levels", False)) if levels is None else levels
     errors = {name: float(trained_with.get(name, 0.0)) if given is None else given
               for name, given in (("forcing_error", forcing_error), ("forcing_error_area", forcing_error_area))}
-    for name, sigma in errors.items():
-        if not 0 <= sigma <= MAX_FORCING_ERROR:
-            raise RunoffError(f"--{name} {sigma:g}: must be in [0, {MAX_FORCING_ERROR:g}]: a log std of the "
-                              "forcings' error (0 for none: a cube whose forcings are forecasts already)")
-        if sigma and not ckpt.forcings:
-            raise RunoffError(f"--{name} {sigma:g}: {weights_path} reads no forcings to put an error on")
+    check_forcing_errors({f"--{name}": sigma for name, sigma in errors.items()}, bool(ckpt.forcings),
+                         f"{weights_path} reads no forcings to put an error on")
     forcing_error, forcing_error_area = errors["forcing_error"], errors["forcing_error_area"]
     output = location(output_path, storage_options)
     if output.exists():

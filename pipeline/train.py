@@ -44,7 +44,7 @@ from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_me
                      queue_marker)
 from .distributed import Ranks, data_parallel
 from .errors import RunoffError, RunoffWarning
-from .forcing_error import MAX_FORCING_ERROR, window_errors
+from .forcing_error import check_forcing_errors, window_errors
 from .ingest import ensure_cube
 from .model import QUANTILES, ConvLSTMForecaster, pinball, signed_log1p, to_physical
 from .plots import plot_loss_curves
@@ -736,20 +736,13 @@ def _validate(config: TrainConfig) -> None:
         (config.patch >= 4, "--patch", config.patch, "must be >= 4 pixels"),
         (config.num_workers >= 0, "--num_workers", config.num_workers, "must be >= 0"),
         (config.quantile_log_weight >= 0, "--quantile_log_weight", config.quantile_log_weight, "must be >= 0"),
-        (0 <= config.forcing_error <= MAX_FORCING_ERROR, "--forcing_error", config.forcing_error,
-         f"must be in [0, {MAX_FORCING_ERROR:g}]: the log std of the forcings' error (0.5: a factor of about 1.6 "
-         "either way)"),
-        (0 <= config.forcing_error_area <= MAX_FORCING_ERROR, "--forcing_error_area", config.forcing_error_area,
-         f"must be in [0, {MAX_FORCING_ERROR:g}]: the log std of one factor per map of the forcings"),
-        (not config.forcing_error or bool(config.forcings), "--forcing_error", config.forcing_error,
-         "it perturbs the forcings: it needs --forcings"),
-        (not config.forcing_error_area or bool(config.forcings), "--forcing_error_area", config.forcing_error_area,
-         "it perturbs the forcings: it needs --forcings"),
         (config.calibration in CALIBRATIONS, "--calibration", config.calibration, f"must be one of {CALIBRATIONS}"),
     ]
     for ok, option, value, why in checks:
         if not ok:
             raise RunoffError(f"{option} {value}: {why}")
+    check_forcing_errors({"--forcing_error": config.forcing_error, "--forcing_error_area": config.forcing_error_area},
+                         bool(config.forcings), "it perturbs the forcings: it needs --forcings")
     if TARGET in config.forcings:
         raise RunoffError(f"--forcings {','.join(config.forcings)}: {TARGET} is the forecast itself, not a forcing")
     both = sorted(set(config.forcings) & set(config.covariates))
