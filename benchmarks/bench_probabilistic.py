@@ -106,9 +106,10 @@ def main() -> int:
         model, reference = prob[lead]["model"], det[lead]["model"]["mse"]
         gap, beyond_band = (widest_reliability_gap(model, beyond_band=beyond) for beyond in (False, True))
         rows[lead] = (model["crps_skill_vs_climatology"], model["crps_skill_vs_persistence"], model["spread_skill"],
-                      gap, prob[lead]["median"]["mse"] / reference, model["mse"] / reference, beyond_band)
+                      gap, prob[lead]["median"]["mse"] / reference, prob[lead]["mean"]["mse"] / reference, beyond_band)
         print(f"| {lead} | " + " | ".join(f"{v:+.3f}" if i < 2 else f"{v:.3f}" for i, v in enumerate(rows[lead]))
-              + f" | {det[lead]['model']['skill_vs_persistence']:+.3f}, {model['skill_vs_persistence']:+.3f} |")
+              + f" | {det[lead]['model']['skill_vs_persistence']:+.3f}, "
+              f"{prob[lead]['mean']['skill_vs_persistence']:+.3f} |")
     # training throughput of epochs 2+ (epoch 1 also pays the first reads and the start-up)
     cost = [1 / np.mean([h["samples_per_s"] for r in runs[n][0] for h in r.history[1:] or r.history])
             for n in ("deterministic", "probabilistic")]

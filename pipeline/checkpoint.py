@@ -42,6 +42,10 @@ calibrated_forcing_error
 calibrated_forcing_error_area
     beside it: the log std of that error's factor over each whole map
     (``--forcing_error_area``; 0 or absent: none).
+point_maps
+    beside ``calibrated_on``: per lead, the single map that stands for a probabilistic
+    model's distribution, ``"mean"`` or ``"median"`` of its quantiles, chosen on those days
+    (:func:`~pipeline.calibration.choose_point_maps`); absent: the mean at every lead.
 
 Example
 -------
@@ -69,6 +73,7 @@ from .rasters import Grid
 from .storage import atomic_output, location
 
 CHECKPOINT_FORMAT = "runoff-checkpoint/1"
+POINT_MAPS = ("mean", "median")  # what a probabilistic model's single map can be, per lead
 
 
 def grid_record(grid: Grid) -> dict:
@@ -136,6 +141,12 @@ class Checkpoint:
     def quantiles(self) -> int:
         """Quantiles per pixel and lead of a probabilistic model; 0 for a deterministic one."""
         return int(self.state.get("model_config", {}).get("quantiles", 0))
+
+    @property
+    def point_maps(self) -> list[str]:
+        """Per lead, a probabilistic model's single map: ``"mean"`` or ``"median"`` of its
+        quantiles, as calibrated (the mean at every lead where none was chosen)."""
+        return list(self.state.get("point_maps", [POINT_MAPS[0]] * len(self.leads)))
 
     @property
     def norm_stats(self) -> dict[str, dict[str, float]]:
@@ -246,6 +257,8 @@ class Checkpoint:
                 how = "as trained" if all(f == 1 for f in scale) else "calibrated on the validation split"
             lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} ({how}"
                          + ("; levels per flow class too" if config.get("level_calibration") else "") + ")")
+            lines.append(f"single map  {point_maps_text(dict(zip(self.leads, self.point_maps)))} of the quantiles"
+                         + ("" if "point_maps" in self.state else " (none chosen)"))
         return "\n".join(lines)
 
 
@@ -262,6 +275,15 @@ def spread_text(factors: dict[int, float]) -> str:
     'lead 1 x0.80, lead 6 x1.10'
     """
     return ", ".join(f"lead {lead} x{factor:.2f}" for lead, factor in factors.items())
+
+
+def point_maps_text(maps: dict[int, str]) -> str:
+    """The single map per lead as the logs print it.
+
+    >>> point_maps_text({1: "mean", 2: "median", 3: "median"})
+    'lead 1 mean, lead 2 median, lead 3 median'
+    """
+    return ", ".join(f"lead {lead} {point}" for lead, point in maps.items())
 
 
 def error_text(sigma: float, area_sigma: float = 0.0, how: str = " with the forcings' forecast error") -> str:
@@ -309,6 +331,11 @@ def load_checkpoint(path: str | Path, option: str = "--weights_path", storage_op
         raise RunoffError(f"{option} {path}: not a runoff checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunoffError(f"{option} {path}: a PyTorch file, but not a runoff checkpoint")
+    maps = state.get("point_maps")
+    if maps is not None and (not isinstance(maps, list) or len(maps) != len(state.get("leads", []))
+                             or any(point not in POINT_MAPS for point in maps)):
+        raise RunoffError(f"{option} {path}: its point_maps {maps!r} must name, per lead, one of "
+                          f"{' or '.join(POINT_MAPS)}")
     return state
 
 

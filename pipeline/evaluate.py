@@ -15,9 +15,10 @@ total is forecast. So each source's map and the truth are averaged over the area
 catchment, or with ``mask`` (``--mask``: a raster selecting a catchment's pixels, to which
 every score is then limited), that is the catchment's mean runoff.
 
-A probabilistic checkpoint's single map (``model``) is the mean of its quantiles, the map
-``runoff predict`` writes; its median (``median``: the quantile map at 0.5, the ``_q50``
-GeoTIFF) gets the same continuous scores beside it. It is also scored as an ensemble (its
+A probabilistic checkpoint's single map (``model``) is the map ``runoff predict`` writes: per
+lead, the mean or the median of its quantiles, as its calibration chose
+(:func:`~pipeline.calibration.choose_point_maps`). Both get the same continuous scores beside
+it (``mean``, and ``median``: the quantile map at 0.5, the ``_q50`` GeoTIFF). It is also scored as an ensemble (its
 quantiles as equally likely members) against two reference ensembles
 (:mod:`pipeline.baselines`): the climatological one (training days around the same day of
 year) and the persistence one (today's map plus persistence's training errors at that
@@ -51,6 +52,7 @@ import xarray as xr
 
 from .baselines import (SOURCES, Climatology, ClimatologyEnsemble, PersistenceEnsemble, check_thresholds,
                         wet_thresholds)
+from .checkpoint import POINT_MAPS, point_maps_text
 from .cube import TARGET, Split, cube_dates, cube_grid, target_units
 from .errors import RunoffError
 from .export import write_geotiff
@@ -92,14 +94,17 @@ def _table(rows: dict[str, dict[str, float]], columns: list[str]) -> list[str]:
     return lines
 
 
-def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str) -> list[str]:
+def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str,
+                 point_maps: dict[int, str] | None = None) -> list[str]:
     """One line per lead: the model's MSE skill against both baselines (and when
-    probabilistic its median's MSE skill against persistence, its CRPS skill and its widest
-    reliability gap over the thresholds), and its inputs."""
+    probabilistic which map it is, ``point_maps``, the MSE skill against persistence of the
+    other one, its CRPS skill and its widest reliability gap over the thresholds), and its inputs."""
     lines = []
     for lead, rows in metrics.items():
         model = rows["model"]
-        median = f" (median {rows['median']['skill_vs_persistence']:+.3f})" if "median" in rows else ""
+        point = (point_maps or {}).get(lead)
+        other = {"mean": "median", "median": "mean"}.get(point)
+        median = f" (the {point}; {other} {rows[other]['skill_vs_persistence']:+.3f})" if other else ""
         gap = widest_reliability_gap(model)
         ensemble = (f"; CRPS skill vs persistence {model['crps_skill_vs_persistence']:+.3f}, vs climatology "
                     f"{model['crps_skill_vs_climatology']:+.3f}" if "crps" in model else "")
@@ -155,8 +160,9 @@ SCORING_THREADS = 4
 
 class Scoreboard:
     """Every accumulator of one evaluation, fed batch by batch: the point scores per lead and
-    source (the model, its median when probabilistic, persistence, climatology), the
-    ensemble scores per lead and source (probabilistic), the model's per-pixel NSE and KGE
+    source (the model, when probabilistic the mean and the median of its quantiles, persistence,
+    climatology), the ensemble scores per lead and source (probabilistic: a model with
+    ``point_maps``, its single map per lead), the model's per-pixel NSE and KGE
     at the first lead, which climatology each scored day got, and each source's mean over
     the area (weighted by cell area, over the pixels valid in every source and the truth)
     per lead and day, scored as a series.
@@ -166,15 +172,16 @@ class Scoreboard:
     order of the issue days, so the scores are those of one thread."""
 
     def __init__(self, ds: xr.Dataset, train_range: Split, leads: list[int], thresholds: list[float],
-                 probabilistic: bool, mask: np.ndarray | None = None) -> None:
+                 point_maps: Sequence[str] = (), mask: np.ndarray | None = None) -> None:
         self.ds, self.dates, self.leads, self.thresholds = ds, cube_dates(ds), leads, thresholds
         self.mask = mask  # the pixels scored (all if None): the truth is NaN elsewhere
-        self.probabilistic = probabilistic
+        self.point_maps = list(point_maps)  # a probabilistic model's single map per lead; empty: deterministic
+        self.probabilistic = bool(self.point_maps)
         self.climatology = Climatology(ds, train_range.start, train_range.end)
         self.climatology_used: dict[str, int] = {}
-        self.point_sources = ("model", "median", *SOURCES[1:]) if probabilistic else SOURCES
+        self.point_sources = ("model", *POINT_MAPS, *SOURCES[1:]) if self.probabilistic else SOURCES
         self.tables = {lead: {s: ScoreTable(thresholds) for s in self.point_sources} for lead in leads}
-        if probabilistic:
+        if self.probabilistic:
             self.ensembles = {lead: {s: EnsembleScores(thresholds) for s in SOURCES} for lead in leads}
             self.climatology_members = ClimatologyEnsemble(ds, train_range.start, train_range.end,
                                                            cached=max(leads))
@@ -189,7 +196,7 @@ class Scoreboard:
     def add(self, issues: Sequence[int], out: np.ndarray) -> None:
         """Score the forecasts ``out`` of the windows issued at ``issues`` (consecutive
         time indices), and the baselines on the same days and pixels."""
-        pred = point_forecast(out) if self.probabilistic else out
+        pred = point_forecast(out, self.point_maps) if self.probabilistic else out
         first = issues[0]
         days = read_days(self.ds, TARGET, first, issues[-1] + max(self.leads))  # truth and persistence
         if self.mask is not None:
@@ -211,12 +218,12 @@ class Scoreboard:
 
     def _point_jobs(self, lead: int, issue: int, doy: int, pred: np.ndarray, members: np.ndarray | None,
                     today: np.ndarray, truth: np.ndarray) -> list[Callable[[], object]]:
-        """The point scorings of one lead's map ``pred`` (and of the median of its
-        ``members``) and of both baselines against ``truth`` on day of year ``doy``, per pixel
+        """The point scorings of one lead's map ``pred`` (and of the mean and the median of
+        its ``members``) and of both baselines against ``truth`` on day of year ``doy``, per pixel
         and as the area's mean, to run on any thread (each touches its own accumulators)."""
         reference = {"model": pred, "persistence": today, "climatology": self.climatology.for_day(doy)}
         if members is not None:
-            reference["median"] = quantile_maps(members, [0.5])[0]
+            reference.update(mean=members.mean(axis=0), median=quantile_maps(members, [0.5])[0])
         how = self.climatology.source(doy)
         self.climatology_used[how] = self.climatology_used.get(how, 0) + 1
         return [partial(self.tables[lead][source].accumulate, values, truth) for source, values in reference.items()
@@ -318,7 +325,8 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     thresholds = thresholds or wet_thresholds(ds, train_range.start, train_range.end, mask=selected)
     forecaster = Forecaster.load(checkpoints, device, batch_size=batch_size)
     leads = list(windows.spec.leads)
-    scores = Scoreboard(ds, train_range, leads, thresholds, forecaster.probabilistic, selected)
+    point_maps = forecaster.point_maps if forecaster.probabilistic else []
+    scores = Scoreboard(ds, train_range, leads, thresholds, point_maps, selected)
     from tqdm import tqdm
 
     with tqdm(total=len(issues), desc="evaluate", unit="window", disable=not progress) as bar:
@@ -328,8 +336,11 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     metrics = scores.metrics()
     n = len(issues)
     long_names = {v: ds[v].attrs.get("long_name", "") for v in ds.data_vars}
-    skill_lines = _skill_lines(metrics, ckpt.inputs_note(long_names, forcings_from))
+    skill_lines = _skill_lines(metrics, ckpt.inputs_note(long_names, forcings_from), dict(zip(leads, point_maps)))
     notes = [scores.climatology_note()]
+    if point_maps:
+        notes.append(f"model: the map runoff predict writes, per lead the mean or the median of the quantiles as "
+                     f"the checkpoint's calibration chose ({point_maps_text(dict(zip(leads, point_maps)))}).")
     if selected is not None:
         notes.append(f"Scored inside {mask} (--mask): {int(selected.sum())} of the grid's {selected.size} pixels.")
     if len(paths) > 1:
@@ -352,6 +363,7 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
         "split": split, "start": chosen.start.isoformat(), "end": chosen.end.isoformat(), "windows": n,
         "thresholds": thresholds, "units": units, "checkpoint": paths[0] if len(paths) == 1 else paths,
         "cube": str(windows.store), **({"forcings_from": forcings_from} if forcings_from else {}),
+        **({"point_maps": dict(zip(map(str, leads), point_maps))} if point_maps else {}),
         **({"mask": str(mask)} if mask is not None else {})},
         diagnostics)
     files.append(output_dir / "area_mean.csv")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import POINT_MAPS, Checkpoint, read_checkpoint
 from .cube import (TARGET, Split, choose_split, cube_dates, cube_grid, denormalise, held_days, held_input, normalise,
                    open_cube)
 from .device import autocast_for, keep_freed_memory, pick_device
@@ -244,6 +244,15 @@ class Forecaster:
         return bool(self.models[0].config.quantiles)
 
     @property
+    def point_maps(self) -> list[str]:
+        """Per lead, the single map of a probabilistic forecast (see
+        :attr:`~pipeline.checkpoint.Checkpoint.point_maps`): the median where most of the
+        checkpoints chose it, else the mean."""
+        votes = [sum(ckpt.point_maps[k] == POINT_MAPS[1] for ckpt in self.checkpoints)
+                 for k in range(len(self.checkpoint.leads))]
+        return [POINT_MAPS[1] if 2 * n > len(self.checkpoints) else POINT_MAPS[0] for n in votes]
+
+    @property
     def members(self) -> int:
         """Members of a probabilistic forecast: every model's quantiles."""
         return sum(model.config.quantiles for model in self.models)
@@ -251,8 +260,9 @@ class Forecaster:
     def forecast(self, ds: xr.Dataset, issues: Sequence[int], members: bool = False) -> np.ndarray:
         """Forecasts (B, L, H, W) in physical units for the issue days ``issues`` (time
         indices), clipped at 0, NaN where the target had no data on any input day (the
-        sea, outside the domain). A probabilistic model's is the mean of its quantiles;
-        with ``members`` it gives the quantiles themselves, (B, L, Q, H, W), increasing.
+        sea, outside the domain). A probabilistic model's is the mean or the median of its
+        quantiles, per lead (:attr:`point_maps`); with ``members`` it gives the quantiles
+        themselves, (B, L, Q, H, W), increasing.
         Several models: the mean of their maps, or all their quantiles, sorted."""
         ckpt = self.checkpoint
         x = window_inputs(ds, ckpt.variables, ckpt.norm_stats, issues, ckpt.input_days, ckpt.maps)
@@ -267,7 +277,7 @@ class Forecaster:
         values = combine_forecasts(outs, self.probabilistic)
         del outs
         if self.probabilistic and not members:
-            values = point_forecast(values)
+            values = point_forecast(values, self.point_maps)
         mask = nodata.reshape(nodata.shape[0], 1, *([1] * (values.ndim - 4)), *nodata.shape[1:])
         values[np.broadcast_to(mask, values.shape)] = np.nan
         return values
@@ -307,10 +317,22 @@ def combine_forecasts(outputs: list[np.ndarray], probabilistic: bool) -> np.ndar
     return pooled
 
 
-def point_forecast(members: np.ndarray) -> np.ndarray:
-    """A probabilistic forecast's single map: the mean of its quantiles (B, L, Q, H, W) ->
-    (B, L, H, W), the value that minimises the expected squared error."""
-    return members.mean(axis=2)
+def point_forecast(members: np.ndarray, point_maps: Sequence[str]) -> np.ndarray:
+    """A probabilistic forecast's single map from its Q increasing quantiles (B, L, Q, H, W):
+    (B, L, H, W), per lead the mean of the quantiles (the value that minimises the expected
+    squared error, where the distribution is right) or their median (the mean of the middle
+    two), as ``point_maps`` says (:attr:`Forecaster.point_maps`).
+
+    >>> members = np.array([0.0, 1.0, 2.0, 9.0], np.float32).reshape(1, 1, 4, 1, 1).repeat(2, axis=1)
+    >>> point_forecast(members, ["mean", "median"]).ravel().tolist()
+    [3.0, 1.5]
+    """
+    q = members.shape[2]
+    out = members.mean(axis=2)
+    for lead, point in enumerate(point_maps):
+        if point == POINT_MAPS[1]:
+            out[:, lead] = 0.5 * (members[:, lead, (q - 1) // 2] + members[:, lead, q // 2])
+    return out
 
 
 def quantile_maps(members: np.ndarray, levels: Sequence[float]) -> np.ndarray:

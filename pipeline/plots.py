@@ -160,6 +160,7 @@ def plot_area_means(series: dict[int, dict[str, Sequence[float]]], dates: dict[i
     panel per lead in ``series`` (``{lead: {"truth": [...], source: [...]}}``, on the valid
     days ``dates[lead]``): a hydrograph of the catchment's mean runoff."""
     styles = {"truth": dict(color="black", lw=1.6), "model": dict(color="tab:blue", lw=1.2),
+              "mean": dict(color="tab:cyan", lw=1.0, ls=(0, (3, 1, 1, 1))),
               "median": dict(color="tab:purple", lw=1.0, ls="-."),
               "persistence": dict(color="tab:orange", lw=1.0, ls="--"),
               "climatology": dict(color="tab:green", lw=1.0, ls=":")}

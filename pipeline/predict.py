@@ -6,8 +6,10 @@ pass, tiled on large grids); each map is de-normalised, clipped at 0, masked whe
 input has no data (the sea), and written as ``QS_{valid YYYYMMDD}_lead{L}.tif`` on
 exactly the cube's grid.
 
-A probabilistic checkpoint's map is the mean of its quantiles; beside it, per valid day and
-lead, go quantile maps ``..._q{10,50,90}.tif`` (``quantiles``) and exceedance
+A probabilistic checkpoint's map is the mean or the median of its quantiles, per lead as
+its calibration chose (``point_maps``, :func:`~pipeline.calibration.choose_point_maps`; the
+tag ``point_map`` says which); beside it, per valid day and lead, go quantile maps
+``..._q{10,50,90}.tif`` (``quantiles``) and exceedance
 probabilities ``..._p{thr}.tif`` (``exceedance``, in data units; by default the 90th and
 99th percentiles of the wet training pixels), optionally ``members`` ensemble members in
 the NetCDF output (the quantiles at N evenly spaced levels), and figures truth | median |
@@ -133,6 +135,7 @@ def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Pa
         quantiles = quantiles or [0.1, 0.5, 0.9]
         train = ckpt.splits["train"]
         exceedance = exceedance or wet_thresholds(ds, train.start, train.end)
+    point_maps = forecaster.point_maps if probabilistic else []
     geotiffs, figures, forecasts = [], [], []
     read_from = {"forcings_from": ",".join(f"{k}={v}" for k, v in forcings_from.items())} if forcings_from else {}
     from tqdm import tqdm
@@ -140,7 +143,7 @@ def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Pa
     k = 0
     bar = tqdm(total=len(issues), desc="predict", unit="day", disable=not progress)
     for batch, out in forecaster.forecasts(ds, issues, members=probabilistic):
-        maps = point_forecast(out) if probabilistic else out
+        maps = point_forecast(out, point_maps) if probabilistic else out
         for b, (t, values) in enumerate(zip(batch, maps)):
             issued = all_dates[t]
             for li, lead in enumerate(leads):
@@ -149,8 +152,9 @@ def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Pa
                         "units": units, "checkpoint_sha256": sha, "package_version": __version__,
                         "source": f"runoff-forecast ConvLSTM, {checkpoint_names(paths)}", **read_from}
                 stem = output_dir / f"QS_{valid:%Y%m%d}_lead{lead}"
-                what = "mean of the forecast distribution" if probabilistic else "QS forecast"
-                geotiffs.append(write_geotiff(values[li], grid, stem.with_suffix(".tif"), tags,
+                what = f"{point_maps[li]} of the forecast distribution" if probabilistic else "QS forecast"
+                geotiffs.append(write_geotiff(values[li], grid, stem.with_suffix(".tif"),
+                                              {**tags, "point_map": point_maps[li]} if probabilistic else tags,
                                               description=f"{what}, lead {lead} d", units=units))
                 if probabilistic:
                     geotiffs += _write_distribution(out[b, li], stem, grid, tags, units, quantiles, exceedance)
@@ -176,7 +180,8 @@ def predict(weights_path: str | Path | Sequence[str | Path], input_dir: str | Pa
     bar.close()
     netcdf = None
     if fmt == "netcdf":
-        netcdf = write_netcdf(_forecast_dataset(forecasts, units, {"checkpoint_sha256": sha, **read_from}), grid,
+        netcdf = write_netcdf(_forecast_dataset(forecasts, units, {"checkpoint_sha256": sha, **read_from},
+                                                point_maps), grid,
                               output_dir / f"QS_forecasts_{all_dates[issues[0]]:%Y%m%d}_{all_dates[issues[-1]]:%Y%m%d}.nc")
     return PredictReport(geotiffs, figures, netcdf, [all_dates[t] for t in issues])
 
@@ -299,9 +304,12 @@ def member_levels(n: int) -> np.ndarray:
     return (np.arange(n) + 0.5) / n
 
 
-def _forecast_dataset(forecasts: list[Forecast], units: str, attrs: dict[str, str]) -> xr.Dataset:
+def _forecast_dataset(forecasts: list[Forecast], units: str, attrs: dict[str, str],
+                      point_maps: Sequence[str] = ()) -> xr.Dataset:
     """All forecasts as ``qs_forecast(time, lead, y, x)``, ``time`` being the issue day; ``attrs``
-    (the checkpoint's digest, the forcings' sources) go into the global attributes."""
+    (the checkpoint's digest, the forcings' sources) go into the global attributes. A
+    probabilistic forecast's ``point_maps`` (per lead, the statistic ``qs_forecast`` holds)
+    become the coordinate ``point_map(lead)``."""
     leads = forecasts[0].leads
     times = np.array([np.datetime64(f.issue, "ns") for f in forecasts])
     values = np.stack([f.values for f in forecasts])
@@ -315,6 +323,9 @@ def _forecast_dataset(forecasts: list[Forecast], units: str, attrs: dict[str, st
     coords = {"time": ("time", times, {"long_name": "issue day (last input day)"}),
               "lead": ("lead", np.array(leads, np.int32), {"long_name": "lead time", "units": "days"}),
               "valid_time": (("time", "lead"), valid, {"long_name": "day the forecast is for"})}
+    if point_maps:
+        coords["point_map"] = ("lead", np.array(point_maps),
+                               {"long_name": "statistic of the forecast distribution that qs_forecast holds"})
     if forecasts[0].members is not None:
         n = forecasts[0].members.shape[1]
         coords["member"] = ("member", np.arange(1, n + 1, dtype=np.int32),

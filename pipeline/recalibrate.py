@@ -7,7 +7,8 @@ spread, and on an eight-year record that spread was too wide for the wet years a
 narrow for the dry ones; calibrated on three years instead, spread/skill came into range
 (docs/skill.md, "Seven test years instead of one"). This command reads the checkpoint,
 calibrates the quantiles as trained on the windows whose targets lie in ``--split`` (by
-the rule and with the levels the checkpoint was trained with, unless told otherwise), and
+the rule and with the levels the checkpoint was trained with, unless told otherwise), chooses
+its single map per lead again on those windows (the mean or the median of the quantiles), and
 writes a new checkpoint beside it; the weights are unchanged, and ``predict`` and
 ``evaluate`` read the new file as they read ``best.pth``. A checkpoint trained with
 ``--forcing_error`` is calibrated with its forcings times that error, as in training, unless
@@ -38,13 +39,14 @@ from .storage import location
 @dataclass
 class Recalibration:
     """What :func:`recalibrate` did: the checkpoint it wrote, the days it calibrated on, the
-    spread factor per lead, and the forecast error the forcings were given (its log std, and
-    that of its factor over each whole map)."""
+    spread factor and the single map per lead, and the forecast error the forcings were given
+    (its log std, and that of its factor over each whole map)."""
 
     path: Path
     period: Split
     windows: int
     spread: dict[int, float]
+    point_maps: dict[int, str]
     levels: bool
     forcing_error: float
     forcing_error_area: float = 0.0
@@ -91,13 +93,16 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     sampler = WindowSampler(windows.store, issues, windows.spec, ckpt.norm_stats, patch=None, shuffle=False,
                             storage_options=storage_options, maps=ckpt.maps)
     with data_loader(sampler, batch_size=batch_size, collate_fn=collate_windows) as loader:
-        calibrate_model(model, loader, torch_device, ckpt.norm_stats[TARGET], rule=rule, thresholds=thresholds,
-                        levels=levels, max_pixels=max_pixels,
-                        forcing_error=window_errors(ckpt.state, forcing_error, area_sigma=forcing_error_area))
+        point_maps = calibrate_model(model, loader, torch_device, ckpt.norm_stats[TARGET], rule=rule,
+                                     thresholds=thresholds, levels=levels, max_pixels=max_pixels,
+                                     forcing_error=window_errors(ckpt.state, forcing_error,
+                                                                 area_sigma=forcing_error_area))
     state = with_model(ckpt.state, model)
     state["calibrated_on"] = [period.start.isoformat(), period.end.isoformat()]
     state["calibrated_forcing_error"] = forcing_error
     state["calibrated_forcing_error_area"] = forcing_error_area
+    state["point_maps"] = point_maps
     save_checkpoint(state, output)
     return Recalibration(output, period, int(issues.size),
-                         dict(zip(ckpt.leads, model.spread_scale.tolist())), levels, forcing_error, forcing_error_area)
+                         dict(zip(ckpt.leads, model.spread_scale.tolist())), dict(zip(ckpt.leads, point_maps)), levels,
+                         forcing_error, forcing_error_area)

@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
 from .calibration import CALIBRATIONS, calibrate_model, model_outputs
-from .checkpoint import (Checkpoint, error_text, load_checkpoint, run_record, save_checkpoint, spread_text,
-                         with_model)
+from .checkpoint import (Checkpoint, error_text, load_checkpoint, point_maps_text, run_record, save_checkpoint,
+                         spread_text, with_model)
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, evenly_spaced,
                    is_static, make_splits, open_cube, target_units)
 from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_memory, loader_batches,
@@ -290,29 +290,34 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
 
 def _calibrate_best(run: "_Run") -> None:
     """Calibrate the spread of the best epoch's weights on the validation split, and with
-    ``calibrate_levels`` their levels per flow class, and write both into ``best.pth`` (epoch
-    checkpoints keep the quantiles as trained). With ``--forcing_error`` the validation
-    windows' forcings carry that error, as the forecasts' rain will."""
+    ``calibrate_levels`` their levels per flow class, choose their single map per lead, and
+    write all into ``best.pth`` (epoch checkpoints keep the quantiles as trained). With
+    ``--forcing_error`` the validation windows' forcings carry that error, as the forecasts'
+    rain will."""
     if run.best_state is None:  # no improvement in this session: best.pth stays as it is
         return
     run.model.load_state_dict(run.best_state)
-    calibrate_model(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET], run.ranks,
-                    run.config.precision, run.config.calibration, run.thresholds, run.config.calibrate_levels,
-                    forcing_error=window_errors(run.record, run.config.forcing_error,
-                                                area_sigma=run.config.forcing_error_area))  # epoch 0's draws
+    config, leads = run.config, run.config.leads
+    point_maps = calibrate_model(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET],
+                                 run.ranks, config.precision, config.calibration, run.thresholds,
+                                 config.calibrate_levels,
+                                 forcing_error=window_errors(run.record, config.forcing_error,
+                                                             area_sigma=config.forcing_error_area))  # epoch 0's draws
     run.log("spread calibrated on the validation split"
             + error_text(run.config.forcing_error, run.config.forcing_error_area) + " (best.pth): "
-            + spread_text(dict(zip(run.config.leads, run.model.spread_scale.tolist()))))
+            + spread_text(dict(zip(leads, run.model.spread_scale.tolist()))))
     if run.config.calibrate_levels:
         run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(
-            f"lead {lead} {len(c['centres'])} classes" for lead, c in zip(run.config.leads,
-                                                                          run.model.config.level_calibration)))
+            f"lead {lead} {len(c['centres'])} classes" for lead, c in zip(leads, run.model.config.level_calibration)))
+    run.log("single map per lead, of the mean and the median of the quantiles (best.pth): "
+            + point_maps_text(dict(zip(leads, point_maps))))
     if run.ranks.is_main:
         best = run.checkpoint_dir / "best.pth"
         state = with_model(load_checkpoint(best), run.model)
         state["calibrated_on"] = list(run.record["splits"]["val"])
         state["calibrated_forcing_error"] = run.config.forcing_error
         state["calibrated_forcing_error_area"] = run.config.forcing_error_area
+        state["point_maps"] = point_maps
         save_checkpoint(state, best)
 
 

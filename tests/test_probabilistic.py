@@ -280,7 +280,8 @@ def test_evaluate_scores_the_same_on_one_thread_as_on_several(probabilistic, tmp
 
 def test_evaluate_scores_the_median_that_predict_writes(probabilistic, tmp_path, run_cli):
     """The ``median`` row of ``runoff evaluate`` is the MSE of predict's ``_q50`` maps
-    against the cube's truth, over the same windows; the ``model`` row is the mean's."""
+    against the cube's truth, over the same windows; the ``model`` row is the map the
+    checkpoint chose at each lead, the mean's or the median's."""
     root = probabilistic
     weights, cube = root / "ckpt" / "best.pth", root / "qs.zarr"
     predicted = run_cli("predict", "--weights_path", weights, "--input_dir", cube, "--output_dir", tmp_path / "pred",
@@ -288,7 +289,9 @@ def test_evaluate_scores_the_median_that_predict_writes(probabilistic, tmp_path,
     assert predicted.status == 0, predicted.err
     scored = run_cli("evaluate", "--weights_path", weights, "--data_dir", cube, "--output_dir", tmp_path / "eval")
     assert scored.status == 0, scored.err
-    assert "(median " in scored.out.splitlines()[0]
+    chosen = read_checkpoint(weights).point_maps
+    other = {"mean": "median", "median": "mean"}[chosen[0]]
+    assert f"(the {chosen[0]}; {other} " in scored.out.splitlines()[0]
     document = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     metrics = document["leads"]
     truth = open_cube(str(cube))["qs"]
@@ -303,8 +306,74 @@ def test_evaluate_scores_the_median_that_predict_writes(probabilistic, tmp_path,
         assert len(errors) == document["meta"]["windows"]
         rows = metrics[str(lead)]
         assert rows["median"]["mse"] == pytest.approx(np.concatenate(errors).mean(), rel=1e-5)
-        assert rows["median"]["mse"] != rows["model"]["mse"] and "crps" not in rows["median"]
+        assert rows["median"]["mse"] != rows["mean"]["mse"] and "crps" not in rows["median"]
+        assert rows["model"]["mse"] == rows[chosen[lead - 1]]["mse"]
     assert "| median |" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def test_the_single_map_is_the_median_at_the_leads_the_checkpoint_chose_it(probabilistic, tmp_path, run_cli):
+    """A checkpoint whose ``point_maps`` name the median at lead 1 and the mean at lead 2:
+    predict writes the median (``_q50``) as lead 1's map and tags each map with its
+    statistic (the NetCDF too); evaluate's ``model`` row is the median's at lead 1 and the
+    mean's at lead 2; several checkpoints take the median where most of them chose it."""
+    from pipeline.inference import Forecaster
+
+    state = torch.load(probabilistic / "ckpt" / "best.pth", weights_only=True)
+    state["point_maps"] = ["median", "mean"]
+    weights = tmp_path / "median_first.pth"
+    torch.save(state, weights)
+    cube = probabilistic / "qs.zarr"
+    predicted = run_cli("predict", "--weights_path", weights, "--input_dir", cube, "--output_dir", tmp_path / "pred",
+                        "--dates", "2019-03-20", "--quantiles", "0.5", "--max_plots", "0", "--format", "netcdf")
+    assert predicted.status == 0, predicted.err
+
+    def read(path: Path) -> tuple[np.ndarray, dict]:
+        with rasterio.open(path) as src:
+            return src.read(1, masked=True).filled(np.nan), {**src.tags(), "description": src.descriptions[0]}
+
+    for lead, point in ((1, "median"), (2, "mean")):
+        stem = next((tmp_path / "pred").glob(f"QS_*_lead{lead}.tif")).with_suffix("")
+        (single, tags), (median, _) = read(stem.with_suffix(".tif")), read(Path(f"{stem}_q50.tif"))
+        assert tags["point_map"] == point and tags["description"].startswith(f"{point} of the forecast distribution")
+        ok = np.isfinite(single)
+        assert ok.any() and (np.array_equal(single[ok], median[ok]) == (point == "median"))
+    nc = xr.open_dataset(next((tmp_path / "pred").glob("QS_forecasts_*.nc")))
+    assert nc.point_map.values.tolist() == ["median", "mean"]
+
+    scored = run_cli("evaluate", "--weights_path", weights, "--data_dir", cube, "--output_dir", tmp_path / "eval")
+    assert scored.status == 0, scored.err
+    document = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = document["leads"]
+    assert rows["1"]["model"]["mse"] == rows["1"]["median"]["mse"] != rows["1"]["mean"]["mse"]
+    assert rows["2"]["model"]["mse"] == rows["2"]["mean"]["mse"] != rows["2"]["median"]["mse"]
+    assert document["meta"]["point_maps"] == {"1": "median", "2": "mean"}
+    assert "(lead 1 median, lead 2 mean)" in (tmp_path / "eval" / "metrics.md").read_text()
+
+    forecaster, ds = Forecaster.load(read_checkpoint(weights), "cpu"), open_cube(str(cube))
+    members, single = forecaster.forecast(ds, [40, 41], members=True), forecaster.forecast(ds, [40, 41])
+    np.testing.assert_allclose(single[:, 0], (members[:, 0, 9] + members[:, 0, 10]) / 2, rtol=1e-6)  # 20 quantiles
+    np.testing.assert_allclose(single[:, 1], members[:, 1].mean(axis=1), rtol=1e-6)
+
+    def together(*maps: list[str]) -> list[str]:
+        checkpoints = [Checkpoint({**state, "point_maps": m}) for m in maps]
+        return Forecaster(checkpoints, [], torch.device("cpu")).point_maps
+
+    assert together(["median", "mean"], ["median", "median"], ["mean", "mean"]) == ["median", "mean"]
+    assert together(["median", "median"], ["mean", "mean"]) == ["mean", "mean"]  # a tie keeps the mean
+    older = dict(state)
+    del older["point_maps"]  # a checkpoint from before the choice
+    assert Checkpoint(older).point_maps == ["mean", "mean"]
+
+
+@pytest.mark.parametrize("point_maps", [["median"], ["median", "mode"], "median"])
+def test_a_checkpoint_with_bad_point_maps_is_one_line(probabilistic, tmp_path, run_cli, point_maps):
+    state = torch.load(probabilistic / "ckpt" / "best.pth", weights_only=True)
+    state["point_maps"] = point_maps
+    torch.save(state, tmp_path / "bad.pth")
+    result = run_cli("predict", "--weights_path", tmp_path / "bad.pth", "--input_dir", probabilistic / "qs.zarr",
+                     "--output_dir", tmp_path / "pred", "--last")
+    assert result.status == 2 and "point_maps" in one_error_line(result.err) and "bad.pth" in result.err
+    assert not (tmp_path / "pred").exists()
 
 
 @pytest.mark.parametrize("options, words", [
@@ -357,14 +426,20 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
                       checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")))
     log = capsys.readouterr().out
     assert "spread calibrated on the validation split (best.pth): lead 1 x" in log
+    assert "single map per lead, of the mean and the median of the quantiles (best.pth): lead 1 m" in log
     assert "quantile levels calibrated per flow class on the validation split (best.pth): lead 1 " in log
     best, epoch = (torch.load(tmp_path / "ckpt" / name, weights_only=True) for name in ("best.pth", "model_epoch1.pth"))
     assert (best["model_state"]["spread_scale"] > 1).all()
     assert torch.equal(epoch["model_state"]["spread_scale"], torch.ones(2))
     assert len(best["model_config"]["level_calibration"]) == 2 and epoch["model_config"]["level_calibration"] == []
     assert best["calibrated_on"] == best["splits"]["val"] and "calibrated_on" not in epoch
+    assert len(best["point_maps"]) == 2 and set(best["point_maps"]) <= {"mean", "median"}
+    assert "point_maps" not in epoch
     described = read_checkpoint(tmp_path / "ckpt" / "model_epoch1.pth").describe("model_epoch1.pth")
     assert "spread      lead 1 x1.00, lead 2 x1.00 (as trained)" in described
+    assert "single map  lead 1 mean, lead 2 mean of the quantiles (none chosen)" in described
+    assert (f"single map  lead 1 {best['point_maps'][0]}, lead 2 {best['point_maps'][1]} of the quantiles\n"
+            in read_checkpoint(tmp_path / "ckpt" / "best.pth").describe("best.pth") + "\n")
     older = Checkpoint({k: v for k, v in best.items() if k != "calibrated_on"})  # a best.pth from before the key
     assert "(calibrated on the validation split; levels per flow class too)" in older.describe("best.pth")
 
@@ -400,6 +475,38 @@ def _scores_by_factor(model: ConvLSTMForecaster, batches: list, stats: dict, thr
         return ensemble.compute()
 
     return {f: scores(f) for f in SPREAD_FACTORS}
+
+
+def test_the_median_is_chosen_where_its_validation_error_is_at_least_the_margin_below_the_means():
+    """Truth placed between the mean and the median of the model's own quantiles: halfway at
+    lead 1 (equal errors: the mean stays), 52% of the way to the median at lead 2 (the
+    median's squared error 0.85 of the mean's: the median); the same in batches of one."""
+    from pipeline.calibration import MEDIAN_GAIN, choose_point_maps, model_outputs
+    from pipeline.model import quantiles_median, to_physical
+    from pipeline.sampler import Window, collate_windows
+
+    model, stats = _perturbed_two_lead_model(seed=1, perturbation=0.3)
+    model.spread_scale.fill_(3.0)  # wide in log space: a long right tail, the mean well above the median
+    cpu, shape = torch.device("cpu"), (12, 14)
+    torch.manual_seed(2)
+    inputs = [(torch.randn(3, 1, *shape), torch.randn(2, 1, *shape)) for _ in range(6)]
+    with torch.no_grad():  # as evaluated: bounded by the ceiling
+        q = to_physical(model.eval()(torch.stack([x for x, _ in inputs]), torch.stack([f for _, f in inputs])), stats)
+    q = q.clamp(min=0)
+    mean, median = q.mean(dim=2), quantiles_median(q)
+    assert ((median - mean).abs() > 0.01).float().mean() > 0.9
+    toward_median = torch.tensor([0.5, 0.52]).view(1, 2, 1, 1)
+    truth = mean + toward_median * (median - mean)  # (B, L, H, W)
+    y = (torch.log1p(truth) - stats["mean"]) / stats["std"]
+    windows = [Window(x, y[i].unsqueeze(1), torch.ones(2, 1, *shape, dtype=torch.bool), i, f)
+               for i, (x, f) in enumerate(inputs)]
+    assert (0.48 / 0.52) ** 2 < 1 - MEDIAN_GAIN
+    for size in (6, 1):
+        batches = [collate_windows(windows[i:i + size]) for i in range(0, 6, size)]
+        with torch.no_grad():  # the truth as the calibration reads it back
+            assert torch.allclose(torch.cat([to_physical(yy, stats)[:, :, 0] for _, yy, _, _ in
+                                             model_outputs(model, batches, cpu)]), truth, rtol=1e-4, atol=1e-5)
+        assert choose_point_maps(model, batches, cpu, stats) == ["mean", "median"]
 
 
 def test_the_command_line_offers_the_calibration_rules_the_package_has():
@@ -780,6 +887,8 @@ def test_calibrate_again_on_a_period_into_a_new_checkpoint(probabilistic, traine
     assert again.status == 0, again.err
     assert "spread calibrated on" in again.out and "lead 1 x" in again.out
     old, new = (torch.load(p, weights_only=True) for p in (best, tmp_path / "val.pth"))
+    assert new["point_maps"] == old["point_maps"]
+    assert f"single map per lead: lead 1 {new['point_maps'][0]}, lead 2 {new['point_maps'][1]}" in again.out
     for name, tensor in old["model_state"].items():
         assert torch.equal(tensor, new["model_state"][name]), name
     test = read_checkpoint(best).splits["test"]
