@@ -18,8 +18,8 @@ every score is then limited), that is the catchment's mean runoff.
 A probabilistic checkpoint's single map (``model``) is the map ``runoff predict`` writes: per
 lead, the mean or the median of its quantiles, as its calibration chose
 (:func:`~pipeline.calibration.choose_point_maps`). Both get the same continuous scores beside
-it (``mean``, and ``median``: the quantile map at 0.5, the ``_q50`` GeoTIFF). It is also scored as an ensemble (its
-quantiles as equally likely members) against two reference ensembles
+it (``mean``, and ``median``: the quantile map at 0.5, the ``_q50`` GeoTIFF). It is also
+scored as an ensemble (its quantiles as equally likely members) against two reference ensembles
 (:mod:`pipeline.baselines`): the climatological one (training days around the same day of
 year) and the persistence one (today's map plus persistence's training errors at that
 lead). Per lead: CRPS and its skill against
@@ -104,12 +104,12 @@ def _skill_lines(metrics: dict[int, dict[str, dict[str, float]]], inputs: str,
         model = rows["model"]
         point = (point_maps or {}).get(lead)
         other = {"mean": "median", "median": "mean"}.get(point)
-        median = f" (the {point}; {other} {rows[other]['skill_vs_persistence']:+.3f})" if other else ""
+        which = f" (the {point}; {other} {rows[other]['skill_vs_persistence']:+.3f})" if other else ""
         gap = widest_reliability_gap(model)
         ensemble = (f"; CRPS skill vs persistence {model['crps_skill_vs_persistence']:+.3f}, vs climatology "
                     f"{model['crps_skill_vs_climatology']:+.3f}" if "crps" in model else "")
         ensemble += f"; reliability gap {gap:.3f}" if gap is not None else ""
-        lines.append(f"lead {lead}: skill vs persistence {model['skill_vs_persistence']:+.3f}{median}, "
+        lines.append(f"lead {lead}: skill vs persistence {model['skill_vs_persistence']:+.3f}{which}, "
                      f"vs climatology {model['skill_vs_climatology']:+.3f}{ensemble}  ({inputs})")
     return lines
 
@@ -161,8 +161,7 @@ SCORING_THREADS = 4
 class Scoreboard:
     """Every accumulator of one evaluation, fed batch by batch: the point scores per lead and
     source (the model, when probabilistic the mean and the median of its quantiles, persistence,
-    climatology), the ensemble scores per lead and source (probabilistic: a model with
-    ``point_maps``, its single map per lead), the model's per-pixel NSE and KGE
+    climatology), the ensemble scores per lead and source (probabilistic), the model's per-pixel NSE and KGE
     at the first lead, which climatology each scored day got, and each source's mean over
     the area (weighted by cell area, over the pixels valid in every source and the truth)
     per lead and day, scored as a series.
@@ -175,7 +174,8 @@ class Scoreboard:
                  point_maps: Sequence[str] = (), mask: np.ndarray | None = None) -> None:
         self.ds, self.dates, self.leads, self.thresholds = ds, cube_dates(ds), leads, thresholds
         self.mask = mask  # the pixels scored (all if None): the truth is NaN elsewhere
-        self.point_maps = list(point_maps)  # a probabilistic model's single map per lead; empty: deterministic
+        # a probabilistic model's single map per lead (Forecaster.point_maps); none: a deterministic model
+        self.point_maps = list(point_maps)
         self.probabilistic = bool(self.point_maps)
         self.climatology = Climatology(ds, train_range.start, train_range.end)
         self.climatology_used: dict[str, int] = {}
