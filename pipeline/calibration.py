@@ -3,8 +3,8 @@ training and before ``best.pth`` is written: the spread of its quantiles per lea
 (:func:`calibrate_spread`, always), optionally the levels its quantiles are read at, per
 lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``), and then
 which single map stands for its distribution at each lead, the mean or the median of the
-quantiles (:func:`choose_point_maps`, always). Each stream over a DataLoader's batches and
-combine the sums of data-parallel ranks, so a step costs one inference pass over the split,
+quantiles (:func:`choose_point_maps`, always). Each step streams over a DataLoader's batches
+and combines the sums of data-parallel ranks, so it costs one inference pass over the split,
 not memory for it. The spread is
 scored on at most :data:`CALIBRATION_PIXELS` pixels of a map (a regular lattice of a larger
 one), so that its 26 trial factors cost little beside that pass on a large grid; the levels
@@ -186,10 +186,10 @@ def choose_point_maps(model: ConvLSTMForecaster, loader: DataLoader, device: tor
     is at least ``MEDIAN_GAIN`` below the mean's; else ``"mean"``.
 
     The mean of a distribution that is right minimises the expected squared error. Given a
-    rain forecast, CWatM's quantiles reached too far up: their median's MSE was 0.53-0.90 of
-    their mean's on the validation windows and 0.53-0.96 on the test windows, while on the
-    synthetic river the two were within 4% (docs/skill.md, "Which single map to use with a
-    forecast"). The margin keeps the mean where a short validation split cannot tell them apart."""
+    rain forecast, CWatM's quantiles reach too far up, and their median's MSE was up to half
+    their mean's; on the synthetic river the mean is the better map (docs/skill.md, "The
+    checkpoint picks its single map"). The margin keeps the mean where a short validation
+    split cannot tell the two apart."""
     model.eval()
     sums = torch.zeros(len(POINT_MAPS), model.config.leads, dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():

@@ -257,8 +257,8 @@ class Checkpoint:
                 how = "as trained" if all(f == 1 for f in scale) else "calibrated on the validation split"
             lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} ({how}"
                          + ("; levels per flow class too" if config.get("level_calibration") else "") + ")")
-            lines.append(f"single map  {point_maps_text(dict(zip(self.leads, self.point_maps)))} of the quantiles"
-                         + ("" if "point_maps" in self.state else " (none chosen)"))
+            lines.append(f"single map  {point_maps_text(dict(zip(self.leads, self.point_maps)))} of the quantiles "
+                         + ("(chosen on the calibration days)" if "point_maps" in self.state else "(none chosen)"))
         return "\n".join(lines)
 
 

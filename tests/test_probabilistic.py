@@ -438,8 +438,8 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
     described = read_checkpoint(tmp_path / "ckpt" / "model_epoch1.pth").describe("model_epoch1.pth")
     assert "spread      lead 1 x1.00, lead 2 x1.00 (as trained)" in described
     assert "single map  lead 1 mean, lead 2 mean of the quantiles (none chosen)" in described
-    assert (f"single map  lead 1 {best['point_maps'][0]}, lead 2 {best['point_maps'][1]} of the quantiles\n"
-            in read_checkpoint(tmp_path / "ckpt" / "best.pth").describe("best.pth") + "\n")
+    assert (f"single map  lead 1 {best['point_maps'][0]}, lead 2 {best['point_maps'][1]} of the quantiles "
+            "(chosen on the calibration days)" in read_checkpoint(tmp_path / "ckpt" / "best.pth").describe("best.pth"))
     older = Checkpoint({k: v for k, v in best.items() if k != "calibrated_on"})  # a best.pth from before the key
     assert "(calibrated on the validation split; levels per flow class too)" in older.describe("best.pth")
 
