@@ -56,8 +56,7 @@ from .checkpoint import POINT_MAPS, point_maps_text
 from .cube import TARGET, Split, cube_dates, cube_grid, target_units
 from .errors import RunoffError
 from .export import write_geotiff
-from .inference import (Forecaster, checkpoint_names, point_forecast, quantile_maps, read_checkpoints, read_days,
-                        split_windows)
+from .inference import Forecaster, checkpoint_names, quantile_maps, read_checkpoints, read_days, split_windows
 from .plots import plot_area_means, plot_ensemble_diagnostics, plot_map, plot_skill_by_lead
 from .rasters import Grid, read_mask
 from .storage import atomic_output, check_writable, location
@@ -196,7 +195,6 @@ class Scoreboard:
     def add(self, issues: Sequence[int], out: np.ndarray) -> None:
         """Score the forecasts ``out`` of the windows issued at ``issues`` (consecutive
         time indices), and the baselines on the same days and pixels."""
-        pred = point_forecast(out, self.point_maps) if self.probabilistic else out
         first = issues[0]
         days = read_days(self.ds, TARGET, first, issues[-1] + max(self.leads))  # truth and persistence
         if self.mask is not None:
@@ -206,24 +204,26 @@ class Scoreboard:
                 today, jobs = days[t - first], []
                 for li, lead in enumerate(self.leads):
                     truth, doy = days[t - first + lead], self.dates[t + lead].timetuple().tm_yday - 1
-                    jobs += self._point_jobs(lead, t, doy, pred[k, li],
-                                             out[k, li] if self.probabilistic else None, today, truth)
+                    # a probabilistic model's single map is one of these two, each scored beside it too
+                    singles = ({"mean": out[k, li].mean(axis=0), "median": quantile_maps(out[k, li], [0.5])[0]}
+                               if self.probabilistic else {})
+                    pred = singles[self.point_maps[li]] if self.probabilistic else out[k, li]
+                    jobs += self._point_jobs(lead, t, doy, pred, singles, today, truth)
                     if li == 0:
-                        jobs.append(partial(self.pixels.accumulate, pred[k, li], truth))
+                        jobs.append(partial(self.pixels.accumulate, pred, truth))
                     if self.probabilistic:
                         block = (t + lead) // BAND_BLOCK_DAYS  # of the valid day: its truth is what persists
                         jobs += self._ensemble_jobs(lead, doy, out[k, li], today, truth, block)
                 for _ in pool.map(lambda job: job(), jobs):  # one day at a time: each accumulator in day order
                     pass
 
-    def _point_jobs(self, lead: int, issue: int, doy: int, pred: np.ndarray, members: np.ndarray | None,
+    def _point_jobs(self, lead: int, issue: int, doy: int, pred: np.ndarray, singles: dict[str, np.ndarray],
                     today: np.ndarray, truth: np.ndarray) -> list[Callable[[], object]]:
-        """The point scorings of one lead's map ``pred`` (and of the mean and the median of
-        its ``members``) and of both baselines against ``truth`` on day of year ``doy``, per pixel
-        and as the area's mean, to run on any thread (each touches its own accumulators)."""
-        reference = {"model": pred, "persistence": today, "climatology": self.climatology.for_day(doy)}
-        if members is not None:
-            reference.update(mean=members.mean(axis=0), median=quantile_maps(members, [0.5])[0])
+        """The point scorings of one lead's map ``pred`` (and of a probabilistic model's
+        ``singles``: the mean and the median of its quantiles) and of both baselines against
+        ``truth`` on day of year ``doy``, per pixel and as the area's mean, to run on any thread
+        (each touches its own accumulators)."""
+        reference = {"model": pred, **singles, "persistence": today, "climatology": self.climatology.for_day(doy)}
         how = self.climatology.source(doy)
         self.climatology_used[how] = self.climatology_used.get(how, 0) + 1
         return [partial(self.tables[lead][source].accumulate, values, truth) for source, values in reference.items()

@@ -330,8 +330,9 @@ def point_forecast(members: np.ndarray, point_maps: Sequence[str]) -> np.ndarray
     q = members.shape[2]
     out = members.mean(axis=2)
     for lead, point in enumerate(point_maps):
-        if point == POINT_MAPS[1]:
-            out[:, lead] = 0.5 * (members[:, lead, (q - 1) // 2] + members[:, lead, q // 2])
+        if point == POINT_MAPS[1]:  # as quantile_maps reads the level 0.5 (the _q50 map), to the last bit
+            low, high = members[:, lead, (q - 1) // 2], members[:, lead, q // 2]
+            out[:, lead] = low + np.float32(0.5) * (high - low)
     return out
 
 

@@ -304,9 +304,9 @@ def _calibrate_best(run: "_Run") -> None:
                                  forcing_error=window_errors(run.record, config.forcing_error,
                                                              area_sigma=config.forcing_error_area))  # epoch 0's draws
     run.log("spread calibrated on the validation split"
-            + error_text(run.config.forcing_error, run.config.forcing_error_area) + " (best.pth): "
+            + error_text(config.forcing_error, config.forcing_error_area) + " (best.pth): "
             + spread_text(dict(zip(leads, run.model.spread_scale.tolist()))))
-    if run.config.calibrate_levels:
+    if config.calibrate_levels:
         run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(
             f"lead {lead} {len(c['centres'])} classes" for lead, c in zip(leads, run.model.config.level_calibration)))
     run.log("single map per lead, of the mean and the median of the quantiles (best.pth): "
@@ -315,8 +315,8 @@ def _calibrate_best(run: "_Run") -> None:
         best = run.checkpoint_dir / "best.pth"
         state = with_model(load_checkpoint(best), run.model)
         state["calibrated_on"] = list(run.record["splits"]["val"])
-        state["calibrated_forcing_error"] = run.config.forcing_error
-        state["calibrated_forcing_error_area"] = run.config.forcing_error_area
+        state["calibrated_forcing_error"] = config.forcing_error
+        state["calibrated_forcing_error_area"] = config.forcing_error_area
         state["point_maps"] = point_maps
         save_checkpoint(state, best)
 
