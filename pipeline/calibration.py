@@ -2,8 +2,8 @@
 training and before ``best.pth`` is written: the spread of its quantiles per lead
 (:func:`calibrate_spread`, always), optionally the levels its quantiles are read at, per
 lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``), and then
-which single map stands for its distribution at each lead, the mean or the median of the
-quantiles (:func:`choose_point_maps`, always). Each step streams over a DataLoader's batches
+which single map stands for its distribution, the mean or the median of the quantiles, one
+choice for every lead (:func:`choose_point_maps`, always). Each step streams over a DataLoader's batches
 and combines the sums of data-parallel ranks, so it costs one inference pass over the split,
 not memory for it. The spread is
 scored on at most :data:`CALIBRATION_PIXELS` pixels of a map (a regular lattice of a larger
@@ -19,7 +19,7 @@ with ``--forcing_error`` is calibrated with that error on its forcings
 Example
 -------
 >>> calibrate_model(model, val_loader, torch.device("cpu"), stats, levels=True)   # doctest: +SKIP
-['mean', 'mean', 'median', 'median', 'median', 'median']
+['median', 'median', 'median', 'median', 'median', 'median']
 >>> model.spread_scale, len(model.config.level_calibration)                      # doctest: +SKIP
 (tensor([0.8000, 0.9000, 1.0000, 1.0000, 1.0000, 1.1000]), 6)
 """
@@ -174,32 +174,34 @@ def calibrate_model(model: ConvLSTMForecaster, loader: DataLoader, device: torch
     return choose_point_maps(model, loader, device, stats, ranks, precision, forcing_error)
 
 
-MEDIAN_GAIN = 0.05  # the median stands for a lead's distribution where its validation MSE is 5% below the mean's
+MEDIAN_GAIN = 0.05  # the median stands for the distribution where its validation MSE is 5% below the mean's
 
 
 def choose_point_maps(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                       stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
                       forcing_error: ForcingError | None = None) -> list[str]:
-    """A probabilistic model's single map per lead, one of :data:`~pipeline.checkpoint.POINT_MAPS`:
-    ``"median"`` of its quantiles where, on ``loader``'s windows (every valid pixel, in data
-    units, the forcings with ``forcing_error`` where one is given), the median's squared error
-    is at least ``MEDIAN_GAIN`` below the mean's; else ``"mean"``.
+    """A probabilistic model's single map, one of :data:`~pipeline.checkpoint.POINT_MAPS`, the
+    same at every lead: ``"median"`` of its quantiles where, on ``loader``'s windows (every
+    valid pixel of every lead, in data units, the forcings with ``forcing_error`` where one is
+    given), the median's squared error is at least ``MEDIAN_GAIN`` below the mean's; else
+    ``"mean"``. Returned per lead, as the checkpoint's ``point_maps`` holds it.
 
     The mean of a distribution that is right minimises the expected squared error. Given a
     rain forecast, CWatM's quantiles reach too far up, and their median's MSE was up to half
     their mean's; on the synthetic river the mean is the better map (docs/skill.md, "The
-    checkpoint picks its single map"). The margin keeps the mean where a short validation
-    split cannot tell the two apart."""
+    checkpoint picks its single map"). One choice from all leads' errors, because the few
+    validation days of a short record cannot choose lead by lead: on CWatM the choice at
+    lead 1 went the other way on the test days (same section). The margin keeps the mean
+    where the split cannot tell the two apart."""
     model.eval()
-    sums = torch.zeros(len(POINT_MAPS), model.config.leads, dtype=accumulator_dtype(device), device=device)
+    sums = torch.zeros(len(POINT_MAPS), dtype=accumulator_dtype(device), device=device)
     with torch.no_grad():
         for _, y, mask, q in model_outputs(model, loader, device, precision, forcing_error=forcing_error):
             values, truth, m = to_physical(q, stats).clamp(min=0), to_physical(y, stats), mask.float()
             for k, point in enumerate((values.mean(dim=2), quantiles_median(values))):
-                sums[k] += (((point.unsqueeze(2) - truth) ** 2) * m).sum(dim=(0, 2, 3, 4)).to(sums.dtype)
-    mean_sse, median_sse = ranks.sum(sums)
-    return [POINT_MAPS[1] if median < (1 - MEDIAN_GAIN) * mean else POINT_MAPS[0]
-            for mean, median in zip(mean_sse.tolist(), median_sse.tolist())]
+                sums[k] += (((point.unsqueeze(2) - truth) ** 2) * m).sum().to(sums.dtype)
+    mean_sse, median_sse = ranks.sum(sums).tolist()
+    return [POINT_MAPS[1] if median_sse < (1 - MEDIAN_GAIN) * mean_sse else POINT_MAPS[0]] * model.config.leads
 
 
 LEVEL_CLASS_SHARES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995)  # shares of validation pixels below each class edge

@@ -45,7 +45,8 @@ calibrated_forcing_error_area
 point_maps
     beside ``calibrated_on``: per lead, the single map that stands for a probabilistic
     model's distribution, ``"mean"`` or ``"median"`` of its quantiles, chosen on those days
-    (:func:`~pipeline.calibration.choose_point_maps`); absent: the mean at every lead.
+    (:func:`~pipeline.calibration.choose_point_maps`: since 2026-12-07 one choice for all
+    leads, before it one per lead); absent: the mean at every lead.
 
 Example
 -------
@@ -257,8 +258,8 @@ class Checkpoint:
                 how = "as trained" if all(f == 1 for f in scale) else "calibrated on the validation split"
             lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} ({how}"
                          + ("; levels per flow class too" if config.get("level_calibration") else "") + ")")
-            lines.append(f"single map  {point_maps_text(dict(zip(self.leads, self.point_maps)))} of the quantiles "
-                         + ("(chosen on the calibration days)" if "point_maps" in self.state else "(none chosen)"))
+            lines.append(f"single map  {point_maps_text(dict(zip(self.leads, self.point_maps)))} (of the quantiles; "
+                         + ("chosen on the calibration days)" if "point_maps" in self.state else "none chosen)"))
         return "\n".join(lines)
 
 
@@ -278,11 +279,15 @@ def spread_text(factors: dict[int, float]) -> str:
 
 
 def point_maps_text(maps: dict[int, str]) -> str:
-    """The single map per lead as the logs print it.
+    """The single map per lead as the logs print it: once where it is the same at every lead.
 
+    >>> point_maps_text({1: "median", 2: "median", 3: "median"})
+    'the median at every lead'
     >>> point_maps_text({1: "mean", 2: "median", 3: "median"})
     'lead 1 mean, lead 2 median, lead 3 median'
     """
+    if len(set(maps.values())) == 1:
+        return f"the {next(iter(maps.values()))} at every lead"
     return ", ".join(f"lead {lead} {point}" for lead, point in maps.items())
 
 

@@ -276,7 +276,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} window(s))"
           + error_text(done.forcing_error, done.forcing_error_area) + ": " + spread_text(done.spread)
           + ("; levels per flow class too" if done.levels else ""))
-    print(f"single map per lead: {point_maps_text(done.point_maps)}")
+    print(f"single map: {point_maps_text(done.point_maps)}")
     print(f"wrote {done.path}")
 
 

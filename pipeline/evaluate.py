@@ -339,7 +339,7 @@ def evaluate(weights_path: str | Path | Sequence[str | Path], data_dir: str | Pa
     skill_lines = _skill_lines(metrics, ckpt.inputs_note(long_names, forcings_from), dict(zip(leads, point_maps)))
     notes = [scores.climatology_note()]
     if point_maps:
-        notes.append(f"model: the map runoff predict writes, per lead the mean or the median of the quantiles as "
+        notes.append(f"model: the map runoff predict writes, the mean or the median of the quantiles as "
                      f"the checkpoint's calibration chose ({point_maps_text(dict(zip(leads, point_maps)))}).")
     if selected is not None:
         notes.append(f"Scored inside {mask} (--mask): {int(selected.sum())} of the grid's {selected.size} pixels.")

@@ -290,7 +290,7 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
 
 def _calibrate_best(run: "_Run") -> None:
     """Calibrate the spread of the best epoch's weights on the validation split, and with
-    ``calibrate_levels`` their levels per flow class, choose their single map per lead, and
+    ``calibrate_levels`` their levels per flow class, choose their single map, and
     write all into ``best.pth`` (epoch checkpoints keep the quantiles as trained). With
     ``--forcing_error`` the validation windows' forcings carry that error, as the forecasts'
     rain will."""
@@ -309,7 +309,7 @@ def _calibrate_best(run: "_Run") -> None:
     if config.calibrate_levels:
         run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(
             f"lead {lead} {len(c['centres'])} classes" for lead, c in zip(leads, run.model.config.level_calibration)))
-    run.log("single map per lead, of the mean and the median of the quantiles (best.pth): "
+    run.log("single map, of the mean and the median of the quantiles (best.pth): "
             + point_maps_text(dict(zip(leads, point_maps))))
     if run.ranks.is_main:
         best = run.checkpoint_dir / "best.pth"
