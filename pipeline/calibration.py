@@ -3,9 +3,9 @@ training and before ``best.pth`` is written: the spread of its quantiles per lea
 (:func:`calibrate_spread`, always), optionally the levels its quantiles are read at, per
 lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``), and then
 which single map stands for its distribution, the mean or the median of the quantiles, one
-choice for every lead (:func:`choose_point_maps`, always). Each step streams over a DataLoader's batches
-and combines the sums of data-parallel ranks, so it costs one inference pass over the split,
-not memory for it. The spread is
+choice for every lead (:func:`choose_point_maps`, always). Each step streams over a
+DataLoader's batches and combines the sums of data-parallel ranks, so it costs one inference
+pass over the split, not memory for it. The spread is
 scored on at most :data:`CALIBRATION_PIXELS` pixels of a map (a regular lattice of a larger
 one), so that its 26 trial factors cost little beside that pass on a large grid; the levels
 cost about one pass more and are fitted on every pixel. Their batch loop,
