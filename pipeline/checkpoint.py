@@ -102,11 +102,15 @@ def run_record(*, model: ConvLSTMForecaster, norm_stats: dict, input_days: int, 
     return record
 
 
-def with_model(state: dict, model: ConvLSTMForecaster) -> dict:
-    """``state`` with ``model``'s config and weights (on the CPU) in place of its own: a
-    checkpoint whose model was changed after training, as a calibration changes it."""
+def with_calibration(state: dict, model: ConvLSTMForecaster, calibrated_on: Sequence[str], forcing_error: float,
+                     forcing_error_area: float, point_maps: Sequence[str]) -> dict:
+    """``state`` with the calibrated ``model``'s config and weights (on the CPU) in place of its
+    own, and the record of that calibration: the days (``calibrated_on``, first and last),
+    the forecast error the forcings were given there, and the single map per lead it chose."""
     return {**state, "model_config": model.config.to_dict(),
-            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+            "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "calibrated_on": list(calibrated_on), "calibrated_forcing_error": forcing_error,
+            "calibrated_forcing_error_area": forcing_error_area, "point_maps": list(point_maps)}
 
 
 @dataclass(frozen=True)

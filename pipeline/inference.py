@@ -327,12 +327,10 @@ def point_forecast(members: np.ndarray, point_maps: Sequence[str]) -> np.ndarray
     >>> point_forecast(members, ["mean", "median"]).ravel().tolist()
     [3.0, 1.5]
     """
-    q = members.shape[2]
     out = members.mean(axis=2)
     for lead, point in enumerate(point_maps):
-        if point == POINT_MAPS[1]:  # as quantile_maps reads the level 0.5 (the _q50 map), to the last bit
-            low, high = members[:, lead, (q - 1) // 2], members[:, lead, q // 2]
-            out[:, lead] = low + np.float32(0.5) * (high - low)
+        if point == POINT_MAPS[1]:  # the _q50 map's own reading, so the two are equal to the last bit
+            out[:, lead] = quantile_maps(np.moveaxis(members[:, lead], 1, 0), [0.5])[0]
     return out
 
 

@@ -8,7 +8,7 @@ narrow for the dry ones; calibrated on three years instead, spread/skill came in
 (docs/skill.md, "Seven test years instead of one"). This command reads the checkpoint,
 calibrates the quantiles as trained on the windows whose targets lie in ``--split`` (by
 the rule and with the levels the checkpoint was trained with, unless told otherwise), chooses
-its single map per lead again on those windows (the mean or the median of the quantiles), and
+its single map again on those windows (the mean or the median of the quantiles), and
 writes a new checkpoint beside it; the weights are unchanged, and ``predict`` and
 ``evaluate`` read the new file as they read ``best.pth``. A checkpoint trained with
 ``--forcing_error`` is calibrated with its forcings times that error, as in training, unless
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .baselines import wet_thresholds
 from .calibration import CALIBRATION_PIXELS, CALIBRATIONS, calibrate_model
-from .checkpoint import read_checkpoint, save_checkpoint, with_model
+from .checkpoint import read_checkpoint, save_checkpoint, with_calibration
 from .cube import TARGET, Split
 from .device import pick_device
 from .errors import RunoffError, RunoffWarning
@@ -97,12 +97,8 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
                                      thresholds=thresholds, levels=levels, max_pixels=max_pixels,
                                      forcing_error=window_errors(ckpt.state, forcing_error,
                                                                  area_sigma=forcing_error_area))
-    state = with_model(ckpt.state, model)
-    state["calibrated_on"] = [period.start.isoformat(), period.end.isoformat()]
-    state["calibrated_forcing_error"] = forcing_error
-    state["calibrated_forcing_error_area"] = forcing_error_area
-    state["point_maps"] = point_maps
-    save_checkpoint(state, output)
+    save_checkpoint(with_calibration(ckpt.state, model, [period.start.isoformat(), period.end.isoformat()],
+                                     forcing_error, forcing_error_area, point_maps), output)
     return Recalibration(output, period, int(issues.size),
                          dict(zip(ckpt.leads, model.spread_scale.tolist())), dict(zip(ckpt.leads, point_maps)), levels,
                          forcing_error, forcing_error_area)

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from .baselines import wet_thresholds
 from .calibration import CALIBRATIONS, calibrate_model, model_outputs
 from .checkpoint import (Checkpoint, error_text, load_checkpoint, point_maps_text, run_record, save_checkpoint,
-                         spread_text, with_model)
+                         spread_text, with_calibration)
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, evenly_spaced,
                    is_static, make_splits, open_cube, target_units)
 from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_memory, loader_batches,
@@ -313,12 +313,8 @@ def _calibrate_best(run: "_Run") -> None:
             + point_maps_text(dict(zip(leads, point_maps))))
     if run.ranks.is_main:
         best = run.checkpoint_dir / "best.pth"
-        state = with_model(load_checkpoint(best), run.model)
-        state["calibrated_on"] = list(run.record["splits"]["val"])
-        state["calibrated_forcing_error"] = config.forcing_error
-        state["calibrated_forcing_error_area"] = config.forcing_error_area
-        state["point_maps"] = point_maps
-        save_checkpoint(state, best)
+        save_checkpoint(with_calibration(load_checkpoint(best), run.model, run.record["splits"]["val"],
+                                         config.forcing_error, config.forcing_error_area, point_maps), best)
 
 
 def _write_history(history: list[dict], output_dir: Path) -> None:
