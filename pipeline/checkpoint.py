@@ -262,6 +262,10 @@ class Checkpoint:
                 how = "as trained" if all(f == 1 for f in scale) else "calibrated on the validation split"
             lines.append(f"spread      {spread_text(dict(zip(self.leads, scale)))} ({how}"
                          + ("; levels per flow class too" if config.get("level_calibration") else "") + ")")
+            lower = self.state["model_state"].get("lower_spread")  # absent before 2026-12-07
+            if lower is not None:
+                lines.append(f"lower side  {spread_text(dict(zip(self.leads, lower.tolist())))} (the quantiles "
+                             "below the centre, " + ("widened on the training days)" if days else "as trained)"))
             lines.append(f"single map  {point_maps_text(dict(zip(self.leads, self.point_maps)))} (of the quantiles; "
                          + ("chosen on the calibration days)" if "point_maps" in self.state else "none chosen)"))
         return "\n".join(lines)

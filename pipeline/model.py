@@ -27,7 +27,9 @@ A probabilistic model (``quantiles=Q``) emits, per pixel and lead, Q quantiles a
 forecast distribution, which can put its mass at zero and keep a long right tail; their
 mean is the deterministic forecast. A buffer ``spread_scale`` (one factor per lead, 1
 while training) widens or narrows them around their centre once training has calibrated
-it on the validation split. With ``quantile_location`` the quantiles sit off the centre by a
+it on the validation split; a buffer ``lower_spread`` (one factor per lead, at least 1)
+widens, before that, the quantiles below the centre alone, as far as the training days ask
+(:func:`widen_below`). With ``quantile_location`` the quantiles sit off the centre by a
 location output of their own: the centre is then trained apart (by the MSE, as a
 deterministic model's), and ``forward(..., with_centre=True)`` returns it before them. A
 ``level_calibration`` (fitted on the validation split after training, see
@@ -95,6 +97,17 @@ def pinball(quantiles: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     levels = quantile_levels(quantiles.shape[-3]).to(quantiles.device).view(-1, 1, 1)
     error = truth - quantiles
     return torch.maximum(levels * error, (levels - 1) * error).mean(dim=-3, keepdim=True)
+
+
+def widen_below(deviations: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Quantiles' ``deviations`` (B, L, Q, H, W) from their centre with those below it (the
+    negative ones) times ``factors`` (one per lead): the lower side of the distribution
+    widened, the upper side as it is. The order of the quantiles is kept for factors > 0.
+
+    >>> widen_below(torch.tensor([-1.0, 0.5, 2.0]).view(1, 1, 3, 1, 1), torch.tensor([2.0])).flatten().tolist()
+    [-2.0, 0.5, 2.0]
+    """
+    return torch.where(deviations < 0, deviations * factors.to(deviations.dtype).view(1, -1, 1, 1, 1), deviations)
 
 
 def box_mean(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -222,8 +235,9 @@ class ConvLSTMForecaster(nn.Module):
         if predict_delta:  # no change yet: the untrained model is persistence
             nn.init.zeros_(self.head[-1].weight)
             nn.init.zeros_(self.head[-1].bias)
-        if quantiles:  # per lead, a factor on the quantiles' spread, calibrated after training
+        if quantiles:  # per lead, factors on the quantiles' spread and on its lower side, set after training
             self.register_buffer("spread_scale", torch.ones(leads))
+            self.register_buffer("lower_spread", torch.ones(leads))
         self._bounded = True  # evaluated forecasts stop at ceiling() (see unbounded())
         self.set_level_calibration(level_calibration)
 
@@ -235,6 +249,13 @@ class ConvLSTMForecaster(nn.Module):
                    forcing_scales=cfg.forcing_scales, quantiles=cfg.quantiles,
                    linear_response=cfg.linear_response, stats=cfg.stats, quantile_location=cfg.quantile_location,
                    level_calibration=cfg.level_calibration)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        # a probabilistic checkpoint written before lower_spread existed (2026-12-07) holds its
+        # quantiles as trained below the centre: factor 1 (BatchNorm fills a key added later so)
+        if self.config.quantiles:
+            state_dict.setdefault(prefix + "lower_spread", torch.ones_like(self.lower_spread))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def set_level_calibration(self, calibration: Sequence[dict]) -> None:
         """Per lead, ``{"centres": [K], "levels": [K][Q]}``: a pixel whose median (normalised,
@@ -314,7 +335,7 @@ class ConvLSTMForecaster(nn.Module):
         steps = torch.nn.functional.softplus(increments - _SPACING_OFFSET)
         offsets = torch.cat([torch.zeros_like(centre), steps.cumsum(dim=2)], dim=2)
         spread = self.spread_scale.to(out.dtype).view(1, -1, 1, 1, 1)
-        quantiles = location + spread * (offsets - offsets.mean(dim=2, keepdim=True))
+        quantiles = location + spread * widen_below(offsets - offsets.mean(dim=2, keepdim=True), self.lower_spread)
         if self.config.level_calibration:
             quantiles = self._at_calibrated_levels(quantiles.float()).to(out.dtype)
         return self._below_ceiling(torch.cat([centre, quantiles], dim=2) if with_centre else quantiles)

@@ -6,7 +6,8 @@ the user's choice, without training it again.
 spread, and on an eight-year record that spread was too wide for the wet years and too
 narrow for the dry ones; calibrated on three years instead, spread/skill came into range
 (docs/skill.md, "Seven test years instead of one"). This command reads the checkpoint,
-calibrates the quantiles as trained on the windows whose targets lie in ``--split`` (by
+calibrates the quantiles as trained (their lower side as training widened it, kept) on the
+windows whose targets lie in ``--split`` (by
 the rule and with the levels the checkpoint was trained with, unless told otherwise), chooses
 its single map again on those windows (the mean or the median of the quantiles), and
 writes a new checkpoint beside it; the weights are unchanged, and ``predict`` and

@@ -35,7 +35,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
-from .calibration import CALIBRATIONS, calibrate_model, model_outputs
+from .calibration import CALIBRATIONS, calibrate_model, fit_lower_spread, model_outputs
 from .checkpoint import (Checkpoint, error_text, load_checkpoint, point_maps_text, run_record, save_checkpoint,
                          spread_text, with_calibration)
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, evenly_spaced,
@@ -289,20 +289,22 @@ def evaluate_loader(model: ConvLSTMForecaster, loader: DataLoader, device: torch
 
 
 def _calibrate_best(run: "_Run") -> None:
-    """Calibrate the spread of the best epoch's weights on the validation split, and with
-    ``calibrate_levels`` their levels per flow class, choose their single map, and
-    write all into ``best.pth`` (epoch checkpoints keep the quantiles as trained). With
-    ``--forcing_error`` the validation windows' forcings carry that error, as the forecasts'
-    rain will."""
+    """Widen the lower side of the best epoch's quantiles as the training windows ask,
+    calibrate their spread on the validation split, and with ``calibrate_levels`` their
+    levels per flow class, choose their single map, and write all into ``best.pth`` (epoch
+    checkpoints keep the quantiles as trained). With ``--forcing_error`` the windows'
+    forcings carry that error, as the forecasts' rain will."""
     if run.best_state is None:  # no improvement in this session: best.pth stays as it is
         return
     run.model.load_state_dict(run.best_state)
-    config, leads = run.config, run.config.leads
-    point_maps = calibrate_model(run.model, run.val_loader, run.ranks.device, run.record["norm_stats"][TARGET],
-                                 run.ranks, config.precision, config.calibration, run.thresholds,
-                                 config.calibrate_levels,
-                                 forcing_error=window_errors(run.record, config.forcing_error,
-                                                             area_sigma=config.forcing_error_area))  # epoch 0's draws
+    config, leads, stats = run.config, run.config.leads, run.record["norm_stats"][TARGET]
+    errors = window_errors(run.record, config.forcing_error, area_sigma=config.forcing_error_area)  # epoch 0's draws
+    run.model.lower_spread.copy_(fit_lower_spread(run.model, run.train_loader, run.ranks.device, stats, run.ranks,
+                                                  config.precision, forcing_error=errors))
+    run.log("lower side of the quantiles widened on the training days (best.pth): "
+            + spread_text(dict(zip(leads, run.model.lower_spread.tolist()))))
+    point_maps = calibrate_model(run.model, run.val_loader, run.ranks.device, stats, run.ranks, config.precision,
+                                 config.calibration, run.thresholds, config.calibrate_levels, forcing_error=errors)
     run.log("spread calibrated on the validation split"
             + error_text(config.forcing_error, config.forcing_error_area) + " (best.pth): "
             + spread_text(dict(zip(leads, run.model.spread_scale.tolist()))))

@@ -67,7 +67,7 @@ def test_two_ranks_train_and_calibrate_a_probabilistic_model(cube, tmp_path):
     assert run.stdout.count("quantile levels calibrated per flow class") == 1
     state = load_checkpoint(tmp_path / "prob" / "ckpt" / "best.pth")
     assert state["world_size"] == 2 and state["model_config"]["quantiles"] == 20
-    assert state["model_state"]["spread_scale"].shape == (1,)
+    assert state["model_state"]["spread_scale"].shape == (1,) and state["model_state"]["lower_spread"].shape == (1,)
     assert len(state["model_config"]["level_calibration"]) == 1
 
 

@@ -425,12 +425,15 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
                       lr=1e-9, leads=[1, 2], probabilistic=True, calibrate_levels=True, device="cpu",
                       checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")))
     log = capsys.readouterr().out
+    assert "lower side of the quantiles widened on the training days (best.pth): lead 1 x" in log
     assert "spread calibrated on the validation split (best.pth): lead 1 x" in log
     assert "single map, of the mean and the median of the quantiles (best.pth): the me" in log
     assert "quantile levels calibrated per flow class on the validation split (best.pth): lead 1 " in log
     best, epoch = (torch.load(tmp_path / "ckpt" / name, weights_only=True) for name in ("best.pth", "model_epoch1.pth"))
     assert (best["model_state"]["spread_scale"] > 1).all()
     assert torch.equal(epoch["model_state"]["spread_scale"], torch.ones(2))
+    assert (best["model_state"]["lower_spread"] > 1).all()  # packed tight: the training days ask for more
+    assert torch.equal(epoch["model_state"]["lower_spread"], torch.ones(2))
     assert len(best["model_config"]["level_calibration"]) == 2 and epoch["model_config"]["level_calibration"] == []
     assert best["calibrated_on"] == best["splits"]["val"] and "calibrated_on" not in epoch
     assert best["point_maps"] in (["mean", "mean"], ["median", "median"])  # one choice for both leads
@@ -438,10 +441,17 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
     described = read_checkpoint(tmp_path / "ckpt" / "model_epoch1.pth").describe("model_epoch1.pth")
     assert "spread      lead 1 x1.00, lead 2 x1.00 (as trained)" in described
     assert "single map  the mean at every lead (of the quantiles; none chosen)" in described
+    assert "lower side  lead 1 x1.00, lead 2 x1.00 (the quantiles below the centre, as trained)" in described
+    assert "(the quantiles below the centre, widened on the training days)" in read_checkpoint(
+        tmp_path / "ckpt" / "best.pth").describe("best.pth")
     assert (f"single map  the {best['point_maps'][0]} at every lead (of the quantiles; chosen on the calibration days)"
             in read_checkpoint(tmp_path / "ckpt" / "best.pth").describe("best.pth"))
     older = Checkpoint({k: v for k, v in best.items() if k != "calibrated_on"})  # a best.pth from before the key
     assert "(calibrated on the validation split; levels per flow class too)" in older.describe("best.pth")
+    weights = {k: v for k, v in best["model_state"].items() if k != "lower_spread"}  # before the lower side
+    oldest = Checkpoint({**best, "model_state": weights})
+    assert "lower side" not in oldest.describe("best.pth")
+    assert torch.equal(oldest.build_model().lower_spread, torch.ones(2))
 
 
 def _calibration_case() -> tuple[ConvLSTMForecaster, list, dict]:
@@ -551,6 +561,79 @@ def test_the_calibration_bounds_the_rescaled_quantiles_as_the_model_does():
         assert (model(batches[0].x) >= model.ceiling()).any()  # the bound bites
     chosen = calibrate_spread(model, batches, torch.device("cpu"), stats).item() / 2.0
     by_factor = _scores_by_factor(model, batches, stats, base=2.0)
+    best_crps = min(s["crps"] for s in by_factor.values())
+    near_best = [f for f, s in by_factor.items() if s["crps"] <= best_crps * (1 + CRPS_TOLERANCE)]
+    assert round(chosen, 1) == min(near_best, key=lambda f: abs(np.log(by_factor[f]["spread_skill"])))
+
+
+def test_the_lower_side_widens_the_quantiles_below_their_centre_and_leaves_the_others():
+    """``lower_spread`` moves each quantile below the quantiles' centre (their mean, in the
+    model's log space) that many times farther from it, per lead; the quantiles above stay,
+    and the order of all is kept."""
+    model, _ = _perturbed_two_lead_model(seed=3, perturbation=0.3)
+    model.eval()
+    torch.manual_seed(4)
+    x, rain = torch.randn(2, 3, 1, 9, 11), torch.randn(2, 2, 1, 9, 11)
+    with torch.no_grad(), model.unbounded():
+        before = model(x, rain)
+        model.lower_spread.copy_(torch.tensor([2.0, 3.5]))
+        after = model(x, rain)
+    centre = before.mean(dim=2, keepdim=True)
+    factor = torch.tensor([2.0, 3.5]).view(1, 2, 1, 1, 1)
+    torch.testing.assert_close(after, torch.where(before < centre, centre + factor * (before - centre), before))
+    assert (before < centre).any() and (after.diff(dim=2) >= 0).all()
+
+
+def _lower_side_losses(model: ConvLSTMForecaster, batches: list, stats: dict) -> dict[float, float]:
+    """At each of ``LOWER_FACTORS``, the pinball loss (data units) of the quantiles the model's
+    forward puts below their centre, summed over ``batches`` (one lead)."""
+    from pipeline.calibration import LOWER_FACTORS
+    from pipeline.model import quantile_levels, to_physical
+
+    levels = quantile_levels(model.config.quantiles).view(1, 1, -1, 1, 1)
+    losses = dict.fromkeys(LOWER_FACTORS, 0.0)
+    with torch.no_grad():
+        for b in batches:
+            model.lower_spread.fill_(1.0)
+            centre = model(b.x).mean(dim=2, keepdim=True)  # of the quantiles as trained
+            for factor in LOWER_FACTORS:
+                model.lower_spread.fill_(factor)
+                q = model(b.x)
+                error = to_physical(b.y, stats) - to_physical(q, stats).clamp(min=0)
+                losses[factor] += float((torch.maximum(levels * error, (levels - 1) * error) * (q < centre)).sum())
+    model.lower_spread.fill_(1.0)
+    return losses
+
+
+def test_the_training_days_widen_the_lower_side_where_the_truth_falls_below_it():
+    """Truth scattered log-normally around quantiles packed tight: the fitted factor is the one
+    whose forward scores the lowest pinball loss below the centre, and it widens (> 1). Truth
+    above every quantile: no widening helps, the factor is 1. The factor is kept by the
+    spread's calibration, which scores the quantiles with their lower side widened."""
+    from pipeline.calibration import calibrate_model, fit_lower_spread
+
+    model, batches, stats = _calibration_case()
+    cpu = torch.device("cpu")
+    fitted = round(fit_lower_spread(model, batches, cpu, stats).item(), 1)
+    losses = _lower_side_losses(model, batches, stats)
+    assert fitted > 1.5 and fitted == min(losses, key=losses.get)
+    model.lower_spread.fill_(fitted)
+    calibrate_model(model, batches, cpu, stats)
+    assert model.lower_spread.item() == pytest.approx(fitted) and model.spread_scale.item() != 1.0
+    above = [b._replace(y=torch.log1p(30 + 10 * torch.rand_like(b.y))) for b in batches]
+    assert fit_lower_spread(model, above, cpu, stats).item() == 1.0
+
+
+def test_the_calibration_scores_the_spread_with_the_lower_side_widened_as_the_model_does():
+    """With the lower side widened (x2.5), each spread factor is scored on the quantiles as
+    forward gives them at that factor: the calibration picks the factor those scores pick."""
+    from pipeline.calibration import CRPS_TOLERANCE, calibrate_spread
+
+    model, batches, stats = _calibration_case()
+    model.lower_spread.fill_(2.5)
+    chosen = calibrate_spread(model, batches, torch.device("cpu"), stats).item()
+    assert model.lower_spread.item() == 2.5  # put back after scoring
+    by_factor = _scores_by_factor(model, batches, stats)
     best_crps = min(s["crps"] for s in by_factor.values())
     near_best = [f for f, s in by_factor.items() if s["crps"] <= best_crps * (1 + CRPS_TOLERANCE)]
     assert round(chosen, 1) == min(near_best, key=lambda f: abs(np.log(by_factor[f]["spread_skill"])))
