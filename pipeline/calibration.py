@@ -184,8 +184,8 @@ def fit_lower_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     The pinball loss in data units weighs a pixel by the size of its flow, so a short record
     fits the lower side of its small flows loosely: on the CWatM sample the truth fell below
     the wet cells' lowest quantile 18-28% of the time on the training days, not 2.5%, and
-    widening that side alone lowered the test CRPS at every lead (docs/skill.md, "The lower
-    side of the quantiles"). Where the training days ask for no widening, the factor is 1: they cannot
+    widening that side alone lowered the test CRPS at every lead (docs/skill.md, "The
+    quantiles below the centre widened"). Where the training days ask for no widening, the factor is 1: they cannot
     say that a side is too wide for new days. Scored as :func:`calibrate_spread` scores (a
     lattice of ``max_pixels`` per map, the forcings with ``forcing_error``), with the spread
     the model has."""
