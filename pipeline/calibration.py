@@ -40,8 +40,8 @@ from .checkpoint import POINT_MAPS
 from .device import accumulator_dtype, autocast_for, loader_batches
 from .distributed import Ranks
 from .forcing_error import ForcingError
-from .model import (TILE, ConvLSTMForecaster, map_passes, pinball, quantile_levels, quantiles_median,
-                    to_physical, widen_below)
+from .model import (TILE, ConvLSTMForecaster, map_passes, pinball, pinball_per_level, quantile_levels,
+                    quantiles_median, to_physical, widen_below)
 from .verify import spread_skill_ratio
 
 
@@ -95,6 +95,13 @@ def model_outputs(model: ConvLSTMForecaster, loader: DataLoader, device: torch.d
                    out[inside][kept])
 
 
+def _rescaled(model: ConvLSTMForecaster, centre: torch.Tensor, deviations: torch.Tensor, factor: torch.Tensor,
+              stats: dict[str, float]) -> torch.Tensor:
+    """Quantiles at ``deviations`` from their ``centre`` (normalised) times ``factor``, bounded
+    as the model bounds them, in data units and clipped at 0: what forward gives at that factor."""
+    return to_physical(model.clamp_to_ceiling(centre + factor * deviations), stats).clamp(min=0)
+
+
 SPREAD_FACTORS = tuple(round(0.5 + 0.1 * k, 1) for k in range(26))  # 0.5 .. 3.0, tried per lead
 CRPS_TOLERANCE = 0.01  # factors within 1% of the best validation CRPS count as equally good
 CALIBRATIONS = ("spread_skill", "brier")  # the tie-breaks of calibrate_spread
@@ -140,7 +147,7 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
             centre, truth, m = q.mean(dim=2, keepdim=True), to_physical(y, stats), mask.float()
             deviations = widen_below(q - centre, lower)
             for i, factor in enumerate(factors):
-                values = to_physical(model.clamp_to_ceiling(centre + factor * deviations), stats).clamp(min=0)
+                values = _rescaled(model, centre, deviations, factor, stats)
                 mean = values.mean(dim=2, keepdim=True)
                 briers = [((values > thr).float().mean(dim=2, keepdim=True) - (truth > thr).float()) ** 2
                           for thr in thresholds]
@@ -191,7 +198,6 @@ def fit_lower_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     the model has."""
     model.eval()
     factors = torch.tensor(LOWER_FACTORS, device=device)
-    levels = quantile_levels(model.config.quantiles).to(device).view(1, 1, -1, 1, 1)
     sums = torch.zeros(len(LOWER_FACTORS), model.config.leads, dtype=accumulator_dtype(device), device=device)
     with torch.no_grad(), model.unbounded(), _lower_side_as_trained(model):
         for _, y, mask, q in model_outputs(model, loader, device, precision, max_pixels=max_pixels,
@@ -200,8 +206,7 @@ def fit_lower_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
             centre, truth = q.mean(dim=2, keepdim=True), to_physical(y, stats)
             below = (q < centre).float() * mask.float()  # the quantiles a factor moves
             for i, factor in enumerate(factors):
-                error = truth - to_physical(model.clamp_to_ceiling(centre + factor * (q - centre)), stats).clamp(min=0)
-                loss = torch.maximum(levels * error, (levels - 1) * error) * below
+                loss = pinball_per_level(_rescaled(model, centre, q - centre, factor, stats), truth) * below
                 sums[i] += loss.sum(dim=(0, 2, 3, 4)).to(sums.dtype)
     return factors[ranks.sum(sums).argmin(dim=0)].to(model.lower_spread.dtype)
 

@@ -89,14 +89,23 @@ def quantiles_median(quantiles: torch.Tensor) -> torch.Tensor:
     return 0.5 * (quantiles[..., (q - 1) // 2, :, :] + quantiles[..., q // 2, :, :])
 
 
-def pinball(quantiles: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Pinball loss of quantiles (..., Q, H, W) at :func:`quantile_levels` against ``truth``
-    (..., 1, H, W), averaged over the levels: (..., 1, H, W). Twice it is the CRPS of the
-    distribution the quantiles describe, as Q grows: the probabilistic model's training loss
-    and the score its calibration minimises."""
+def pinball_per_level(quantiles: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Pinball loss of each of the quantiles (..., Q, H, W) at :func:`quantile_levels` against
+    ``truth`` (..., 1, H, W): (..., Q, H, W).
+
+    >>> pinball_per_level(torch.tensor([1.0, 3.0]).view(2, 1, 1), torch.tensor([[[2.0]]])).flatten().tolist()
+    [0.25, 0.25]
+    """
     levels = quantile_levels(quantiles.shape[-3]).to(quantiles.device).view(-1, 1, 1)
     error = truth - quantiles
-    return torch.maximum(levels * error, (levels - 1) * error).mean(dim=-3, keepdim=True)
+    return torch.maximum(levels * error, (levels - 1) * error)
+
+
+def pinball(quantiles: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """:func:`pinball_per_level` averaged over the levels: (..., 1, H, W). Twice it is the CRPS
+    of the distribution the quantiles describe, as Q grows: the probabilistic model's training
+    loss and the score its calibration minimises."""
+    return pinball_per_level(quantiles, truth).mean(dim=-3, keepdim=True)
 
 
 def widen_below(deviations: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
