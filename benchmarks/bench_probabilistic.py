@@ -19,6 +19,9 @@ gap between forecast probability and observed frequency in reliability bins of >
 pixels (<= 0.1) and how much of it lies outside the observed frequency's 5-95% band over
 resampled test days (what the test days can tell from chance), and the MSE of the median and of the mean against the deterministic
 model's (median within 10%; both rows of ``runoff evaluate``); then the training cost per epoch (<= 2x).
+Beside the targets, the widest reliability gaps that forecasts with the same members, calibrated
+by construction, show on the same test days (``benchmarks/bench_reliability_chance.py``): what
+chance alone gives, and how often such a forecast would meet the reliability target.
 With ``--seeds N`` each model is trained N times (seeds ``--seed`` .. ``--seed`` + N - 1) and
 its N checkpoints are scored together, as ``runoff evaluate --weights_path A B C`` does.
 """
@@ -36,13 +39,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import covariates_note, machine, skill_cube, skill_parser, skill_train_config  # noqa: E402
+from common import (covariates_note, machine, reliability_by_chance, skill_cube, skill_parser,  # noqa: E402
+                    skill_train_config)
 
 from pipeline.cli import int_list  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.calibration import CALIBRATIONS  # noqa: E402
 from pipeline.train import train  # noqa: E402
-from pipeline.verify import RELIABILITY_ROWS, widest_reliability_gap  # noqa: E402
+from pipeline.verify import CHANCE_DRAWS, RELIABILITY_ROWS, widest_reliability_gap  # noqa: E402
 
 
 def main() -> int:
@@ -86,6 +90,7 @@ def main() -> int:
                       f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
             report = evaluate([r.best_checkpoint for r in results], cube, split="test", output_dir=tmp / name / "eval")
             runs[name] = (results, report)
+        chance = reliability_by_chance([r.best_checkpoint for r in runs["probabilistic"][0]], cube, "test")
     det, prob = runs["deterministic"][1].metrics, runs["probabilistic"][1].metrics
     ensemble = runs["probabilistic"][1].ensemble
     rain = f"rain: {','.join(forcings)} (observed, a perfect forecast)" if forcings else "no rain (past days only)"
@@ -99,8 +104,9 @@ def main() -> int:
           + (f"; {args.seeds} seeds together ({args.seed}..{args.seed + args.seeds - 1})" if args.seeds > 1 else ""))
     print("| lead | CRPS skill vs climatology | CRPS skill vs persistence | spread/skill | reliability gap "
           "| median MSE / deterministic | mean MSE / deterministic | reliability gap beyond the 5-95% band "
-          "| MSE skill vs persistence: deterministic, mean |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| MSE skill vs persistence: deterministic, mean | a calibrated forecast's widest gap by chance: median "
+          "(90th percentile) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for lead in leads:
         model, reference = prob[lead]["model"], det[lead]["model"]["mse"]
@@ -109,7 +115,8 @@ def main() -> int:
                       gap, prob[lead]["median"]["mse"] / reference, prob[lead]["mean"]["mse"] / reference, beyond_band)
         print(f"| {lead} | " + " | ".join(f"{v:+.3f}" if i < 2 else f"{v:.3f}" for i, v in enumerate(rows[lead]))
               + f" | {det[lead]['model']['skill_vs_persistence']:+.3f}, "
-              f"{prob[lead]['mean']['skill_vs_persistence']:+.3f} |")
+              f"{prob[lead]['mean']['skill_vs_persistence']:+.3f} | {np.median(chance[lead][1]):.3f} "
+              f"({np.quantile(chance[lead][1], 0.9):.3f}) |")
     # training throughput of epochs 2+ (epoch 1 also pays the first reads and the start-up)
     cost = [1 / np.mean([h["samples_per_s"] for r in runs[n][0] for h in r.history[1:] or r.history])
             for n in ("deterministic", "probabilistic")]
@@ -121,6 +128,10 @@ def main() -> int:
         ("reliability within 0.1 of the diagonal (bins >= 100 pixels)", all(r[3] <= 0.1 for r in rows.values())),
         ("(beside the target) the diagonal inside every such bin's 5-95% band",
          all(r[6] == 0 for r in rows.values())),
+        (f"(beside the target) calibrated forecasts as sharp within 0.1 at every lead, by chance: "
+         f"{100 * np.mean(np.all([c[1] <= 0.1 for c in chance.values()], axis=0)):.0f}% of {CHANCE_DRAWS}; "
+         "the model's widest gap within the 90th percentile of theirs at every lead",
+         all(rows[lead][3] <= np.quantile(chance[lead][1], 0.9) for lead in leads)),
         ("median MSE within 10% of the deterministic model's", all(r[4] <= 1.1 for r in rows.values())),
         (f"training time per window {cost[1] * 1e3:.2f} ms against {cost[0] * 1e3:.2f} ms: "
          f"{cost[1] / cost[0]:.2f}x (<= 2x)", cost[1] <= 2 * cost[0]),

@@ -7,14 +7,20 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from pipeline.baselines import wet_thresholds
 from pipeline.cli import name_list
-from pipeline.cube import SEASON_INPUTS, cube_dates, make_splits, normalisation_stats, open_cube
+from pipeline.cube import SEASON_INPUTS, TARGET, cube_dates, make_splits, normalisation_stats, open_cube
+from pipeline.errors import RunoffError
+from pipeline.evaluate import BAND_BLOCK_DAYS
+from pipeline.inference import Forecaster, read_checkpoints, read_days, split_windows
 from pipeline.ingest import ingest
 from pipeline.sampler import WindowSampler, WindowSpec, window_issues
 from pipeline.synth import write_series
 from pipeline.train import TrainConfig
+from pipeline.verify import CHANCE_DRAWS, ChanceReliability, EnsembleScores, reliability_gap
 
 
 @dataclass
@@ -145,3 +151,33 @@ def covariates_note(args: argparse.Namespace) -> str:
     names = [*args.covariates, *(["qs_climatology (the training days' map)"] if args.climatology_map else []),
              *([f"{','.join(SEASON_INPUTS)} (the day of year)"] if args.season else [])]
     return f"; covariates (past days): {','.join(names)}" if names else ""
+
+
+def reliability_by_chance(weights_paths: list[str], data_dir: str, split: str = "test",
+                          forcings_from: dict[str, str] | None = None, draws: int = CHANCE_DRAWS,
+                          block_days: int = BAND_BLOCK_DAYS) -> dict[int, tuple[float, np.ndarray]]:
+    """Per lead, the widest reliability gap of the probabilistic checkpoints ``weights_paths``
+    (forecasting together) on ``split`` of ``data_dir``, over the thresholds `runoff evaluate`
+    uses by default, and the widest gaps (draws,) that forecasts with the same members,
+    calibrated by construction (:class:`~pipeline.verify.ChanceReliability`, the truth's
+    pattern kept over the maps of ``block_days`` consecutive valid days), show there by chance."""
+    paths, checkpoints = read_checkpoints(weights_paths)
+    ckpt = checkpoints[0]
+    windows = split_windows(ckpt, data_dir, split, paths[0], forcings_from=forcings_from)
+    train_range = ckpt.splits["train"]
+    thresholds = wet_thresholds(windows.ds, train_range.start, train_range.end)
+    forecaster = Forecaster.load(checkpoints, "cpu")
+    if not forecaster.probabilistic:
+        raise RunoffError(f"--weights_path {paths[0]}: a deterministic checkpoint, without a reliability diagram")
+    leads = list(ckpt.leads)
+    model = {lead: EnsembleScores(thresholds) for lead in leads}
+    chance = {lead: ChanceReliability(thresholds, draws=draws) for lead in leads}
+    for issues, out in forecaster.forecasts(windows.ds, windows.issues, members=True):
+        days = read_days(windows.ds, TARGET, issues[0], issues[-1] + max(leads))
+        for k, t in enumerate(issues):
+            for i, lead in enumerate(leads):
+                truth = days[t - issues[0] + lead]
+                model[lead].accumulate(out[k, i], truth)
+                chance[lead].accumulate(out[k, i], truth, block=(t + lead) // block_days)
+    return {lead: (max(reliability_gap(table) for table in model[lead].reliability().values()),
+                   np.max(list(chance[lead].compute().values()), axis=0)) for lead in leads}

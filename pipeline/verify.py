@@ -15,6 +15,9 @@ scores. Memory does not grow with the number of maps (the pysteps verification h
 - :class:`EnsembleScores`: CRPS, spread/skill, rank histogram, and Brier score and
   reliability at thresholds, of an ensemble (members, or the quantiles of a probabilistic
   forecast taken as equally likely members).
+- :class:`ChanceReliability`: how wide the same ensemble's reliability gaps would be by
+  chance alone, were it calibrated (it keeps a few bytes per pixel of every map, unlike
+  the others).
 
 The functions :func:`mse`, :func:`nse`, :func:`kge`, :func:`contingency`, :func:`fss`,
 :func:`nse_map`, :func:`kge_map`, :func:`crps`... are one-shot shortcuts over the same accumulators.
@@ -410,6 +413,129 @@ def reliability_gap(table: np.ndarray, min_count: int = RELIABILITY_MIN_COUNT, b
     else:
         gaps = np.abs(forecast - observed)
     return float(gaps[full].max())
+
+
+CHANCE_DRAWS = 100  # forecasts calibrated by construction that ChanceReliability scores
+
+
+class ChanceReliability:
+    """How wide the reliability gaps of an ensemble forecast would be by chance alone, on the
+    same maps: the gaps of forecasts with the same members that are calibrated by
+    construction, ``draws`` of them.
+
+    Each draw replaces every truth by a member of its own forecast: the one at the level
+    ``(u + c) mod 1``, where ``u`` is the truth's level among the members (the middle of its
+    ranks, in (0, 1)) and ``c`` is uniform, one per ``block`` of days and draw. Such a level
+    is uniform whatever the forecast, so each pixel's new truth exceeds a
+    threshold with exactly the forecast probability: every gap the draws show is chance.
+    The levels keep the truth's pattern over the pixels of a map and the days of a block
+    (a forecast misses a storm on many pixels at once), which is what makes a reliability
+    bin of a few hundred pixels move by far more than that many independent pixels would.
+    Before the shift, the normal scores of ``u`` are standardised within each reliability
+    bin over all maps, so that a miss that the bin makes on every day (the gap to measure:
+    a bias, a spread too wide or too narrow there) is not taken for chance.
+
+    :meth:`compute` gives, per threshold and draw, the widest gap over the bins the forecast
+    itself fills with at least ``min_count`` pixels (:func:`reliability_gap`). Unlike the
+    other accumulators it keeps, per valid pixel of every map, its level (4 bytes) and how
+    many members exceed each threshold (2 bytes each); ``merge`` joins two in order.
+
+    >>> rng = np.random.default_rng(0)
+    >>> p = rng.integers(0, 11, (50, 400)) / 10                  # 50 maps of 400 pixels
+    >>> members = (np.arange(10)[:, None] < p[:, None] * 10) * 2.0  # (maps, 10 members, pixels)
+    >>> chance = ChanceReliability([1.0], draws=20)
+    >>> for day in range(50):                                   # outcomes as likely as forecast
+    ...     _ = chance.accumulate(members[day], (rng.random(400) < p[day]) * 2.0, block=day)
+    >>> float(np.median(chance.compute()[1.0])) < 0.05          # 2000 independent pixels a bin
+    True
+    """
+
+    def __init__(self, thresholds: Sequence[float], draws: int = CHANCE_DRAWS, seed: int = 0,
+                 min_count: int = RELIABILITY_MIN_COUNT) -> None:
+        if draws < 1:
+            raise ValueError(f"draws must be >= 1, got {draws}")
+        self.thresholds, self.draws, self.seed, self.min_count = [float(t) for t in thresholds], draws, seed, min_count
+        self.members: int | None = None
+        self.levels: list[np.ndarray] = []  # per map, the truth's level among the members, (pixels,)
+        self.above: list[np.ndarray] = []  # per map, the members above each threshold, (thresholds, pixels)
+        self.blocks: list[tuple] = []  # per map, its block
+
+    def accumulate(self, members: np.ndarray, truth: np.ndarray, block: int | None = None) -> "ChanceReliability":
+        """Add one map's ``members`` (M, ...) and ``truth`` (...); maps given the same
+        ``block`` share their shifts (None: a block of its own)."""
+        members, truth = np.asarray(members), np.asarray(truth).reshape(-1)
+        m = members.shape[0]
+        if self.members is None:
+            self.members = m
+        elif m != self.members:
+            raise ValueError(f"an ensemble of {m} members after one of {self.members}")
+        x = members.reshape(m, -1)
+        ok = np.isfinite(truth) & np.isfinite(x).all(axis=0)
+        x, y = x[:, ok], truth[ok]
+        below, ties = (x < y).sum(axis=0), (x == y).sum(axis=0)
+        self.levels.append(((below + (ties + 1) / 2) / (m + 1)).astype(np.float32))
+        self.above.append(np.stack([(x > thr).sum(axis=0) for thr in self.thresholds]).astype(np.uint16)
+                          if self.thresholds else np.zeros((0, y.size), np.uint16))
+        self.blocks.append(("own", len(self.blocks)) if block is None else ("block", int(block)))
+        return self
+
+    def merge(self, other: "ChanceReliability") -> "ChanceReliability":
+        """Add ``other``'s maps after this one's (its own blocks stay blocks of their own)."""
+        if other.members is not None:
+            if self.members is not None and other.members != self.members:
+                raise ValueError(f"an ensemble of {other.members} members after one of {self.members}")
+            self.members = other.members
+        self.blocks += [("own", n + len(self.blocks)) if kind == "own" else (kind, n) for kind, n in other.blocks]
+        self.levels += other.levels
+        self.above += other.above
+        return self
+
+    def _shifts(self, block: tuple) -> np.ndarray:
+        """The shift ``c`` of every draw for ``block``: a block's shifts depend only on the
+        seed and the block, so that other accumulators (other leads) give the same."""
+        return np.random.default_rng([self.seed, 3 if block[0] == "block" else 4, block[1]]).random(self.draws)
+
+    def compute(self) -> dict[float, np.ndarray]:
+        """Per threshold, the widest reliability gap of each draw, (draws,); zeros where no
+        bin holds ``min_count`` pixels."""
+        from scipy.special import ndtr, ndtri
+
+        out = {thr: np.zeros(self.draws) for thr in self.thresholds}
+        if not self.levels or not self.thresholds:
+            return out
+        m = self.members
+        score = ndtri(np.concatenate(self.levels).astype(np.float64))
+        keys = sorted(set(self.blocks))
+        index = {key: i for i, key in enumerate(keys)}
+        pixel_block = np.concatenate([np.full(v.size, index[b], np.int64) for v, b in zip(self.levels, self.blocks)])
+        shifts = np.stack([self._shifts(key) for key in keys], axis=1)  # (draws, blocks)
+        above = np.concatenate(self.above, axis=1).astype(np.int64)
+        for k, thr in enumerate(self.thresholds):
+            p = above[k] / m
+            b = np.minimum((p * RELIABILITY_BINS).astype(np.int64), RELIABILITY_BINS - 1)
+            count = np.bincount(b, minlength=RELIABILITY_BINS)
+            full = count >= self.min_count
+            if not full.any():
+                continue
+            forecast = np.bincount(b, weights=p, minlength=RELIABILITY_BINS)[full] / count[full]
+            levels = ndtr(_standardised_per_bin(score, b, count))
+            for r in range(self.draws):
+                # the member at level l exceeds thr iff floor(l * m) >= m - above
+                exceeded = ((levels + shifts[r, pixel_block]) % 1.0) * m >= m - above[k]
+                observed = np.bincount(b, weights=exceeded, minlength=RELIABILITY_BINS)[full] / count[full]
+                out[thr][r] = np.abs(forecast - observed).max()
+        return out
+
+
+def _standardised_per_bin(score: np.ndarray, bins: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """``score`` less its mean and over its standard deviation within each bin (of
+    ``bins``, holding ``count`` pixels): what is left is how each pixel's truth departs
+    from its bin's, the pattern a calibrated forecast's truths would share."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(bins, weights=score, minlength=count.size) / count
+        spread = np.sqrt(np.bincount(bins, weights=(score - mean[bins]) ** 2, minlength=count.size) / count)
+    spread = np.where(spread > 0, spread, 1.0)
+    return (score - mean[bins]) / spread[bins]
 
 
 def crps(members: np.ndarray, truth: np.ndarray) -> float:

@@ -90,5 +90,6 @@ def test_probabilistic_benchmark_prints_scores_per_lead_and_the_targets(options,
     rows = [line for line in lines if re.match(r"^\| [12] \| [+-]\d\.\d{3} \| [+-]\d\.\d{3} \| \d", line)]
     assert len(rows) == 2, lines
     for target in ("CRPS skill > 0.3 vs climatology", "spread/skill in 0.8 .. 1.2", "median MSE within 10%",
-                   "training time per window", "(beside the target) the diagonal inside"):
+                   "training time per window", "(beside the target) the diagonal inside",
+                   "(beside the target) calibrated forecasts as sharp within 0.1 at every lead"):
         assert any(line.startswith(target) and line.endswith((": yes", ": NO")) for line in lines), target

@@ -17,7 +17,7 @@ from pipeline.checkpoint import Checkpoint, read_checkpoint
 from pipeline.cube import open_cube
 from pipeline.model import CEILING_FACTOR, ConvLSTMForecaster
 from pipeline.synth import write_series
-from pipeline.verify import EnsembleScores, reliability_gap
+from pipeline.verify import ChanceReliability, EnsembleScores, reliability_gap
 
 from .conftest import one_error_line
 
@@ -145,6 +145,68 @@ def test_maps_of_one_block_of_days_are_resampled_together_and_merge_across_accum
     assert np.array_equal(odd.merge(even).resampled, blocks_of_10.resampled)
 
 
+def _gaussian_days(rng: np.random.Generator, days: int, shock: float, miss: bool = False
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Maps of 20 members (quantiles of N(mu, 1) per pixel) and their truth, mu + N(0, 1):
+    calibrated. ``shock``: the share of each truth's noise that its whole map shares (a day's
+    weather). ``miss``: the truth's noise x0.5 where mu > 0, x1.6 elsewhere, on every day (a
+    spread too wide on one side of the threshold 0.5 and too narrow on the other, about
+    right over all pixels)."""
+    from scipy.special import ndtri
+
+    offsets = ndtri((np.arange(20) + 0.5) / 20)[:, None, None]
+    out = []
+    for _ in range(days):
+        mu = rng.normal(0.0, 1.5, (20, 30))
+        noise = np.sqrt(shock) * rng.normal() + np.sqrt(1 - shock) * rng.normal(0, 1, mu.shape)
+        out.append((mu[None] + offsets, mu + noise * (np.where(mu > 0, 0.5, 1.6) if miss else 1.0)))
+    return out
+
+
+def _chance_and_gap(days: list[tuple[np.ndarray, np.ndarray]], draws: int = 30) -> tuple[np.ndarray, float]:
+    chance, scores = ChanceReliability([0.5], draws=draws), EnsembleScores([0.5])
+    for day, (members, truth) in enumerate(days):
+        chance.accumulate(members, truth, block=day)
+        scores.accumulate(members, truth)
+    return chance.compute()[0.5], reliability_gap(scores.reliability()[0.5])
+
+
+def test_chance_gaps_follow_how_a_day_moves_its_pixels_together_and_never_take_a_miss_for_chance():
+    """Forecasts calibrated by construction (ChanceReliability) from one record: as wide as
+    chance leaves calibrated forecasts over many records of pixels that move together by
+    the day, far wider than independent pixels give, and still narrow for a forecast whose
+    spread is wrong on every day near the threshold (its gap is a miss, not chance)."""
+    rng = np.random.default_rng(6)
+    independent, _ = _chance_and_gap(_gaussian_days(rng, 60, shock=0.0))
+    together, _ = _chance_and_gap(_gaussian_days(rng, 60, shock=0.5))
+    records = [_chance_and_gap(_gaussian_days(rng, 60, shock=0.5), draws=1)[1] for _ in range(12)]
+    assert np.median(together) > 1.7 * np.median(independent)
+    assert 0.6 < np.median(together) / np.median(records) < 1.4
+    miss, gap = _chance_and_gap(_gaussian_days(rng, 60, shock=0.0, miss=True))
+    assert gap > 0.1 and np.quantile(miss, 0.9) < 1.5 * np.quantile(independent, 0.9) < 0.05
+
+
+def test_chance_gaps_of_maps_in_one_block_share_their_shifts_across_accumulators():
+    """A block's shifts depend on the seed and the block only: the leads of one evaluation
+    (separate accumulators) shift their maps of a block alike, halves merge into the whole,
+    and maps without a block stay blocks of their own after a merge."""
+    rng = np.random.default_rng(7)
+    days = _gaussian_days(rng, 40, shock=0.3)  # continuous truths: no ties, no random tie-break
+    one, halves = ChanceReliability([0.5, 1.5], draws=10), ChanceReliability([0.5, 1.5], draws=10)
+    other = ChanceReliability([0.5, 1.5], draws=10)
+    for day, (members, truth) in enumerate(days):
+        one.accumulate(members, truth, block=day // 10)
+        (halves if day < 20 else other).accumulate(members, truth, block=day // 10)
+    whole = one.compute()
+    merged = halves.merge(other).compute()
+    assert all(np.array_equal(whole[thr], merged[thr]) for thr in whole)
+    own = ChanceReliability([0.5], draws=10).accumulate(*days[0]).merge(ChanceReliability([0.5], draws=10)
+                                                                       .accumulate(*days[1]))
+    assert own.blocks == [("own", 0), ("own", 1)]
+    with pytest.raises(ValueError, match="members"):
+        one.accumulate(days[0][0][:5], days[0][1])
+
+
 def _probit(p: np.ndarray) -> np.ndarray:
     """The standard normal quantile of p, with a standard deviation of 1.044 = sqrt(1 + 0.3**2):
     a pixel's outcome is below it with probability p once the day's and the pixel's noise add up."""
@@ -261,6 +323,36 @@ def test_evaluate_scores_crps_brier_and_reliability_against_reference_ensembles(
     runoff_only = run_cli("evaluate", "--weights_path", root / "ckpt" / "best.pth", "--data_dir", root / "in" / "Qs",
                           "--output_dir", tmp_path / "eval_runoff_only")
     assert runoff_only.status == 2 and "needs variable(s) rainf" in one_error_line(runoff_only.err)
+
+
+def test_the_chance_benchmark_sets_the_gap_evaluate_reports_beside_calibrated_forecasts(
+        probabilistic, trained, tmp_path, run_cli):
+    import re
+    import subprocess
+    import sys
+
+    root = probabilistic
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reliability_chance.py"
+
+    def bench(weights: Path, cube: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), "--weights_path", str(weights), "--data_dir", str(cube),
+                               "--draws", "20"], capture_output=True, text=True, timeout=600)
+
+    out = bench(root / "ckpt" / "best.pth", root / "qs.zarr")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = dict(re.findall(r"^\| (.+?) \| ([^|]+?) \|", out.stdout, flags=re.M))
+    scored = run_cli("evaluate", "--weights_path", root / "ckpt" / "best.pth", "--data_dir", root / "qs.zarr",
+                     "--output_dir", tmp_path / "eval")
+    assert scored.status == 0, scored.err
+    for lead, line in zip((1, 2), scored.out.splitlines()):
+        assert f"reliability gap {rows[f'lead {lead}: widest reliability gap of the model']}" in line
+        chance = next(value for what, value in rows.items()
+                      if what.startswith(f"lead {lead}: widest gap of a calibrated"))
+        assert 0 <= float(chance) <= 1 and re.fullmatch(r"\d+%", rows[f"lead {lead}: calibrated forecasts within 0.1"])
+    assert re.fullmatch(r"\d+%", rows["calibrated forecasts within 0.1 at every lead (20 draws)"])
+    deterministic = bench(trained / "ckpt" / "best.pth", trained / "qs.zarr")
+    last_line = deterministic.stderr.strip().splitlines()[-1]
+    assert deterministic.returncode == 2 and "a deterministic checkpoint" in last_line
 
 
 def test_evaluate_scores_the_same_on_one_thread_as_on_several(probabilistic, tmp_path, monkeypatch):
