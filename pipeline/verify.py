@@ -424,9 +424,9 @@ class ChanceReliability:
     construction, ``draws`` of them.
 
     Each draw replaces every truth by a member of its own forecast: the one at the level
-    ``(u + c) mod 1``, where ``u`` is the truth's level among the members (the middle of its
-    ranks, in (0, 1)) and ``c`` is uniform, one per ``block`` of days and draw. Such a level
-    is uniform whatever the forecast, so each pixel's new truth exceeds a
+    ``(u + c) mod 1``, where ``u`` is the truth's level among the members (its rank, ties
+    broken at random, in (0, 1)) and ``c`` is uniform, one per ``block`` of days and draw.
+    Such a level is uniform whatever the forecast, so each pixel's new truth exceeds a
     threshold with exactly the forecast probability: every gap the draws show is chance.
     The levels keep the truth's pattern over the pixels of a map and the days of a block
     (a forecast misses a storm on many pixels at once), which is what makes a reliability
@@ -459,6 +459,7 @@ class ChanceReliability:
         self.levels: list[np.ndarray] = []  # per map, the truth's level among the members, (pixels,)
         self.above: list[np.ndarray] = []  # per map, the members above each threshold, (thresholds, pixels)
         self.blocks: list[tuple] = []  # per map, its block
+        self._rng = np.random.default_rng([seed, 2])
 
     def accumulate(self, members: np.ndarray, truth: np.ndarray, block: int | None = None) -> "ChanceReliability":
         """Add one map's ``members`` (M, ...) and ``truth`` (...); maps given the same
@@ -473,7 +474,10 @@ class ChanceReliability:
         ok = np.isfinite(truth) & np.isfinite(x).all(axis=0)
         x, y = x[:, ok], truth[ok]
         below, ties = (x < y).sum(axis=0), (x == y).sum(axis=0)
-        self.levels.append(((below + (ties + 1) / 2) / (m + 1)).astype(np.float32))
+        # a tie (a dry truth among dry members) takes any of its ranks at random, as pixels of no
+        # common pattern would: one rank for all would make every dry pixel of a block move as one
+        rank = below + np.floor(self._rng.random(y.size) * (ties + 1))
+        self.levels.append(((rank + 0.5) / (m + 1)).astype(np.float32))
         self.above.append(np.stack([(x > thr).sum(axis=0) for thr in self.thresholds]).astype(np.uint16)
                           if self.thresholds else np.zeros((0, y.size), np.uint16))
         self.blocks.append(("own", len(self.blocks)) if block is None else ("block", int(block)))
