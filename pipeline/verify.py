@@ -474,8 +474,8 @@ class ChanceReliability:
         ok = np.isfinite(truth) & np.isfinite(x).all(axis=0)
         x, y = x[:, ok], truth[ok]
         below, ties = (x < y).sum(axis=0), (x == y).sum(axis=0)
-        # a tie (a dry truth among dry members) takes any of its ranks at random, as pixels of no
-        # common pattern would: one rank for all would make every dry pixel of a block move as one
+        # a tie (a dry truth among dry members) takes any of its ranks at random: where it falls
+        # among them says nothing of a pattern, and one rank for all would move a block's dry pixels as one
         rank = below + np.floor(self._rng.random(y.size) * (ties + 1))
         self.levels.append(((rank + 0.5) / (m + 1)).astype(np.float32))
         self.above.append(np.stack([(x > thr).sum(axis=0) for thr in self.thresholds]).astype(np.uint16)
