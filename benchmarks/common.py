@@ -166,7 +166,7 @@ def reliability_by_chance(weights_paths: list[str], data_dir: str, split: str = 
     windows = split_windows(ckpt, data_dir, split, paths[0], forcings_from=forcings_from)
     train_range = ckpt.splits["train"]
     thresholds = wet_thresholds(windows.ds, train_range.start, train_range.end)
-    forecaster = Forecaster.load(checkpoints, "cpu")
+    forecaster = Forecaster.load(checkpoints, "auto")
     if not forecaster.probabilistic:
         raise RunoffError(f"--weights_path {paths[0]}: a deterministic checkpoint, without a reliability diagram")
     leads = list(ckpt.leads)
