@@ -5,6 +5,9 @@ and `train --probabilistic` -> `predict` (quantile and exceedance maps, members)
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +167,7 @@ def _gaussian_days(rng: np.random.Generator, days: int, shock: float, miss: bool
 
 
 def _chance_and_gap(days: list[tuple[np.ndarray, np.ndarray]], draws: int = 30) -> tuple[np.ndarray, float]:
+    """ChanceReliability's widest gaps at 0.5 (draws,) over ``days`` (a block each), and the forecast's own."""
     chance, scores = ChanceReliability([0.5], draws=draws), EnsembleScores([0.5])
     for day, (members, truth) in enumerate(days):
         chance.accumulate(members, truth, block=day)
@@ -327,10 +331,6 @@ def test_evaluate_scores_crps_brier_and_reliability_against_reference_ensembles(
 
 def test_the_chance_benchmark_sets_the_gap_evaluate_reports_beside_calibrated_forecasts(
         probabilistic, trained, tmp_path, run_cli):
-    import re
-    import subprocess
-    import sys
-
     root = probabilistic
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reliability_chance.py"
 
