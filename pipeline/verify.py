@@ -321,14 +321,12 @@ class EnsembleScores:
         self.crps_sum += float((np.abs(x - y).mean(axis=0) - (weights * x).sum(axis=0) / m**2).sum())
         self.variance_sum += float(x.var(axis=0, ddof=1).sum()) if m > 1 else 0.0
         self.error_sum += float(((x.mean(axis=0) - y) ** 2).sum())
-        below, ties = (x < y).sum(axis=0), (x == y).sum(axis=0)
-        ranks = below + np.floor(self._rng.random(y.size) * (ties + 1)).astype(np.int64)
-        self.ranks += np.bincount(ranks, minlength=m + 1)
+        self.ranks += np.bincount(_ranks(x, y, self._rng), minlength=m + 1)
         self.count += y.size
         for k, thr in enumerate(self.thresholds):
             p, o = (x > thr).mean(axis=0), (y > thr).astype(np.float64)
             self.brier[k] += float(((p - o) ** 2).sum())
-            b = np.minimum((p * RELIABILITY_BINS).astype(np.int64), RELIABILITY_BINS - 1)
+            b = _reliability_bin(p)
             bins[k, 0] += np.bincount(b, minlength=RELIABILITY_BINS)
             bins[k, 1] += np.bincount(b, weights=p, minlength=RELIABILITY_BINS)
             bins[k, 2] += np.bincount(b, weights=o, minlength=RELIABILITY_BINS)
@@ -473,11 +471,9 @@ class ChanceReliability:
         x = members.reshape(m, -1)
         ok = np.isfinite(truth) & np.isfinite(x).all(axis=0)
         x, y = x[:, ok], truth[ok]
-        below, ties = (x < y).sum(axis=0), (x == y).sum(axis=0)
         # a tie (a dry truth among dry members) takes any of its ranks at random: where it falls
         # among them says nothing of a pattern, and one rank for all would move a block's dry pixels as one
-        rank = below + np.floor(self._rng.random(y.size) * (ties + 1))
-        self.levels.append(((rank + 0.5) / (m + 1)).astype(np.float32))
+        self.levels.append(((_ranks(x, y, self._rng) + 0.5) / (m + 1)).astype(np.float32))
         self.above.append(np.stack([(x > thr).sum(axis=0) for thr in self.thresholds]).astype(np.uint16)
                           if self.thresholds else np.zeros((0, y.size), np.uint16))
         self.blocks.append(("own", len(self.blocks)) if block is None else ("block", int(block)))
@@ -516,19 +512,34 @@ class ChanceReliability:
         above = np.concatenate(self.above, axis=1).astype(np.int64)
         for k, thr in enumerate(self.thresholds):
             p = above[k] / m
-            b = np.minimum((p * RELIABILITY_BINS).astype(np.int64), RELIABILITY_BINS - 1)
+            b = _reliability_bin(p)
             count = np.bincount(b, minlength=RELIABILITY_BINS)
-            full = count >= self.min_count
-            if not full.any():
+            if not (count >= self.min_count).any():
                 continue
-            forecast = np.bincount(b, weights=p, minlength=RELIABILITY_BINS)[full] / count[full]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                forecast = np.bincount(b, weights=p, minlength=RELIABILITY_BINS) / count
             levels = ndtr(_standardised_per_bin(score, b, count))
+            unbanded = np.full(RELIABILITY_BINS, np.nan)
             for r in range(self.draws):
                 # the member at level l exceeds thr iff floor(l * m) >= m - above
                 exceeded = ((levels + shifts[r, pixel_block]) % 1.0) * m >= m - above[k]
-                observed = np.bincount(b, weights=exceeded, minlength=RELIABILITY_BINS)[full] / count[full]
-                out[thr][r] = np.abs(forecast - observed).max()
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    observed = np.bincount(b, weights=exceeded, minlength=RELIABILITY_BINS) / count
+                out[thr][r] = reliability_gap(np.stack([count, forecast, observed, unbanded, unbanded]),
+                                              self.min_count)
         return out
+
+
+def _ranks(members: np.ndarray, truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Where each truth (P,) falls among its members (M, P), 0..M; a truth tied with members
+    takes one of its ranks among them at random (from ``rng``)."""
+    below, ties = (members < truth).sum(axis=0), (members == truth).sum(axis=0)
+    return below + np.floor(rng.random(truth.size) * (ties + 1)).astype(np.int64)
+
+
+def _reliability_bin(p: np.ndarray) -> np.ndarray:
+    """The reliability bin (0 .. RELIABILITY_BINS - 1) of each forecast probability ``p``."""
+    return np.minimum((p * RELIABILITY_BINS).astype(np.int64), RELIABILITY_BINS - 1)
 
 
 def _standardised_per_bin(score: np.ndarray, bins: np.ndarray, count: np.ndarray) -> np.ndarray:
