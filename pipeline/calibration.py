@@ -4,8 +4,9 @@ First, on the training windows, how far the quantiles below their centre must wi
 fitted on, where those are few). Then, on held-out windows (the validation split): the
 spread of its quantiles per lead
 (:func:`calibrate_spread`, always), optionally the levels its quantiles are read at, per
-lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``), and then
-which single map stands for its distribution, the mean or the median of the quantiles, one
+lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``), for a
+located model where its quantiles sit, per lead: where they are, or moved to the mean of its
+MSE-trained centre (:func:`choose_locations`), and then which single map stands for its distribution, the mean or the median of the quantiles, one
 choice for every lead (:func:`choose_point_maps`, always). Each step streams over a
 DataLoader's batches and combines the sums of data-parallel ranks, so it costs one inference
 pass over the split, not memory for it. The spread is
@@ -40,8 +41,8 @@ from .checkpoint import POINT_MAPS
 from .device import accumulator_dtype, autocast_for, loader_batches
 from .distributed import Ranks
 from .forcing_error import ForcingError
-from .model import (TILE, ConvLSTMForecaster, map_passes, pinball, pinball_per_level, quantile_levels,
-                    quantiles_median, to_physical, widen_below)
+from .model import (TILE, ConvLSTMForecaster, map_passes, moved_to_centre, pinball, pinball_per_level,
+                    quantile_levels, quantiles_median, to_physical, widen_below)
 from .verify import spread_skill_ratio
 
 
@@ -220,18 +221,60 @@ def calibrate_model(model: ConvLSTMForecaster, loader: DataLoader, device: torch
     trained (spread 1, no levels, whatever an earlier calibration set; the lower side as
     :func:`fit_lower_spread` widened it on the training days, kept): its spread per lead
     (:func:`calibrate_spread` with ``rule``), then with ``levels`` its levels per lead and flow
-    class (:func:`calibrate_levels`, fitted on the calibrated spread). The spread is scored
+    class (:func:`calibrate_levels`, fitted on the calibrated spread), and for a located model
+    given ``thresholds`` where its quantiles sit per lead (:func:`choose_locations`; ``rule``
+    ``brier`` scores the spread at those thresholds too). The spread is scored
     on at most ``max_pixels`` pixels of each map, the levels on every pixel; both on
     forcings with ``forcing_error`` where one is given. Returns the single map per lead of
     the calibrated quantiles (:func:`choose_point_maps`, on the same windows and forcings),
     for the checkpoint's ``point_maps``."""
     model.spread_scale.fill_(1.0)
+    model.mean_at_centre.fill_(0.0)
     model.set_level_calibration([])
-    model.spread_scale.copy_(calibrate_spread(model, loader, device, stats, ranks, precision, rule, thresholds,
-                                              max_pixels, forcing_error))
+    model.spread_scale.copy_(calibrate_spread(model, loader, device, stats, ranks, precision, rule,
+                                              thresholds if rule == "brier" else (), max_pixels, forcing_error))
     if levels:
         model.set_level_calibration(calibrate_levels(model, loader, device, stats, ranks, precision, forcing_error))
+    if model.config.quantile_location and thresholds:
+        model.mean_at_centre.copy_(choose_locations(model, loader, device, stats, thresholds, ranks, precision,
+                                                    forcing_error))
     return choose_point_maps(model, loader, device, stats, ranks, precision, forcing_error)
+
+
+def choose_locations(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
+                     stats: dict[str, float], thresholds: tuple[float, ...], ranks: Ranks = Ranks(),
+                     precision: str = "auto", forcing_error: ForcingError | None = None) -> torch.Tensor:
+    """A located model's ``mean_at_centre``, per lead: 1 where its quantiles moved so that
+    their mean is the centre's (:func:`~pipeline.model.moved_to_centre`) score a lower Brier
+    score of ``P(X > threshold)``, summed over ``thresholds`` (the wet p90 and p99 of the
+    training split), on ``loader``'s windows than the quantiles where they are; else 0.
+
+    The exceedance maps decide, not the CRPS: on world 0's river record the move lowered the
+    CRPS at every lead of the calibration years and made the p99 maps of leads 2-6 less
+    reliable on the test years; the Brier score chose it at lead 1 alone, where it mended
+    the p99 (docs/skill.md, "Where the largest flows' quantiles sit"). Scored on every pixel,
+    the forcings with ``forcing_error`` where one is given, with the calibrated spread."""
+    model.eval()
+    sums = torch.zeros(2, model.config.leads, dtype=accumulator_dtype(device), device=device)  # as they are, moved
+    fitted = model.mean_at_centre.clone()
+    model.mean_at_centre.fill_(0.0)
+    try:
+        with torch.no_grad():
+            for _, y, mask, out in model_outputs(model, loader, device, precision, with_centre=True,
+                                                 forcing_error=forcing_error):
+                out = out.float()
+                centre, quantiles = out[:, :, :1], out[:, :, 1:]
+                moved = model.clamp_to_ceiling(moved_to_centre(quantiles, centre, stats))
+                truth, m = to_physical(y, stats), mask.float()
+                for k, values in enumerate((quantiles, moved)):
+                    values = to_physical(values, stats).clamp(min=0)
+                    for thr in thresholds:
+                        brier = ((values > thr).float().mean(dim=2, keepdim=True) - (truth > thr).float()) ** 2
+                        sums[k] += (brier * m).sum(dim=(0, 2, 3, 4)).to(sums.dtype)
+    finally:
+        model.mean_at_centre.copy_(fitted)
+    kept, moved = ranks.sum(sums)
+    return (moved < kept).to(model.mean_at_centre.dtype)
 
 
 MEDIAN_GAIN = 0.05  # the median stands for the distribution where its validation MSE is 5% below the mean's

@@ -266,6 +266,10 @@ class Checkpoint:
             if lower is not None:
                 lines.append(f"lower side  {spread_text(dict(zip(self.leads, lower.tolist())))} (the quantiles "
                              "below the centre, " + ("widened on the training days)" if days else "as trained)"))
+            moved = self.state["model_state"].get("mean_at_centre")  # absent before 2026-12-07 (49th session)
+            if moved is not None and config.get("quantile_location"):
+                lines.append(f"location    moved to the centre's mean {location_text(dict(zip(self.leads, moved.tolist())))}"
+                             + (" (chosen on the calibration days)" if days else " (as trained)"))
             lines.append(f"single map  {point_maps_text(dict(zip(self.leads, self.point_maps)))} (of the quantiles; "
                          + ("chosen on the calibration days)" if "point_maps" in self.state else "none chosen)"))
         return "\n".join(lines)
@@ -284,6 +288,17 @@ def spread_text(factors: dict[int, float]) -> str:
     'lead 1 x0.80, lead 6 x1.10'
     """
     return ", ".join(f"lead {lead} x{factor:.2f}" for lead, factor in factors.items())
+
+
+def location_text(moved: dict[int, float]) -> str:
+    """The leads at which a located model's quantiles are moved to its centre's mean
+    (``mean_at_centre``), as the logs print them.
+
+    >>> location_text({1: 1.0, 2: 0.0, 3: 1.0}), location_text({1: 0.0, 2: 0.0})
+    ('at leads 1, 3', 'at no lead')
+    """
+    leads = [str(lead) for lead, flag in moved.items() if flag]
+    return f"at lead{'s' if len(leads) > 1 else ''} {', '.join(leads)}" if leads else "at no lead"
 
 
 def point_maps_text(maps: dict[int, str]) -> str:

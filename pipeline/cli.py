@@ -266,7 +266,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from .checkpoint import error_text, point_maps_text, spread_text
+    from .checkpoint import error_text, location_text, point_maps_text, spread_text
     from .recalibrate import recalibrate
 
     done = recalibrate(args.weights_path, args.data_dir, args.split, args.output_path, rule=args.calibration,
@@ -276,6 +276,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"spread calibrated on {done.period.start}..{done.period.end} ({done.windows} window(s))"
           + error_text(done.forcing_error, done.forcing_error_area) + ": " + spread_text(done.spread)
           + ("; levels per flow class too" if done.levels else ""))
+    if done.moved is not None:
+        print(f"quantiles moved to the centre's mean: {location_text(done.moved)}")
     print(f"single map: {point_maps_text(done.point_maps)}")
     print(f"wrote {done.path}")
 

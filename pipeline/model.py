@@ -34,7 +34,10 @@ location output of their own: the centre is then trained apart (by the MSE, as a
 deterministic model's), and ``forward(..., with_centre=True)`` returns it before them. A
 ``level_calibration`` (fitted on the validation split after training, see
 :meth:`ConvLSTMForecaster.set_level_calibration`) then reads each pixel's quantiles at the
-levels the truth reached on validation pixels of a like median, per lead.
+levels the truth reached on validation pixels of a like median, per lead. A buffer
+``mean_at_centre`` (per lead, 0 or 1, set by the calibration) moves a located model's
+quantiles, pixel by pixel, so that their mean in data units is the centre's
+(:func:`moved_to_centre`).
 
 In evaluation mode every output is bounded at :data:`CEILING_FACTOR` times the largest
 target value of the training days (the ``max`` of the target's ``stats``): summed
@@ -247,6 +250,8 @@ class ConvLSTMForecaster(nn.Module):
         if quantiles:  # per lead, factors on the quantiles' spread and on its lower side, set after training
             self.register_buffer("spread_scale", torch.ones(leads))
             self.register_buffer("lower_spread", torch.ones(leads))
+            # per lead, 1 where a located model's quantiles are moved to the centre's mean, set after training
+            self.register_buffer("mean_at_centre", torch.zeros(leads))
         self._bounded = True  # evaluated forecasts stop at ceiling() (see unbounded())
         self.set_level_calibration(level_calibration)
 
@@ -264,6 +269,8 @@ class ConvLSTMForecaster(nn.Module):
         # quantiles as trained below the centre: factor 1 (BatchNorm fills a key added later so)
         if self.config.quantiles:
             state_dict.setdefault(prefix + "lower_spread", torch.ones_like(self.lower_spread))
+            # and before mean_at_centre (2026-12-07, forty-ninth session), at their own location
+            state_dict.setdefault(prefix + "mean_at_centre", torch.zeros_like(self.mean_at_centre))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def set_level_calibration(self, calibration: Sequence[dict]) -> None:
@@ -347,6 +354,9 @@ class ConvLSTMForecaster(nn.Module):
         quantiles = location + spread * widen_below(offsets - offsets.mean(dim=2, keepdim=True), self.lower_spread)
         if self.config.level_calibration:
             quantiles = self._at_calibrated_levels(quantiles.float()).to(out.dtype)
+        if self.config.quantile_location and bool(self.mean_at_centre.any()):
+            moved = moved_to_centre(quantiles, centre, self.config.stats[0]).to(out.dtype)
+            quantiles = torch.where(self.mean_at_centre.bool().view(1, -1, 1, 1, 1), moved, quantiles)
         return self._below_ceiling(torch.cat([centre, quantiles], dim=2) if with_centre else quantiles)
 
     def ceiling(self) -> float | None:
@@ -496,6 +506,29 @@ def to_physical(values: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
     """Normalised space -> physical units: ``expm1(values * std + mean)``, not clipped at 0
     (a forecast below 0 keeps a gradient towards the truth; inference clips)."""
     return torch.expm1((values.float() * stats["std"] + stats["mean"]).clamp(max=20.0))
+
+
+def moved_to_centre(quantiles: torch.Tensor, centre: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
+    """Quantiles (B, L, Q, H, W), normalised, moved by one step per pixel in the log space
+    so that their mean in data units (clipped at 0, as forecasts are) is the ``centre``'s
+    value (B, L, 1, H, W): a located model's quantiles placed on its MSE-trained centre.
+
+    A located model's quantiles sit where the pinball loss put them, and narrowing them in the
+    log space (the spread's calibration) lowers their mean in data units. On the largest
+    river flows at lead 1 that put them about 1% below the centre and the truth, and the
+    truth exceeded the p99 more often than forecast (docs/skill.md, "Where the largest
+    flows' quantiles sit").
+
+    >>> stats = {"mean": 0.0, "std": 1.0}
+    >>> q = torch.log1p(torch.tensor([8.0, 10.0, 12.0])).view(1, 1, 3, 1, 1)
+    >>> moved = moved_to_centre(q, torch.log1p(torch.tensor(21.0)).view(1, 1, 1, 1, 1), stats)
+    >>> round(float(torch.expm1(moved).mean()), 3)
+    21.0
+    """
+    def logged_mean(values: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(to_physical(values, stats).clamp(min=0).mean(dim=2, keepdim=True))
+
+    return quantiles.float() + (logged_mean(centre) - logged_mean(quantiles)) / stats["std"]
 
 
 def signed_log1p(values: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,9 @@ from .storage import location
 @dataclass
 class Recalibration:
     """What :func:`recalibrate` did: the checkpoint it wrote, the days it calibrated on, the
-    spread factor and the single map per lead, and the forecast error the forcings were given
-    (its log std, and that of its factor over each whole map)."""
+    spread factor, the single map and (a located model) whether the quantiles moved to the
+    centre's mean, per lead, and the forecast error the forcings were given (its log std, and
+    that of its factor over each whole map)."""
 
     path: Path
     period: Split
@@ -51,6 +52,7 @@ class Recalibration:
     levels: bool
     forcing_error: float
     forcing_error_area: float = 0.0
+    moved: dict[int, float] | None = None  # a located model's mean_at_centre; None for one without
 
 
 def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, output_path: str | Path,
@@ -88,7 +90,8 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     if period.overlaps(train):
         warnings.warn(f"--split {split}: overlaps the training split ({train.start}..{train.end}); a spread "
                       "calibrated on days the model was fitted to comes out too narrow", RunoffWarning, stacklevel=2)
-    thresholds = tuple(wet_thresholds(windows.ds, train.start, train.end)) if rule == "brier" else ()
+    located = bool(ckpt.state["model_config"].get("quantile_location"))
+    thresholds = tuple(wet_thresholds(windows.ds, train.start, train.end)) if rule == "brier" or located else ()
     torch_device = pick_device(device)
     model = ckpt.build_model().to(torch_device)
     sampler = WindowSampler(windows.store, issues, windows.spec, ckpt.norm_stats, patch=None, shuffle=False,
@@ -102,4 +105,5 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
                                      forcing_error, forcing_error_area, point_maps), output)
     return Recalibration(output, period, int(issues.size),
                          dict(zip(ckpt.leads, model.spread_scale.tolist())), dict(zip(ckpt.leads, point_maps)), levels,
-                         forcing_error, forcing_error_area)
+                         forcing_error, forcing_error_area,
+                         dict(zip(ckpt.leads, model.mean_at_centre.tolist())) if located else None)

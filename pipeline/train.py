@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader
 
 from .baselines import wet_thresholds
 from .calibration import CALIBRATIONS, calibrate_model, fit_lower_spread, model_outputs
-from .checkpoint import (Checkpoint, error_text, load_checkpoint, point_maps_text, run_record, save_checkpoint,
-                         spread_text, with_calibration)
+from .checkpoint import (Checkpoint, error_text, load_checkpoint, location_text, point_maps_text, run_record,
+                         save_checkpoint, spread_text, with_calibration)
 from .cube import (CLIMATOLOGY_MAP, SEASON_INPUTS, TARGET, climatology_map, cube_dates, cube_grid, evenly_spaced,
                    is_static, make_splits, open_cube, target_units)
 from .device import (accumulator_dtype, autocast_for, grad_scaler, keep_freed_memory, loader_batches,
@@ -308,6 +308,9 @@ def _calibrate_best(run: "_Run") -> None:
     run.log("spread calibrated on the validation split"
             + error_text(config.forcing_error, config.forcing_error_area) + " (best.pth): "
             + spread_text(dict(zip(leads, run.model.spread_scale.tolist()))))
+    if run.model.config.quantile_location:
+        run.log("quantiles moved to the mean of the centre (best.pth): " + location_text(
+            dict(zip(leads, run.model.mean_at_centre.tolist()))))
     if config.calibrate_levels:
         run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(
             f"lead {lead} {len(c['centres'])} classes" for lead, c in zip(leads, run.model.config.level_calibration)))
@@ -568,7 +571,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         run.log(f"validation on {val_issues.size} of the {issues['val'].size} validation windows, evenly spaced "
                 f"(--max_val_windows)")
     run.last_path = checkpoint_dir / "model_epoch0.pth"
-    if config.probabilistic and config.calibration == "brier":
+    if config.probabilistic:
         run.thresholds = tuple(wet_thresholds(ds, splits["train"].start, splits["train"].end))
     if resume_state is not None:
         run.resume_from(resume_state)

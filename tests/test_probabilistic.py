@@ -521,6 +521,7 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
     assert "spread calibrated on the validation split (best.pth): lead 1 x" in log
     assert "single map, of the mean and the median of the quantiles (best.pth): the me" in log
     assert "quantile levels calibrated per flow class on the validation split (best.pth): lead 1 " in log
+    assert "quantiles moved to the mean of the centre (best.pth): at " in log
     best, epoch = (torch.load(tmp_path / "ckpt" / name, weights_only=True) for name in ("best.pth", "model_epoch1.pth"))
     assert (best["model_state"]["spread_scale"] > 1).all()
     assert torch.equal(epoch["model_state"]["spread_scale"], torch.ones(2))
@@ -534,16 +535,21 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
     assert "spread      lead 1 x1.00, lead 2 x1.00 (as trained)" in described
     assert "single map  the mean at every lead (of the quantiles; none chosen)" in described
     assert "lower side  lead 1 x1.00, lead 2 x1.00 (the quantiles below the centre, as trained)" in described
+    assert "location    moved to the centre's mean at no lead (as trained)" in described
+    assert torch.equal(epoch["model_state"]["mean_at_centre"], torch.zeros(2))
+    assert "(chosen on the calibration days)\n" in read_checkpoint(tmp_path / "ckpt" / "best.pth").describe("best.pth")
     assert "(the quantiles below the centre, widened on the training days)" in read_checkpoint(
         tmp_path / "ckpt" / "best.pth").describe("best.pth")
     assert (f"single map  the {best['point_maps'][0]} at every lead (of the quantiles; chosen on the calibration days)"
             in read_checkpoint(tmp_path / "ckpt" / "best.pth").describe("best.pth"))
     older = Checkpoint({k: v for k, v in best.items() if k != "calibrated_on"})  # a best.pth from before the key
     assert "(calibrated on the validation split; levels per flow class too)" in older.describe("best.pth")
-    weights = {k: v for k, v in best["model_state"].items() if k != "lower_spread"}  # before the lower side
+    weights = {k: v for k, v in best["model_state"].items()  # before the lower side and the location
+               if k not in ("lower_spread", "mean_at_centre")}
     oldest = Checkpoint({**best, "model_state": weights})
-    assert "lower side" not in oldest.describe("best.pth")
+    assert "lower side" not in oldest.describe("best.pth") and "location" not in oldest.describe("best.pth")
     assert torch.equal(oldest.build_model().lower_spread, torch.ones(2))
+    assert torch.equal(oldest.build_model().mean_at_centre, torch.zeros(2))
 
 
 def _calibration_case() -> tuple[ConvLSTMForecaster, list, dict]:
@@ -762,6 +768,82 @@ def _perturbed_two_lead_model(seed: int, perturbation: float) -> tuple[ConvLSTMF
         for weights in model.parameters():
             weights.add_(perturbation * torch.randn_like(weights))
     return model, stats
+
+
+def test_a_located_model_moves_its_quantiles_to_its_centres_mean_at_the_leads_chosen():
+    """``mean_at_centre`` 1 at lead 1: each pixel's quantiles move by one step in the log space,
+    so that their mean in data units is the centre's (where none, moved or not, is clipped at 0); lead 2's
+    stay where they are, and the order of all is kept."""
+    model, stats = _perturbed_two_lead_model(seed=5, perturbation=0.3)
+    model.eval()
+    torch.manual_seed(6)
+    x, rain = torch.randn(2, 3, 1, 9, 11), torch.randn(2, 2, 1, 9, 11)
+    with torch.no_grad(), model.unbounded():
+        out = model(x, rain, with_centre=True)
+        model.mean_at_centre.copy_(torch.tensor([1.0, 0.0]))
+        moved = model(x, rain)
+    centre, before = out[:, :, :1], out[:, :, 1:]
+    torch.testing.assert_close(moved[:, 1], before[:, 1])
+    step = moved[:, 0] - before[:, 0]
+    torch.testing.assert_close(step, step[:, :1].expand_as(step))  # one step per pixel
+    assert (step.abs() > 0.1).float().mean() > 0.5 and (moved.diff(dim=2) >= 0).all()
+    physical = torch.expm1(moved[:, 0] * stats["std"] + stats["mean"])
+    unclipped = (physical > 0).all(dim=1) & (before[:, 0] * stats["std"] + stats["mean"] > 0).all(dim=1)
+    mean_of_moved = physical.mean(dim=1)[unclipped]
+    centre_value = torch.expm1(centre[:, 0, 0] * stats["std"] + stats["mean"])[unclipped]
+    assert unclipped.sum() > 50
+    torch.testing.assert_close(mean_of_moved, centre_value, rtol=1e-4, atol=1e-4)
+
+
+def test_the_calibration_moves_the_quantiles_to_the_centre_where_the_brier_score_asks():
+    """Truth on the centre at lead 1, and at lead 2 as far from the quantiles' own mean as the
+    centre is, on the other side: the quantiles are moved at lead 1 alone, and at each lead the choice is the one whose forward gives the
+    lower Brier score summed over the thresholds (scored by verify.EnsembleScores, not the
+    calibration's own sums). A deterministic-centred model (not located) is never moved."""
+    from pipeline.calibration import calibrate_model, choose_locations
+    from pipeline.model import to_physical
+    from pipeline.sampler import Window, collate_windows
+
+    model, stats = _perturbed_two_lead_model(seed=2, perturbation=0.3)
+    model.eval()
+    torch.manual_seed(3)
+    shape = (12, 14)
+    x, rain = torch.randn(16, 3, 1, *shape), torch.randn(16, 2, 1, *shape)
+    with torch.no_grad():
+        out = model(x, rain, with_centre=True)
+    centre, quantiles = out[:, :, :1], out[:, :, 1:]
+    own = (torch.log1p(to_physical(quantiles, stats).clamp(min=0).mean(dim=2, keepdim=True))
+           - stats["mean"]) / stats["std"]  # their own mean, normalised
+    scatter = 0.05 * torch.randn_like(centre)
+    truth = torch.cat([centre[:, :1], 2 * own[:, 1:] - centre[:, 1:]], dim=1) + scatter  # lead 2: away from it
+    windows = [Window(x[i], truth[i], torch.ones(2, 1, *shape, dtype=torch.bool), i, rain[i]) for i in range(16)]
+    batches = [collate_windows(windows[i:i + 4]) for i in range(0, 16, 4)]
+    physical = to_physical(truth, stats)
+    thresholds = tuple(float(v) for v in torch.quantile(physical.flatten(), torch.tensor([0.5, 0.8])))
+    chosen = choose_locations(model, batches, torch.device("cpu"), stats, thresholds)
+
+    def brier(flags: list[float]) -> list[float]:
+        model.mean_at_centre.copy_(torch.tensor(flags))
+        scores = [EnsembleScores(thresholds) for _ in range(2)]
+        with torch.no_grad():
+            for b in batches:
+                members = to_physical(model(b.x, b.forcings), stats).clamp(min=0)
+                for lead, ensemble in enumerate(scores):
+                    ensemble.accumulate(members[:, lead].transpose(0, 1).numpy(), to_physical(b.y, stats)[:, lead, 0]
+                                        .numpy())
+        return [sum(e.compute()[f"brier@{t:g}"] for t in thresholds) for e in scores]
+
+    kept, moved = brier([0.0, 0.0]), brier([1.0, 1.0])
+    assert chosen.tolist() == [1.0, 0.0]
+    assert chosen.tolist() == [float(m < k) for m, k in zip(moved, kept)]
+    calibrate_model(model, batches, torch.device("cpu"), stats, thresholds=thresholds)
+    assert model.mean_at_centre.tolist() == [1.0, 0.0]
+    calibrate_model(model, batches, torch.device("cpu"), stats)  # no thresholds: nothing to choose by
+    assert model.mean_at_centre.tolist() == [0.0, 0.0]
+    unlocated = ConvLSTMForecaster(in_channels=1, leads=2, hidden_channels=3, quantiles=20, forcing_channels=2,
+                                   forcing_scales=(1, 3), stats=[stats])
+    calibrate_model(unlocated, batches, torch.device("cpu"), stats, thresholds=thresholds)
+    assert unlocated.mean_at_centre.tolist() == [0.0, 0.0]
 
 
 def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(monkeypatch):
