@@ -4,10 +4,11 @@ First, on the training windows, how far the quantiles below their centre must wi
 fitted on, where those are few). Then, on held-out windows (the validation split): the
 spread of its quantiles per lead
 (:func:`calibrate_spread`, always), optionally the levels its quantiles are read at, per
-lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``), for a
-located model where its quantiles sit, per lead: where they are, or moved to the mean of its
-MSE-trained centre (:func:`choose_locations`), and then which single map stands for its distribution, the mean or the median of the quantiles, one
-choice for every lead (:func:`choose_point_maps`, always). Each step streams over a
+lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``),
+optionally where a located model's quantiles sit per lead: where they are, or moved to the
+mean of its MSE-trained centre (:func:`choose_locations`, ``--calibrate_location``), and
+then which single map stands for its distribution, the mean or the median of the
+quantiles, one choice for every lead (:func:`choose_point_maps`, always). Each step streams over a
 DataLoader's batches and combines the sums of data-parallel ranks, so it costs one inference
 pass over the split, not memory for it. The spread is
 scored on at most :data:`CALIBRATION_PIXELS` pixels of a map (a regular lattice of a larger
@@ -215,15 +216,16 @@ def fit_lower_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
 def calibrate_model(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
                     stats: dict[str, float], ranks: Ranks = Ranks(), precision: str = "auto",
                     rule: str = "spread_skill", thresholds: tuple[float, ...] = (), levels: bool = False,
-                    max_pixels: int | None = CALIBRATION_PIXELS, forcing_error: ForcingError | None = None
-                    ) -> list[str]:
+                    location: bool = False, max_pixels: int | None = CALIBRATION_PIXELS,
+                    forcing_error: ForcingError | None = None) -> list[str]:
     """Calibrate a probabilistic model in place on ``loader``'s windows, from its quantiles as
     trained (spread 1, no levels, whatever an earlier calibration set; the lower side as
     :func:`fit_lower_spread` widened it on the training days, kept): its spread per lead
     (:func:`calibrate_spread` with ``rule``), then with ``levels`` its levels per lead and flow
-    class (:func:`calibrate_levels`, fitted on the calibrated spread), and for a located model
-    given ``thresholds`` where its quantiles sit per lead (:func:`choose_locations`; ``rule``
-    ``brier`` scores the spread at those thresholds too). The spread is scored
+    class (:func:`calibrate_levels`, fitted on the calibrated spread), and with ``location``
+    (a located model, scored at ``thresholds``) where its quantiles sit per lead
+    (:func:`choose_locations`; ``rule`` ``brier`` scores the spread at the thresholds too).
+    The spread is scored
     on at most ``max_pixels`` pixels of each map, the levels on every pixel; both on
     forcings with ``forcing_error`` where one is given. Returns the single map per lead of
     the calibrated quantiles (:func:`choose_point_maps`, on the same windows and forcings),
@@ -235,7 +237,9 @@ def calibrate_model(model: ConvLSTMForecaster, loader: DataLoader, device: torch
                                               thresholds if rule == "brier" else (), max_pixels, forcing_error))
     if levels:
         model.set_level_calibration(calibrate_levels(model, loader, device, stats, ranks, precision, forcing_error))
-    if model.config.quantile_location and thresholds:
+    if location:
+        if not (model.config.quantile_location and thresholds):
+            raise ValueError("location: needs a located model (quantile_location) and thresholds to score at")
         model.mean_at_centre.copy_(choose_locations(model, loader, device, stats, thresholds, ranks, precision,
                                                     forcing_error))
     return choose_point_maps(model, loader, device, stats, ranks, precision, forcing_error)
@@ -245,17 +249,23 @@ def choose_locations(model: ConvLSTMForecaster, loader: DataLoader, device: torc
                      stats: dict[str, float], thresholds: tuple[float, ...], ranks: Ranks = Ranks(),
                      precision: str = "auto", forcing_error: ForcingError | None = None) -> torch.Tensor:
     """A located model's ``mean_at_centre``, per lead: 1 where its quantiles moved so that
-    their mean is the centre's (:func:`~pipeline.model.moved_to_centre`) score a lower Brier
-    score of ``P(X > threshold)``, summed over ``thresholds`` (the wet p90 and p99 of the
-    training split), on ``loader``'s windows than the quantiles where they are; else 0.
+    their mean is the centre's (:func:`~pipeline.model.moved_to_centre`) score better on
+    ``loader``'s windows than the quantiles where they are by all three of: the Brier score
+    of ``P(X > threshold)`` summed over ``thresholds`` (the wet p90 and p99 of the training
+    split), the CRPS, and the squared error of the quantiles' mean; else 0.
 
-    The exceedance maps decide, not the CRPS: on world 0's river record the move lowered the
-    CRPS at every lead of the calibration years and made the p99 maps of leads 2-6 less
-    reliable on the test years; the Brier score chose it at lead 1 alone, where it mended
-    the p99 (docs/skill.md, "Where the largest flows' quantiles sit"). Scored on every pixel,
-    the forcings with ``forcing_error`` where one is given, with the calibrated spread."""
+    The exceedance maps lead, since the CRPS alone would move every lead: on world 0's river
+    record the move lowered the CRPS at every lead of the calibration years and made the p99
+    maps of leads 2-6 less reliable on the test years, and the Brier score chose lead 1
+    alone, where it mended the p99. The CRPS and the mean's error must agree, so that a lead
+    whose centre is the worse map is not moved for its exceedance maps alone: on CWatM the
+    Brier score of 20 validation days alone moved leads whose test CRPS and median it made
+    worse. Even so, on short calibration splits it did harm as often as good, hence an
+    option (docs/skill.md, "Where the largest flows' quantiles sit"). Scored on every pixel, the forcings with ``forcing_error`` where one is given,
+    with the calibrated spread."""
     model.eval()
-    sums = torch.zeros(2, model.config.leads, dtype=accumulator_dtype(device), device=device)  # as they are, moved
+    # per score (Brier sum, pinball, squared error of the mean), as they are and moved, per lead
+    sums = torch.zeros(3, 2, model.config.leads, dtype=accumulator_dtype(device), device=device)
     fitted = model.mean_at_centre.clone()
     model.mean_at_centre.fill_(0.0)
     try:
@@ -268,13 +278,15 @@ def choose_locations(model: ConvLSTMForecaster, loader: DataLoader, device: torc
                 truth, m = to_physical(y, stats), mask.float()
                 for k, values in enumerate((quantiles, moved)):
                     values = to_physical(values, stats).clamp(min=0)
-                    for thr in thresholds:
-                        brier = ((values > thr).float().mean(dim=2, keepdim=True) - (truth > thr).float()) ** 2
-                        sums[k] += (brier * m).sum(dim=(0, 2, 3, 4)).to(sums.dtype)
+                    briers = sum(((values > thr).float().mean(dim=2, keepdim=True) - (truth > thr).float()) ** 2
+                                 for thr in thresholds)
+                    error = (values.mean(dim=2, keepdim=True) - truth) ** 2
+                    for score, per_pixel in enumerate((briers, pinball(values, truth), error)):
+                        sums[score, k] += (per_pixel * m).sum(dim=(0, 2, 3, 4)).to(sums.dtype)
     finally:
         model.mean_at_centre.copy_(fitted)
-    kept, moved = ranks.sum(sums)
-    return (moved < kept).to(model.mean_at_centre.dtype)
+    kept, moved = ranks.sum(sums).unbind(dim=1)
+    return (moved < kept).all(dim=0).to(model.mean_at_centre.dtype)
 
 
 MEDIAN_GAIN = 0.05  # the median stands for the distribution where its validation MSE is 5% below the mean's

@@ -267,9 +267,9 @@ class Checkpoint:
                 lines.append(f"lower side  {spread_text(dict(zip(self.leads, lower.tolist())))} (the quantiles "
                              "below the centre, " + ("widened on the training days)" if days else "as trained)"))
             moved = self.state["model_state"].get("mean_at_centre")  # absent before 2026-12-07 (49th session)
-            if moved is not None and config.get("quantile_location"):
-                lines.append(f"location    moved to the centre's mean {location_text(dict(zip(self.leads, moved.tolist())))}"
-                             + (" (chosen on the calibration days)" if days else " (as trained)"))
+            if moved is not None and bool(moved.any()):  # --calibrate_location moved some lead
+                leads = location_text(dict(zip(self.leads, moved.tolist())))
+                lines.append(f"location    moved to the centre's mean {leads} (chosen on the calibration days)")
             lines.append(f"single map  {point_maps_text(dict(zip(self.leads, self.point_maps)))} (of the quantiles; "
                          + ("chosen on the calibration days)" if "point_maps" in self.state else "none chosen)"))
         return "\n".join(lines)

@@ -35,7 +35,7 @@ deterministic model's), and ``forward(..., with_centre=True)`` returns it before
 ``level_calibration`` (fitted on the validation split after training, see
 :meth:`ConvLSTMForecaster.set_level_calibration`) then reads each pixel's quantiles at the
 levels the truth reached on validation pixels of a like median, per lead. A buffer
-``mean_at_centre`` (per lead, 0 or 1, set by the calibration) moves a located model's
+``mean_at_centre`` (per lead, 0 or 1, set by ``--calibrate_location``) moves a located model's
 quantiles, pixel by pixel, so that their mean in data units is the centre's
 (:func:`moved_to_centre`).
 

@@ -52,19 +52,20 @@ class Recalibration:
     levels: bool
     forcing_error: float
     forcing_error_area: float = 0.0
-    moved: dict[int, float] | None = None  # a located model's mean_at_centre; None for one without
+    moved: dict[int, float] | None = None  # mean_at_centre where it was chosen (--calibrate_location), else None
 
 
 def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, output_path: str | Path,
-                rule: str | None = None, levels: bool | None = None, device: str = "auto", batch_size: int = 8,
+                rule: str | None = None, levels: bool | None = None, place: bool | None = None,
+                device: str = "auto", batch_size: int = 8,
                 storage_options: dict | None = None, max_pixels: int | None = CALIBRATION_PIXELS,
                 forcing_error: float | None = None, forcing_error_area: float | None = None) -> Recalibration:
     """Calibrate the probabilistic checkpoint ``weights_path`` on the windows of ``data_dir``
     whose targets lie in ``split`` (a split of the checkpoint, or a period START..END) and
-    write it to ``output_path``, which must not exist. ``rule``, ``levels``,
-    ``forcing_error`` and ``forcing_error_area`` default to the checkpoint's own
-    (``--calibration``, ``--calibrate_levels``, ``--forcing_error``, ``--forcing_error_area``
-    of its training). The spread
+    write it to ``output_path``, which must not exist. ``rule``, ``levels``, ``place`` (where
+    a located model's quantiles sit), ``forcing_error`` and ``forcing_error_area`` default to
+    the checkpoint's own (``--calibration``, ``--calibrate_levels``, ``--calibrate_location``,
+    ``--forcing_error``, ``--forcing_error_area`` of its training). The spread
     of maps larger than ``max_pixels`` is scored on a lattice of that many pixels (``None``:
     every pixel)."""
     ckpt = read_checkpoint(weights_path, storage_options=storage_options)
@@ -76,6 +77,11 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     if rule not in CALIBRATIONS:
         raise RunoffError(f"--calibration {rule}: choose {' or '.join(CALIBRATIONS)}")
     levels = bool(trained_with.get("calibrate_levels", False)) if levels is None else levels
+    located = bool(ckpt.state["model_config"].get("quantile_location"))
+    place = bool(trained_with.get("calibrate_location", False)) if place is None else place
+    if place and not located:
+        raise RunoffError(f"--calibrate_location: {weights_path} was trained with --no-quantile_location; only a "
+                          "located model's quantiles can move onto its centre")
     errors = {name: float(trained_with.get(name, 0.0)) if given is None else given
               for name, given in (("forcing_error", forcing_error), ("forcing_error_area", forcing_error_area))}
     check_forcing_errors({f"--{name}": sigma for name, sigma in errors.items()}, bool(ckpt.forcings),
@@ -90,15 +96,14 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     if period.overlaps(train):
         warnings.warn(f"--split {split}: overlaps the training split ({train.start}..{train.end}); a spread "
                       "calibrated on days the model was fitted to comes out too narrow", RunoffWarning, stacklevel=2)
-    located = bool(ckpt.state["model_config"].get("quantile_location"))
-    thresholds = tuple(wet_thresholds(windows.ds, train.start, train.end)) if rule == "brier" or located else ()
+    thresholds = tuple(wet_thresholds(windows.ds, train.start, train.end)) if rule == "brier" or place else ()
     torch_device = pick_device(device)
     model = ckpt.build_model().to(torch_device)
     sampler = WindowSampler(windows.store, issues, windows.spec, ckpt.norm_stats, patch=None, shuffle=False,
                             storage_options=storage_options, maps=ckpt.maps)
     with data_loader(sampler, batch_size=batch_size, collate_fn=collate_windows) as loader:
         point_maps = calibrate_model(model, loader, torch_device, ckpt.norm_stats[TARGET], rule=rule,
-                                     thresholds=thresholds, levels=levels, max_pixels=max_pixels,
+                                     thresholds=thresholds, levels=levels, location=place, max_pixels=max_pixels,
                                      forcing_error=window_errors(ckpt.state, forcing_error,
                                                                  area_sigma=forcing_error_area))
     save_checkpoint(with_calibration(ckpt.state, model, [period.start.isoformat(), period.end.isoformat()],
@@ -106,4 +111,4 @@ def recalibrate(weights_path: str | Path, data_dir: str | Path, split: str, outp
     return Recalibration(output, period, int(issues.size),
                          dict(zip(ckpt.leads, model.spread_scale.tolist())), dict(zip(ckpt.leads, point_maps)), levels,
                          forcing_error, forcing_error_area,
-                         dict(zip(ckpt.leads, model.mean_at_centre.tolist())) if located else None)
+                         dict(zip(ckpt.leads, model.mean_at_centre.tolist())) if place else None)

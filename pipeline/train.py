@@ -102,6 +102,7 @@ class TrainConfig:
     quantile_location: bool | None = None
     calibration: str = "spread_skill"  # probabilistic: how calibrate_spread picks its factor (CALIBRATIONS)
     calibrate_levels: bool = False  # probabilistic: also calibrate_levels on the validation split
+    calibrate_location: bool = False  # located: also choose_locations on the validation split
     quantile_log_weight: float = 0.0  # probabilistic: weight of the log values' pinball loss beside the physical
     clip_grad: float = 1.0
     ema_decay: float = 0.99  # forecasts use the weights' moving average over the steps, this decay per step (0: none)
@@ -304,11 +305,12 @@ def _calibrate_best(run: "_Run") -> None:
     run.log("lower side of the quantiles widened on the training days (best.pth): "
             + spread_text(dict(zip(leads, run.model.lower_spread.tolist()))))
     point_maps = calibrate_model(run.model, run.val_loader, run.ranks.device, stats, run.ranks, config.precision,
-                                 config.calibration, run.thresholds, config.calibrate_levels, forcing_error=errors)
+                                 config.calibration, run.thresholds, config.calibrate_levels,
+                                 location=config.calibrate_location, forcing_error=errors)
     run.log("spread calibrated on the validation split"
             + error_text(config.forcing_error, config.forcing_error_area) + " (best.pth): "
             + spread_text(dict(zip(leads, run.model.spread_scale.tolist()))))
-    if run.model.config.quantile_location:
+    if config.calibrate_location:
         run.log("quantiles moved to the mean of the centre (best.pth): " + location_text(
             dict(zip(leads, run.model.mean_at_centre.tolist()))))
     if config.calibrate_levels:
@@ -349,10 +351,14 @@ def train(config: TrainConfig, explicit: set[str] | None = None, progress: bool 
                 (config.quantile_location, "--quantile_location", "places a probabilistic model's quantiles"),
                 (config.quantile_log_weight, "--quantile_log_weight", "weighs a probabilistic model's loss"),
                 (config.calibrate_levels, "--calibrate_levels", "calibrates a probabilistic model's quantiles"),
+                (config.calibrate_location, "--calibrate_location", "places a probabilistic model's quantiles"),
                 (config.calibration != "spread_skill", f"--calibration {config.calibration}",
                  "calibrates a probabilistic model's spread")):
             if given:
                 raise RunoffError(f"{option} {what}: it needs --probabilistic")
+    if config.calibrate_location and not config.quantile_location:
+        raise RunoffError("--calibrate_location moves the quantiles onto the centre trained by the MSE: it cannot go "
+                          "with --no-quantile_location")
     _validate(config)
     # the run lives in _fit's frame only: gone when the process group is released
     with data_parallel(config.device) as ranks, contextlib.ExitStack() as on_exit:
@@ -571,7 +577,7 @@ def _start_run(config: TrainConfig, resume_state: dict | None, ranks: Ranks, pro
         run.log(f"validation on {val_issues.size} of the {issues['val'].size} validation windows, evenly spaced "
                 f"(--max_val_windows)")
     run.last_path = checkpoint_dir / "model_epoch0.pth"
-    if config.probabilistic:
+    if config.probabilistic and (config.calibration == "brier" or config.calibrate_location):
         run.thresholds = tuple(wet_thresholds(ds, splits["train"].start, splits["train"].end))
     if resume_state is not None:
         run.resume_from(resume_state)

@@ -514,7 +514,8 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
     # a learning rate so small that the model stays as initialised: quantiles packed tight
     # around persistence, far narrower than persistence's errors
     train(TrainConfig(data_dir=str(tmp_path / "in"), patch=16, hidden_channels=[4], batch_size=4, epochs=1,
-                      lr=1e-9, leads=[1, 2], probabilistic=True, calibrate_levels=True, device="cpu",
+                      lr=1e-9, leads=[1, 2], probabilistic=True, calibrate_levels=True, calibrate_location=True,
+                      device="cpu",
                       checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")))
     log = capsys.readouterr().out
     assert "lower side of the quantiles widened on the training days (best.pth): lead 1 x" in log
@@ -535,9 +536,8 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
     assert "spread      lead 1 x1.00, lead 2 x1.00 (as trained)" in described
     assert "single map  the mean at every lead (of the quantiles; none chosen)" in described
     assert "lower side  lead 1 x1.00, lead 2 x1.00 (the quantiles below the centre, as trained)" in described
-    assert "location    moved to the centre's mean at no lead (as trained)" in described
+    assert "location" not in described  # no lead moved
     assert torch.equal(epoch["model_state"]["mean_at_centre"], torch.zeros(2))
-    assert "(chosen on the calibration days)\n" in read_checkpoint(tmp_path / "ckpt" / "best.pth").describe("best.pth")
     assert "(the quantiles below the centre, widened on the training days)" in read_checkpoint(
         tmp_path / "ckpt" / "best.pth").describe("best.pth")
     assert (f"single map  the {best['point_maps'][0]} at every lead (of the quantiles; chosen on the calibration days)"
@@ -797,11 +797,13 @@ def test_a_located_model_moves_its_quantiles_to_its_centres_mean_at_the_leads_ch
 
 def test_the_calibration_moves_the_quantiles_to_the_centre_where_the_brier_score_asks():
     """Truth on the centre at lead 1, and at lead 2 as far from the quantiles' own mean as the
-    centre is, on the other side: the quantiles are moved at lead 1 alone, and at each lead the choice is the one whose forward gives the
-    lower Brier score summed over the thresholds (scored by verify.EnsembleScores, not the
-    calibration's own sums). A deterministic-centred model (not located) is never moved."""
+    centre is, on the other side: the quantiles are moved at lead 1 alone, where forward's
+    moved quantiles score lower than those where they are by all three of the Brier score
+    summed over the thresholds (scored by verify.EnsembleScores, not the calibration's own
+    sums), the pinball loss and the squared error of their mean; only when asked. A model
+    that is not located, or no thresholds, cannot be asked."""
     from pipeline.calibration import calibrate_model, choose_locations
-    from pipeline.model import to_physical
+    from pipeline.model import pinball, to_physical
     from pipeline.sampler import Window, collate_windows
 
     model, stats = _perturbed_two_lead_model(seed=2, perturbation=0.3)
@@ -822,28 +824,33 @@ def test_the_calibration_moves_the_quantiles_to_the_centre_where_the_brier_score
     thresholds = tuple(float(v) for v in torch.quantile(physical.flatten(), torch.tensor([0.5, 0.8])))
     chosen = choose_locations(model, batches, torch.device("cpu"), stats, thresholds)
 
-    def brier(flags: list[float]) -> list[float]:
+    def scores(flags: list[float]) -> torch.Tensor:
+        """Per lead (rows): the Brier score summed over the thresholds (verify.EnsembleScores),
+        the pinball loss and the squared error of the quantiles' mean, of forward's quantiles."""
         model.mean_at_centre.copy_(torch.tensor(flags))
-        scores = [EnsembleScores(thresholds) for _ in range(2)]
+        ensembles, sums = [EnsembleScores(thresholds) for _ in range(2)], torch.zeros(2, 2)
         with torch.no_grad():
             for b in batches:
-                members = to_physical(model(b.x, b.forcings), stats).clamp(min=0)
-                for lead, ensemble in enumerate(scores):
-                    ensemble.accumulate(members[:, lead].transpose(0, 1).numpy(), to_physical(b.y, stats)[:, lead, 0]
-                                        .numpy())
-        return [sum(e.compute()[f"brier@{t:g}"] for t in thresholds) for e in scores]
+                members, truth = to_physical(model(b.x, b.forcings), stats).clamp(min=0), to_physical(b.y, stats)
+                sums[:, 0] += pinball(members, truth).sum(dim=(0, 2, 3, 4))
+                sums[:, 1] += ((members.mean(dim=2, keepdim=True) - truth) ** 2).sum(dim=(0, 2, 3, 4))
+                for lead, ensemble in enumerate(ensembles):
+                    ensemble.accumulate(members[:, lead].transpose(0, 1).numpy(), truth[:, lead, 0].numpy())
+        briers = torch.tensor([sum(e.compute()[f"brier@{t:g}"] for t in thresholds) for e in ensembles])
+        return torch.cat([briers[:, None], sums], dim=1)
 
-    kept, moved = brier([0.0, 0.0]), brier([1.0, 1.0])
+    kept, moved = scores([0.0, 0.0]), scores([1.0, 1.0])
     assert chosen.tolist() == [1.0, 0.0]
-    assert chosen.tolist() == [float(m < k) for m, k in zip(moved, kept)]
-    calibrate_model(model, batches, torch.device("cpu"), stats, thresholds=thresholds)
+    assert chosen.tolist() == (moved < kept).all(dim=1).float().tolist()
+    calibrate_model(model, batches, torch.device("cpu"), stats, thresholds=thresholds, location=True)
     assert model.mean_at_centre.tolist() == [1.0, 0.0]
-    calibrate_model(model, batches, torch.device("cpu"), stats)  # no thresholds: nothing to choose by
+    calibrate_model(model, batches, torch.device("cpu"), stats, thresholds=thresholds)  # not asked: none moved
     assert model.mean_at_centre.tolist() == [0.0, 0.0]
     unlocated = ConvLSTMForecaster(in_channels=1, leads=2, hidden_channels=3, quantiles=20, forcing_channels=2,
                                    forcing_scales=(1, 3), stats=[stats])
-    calibrate_model(unlocated, batches, torch.device("cpu"), stats, thresholds=thresholds)
-    assert unlocated.mean_at_centre.tolist() == [0.0, 0.0]
+    for model, given in ((unlocated, thresholds), (model, ())):
+        with pytest.raises(ValueError, match="located model"):
+            calibrate_model(model, batches, torch.device("cpu"), stats, thresholds=given, location=True)
 
 
 def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(monkeypatch):
@@ -1082,6 +1089,11 @@ def test_probabilistic_training_is_located_by_default_and_predict_reads_either(t
                    "--output_dir", tmp_path / "pred", "--last")
     assert done.status == 0, done.err
     assert bool(sorted((tmp_path / "pred").glob("*_q*.tif"))) is bool(options)
+    if options and not located:  # centred quantiles have no MSE-trained centre to move onto
+        moved = run_cli("calibrate", "--weights_path", tmp_path / "ckpt" / "best.pth", "--data_dir", tmp_path / "in",
+                        "--split", "val", "--calibrate_location", "--output_path", tmp_path / "moved.pth")
+        assert moved.status == 2 and "--calibrate_location" in one_error_line(moved.err)
+        assert not (tmp_path / "moved.pth").exists()
 
 
 def test_a_probabilistic_checkpoint_from_before_the_location_setting_resumes_centred(tmp_path):
@@ -1142,13 +1154,16 @@ def test_calibrate_with_a_forecast_error_on_the_forcings(probabilistic, tmp_path
 
 def test_calibrate_again_on_a_period_into_a_new_checkpoint(probabilistic, trained, tmp_path, run_cli):
     """`runoff calibrate` on the validation split gives best.pth's own spread back; on another
-    period (with the levels) it writes a new checkpoint that evaluate reads; bad input: one
+    period (with the levels and the location) it writes a new checkpoint that evaluate reads; bad input: one
     line, exit 2, nothing written or overwritten."""
+    from pipeline.checkpoint import location_text
+
     best = probabilistic / "ckpt" / "best.pth"
     args = ("calibrate", "--weights_path", best, "--data_dir", probabilistic / "qs.zarr")
     again = run_cli(*args, "--split", "val", "--output_path", tmp_path / "val.pth")
     assert again.status == 0, again.err
     assert "spread calibrated on" in again.out and "lead 1 x" in again.out
+    assert "quantiles moved" not in again.out  # trained without --calibrate_location
     old, new = (torch.load(p, weights_only=True) for p in (best, tmp_path / "val.pth"))
     assert new["point_maps"] == old["point_maps"]
     assert f"single map: the {new['point_maps'][0]} at every lead" in again.out
@@ -1156,13 +1171,17 @@ def test_calibrate_again_on_a_period_into_a_new_checkpoint(probabilistic, traine
         assert torch.equal(tensor, new["model_state"][name]), name
     test = read_checkpoint(best).splits["test"]
     period = f"{test.start}.."
-    later = run_cli(*args, "--split", period, "--calibrate_levels", "--output_path", tmp_path / "test.pth")
+    later = run_cli(*args, "--split", period, "--calibrate_levels", "--calibrate_location",
+                    "--output_path", tmp_path / "test.pth")
     assert later.status == 0, later.err
     state = torch.load(tmp_path / "test.pth", weights_only=True)
     assert state["calibrated_on"][0] == test.start.isoformat() and len(state["model_config"]["level_calibration"]) == 2
     described = {line[:12].strip(): line[12:] for line in run_cli("info", tmp_path / "test.pth").out.splitlines()}
     assert "probabilistic, 20 quantiles" in described["model"] and described["leads"] == "1, 2 day(s)"
     assert described["spread"].endswith(f"(calibrated on {test.start}..{test.end}; levels per flow class too)")
+    moved = state["model_state"]["mean_at_centre"]
+    assert ("location" in described) is bool(moved.any())  # the line names the leads moved, where any were
+    assert f"quantiles moved to the centre's mean: {location_text(dict(zip([1, 2], moved.tolist())))}" in later.out
     val = read_checkpoint(best).splits["val"]
     assert f"(calibrated on {val.start}..{val.end})" in run_cli("info", best).out
     scored = run_cli("evaluate", "--weights_path", tmp_path / "test.pth", "--data_dir", probabilistic / "qs.zarr",
