@@ -8,8 +8,8 @@ lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels
 optionally where a located model's quantiles sit per lead: where they are, or moved to the
 mean of its MSE-trained centre (:func:`choose_locations`, ``--calibrate_location``), and
 then which single map stands for its distribution, the mean or the median of the
-quantiles, one choice for every lead (:func:`choose_point_maps`, always). Each step streams over a
-DataLoader's batches and combines the sums of data-parallel ranks, so it costs one inference
+quantiles, one choice for every lead (:func:`choose_point_maps`, always). Each step
+streams over a DataLoader's batches and combines the sums of data-parallel ranks, so it costs one inference
 pass over the split, not memory for it. The spread is
 scored on at most :data:`CALIBRATION_PIXELS` pixels of a map (a regular lattice of a larger
 one), so that its 26 trial factors cost little beside that pass on a large grid; the levels
@@ -225,11 +225,10 @@ def calibrate_model(model: ConvLSTMForecaster, loader: DataLoader, device: torch
     class (:func:`calibrate_levels`, fitted on the calibrated spread), and with ``location``
     (a located model, scored at ``thresholds``) where its quantiles sit per lead
     (:func:`choose_locations`; ``rule`` ``brier`` scores the spread at the thresholds too).
-    The spread is scored
-    on at most ``max_pixels`` pixels of each map, the levels on every pixel; both on
-    forcings with ``forcing_error`` where one is given. Returns the single map per lead of
-    the calibrated quantiles (:func:`choose_point_maps`, on the same windows and forcings),
-    for the checkpoint's ``point_maps``."""
+    The spread is scored on at most ``max_pixels`` pixels of each map, the levels and the
+    location on every pixel; all on forcings with ``forcing_error`` where one is given.
+    Returns the single map per lead of the calibrated quantiles (:func:`choose_point_maps`,
+    on the same windows and forcings), for the checkpoint's ``point_maps``."""
     model.spread_scale.fill_(1.0)
     model.mean_at_centre.fill_(0.0)
     model.set_level_calibration([])
@@ -261,8 +260,8 @@ def choose_locations(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     whose centre is the worse map is not moved for its exceedance maps alone: on CWatM the
     Brier score of 20 validation days alone moved leads whose test CRPS and median it made
     worse. Even so, on short calibration splits it did harm as often as good, hence an
-    option (docs/skill.md, "Where the largest flows' quantiles sit"). Scored on every pixel, the forcings with ``forcing_error`` where one is given,
-    with the calibrated spread."""
+    option (docs/skill.md, "Where the largest flows' quantiles sit"). Scored on every pixel,
+    the forcings with ``forcing_error`` where one is given, with the calibrated spread."""
     model.eval()
     # per score (Brier sum, pinball, squared error of the mean), as they are and moved, per lead
     sums = torch.zeros(3, 2, model.config.leads, dtype=accumulator_dtype(device), device=device)

@@ -311,7 +311,7 @@ def _calibrate_best(run: "_Run") -> None:
             + error_text(config.forcing_error, config.forcing_error_area) + " (best.pth): "
             + spread_text(dict(zip(leads, run.model.spread_scale.tolist()))))
     if config.calibrate_location:
-        run.log("quantiles moved to the mean of the centre (best.pth): " + location_text(
+        run.log("quantiles moved to the centre's mean (best.pth): " + location_text(
             dict(zip(leads, run.model.mean_at_centre.tolist()))))
     if config.calibrate_levels:
         run.log("quantile levels calibrated per flow class on the validation split (best.pth): " + ", ".join(

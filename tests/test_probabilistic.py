@@ -522,7 +522,7 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
     assert "spread calibrated on the validation split (best.pth): lead 1 x" in log
     assert "single map, of the mean and the median of the quantiles (best.pth): the me" in log
     assert "quantile levels calibrated per flow class on the validation split (best.pth): lead 1 " in log
-    assert "quantiles moved to the mean of the centre (best.pth): at " in log
+    assert "quantiles moved to the centre's mean (best.pth): at " in log
     best, epoch = (torch.load(tmp_path / "ckpt" / name, weights_only=True) for name in ("best.pth", "model_epoch1.pth"))
     assert (best["model_state"]["spread_scale"] > 1).all()
     assert torch.equal(epoch["model_state"]["spread_scale"], torch.ones(2))
