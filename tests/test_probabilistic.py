@@ -515,8 +515,7 @@ def test_the_spread_and_levels_of_best_pth_are_calibrated_on_the_validation_spli
     # around persistence, far narrower than persistence's errors
     train(TrainConfig(data_dir=str(tmp_path / "in"), patch=16, hidden_channels=[4], batch_size=4, epochs=1,
                       lr=1e-9, leads=[1, 2], probabilistic=True, calibrate_levels=True, calibrate_location=True,
-                      device="cpu",
-                      checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")))
+                      device="cpu", checkpoint_dir=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out")))
     log = capsys.readouterr().out
     assert "lower side of the quantiles widened on the training days (best.pth): lead 1 x" in log
     assert "spread calibrated on the validation split (best.pth): lead 1 x" in log
@@ -771,9 +770,9 @@ def _perturbed_two_lead_model(seed: int, perturbation: float) -> tuple[ConvLSTMF
 
 
 def test_a_located_model_moves_its_quantiles_to_its_centres_mean_at_the_leads_chosen():
-    """``mean_at_centre`` 1 at lead 1: each pixel's quantiles move by one step in the log space,
-    so that their mean in data units is the centre's (where none, moved or not, is clipped at 0); lead 2's
-    stay where they are, and the order of all is kept."""
+    """``mean_at_centre`` 1 at lead 1: each pixel's quantiles move by one step in the log
+    space, so that their mean in data units is the centre's (where none, moved or not, is
+    clipped at 0); lead 2's stay where they are, and the order of all is kept."""
     model, stats = _perturbed_two_lead_model(seed=5, perturbation=0.3)
     model.eval()
     torch.manual_seed(6)
@@ -848,9 +847,9 @@ def test_the_calibration_moves_the_quantiles_to_the_centre_where_the_brier_score
     assert model.mean_at_centre.tolist() == [0.0, 0.0]
     unlocated = ConvLSTMForecaster(in_channels=1, leads=2, hidden_channels=3, quantiles=20, forcing_channels=2,
                                    forcing_scales=(1, 3), stats=[stats])
-    for model, given in ((unlocated, thresholds), (model, ())):
+    for candidate, given in ((unlocated, thresholds), (model, ())):
         with pytest.raises(ValueError, match="located model"):
-            calibrate_model(model, batches, torch.device("cpu"), stats, thresholds=given, location=True)
+            calibrate_model(candidate, batches, torch.device("cpu"), stats, thresholds=given, location=True)
 
 
 def test_validation_and_calibration_of_maps_in_pieces_equal_those_of_whole_maps(monkeypatch):
@@ -1154,8 +1153,8 @@ def test_calibrate_with_a_forecast_error_on_the_forcings(probabilistic, tmp_path
 
 def test_calibrate_again_on_a_period_into_a_new_checkpoint(probabilistic, trained, tmp_path, run_cli):
     """`runoff calibrate` on the validation split gives best.pth's own spread back; on another
-    period (with the levels and the location) it writes a new checkpoint that evaluate reads; bad input: one
-    line, exit 2, nothing written or overwritten."""
+    period (with the levels and the location) it writes a new checkpoint that evaluate reads;
+    bad input: one line, exit 2, nothing written or overwritten."""
     from pipeline.checkpoint import location_text
 
     best = probabilistic / "ckpt" / "best.pth"
