@@ -32,7 +32,7 @@ Example
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Iterator
 
 import torch
@@ -151,8 +151,7 @@ def calibrate_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torc
             for i, factor in enumerate(factors):
                 values = _rescaled(model, centre, deviations, factor, stats)
                 mean = values.mean(dim=2, keepdim=True)
-                briers = [((values > thr).float().mean(dim=2, keepdim=True) - (truth > thr).float()) ** 2
-                          for thr in thresholds]
+                briers = [brier_per_pixel(values, truth, thr) for thr in thresholds]
                 for k, per_pixel in enumerate((pinball(values, truth), values.var(dim=2, keepdim=True),
                                                (mean - truth) ** 2, *briers)):
                     sums[k, i] += (per_pixel * m).sum(dim=(0, 2, 3, 4)).to(sums.dtype)
@@ -171,15 +170,27 @@ LOWER_FACTORS = tuple(round(1.0 + 0.1 * k, 1) for k in range(31))  # 1.0 .. 4.0,
 
 
 @contextmanager
-def _lower_side_as_trained(model: ConvLSTMForecaster) -> Iterator[torch.Tensor]:
-    """Inside the block ``model``'s quantiles keep their lower side as trained (``lower_spread``
-    1), so that their mean is their centre; yields the factors it had, put back after."""
-    fitted = model.lower_spread.clone()
-    model.lower_spread.fill_(1.0)
+def _buffer_at(buffer: torch.Tensor, value: float) -> Iterator[torch.Tensor]:
+    """Inside the block every entry of a model's ``buffer`` is ``value``; yields what it held,
+    put back after."""
+    fitted = buffer.clone()
+    buffer.fill_(value)
     try:
         yield fitted
     finally:
-        model.lower_spread.copy_(fitted)
+        buffer.copy_(fitted)
+
+
+def _lower_side_as_trained(model: ConvLSTMForecaster) -> AbstractContextManager[torch.Tensor]:
+    """Inside the block ``model``'s quantiles keep their lower side as trained (``lower_spread``
+    1), so that their mean is their centre; yields the factors it had, put back after."""
+    return _buffer_at(model.lower_spread, 1.0)
+
+
+def brier_per_pixel(values: torch.Tensor, truth: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The Brier score of ``P(X > threshold)`` read off quantiles ``values`` (..., Q, H, W) as
+    the share above it, against ``truth`` (..., 1, H, W), both in data units: (..., 1, H, W)."""
+    return ((values > threshold).float().mean(dim=-3, keepdim=True) - (truth > threshold).float()) ** 2
 
 
 def fit_lower_spread(model: ConvLSTMForecaster, loader: DataLoader, device: torch.device,
@@ -265,25 +276,19 @@ def choose_locations(model: ConvLSTMForecaster, loader: DataLoader, device: torc
     model.eval()
     # per score (Brier sum, pinball, squared error of the mean), as they are and moved, per lead
     sums = torch.zeros(3, 2, model.config.leads, dtype=accumulator_dtype(device), device=device)
-    fitted = model.mean_at_centre.clone()
-    model.mean_at_centre.fill_(0.0)
-    try:
-        with torch.no_grad():
-            for _, y, mask, out in model_outputs(model, loader, device, precision, with_centre=True,
-                                                 forcing_error=forcing_error):
-                out = out.float()
-                centre, quantiles = out[:, :, :1], out[:, :, 1:]
-                moved = model.clamp_to_ceiling(moved_to_centre(quantiles, centre, stats))
-                truth, m = to_physical(y, stats), mask.float()
-                for k, values in enumerate((quantiles, moved)):
-                    values = to_physical(values, stats).clamp(min=0)
-                    briers = sum(((values > thr).float().mean(dim=2, keepdim=True) - (truth > thr).float()) ** 2
-                                 for thr in thresholds)
-                    error = (values.mean(dim=2, keepdim=True) - truth) ** 2
-                    for score, per_pixel in enumerate((briers, pinball(values, truth), error)):
-                        sums[score, k] += (per_pixel * m).sum(dim=(0, 2, 3, 4)).to(sums.dtype)
-    finally:
-        model.mean_at_centre.copy_(fitted)
+    with torch.no_grad(), _buffer_at(model.mean_at_centre, 0.0):  # the quantiles where they are
+        for _, y, mask, out in model_outputs(model, loader, device, precision, with_centre=True,
+                                             forcing_error=forcing_error):
+            out = out.float()
+            centre, quantiles = out[:, :, :1], out[:, :, 1:]
+            moved = model.clamp_to_ceiling(moved_to_centre(quantiles, centre, stats))
+            truth, m = to_physical(y, stats), mask.float()
+            for k, values in enumerate((quantiles, moved)):
+                values = to_physical(values, stats).clamp(min=0)
+                briers = sum(brier_per_pixel(values, truth, thr) for thr in thresholds)
+                error = (values.mean(dim=2, keepdim=True) - truth) ** 2
+                for score, per_pixel in enumerate((briers, pinball(values, truth), error)):
+                    sums[score, k] += (per_pixel * m).sum(dim=(0, 2, 3, 4)).to(sums.dtype)
     kept, moved = ranks.sum(sums).unbind(dim=1)
     return (moved < kept).all(dim=0).to(model.mean_at_centre.dtype)
 
