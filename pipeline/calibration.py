@@ -2,24 +2,24 @@
 First, on the training windows, how far the quantiles below their centre must widen
 (:func:`fit_lower_spread`: the fit leaves that side too narrow on the very days it was
 fitted on, where those are few). Then, on held-out windows (the validation split): the
-spread of its quantiles per lead
-(:func:`calibrate_spread`, always), optionally the levels its quantiles are read at, per
-lead and flow class (:func:`calibrate_levels`, ``runoff train --calibrate_levels``),
-optionally where a located model's quantiles sit per lead: where they are, or moved to the
-mean of its MSE-trained centre (:func:`choose_locations`, ``--calibrate_location``), and
-then which single map stands for its distribution, the mean or the median of the
-quantiles, one choice for every lead (:func:`choose_point_maps`, always). Each step
-streams over a DataLoader's batches and combines the sums of data-parallel ranks, so it costs one inference
-pass over the split, not memory for it. The spread is
-scored on at most :data:`CALIBRATION_PIXELS` pixels of a map (a regular lattice of a larger
-one), so that its 26 trial factors cost little beside that pass on a large grid; the levels
-cost about one pass more and are fitted on every pixel. Their batch loop,
-:func:`model_outputs`, is also the one the trainer validates with (on every pixel).
+spread of its quantiles per lead (:func:`calibrate_spread`, always), optionally the levels
+its quantiles are read at, per lead and flow class (:func:`calibrate_levels`, ``runoff
+train --calibrate_levels``), optionally where a located model's quantiles sit per lead:
+where they are, or moved to the mean of its MSE-trained centre (:func:`choose_locations`,
+``--calibrate_location``), and then which single map stands for its distribution, the
+mean or the median of the quantiles, one choice for every lead (:func:`choose_point_maps`,
+always). Each step streams over a DataLoader's batches and combines the sums of
+data-parallel ranks, so it costs one inference pass over the split, not memory for it.
+The spread is scored on at most :data:`CALIBRATION_PIXELS` pixels of a map (a regular
+lattice of a larger one), so that its 26 trial factors cost little beside that pass on a
+large grid; the levels cost about one pass more and are fitted on every pixel. Their batch
+loop, :func:`model_outputs`, is also the one the trainer validates with (on every pixel).
 
-:func:`calibrate_model` does both in place; ``runoff calibrate`` (:mod:`pipeline.recalibrate`)
-does it again on a trained checkpoint, over a period of the user's choice. A model trained
-with ``--forcing_error`` is calibrated with that error on its forcings
-(:mod:`pipeline.forcing_error`): the spread of forecasts made with forecast rain.
+:func:`calibrate_model` does these steps on the held-out windows in place; ``runoff
+calibrate`` (:mod:`pipeline.recalibrate`) does them again on a trained checkpoint, over a
+period of the user's choice. A model trained with ``--forcing_error`` is calibrated with
+that error on its forcings (:mod:`pipeline.forcing_error`): the spread of forecasts made
+with forecast rain.
 
 Example
 -------
